@@ -1,0 +1,162 @@
+"""The in-memory adapter model that every command works on.
+
+A `LoraModule` keeps its factors exactly as the file stored them (no reshaping, no dtype change),
+so writing back what was read is bit-exact. The math helpers below turn them into the 2-D
+`(up, down)` pair whose product is the update in the base weight's own layout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .errors import FormatError, ShapeMismatchError
+
+KINDS = ("linear", "conv", "embedding")
+
+
+@dataclass
+class LoraModule:
+    """One LoRA on the base weight `<name>.weight`.
+
+    linear:    down [r, in],          up [out, r]          ΔW = s·up@down            W [out, in]
+    conv:      down [r, in, kh, kw],  up [out, r, 1, 1]    ΔW = s·(up@down).reshape   W [out, in, kh, kw]
+    embedding: down [r, num_emb],     up [dim, r]          ΔW = s·(up@down).T         W [num_emb, dim]
+    fan_in_fan_out (GPT-2 Conv1D): the base stores W [in, out], so ΔW is transposed.
+    """
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: Optional[float] = None  # None means alpha = rank
+    kind: str = "linear"
+    use_rslora: bool = False
+    magnitude: Optional[torch.Tensor] = None  # DoRA magnitude [out]
+    fan_in_fan_out: bool = False
+    mid: Optional[torch.Tensor] = None  # kohya LoCon Tucker core [r, r, kh, kw]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise FormatError(f"module {self.name}: unknown kind {self.kind!r} (expected one of {KINDS})")
+        self.check()
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def alpha_value(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        r = self.rank
+        return self.alpha_value / (math.sqrt(r) if self.use_rslora else r)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def check(self) -> None:
+        """Raise ShapeMismatchError unless down and up can form a product of this kind."""
+        d, u, n = self.down, self.up, self.name
+        want_dims = {"linear": (2, 2), "embedding": (2, 2), "conv": (4, 4)}[self.kind]
+        if self.mid is None and (d.dim(), u.dim()) != want_dims:
+            raise ShapeMismatchError(
+                f"module {n}: {self.kind} factors must be {want_dims[0]}-D and {want_dims[1]}-D, "
+                f"got down {tuple(d.shape)} and up {tuple(u.shape)}")
+        if self.kind == "conv" and self.mid is None and tuple(u.shape[2:]) != (1, 1):
+            raise ShapeMismatchError(f"module {n}: conv up must be [out, r, 1, 1], got {tuple(u.shape)}")
+        if u.shape[1] != d.shape[0]:
+            raise ShapeMismatchError(
+                f"module {n}: rank mismatch, down {tuple(d.shape)} has rank {d.shape[0]} "
+                f"but up {tuple(u.shape)} has rank {u.shape[1]}")
+        if d.shape[0] < 1:
+            raise ShapeMismatchError(f"module {n}: rank 0")
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        """Shape of the base weight this module updates."""
+        if self.kind == "embedding":
+            return (int(self.down.shape[1]), int(self.up.shape[0]))
+        if self.kind == "conv":
+            return (int(self.up.shape[0]),) + tuple(int(x) for x in self.down.shape[1:])
+        out, inp = int(self.up.shape[0]), int(self.down.shape[1])
+        return (inp, out) if self.fan_in_fan_out else (out, inp)
+
+    def factors_2d(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(U, D) with `W.reshape(rows, -1) += scale · U @ D`, in the stored dtype.
+
+        For transposed layouts the roles swap: (up@down).T == down.T @ up.T.
+        """
+        up, down = self.up, self.down
+        if self.mid is not None:
+            raise FormatError(f"module {self.name}: Tucker (lora_mid) modules need `dense_delta`")
+        if self.kind == "conv":
+            return up.flatten(1), down.flatten(1)
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            return down.t(), up.t()
+        return up, down
+
+    def dense_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW = scale · (up @ down) in the base weight's shape. Builds the dense matrix: for tests,
+        small modules and the element-wise blend methods only."""
+        if self.mid is not None:
+            # Tucker: ΔW[o,i,h,w] = Σ up[o,a] mid[a,b,h,w] down[b,i]
+            up = self.up.flatten(1).to(dtype)
+            down = self.down.flatten(1).to(dtype)
+            delta = torch.einsum("oa,abhw,bi->oihw", up, self.mid.to(dtype), down)
+            return delta * self.scale
+        u, d = self.factors_2d()
+        delta = (u.to(dtype) @ d.to(dtype)) * self.scale
+        return delta.reshape(self.weight_shape)
+
+
+@dataclass
+class LoraAdapter:
+    """A set of modules keyed by base module name, plus what rides along with them.
+
+    `extra`: full tensors the adapter replaces (PEFT `modules_to_save`), keyed by base parameter name.
+    `config`: the format's own configuration, kept so a read-then-write round trip loses nothing.
+    """
+
+    modules: Dict[str, LoraModule] = field(default_factory=dict)
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+    base_model: Optional[str] = None
+    format: str = "peft"
+    config: dict = field(default_factory=dict)
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[LoraModule]:
+        return iter(self.modules.values())
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def add(self, module: LoraModule) -> None:
+        if module.name in self.modules:
+            raise FormatError(f"module {module.name} appears twice")
+        self.modules[module.name] = module
+
+    @property
+    def ranks(self) -> List[int]:
+        return [m.rank for m in self]
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.is_dora for m in self)
+
+    def dtype(self) -> Optional[torch.dtype]:
+        for m in self:
+            return m.down.dtype
+        return None
+
+    def num_parameters(self) -> int:
+        n = 0
+        for m in self:
+            n += m.down.numel() + m.up.numel()
+            n += m.magnitude.numel() if m.magnitude is not None else 0
+            n += m.mid.numel() if m.mid is not None else 0
+        return n + sum(t.numel() for t in self.extra.values())

@@ -1,0 +1,77 @@
+"""The only module that touches torch.ops.loratools.
+
+`merge_` is the public entry: it uses the compiled operator when the extension is built and
+falls back to `merge_reference_` (plain torch, warned once) when it is not. The reference is
+also the oracle the kernel tests compare against.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+try:  # the extension registers torch.ops.loratools.* on import
+    from . import _C  # noqa: F401
+
+    HAVE_EXTENSION = hasattr(torch.ops, "loratools") and hasattr(torch.ops.loratools, "merge_")
+except ImportError:  # built without the extension (LORATOOLS_NO_EXTENSION=1) or not built yet
+    HAVE_EXTENSION = False
+
+_warned = False
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn("loratools._C is not built; using the plain-torch merge (slower, more memory). "
+                      "Reinstall with `pip install --no-build-isolation .` to build it.",
+                      RuntimeWarning, stacklevel=3)
+
+
+def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor],
+                     coeffs: Sequence[float]) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"merge_: weight must be 2-D, got {weight.dim()}-D")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"merge_: weight dtype {weight.dtype} is not fp32/bf16/fp16")
+    if not (len(ups) == len(downs) == len(coeffs)):
+        raise ValueError("merge_: ups, downs and coeffs must have the same length")
+    rows, cols = weight.shape
+    for u, d in zip(ups, downs):
+        if u.dim() != 2 or d.dim() != 2 or u.shape[0] != rows or d.shape[1] != cols or u.shape[1] != d.shape[0]:
+            raise ValueError(f"merge_: factors {tuple(u.shape)} @ {tuple(d.shape)} do not fit weight {tuple(weight.shape)}")
+        if u.dtype not in _FLOAT_DTYPES or d.dtype not in _FLOAT_DTYPES:
+            raise ValueError("merge_: factors must be fp32/bf16/fp16")
+        if u.device != weight.device or d.device != weight.device:
+            raise ValueError("merge_: factors must be on the weight's device")
+
+
+def merge_reference_(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor],
+                     coeffs: Sequence[float]) -> torch.Tensor:
+    """weight += Σ c_i · ups[i] @ downs[i], accumulated in fp32 and rounded once. In place."""
+    check_merge_args(weight, ups, downs, coeffs)
+    acc = weight.to(torch.float32, copy=True)
+    for u, d, c in zip(ups, downs, coeffs):
+        acc.addmm_(u.to(torch.float32), d.to(torch.float32), alpha=float(c))
+    weight.copy_(acc)
+    return weight
+
+
+def merge_(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor],
+           coeffs: Sequence[float]) -> torch.Tensor:
+    """weight [rows, cols] += Σ c_i · ups[i] [rows, r_i] @ downs[i] [r_i, cols]. In place.
+
+    fp32 / bf16 / fp16 weights and factors; fp32 accumulation; one rounding per element.
+    """
+    if not ups:
+        return weight
+    if HAVE_EXTENSION:
+        check_merge_args(weight, ups, downs, coeffs)
+        torch.ops.loratools.merge_(weight, list(ups), list(downs), [float(c) for c in coeffs])
+        return weight
+    _warn_fallback()
+    return merge_reference_(weight, ups, downs, coeffs)
