@@ -1,0 +1,1 @@
+"""Command-line interface: `loratools.cli.main.cli` is the click group."""

@@ -1,0 +1,47 @@
+"""Adapter formats: detect, read and write. One module per format, each with
+`detect(path) -> bool`, `read(path) -> LoraAdapter` and `write(adapter, tmp_path)`."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+from ..adapter import LoraAdapter
+from ..atomic import atomic_output
+from ..errors import FormatError, InputNotFoundError, UsageError
+from . import peft
+
+# name -> module; order is detection order. Single-file formats write a file, peft a folder.
+FORMATS: Dict[str, object] = {"peft": peft}
+FOLDER_FORMATS = {"peft"}
+
+
+def detect(path: str) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"{path}: no such file or folder")
+    for name, module in FORMATS.items():
+        if module.detect(path):
+            return name
+    raise FormatError(f"{path}: not a LoRA adapter loratools recognises (formats: {', '.join(FORMATS)})")
+
+
+def read_adapter(path, format: Optional[str] = None) -> LoraAdapter:
+    """Read an adapter from a path; the format is detected unless given."""
+    if isinstance(path, LoraAdapter):
+        return path
+    path = os.fspath(path)
+    fmt = format or detect(path)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return FORMATS[fmt].read(path)
+
+
+def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, overwrite: bool = False,
+                  metadata: Optional[Dict[str, str]] = None) -> str:
+    """Write atomically: the output appears complete or not at all. Returns the path written."""
+    fmt = format or adapter.format
+    if fmt not in FORMATS:
+        raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(FORMATS)}")
+    with atomic_output(path, overwrite=overwrite, directory=fmt in FOLDER_FORMATS) as tmp:
+        FORMATS[fmt].write(adapter, tmp, metadata=metadata)
+    return os.path.abspath(os.fspath(path))

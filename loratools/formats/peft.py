@@ -1,0 +1,219 @@
+"""PEFT LoRA adapters: a folder with adapter_config.json + adapter_model.safetensors (or .bin).
+
+Keys: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, embeddings
+`<module>.lora_embedding_A` / `_B`, DoRA `<module>.lora_magnitude_vector`; any other key
+(modules_to_save, `…base_layer.weight` of resized embeddings) is carried as an extra tensor.
+Per-module rank and alpha come from `rank_pattern` / `alpha_pattern`, whose keys PEFT treats as
+regexes matched as `(.*\\.)?(key)$` against the module name.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from typing import Dict, Optional
+
+import torch
+
+from .. import safetensors_io
+from ..adapter import LoraAdapter, LoraModule
+from ..errors import FormatError, IncompatibleError, InputNotFoundError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+WEIGHTS_BIN = "adapter_model.bin"
+PREFIX = "base_model.model."
+_SUFFIXES = {  # key suffix -> (role, kind)
+    ".lora_A.weight": ("down", None), ".lora_B.weight": ("up", None),
+    ".lora_embedding_A": ("down", "embedding"), ".lora_embedding_B": ("up", "embedding"),
+    ".lora_magnitude_vector": ("magnitude", None), ".lora_magnitude_vector.weight": ("magnitude", None),
+}
+
+
+def detect(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
+
+
+def pattern_value(patterns: Dict[str, object], name: str, default):
+    """PEFT's get_pattern_key: the first pattern key that matches the module name wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise InputNotFoundError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise FormatError(f"{path}: peft_type {peft_type} is not LoRA; loratools handles LoRA adapters only")
+    return config
+
+
+def read_tensors(folder: str) -> tuple:
+    st, binp = os.path.join(folder, WEIGHTS), os.path.join(folder, WEIGHTS_BIN)
+    if os.path.isfile(st):
+        return safetensors_io.load(st)
+    if os.path.isfile(binp):
+        try:  # never full pickle: weights_only refuses arbitrary objects
+            sd = torch.load(binp, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FormatError(f"{binp}: cannot be loaded safely ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise FormatError(f"{binp}: expected a dict of tensors")
+        return sd, {}
+    raise InputNotFoundError(f"{folder}: no {WEIGHTS} or {WEIGHTS_BIN}")
+
+
+def read(folder: str) -> LoraAdapter:
+    config = read_config(folder)
+    tensors, metadata = read_tensors(folder)
+    parts: Dict[str, Dict[str, torch.Tensor]] = {}
+    kinds: Dict[str, str] = {}
+    extra: Dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, (role, kind) in _SUFFIXES.items():
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                parts.setdefault(module, {})[role] = tensor
+                if kind:
+                    kinds[module] = kind
+                break
+        else:
+            extra[name] = tensor
+    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    fifo = bool(config.get("fan_in_fan_out", False))
+    adapter = LoraAdapter(extra=extra, base_model=config.get("base_model_name_or_path"), format="peft",
+                          config=config, metadata=metadata)
+    for module, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            missing = "lora_A" if "down" not in p else "lora_B"
+            raise FormatError(f"{folder}: module {module} has no {missing} tensor")
+        kind = kinds.get(module) or ("conv" if p["down"].dim() == 4 else "linear")
+        adapter.add(LoraModule(
+            name=module, down=p["down"], up=p["up"],
+            alpha=float(pattern_value(alpha_pattern, module, default_alpha)),
+            kind=kind, use_rslora=rslora, magnitude=p.get("magnitude"),
+            fan_in_fan_out=fifo and kind == "linear"))
+    rank_pattern = config.get("rank_pattern") or {}
+    for m in adapter:  # a config that disagrees with the tensors is a broken adapter
+        want = int(pattern_value(rank_pattern, m.name, config.get("r", m.rank)))
+        if want != m.rank:
+            raise FormatError(f"{folder}: module {m.name} has rank {m.rank} but the config says {want}")
+    return adapter
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _plain_number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def build_config(adapter: LoraAdapter) -> dict:
+    """adapter_config.json for the adapter's current modules, starting from what was read."""
+    mods = list(adapter)
+    if not mods:
+        raise FormatError("the adapter has no LoRA modules to write")
+    config = dict(adapter.config)
+    dora = {m.is_dora for m in mods}
+    if len(dora) > 1:
+        raise IncompatibleError("PEFT cannot hold DoRA and plain LoRA modules in one adapter")
+    fifo = {m.fan_in_fan_out for m in mods if m.kind == "linear"}
+    if len(fifo) > 1:
+        raise IncompatibleError("PEFT cannot hold fan_in_fan_out and plain linear modules in one adapter")
+    if any(m.mid is not None for m in mods):
+        raise IncompatibleError("PEFT cannot hold Tucker (lora_mid) modules; convert with --rank to factor them")
+    rslora = all(m.use_rslora for m in mods)
+
+    def alpha_of(m: LoraModule) -> float:
+        # a mixed rsLoRA set is folded into alpha exactly: alpha/sqrt(r) == (alpha*sqrt(r))/r
+        if m.use_rslora and not rslora:
+            return m.alpha_value * math.sqrt(m.rank)
+        return m.alpha_value
+
+    r = _most_common(m.rank for m in mods)
+    alpha = _most_common(alpha_of(m) for m in mods)
+    old_r = adapter.config.get("rank_pattern") or {}
+    old_a = adapter.config.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = {}, {}
+    for m in mods:
+        if m.rank != r:
+            rank_pattern[_pattern_key(old_r, m.name)] = m.rank
+        if alpha_of(m) != alpha:
+            alpha_pattern[_pattern_key(old_a, m.name)] = _plain_number(alpha_of(m))
+    # keep the old config's target_modules only if it still names exactly these modules
+    targets = sorted({m.name for m in mods})
+    old_targets = config.get("target_modules")
+    if not (isinstance(old_targets, (list, str)) and _targets_match(old_targets, targets)):
+        config["target_modules"] = targets
+    config.update({
+        "peft_type": "LORA", "r": r, "lora_alpha": _plain_number(alpha),
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "use_rslora": rslora, "use_dora": dora.pop(), "fan_in_fan_out": bool(fifo and fifo.pop()),
+        "base_model_name_or_path": adapter.base_model,
+    })
+    config.setdefault("bias", "none")
+    config.setdefault("task_type", None)
+    config.setdefault("inference_mode", True)
+    # a suffix target may also hit base modules this adapter has no tensors for; PEFT's default
+    # init gives those a zero B, so they stay no-ops (init_lora_weights=False would make them random)
+    config["init_lora_weights"] = True
+    return config
+
+
+def _pattern_key(old_patterns: dict, name: str) -> str:
+    """Reuse the key a read config used for this module, else the exact, escaped module name."""
+    for key in old_patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return re.escape(name)
+
+
+def _targets_match(old, names) -> bool:
+    """Every module is targeted and every target names a module (PEFT's suffix rule)."""
+    if isinstance(old, str):
+        return all(re.fullmatch(old, n) for n in names)
+    hit = lambda n, t: n == t or n.endswith("." + t)  # noqa: E731
+    return all(any(hit(n, t) for t in old) for n in names) and all(any(hit(n, t) for n in names) for t in old)
+
+
+def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    for m in adapter:
+        base = PREFIX + m.name
+        if m.kind == "embedding":
+            out[base + ".lora_embedding_A"], out[base + ".lora_embedding_B"] = m.down, m.up
+        else:
+            out[base + ".lora_A.weight"], out[base + ".lora_B.weight"] = m.down, m.up
+        if m.magnitude is not None:
+            out[base + ".lora_magnitude_vector"] = m.magnitude
+    for name, t in adapter.extra.items():
+        out[PREFIX + name] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write(adapter: LoraAdapter, folder: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write into an existing (temporary) folder."""
+    config = build_config(adapter)
+    meta = {"format": "pt"}
+    meta.update(metadata or {})
+    safetensors_io.save(os.path.join(folder, WEIGHTS), state_dict(adapter), meta)
+    with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")

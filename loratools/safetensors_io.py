@@ -1,0 +1,202 @@
+"""A checked, streaming safetensors reader and writer.
+
+Layout: 8-byte little-endian header length N, N bytes of JSON header, then the raw tensor bytes.
+The reader validates the whole header (length, JSON, dtypes, shapes against byte counts,
+offsets inside the file, no overlaps) before it allocates anything, and reads one tensor at a
+time with `readinto` (no mmap, so memory stays near the largest tensor). The writer takes all
+names, dtypes and shapes up front, writes the header, then accepts tensors one at a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+
+from .errors import FormatError, InputNotFoundError
+
+DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return NAMES[dtype]
+    except KeyError:
+        raise FormatError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+class TensorInfo:
+    __slots__ = ("name", "dtype", "shape", "begin", "end")
+
+    def __init__(self, name: str, dtype: torch.dtype, shape: Tuple[int, ...], begin: int, end: int):
+        self.name, self.dtype, self.shape, self.begin, self.end = name, dtype, shape, begin, end
+
+
+class SafetensorsFile:
+    """Read-only view of one .safetensors file; use as a context manager."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise FormatError(f"{self.path}: is a directory, expected a .safetensors file")
+        try:
+            self._f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise InputNotFoundError(f"{self.path}: no such file") from None
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot be read ({e.strerror})") from None
+        try:
+            self.metadata, self.tensors, self.data_start = self._parse()
+        except Exception:
+            self._f.close()
+            raise
+
+    def _bad(self, why: str) -> FormatError:
+        return FormatError(f"{self.path}: not a valid safetensors file: {why}")
+
+    def _parse(self):
+        size = os.fstat(self._f.fileno()).st_size
+        if size < 8:
+            raise self._bad(f"file is {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", self._f.read(8))
+        if n > min(size - 8, MAX_HEADER):
+            raise self._bad(f"header length {n} exceeds the file ({size} bytes)")
+        raw = self._f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._bad(f"header is not JSON ({e.__class__.__name__})") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise self._bad("__metadata__ must map strings to strings")
+        data_size = size - 8 - n
+        tensors: Dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            tensors[name] = self._entry(name, entry, data_size)
+        spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+        for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise self._bad(f"tensors {n0} and {n1} overlap")
+        return meta, tensors, 8 + n
+
+    def _entry(self, name: str, entry, data_size: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            raise self._bad(f"entry {name!r} is not an object")
+        dt = entry.get("dtype")
+        if dt not in DTYPES:
+            raise self._bad(f"tensor {name!r} has unknown dtype {dt!r}")
+        shape, offs = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
+            raise self._bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in offs)):
+            raise self._bad(f"tensor {name!r} has invalid data_offsets {offs!r}")
+        b, e = offs
+        if not 0 <= b <= e <= data_size:
+            raise self._bad(f"tensor {name!r} lies outside the file (offsets {b}..{e}, data {data_size} bytes)")
+        dtype = DTYPES[dt]
+        if e - b != nbytes(dtype, shape):
+            raise self._bad(f"tensor {name!r}: {e - b} bytes do not match shape {shape} of {dt}")
+        return TensorInfo(name, dtype, tuple(shape), b, e)
+
+    def keys(self) -> List[str]:
+        """Names in file order (by offset), the order that reads fastest."""
+        return [t.name for t in sorted(self.tensors.values(), key=lambda t: (t.begin, t.name))]
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
+        self._f.seek(self.data_start + info.begin)
+        if buf.numel() and self._f.readinto(buf.numpy()) != buf.numel():
+            raise self._bad(f"tensor {name!r} is truncated")
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """All tensors and the metadata of a (small) safetensors file."""
+    with SafetensorsFile(path) as f:
+        return {k: f.read(k) for k in f.keys()}, dict(f.metadata)
+
+
+class StreamingWriter:
+    """Writes a safetensors file whose entries are known up front, one tensor at a time, in order."""
+
+    def __init__(self, path: str, entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]],
+                 metadata: Optional[Mapping[str, str]] = None):
+        self.path = path
+        header: Dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        self._order: List[Tuple[str, torch.dtype, Tuple[int, ...], int]] = []
+        for name, dtype, shape in entries:
+            size = nbytes(dtype, shape)
+            header[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._order.append((name, dtype, tuple(shape), size))
+            offset += size
+        self.data_size = offset
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, dtype, shape, size = self._order[self._next]
+        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"writer expected {want_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            self._f.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            self._f.close()
+            raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def save(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write a whole dict of tensors (sorted by name, as safetensors itself does)."""
+    names = sorted(tensors)
+    w = StreamingWriter(path, [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names], metadata)
+    try:
+        for n in names:
+            w.write(n, tensors[n])
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
