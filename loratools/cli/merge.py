@@ -1,0 +1,52 @@
+"""`loratools merge BASE ADAPTER [ADAPTER ...] -o OUT`"""
+from __future__ import annotations
+
+import click
+
+from .. import merge as merge_mod
+from ..checkpoint import Checkpoint
+from .common import output_option, overwrite_option, progress_bar, quiet_option, table
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@output_option
+@click.option("-w", "--weight", "weights", multiple=True, type=float,
+              help="Weight per adapter, in order (default 1). Negative subtracts: --weight -1 undoes a merge.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Dtype of the output's floating tensors (default: keep each tensor's dtype).")
+@click.option("--dry-run", is_flag=True, help="Print what would be merged and write nothing.")
+@click.option("--no-check-finite", is_flag=True, help="Skip the NaN/Inf check of merged weights.")
+@overwrite_option
+@quiet_option
+def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, overwrite, quiet):
+    """Merge one or more LoRA ADAPTERS into the BASE model folder and write the merged model to OUTPUT.
+
+    Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
+    """
+    if dry_run:
+        ckpt, plan = merge_mod.describe(base, adapters, list(weights))
+        rows = []
+        for (adapter, w), path in zip(plan.adapters, adapters):
+            rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
+        click.echo(table(rows, ["adapter", "format", "modules", "weight", "rank", "extra tensors"]))
+        click.echo(f"base: {ckpt.folder} ({len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
+                   f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
+                   f"output {output} ({dtype or 'same dtypes'}); nothing written (dry run)")
+        return
+    ckpt = Checkpoint(base)
+    with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
+        plan = merge_mod.merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
+                               check_finite=not no_check_finite,
+                               progress=lambda _name: bar.update(1))
+    click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
+               f"weight(s); wrote {output}", err=True)
+
+
+def _rank_range(adapter) -> str:
+    ranks = adapter.ranks
+    if not ranks:
+        return "-"
+    lo, hi = min(ranks), max(ranks)
+    return str(lo) if lo == hi else f"{lo}-{hi}"

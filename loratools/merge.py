@@ -1,0 +1,188 @@
+"""Merge adapters into a base checkpoint: W' = W + Σ w_i s_i B_i A_i, streamed tensor by tensor.
+
+Everything that can fail is checked against the shard headers before anything is written:
+modules that match no base weight, shapes that do not fit, dtypes. The output is written to a
+temporary folder beside the target and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import ops
+from .adapter import LoraAdapter, LoraModule
+from .atomic import atomic_output, check_output
+from .checkpoint import Checkpoint, rewrite
+from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
+from .formats import read_adapter
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+AdapterLike = Union[str, os.PathLike, LoraAdapter]
+
+
+@dataclass
+class Term:
+    module: LoraModule
+    weight: float  # the user's --weight; the module's own scale is applied on top
+
+    @property
+    def coeff(self) -> float:
+        return self.weight * self.module.scale
+
+
+@dataclass
+class MergePlan:
+    """What a merge will do: per base tensor, the LoRA terms and the replacement (extra) tensor."""
+
+    terms: Dict[str, List[Term]] = field(default_factory=dict)
+    replace: Dict[str, torch.Tensor] = field(default_factory=dict)
+    adapters: List[Tuple[LoraAdapter, float]] = field(default_factory=list)
+
+    @property
+    def num_modules(self) -> int:
+        return sum(len(t) for t in self.terms.values())
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}: use fp32, bf16 or fp16") from None
+
+
+def extra_target(name: str) -> str:
+    """PEFT saves a resized embedding as `<module>.base_layer.weight`: it replaces `<module>.weight`."""
+    return name.replace(".base_layer.", ".")
+
+
+def plan_merge(ckpt: Checkpoint, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
+    """Match every module to a base weight and check shapes; raise before anything is written."""
+    plan = MergePlan(adapters=list(adapters))
+    missing: List[str] = []
+    for adapter, weight in adapters:
+        for m in adapter:
+            target = m.name + ".weight"
+            if target not in ckpt:
+                missing.append(m.name)
+                continue
+            if tuple(ckpt.shape(target)) != tuple(m.weight_shape):
+                raise ShapeMismatchError(
+                    f"module {m.name}: the adapter's update has shape {tuple(m.weight_shape)} but the base weight "
+                    f"{target} has shape {tuple(ckpt.shape(target))} (adapter for another model?)")
+            if ckpt.dtype(target) not in _FLOATS:
+                raise IncompatibleError(f"module {m.name}: base weight dtype {ckpt.dtype(target)} cannot be merged into")
+            if m.is_dora and weight < 0:
+                raise UsageError(f"module {m.name}: a DoRA merge cannot be undone with a negative weight "
+                                 "(its magnitude replaces the row norms); keep the unmerged base instead")
+            if m.is_dora and m.kind == "embedding":
+                raise IncompatibleError(f"module {m.name}: DoRA on embeddings is not supported")
+            plan.terms.setdefault(target, []).append(Term(m, float(weight)))
+        for name, tensor in adapter.extra.items():
+            target = extra_target(name)
+            if target not in ckpt:
+                missing.append(name)
+            elif tuple(ckpt.shape(target)) != tuple(tensor.shape):
+                raise ShapeMismatchError(f"{name}: the adapter's tensor has shape {tuple(tensor.shape)} but the base "
+                                         f"has {tuple(ckpt.shape(target))}")
+            else:
+                plan.replace[target] = tensor
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise IncompatibleError(f"{len(missing)} adapter module(s) match no weight in the base: {shown}")
+    return plan
+
+
+def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """The merged tensor in `weight`'s dtype. Plain LoRA terms go through the fused kernel in one
+    pass; DoRA terms (which renormalise rows) are applied after, in order, in fp32."""
+    plain = [t for t in terms if not t.module.is_dora]
+    dora = [t for t in terms if t.module.is_dora]
+    rows = weight.shape[0]
+    if not dora:
+        w2 = weight.reshape(rows, -1)
+        ups, downs = zip(*(t.module.factors_2d() for t in plain)) if plain else ((), ())
+        ops.merge_(w2, list(ups), list(downs), [t.coeff for t in plain])
+        return weight
+    acc = weight.to(torch.float32, copy=True)
+    acc2 = acc.reshape(rows, -1)
+    for t in plain:
+        u, d = t.module.factors_2d()
+        ops.merge_(acc2, [u], [d], [t.coeff])
+    for t in dora:
+        acc = _dora_merge(acc, t)
+    return acc.to(weight.dtype)
+
+
+def _dora_merge(acc: torch.Tensor, term: Term) -> torch.Tensor:
+    """W' = m / ||W + ΔW||_row · (W + ΔW), the norm taken over each output channel (PEFT's merge)."""
+    m = term.module
+    v = acc.clone()
+    u, d = m.factors_2d()
+    ops.merge_(v.reshape(v.shape[0], -1), [u], [d], [term.coeff])
+    if m.fan_in_fan_out:  # stored [in, out]: output channels are columns
+        norm = torch.linalg.vector_norm(v, dim=0, keepdim=True)
+        return m.magnitude.float().reshape(1, -1) / norm * v
+    dims = tuple(range(1, v.dim()))
+    norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+    return m.magnitude.float().reshape(norm.shape) / norm * v
+
+
+def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -> List[Tuple[LoraAdapter, float]]:
+    if not adapters:
+        raise UsageError("give at least one adapter")
+    if weights is None or len(weights) == 0:
+        weights = [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s): give one --weight per adapter")
+    return [(read_adapter(a), float(w)) for a, w in zip(adapters, weights)]
+
+
+def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterLike], output: Union[str, os.PathLike],
+          weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None, overwrite: bool = False,
+          check_finite: bool = True, progress: Optional[Callable[[str], None]] = None) -> MergePlan:
+    """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the checkpoint at `base`
+    and write the result to `output`. Returns the plan that was carried out."""
+    out_dtype = parse_dtype(dtype)
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    check_output(output, overwrite)
+    if os.path.abspath(output) == ckpt.folder:
+        raise UsageError("the output must not be the base folder itself")
+    plan = plan_merge(ckpt, _load(adapters, weights))
+
+    def dtype_of(name: str) -> torch.dtype:
+        src = ckpt.dtype(name)
+        return out_dtype if (out_dtype is not None and src in _FLOATS) else src
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name in plan.replace:  # never modify the adapter's own tensor in place
+            tensor = plan.replace[name].clone()
+        target = dtype_of(name)
+        terms = plan.terms.get(name)
+        if terms:
+            # merge at the wider of the two dtypes, round once into the output dtype
+            work = torch.float32 if target != tensor.dtype else tensor.dtype
+            merged = apply_terms(tensor.to(work), terms)
+            if check_finite and not torch.isfinite(merged).all():
+                raise NonFiniteError(f"merging into {name} produced NaN or Inf; nothing was written "
+                                     "(check the adapter and the weights)")
+            return merged.to(target)
+        return tensor.to(target)
+
+    with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
+        rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress)
+    return plan
+
+
+def describe(base: Union[str, os.PathLike], adapters: Sequence[AdapterLike],
+             weights: Optional[Sequence[float]] = None) -> Tuple[Checkpoint, MergePlan]:
+    """Plan a merge without writing anything (for --dry-run)."""
+    ckpt = Checkpoint(base)
+    return ckpt, plan_merge(ckpt, _load(adapters, weights))
