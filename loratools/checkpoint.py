@@ -60,10 +60,10 @@ class Checkpoint:
                 with open(self.index_file, encoding="utf-8") as f:
                     self.index = json.load(f)
                 shards = sorted(set(self.index["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise FormatError(f"{self.index_file}: not a valid shard index ({e.__class__.__name__})") from None
             for s in shards:
-                if os.path.basename(s) != s or not os.path.isfile(os.path.join(self.folder, s)):
+                if not isinstance(s, str) or os.path.basename(s) != s or not os.path.isfile(os.path.join(self.folder, s)):
                     raise FormatError(f"{self.index_file}: shard {s!r} is missing")
             return shards
         files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.folder, "*.safetensors")))

@@ -16,8 +16,9 @@ from . import ops
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, rewrite
-from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
+from .errors import IncompatibleError, NonFiniteError, UsageError
 from .formats import read_adapter
+from .validate import check_adapter, check_base, extra_target, raise_errors
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -58,45 +59,21 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
         raise UsageError(f"unknown dtype {name!r}: use fp32, bf16 or fp16") from None
 
 
-def extra_target(name: str) -> str:
-    """PEFT saves a resized embedding as `<module>.base_layer.weight`: it replaces `<module>.weight`."""
-    return name.replace(".base_layer.", ".")
-
-
 def plan_merge(ckpt: Checkpoint, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
-    """Match every module to a base weight and check shapes; raise before anything is written."""
+    """Match every module to a base weight and run `validate`'s checks; raise before anything is written."""
     plan = MergePlan(adapters=list(adapters))
-    missing: List[str] = []
-    for adapter, weight in adapters:
+    for i, (adapter, weight) in enumerate(adapters):
+        where = f"adapter {i + 1} of {len(adapters)}" if len(adapters) > 1 else ""
+        raise_errors(check_adapter(adapter) + check_base(adapter, ckpt), where)
         for m in adapter:
-            target = m.name + ".weight"
-            if target not in ckpt:
-                missing.append(m.name)
-                continue
-            if tuple(ckpt.shape(target)) != tuple(m.weight_shape):
-                raise ShapeMismatchError(
-                    f"module {m.name}: the adapter's update has shape {tuple(m.weight_shape)} but the base weight "
-                    f"{target} has shape {tuple(ckpt.shape(target))} (adapter for another model?)")
-            if ckpt.dtype(target) not in _FLOATS:
-                raise IncompatibleError(f"module {m.name}: base weight dtype {ckpt.dtype(target)} cannot be merged into")
             if m.is_dora and weight < 0:
                 raise UsageError(f"module {m.name}: a DoRA merge cannot be undone with a negative weight "
                                  "(its magnitude replaces the row norms); keep the unmerged base instead")
             if m.is_dora and m.kind == "embedding":
                 raise IncompatibleError(f"module {m.name}: DoRA on embeddings is not supported")
-            plan.terms.setdefault(target, []).append(Term(m, float(weight)))
+            plan.terms.setdefault(m.name + ".weight", []).append(Term(m, float(weight)))
         for name, tensor in adapter.extra.items():
-            target = extra_target(name)
-            if target not in ckpt:
-                missing.append(name)
-            elif tuple(ckpt.shape(target)) != tuple(tensor.shape):
-                raise ShapeMismatchError(f"{name}: the adapter's tensor has shape {tuple(tensor.shape)} but the base "
-                                         f"has {tuple(ckpt.shape(target))}")
-            else:
-                plan.replace[target] = tensor
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise IncompatibleError(f"{len(missing)} adapter module(s) match no weight in the base: {shown}")
+            plan.replace[extra_target(name)] = tensor
     return plan
 
 
@@ -142,7 +119,8 @@ def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s): give one --weight per adapter")
-    return [(read_adapter(a), float(w)) for a, w in zip(adapters, weights)]
+    # plan_merge runs the checks (also on adapters given as objects), so read without them
+    return [(read_adapter(a, check=False), float(w)) for a, w in zip(adapters, weights)]
 
 
 def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterLike], output: Union[str, os.PathLike],

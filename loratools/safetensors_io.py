@@ -79,7 +79,7 @@ class SafetensorsFile:
         raw = self._f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, absurd numbers or nesting
             raise self._bad(f"header is not JSON ({e.__class__.__name__})") from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")

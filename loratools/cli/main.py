@@ -13,6 +13,8 @@ from ..errors import LoraToolsError
 # command name -> module in loratools.cli that defines a click command called `command`
 COMMANDS = {
     "merge": "merge",
+    "inspect": "inspect",
+    "validate": "validate",
 }
 
 
@@ -64,6 +66,13 @@ def main(argv=None) -> int:
             raise
         click.echo(f"loratools: error: {e}", err=True)
         return e.exit_code
+    except OSError as e:  # disk full, permission denied …: which file and why, on one line
+        if _debug():
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        why = e.strerror or (str(e).splitlines() or [e.__class__.__name__])[0]
+        click.echo(f"loratools: error: {where}{why}", err=True)
+        return 1
     except Exception as e:  # an unexpected failure still gets one line
         if _debug():
             raise

@@ -25,15 +25,21 @@ def detect(path: str) -> str:
     raise FormatError(f"{path}: not a LoRA adapter loratools recognises (formats: {', '.join(FORMATS)})")
 
 
-def read_adapter(path, format: Optional[str] = None) -> LoraAdapter:
-    """Read an adapter from a path; the format is detected unless given."""
+def read_adapter(path, format: Optional[str] = None, check: bool = True) -> LoraAdapter:
+    """Read an adapter from a path; the format is detected unless given. With `check`, refuse an
+    adapter that `validate.check_adapter` finds errors in (NaN/Inf, broken factors, no modules)."""
     if isinstance(path, LoraAdapter):
         return path
     path = os.fspath(path)
     fmt = format or detect(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    return FORMATS[fmt].read(path)
+    adapter = FORMATS[fmt].read(path)
+    if check:
+        from ..validate import check_adapter, raise_errors
+
+        raise_errors(check_adapter(adapter), path)
+    return adapter
 
 
 def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, overwrite: bool = False,
