@@ -52,8 +52,10 @@ def main(argv=None) -> int:
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.ClickException as e:  # usage errors: click's own one-line message
-        e.show()
+    except click.ClickException as e:  # click's usage errors, on one line like ours (exit 2)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""
+        click.echo(f"loratools: error: {' '.join(e.format_message().split())}{hint}", err=True)
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("loratools: aborted", err=True)

@@ -1,0 +1,430 @@
+"""A corpus of malformed inputs run through every command that takes them.
+
+Each input is built at test time and has a level that says which commands must refuse it:
+  unreadable       every command (it cannot be read)
+  invalid          every command but `inspect` (readable, but NaN/Inf, no modules, integer factors …)
+  suspicious       `validate` only (well-formed but unusual: huge or zero scale)
+  suspicious-base  `validate --base` only (an update larger than the base weight)
+  base-mismatch    commands that take a base (adapter for another model)
+  bad-base         commands given this as the BASE
+A run must exit non-zero with exactly one line on stderr, `loratools: error: …` (a known error,
+not the catch-all for unexpected exceptions), no traceback,
+leave nothing in the output folder (no output, no temporaries) and change no input.
+Adding a command means adding its templates to TEMPLATES.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import os
+import shutil
+import stat
+import struct
+import tempfile
+
+import pytest
+import torch
+
+from benchmarks._models import make_llama, make_peft_adapter
+from loratools import safetensors_io
+from loratools.cli.main import COMMANDS, main
+
+# command -> [(argument template, levels of adapter inputs it must refuse)]; {IN} is the malformed input
+ALL = {"unreadable", "invalid", "suspicious", "suspicious-base", "base-mismatch"}
+WRITES = {"unreadable", "invalid"}
+TEMPLATES = {
+    "merge": [("merge {BASE} {IN} -o {OUT}", {"unreadable", "invalid", "base-mismatch"}),
+              ("merge {IN} {GOOD} -o {OUT}", {"bad-base"})],
+    "validate": [("validate {IN}", {"unreadable", "invalid", "suspicious"}),
+                 ("validate {IN} --base {BASE}", ALL),
+                 ("validate {GOOD} --base {IN}", {"bad-base"})],
+    "inspect": [("inspect {IN}", {"unreadable"})],
+    "blend": [("blend {IN} {GOOD} -o {OUT} --method cat", WRITES)],
+    "resize": [("resize {IN} -o {OUT} --rank 2", WRITES)],
+    "convert": [("convert {IN} -o {OUT} --to peft", WRITES)],
+}
+LEVELS = ALL | {"bad-base"}
+
+PREFIX = "base_model.model."
+Q = "model.layers.0.self_attn.q_proj"
+
+
+# ---------------------------------------------------------------- raw builders
+
+def st_raw(header, data: bytes = b"", header_len=None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
+
+
+def entry(dtype, shape, begin, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def write_peft(folder, tensors=None, config=None, weights: bytes = None):
+    os.makedirs(folder)
+    if config is not None:
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            f.write(config if isinstance(config, str) else json.dumps(config))
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if weights is not None:
+        with open(path, "wb") as f:
+            f.write(weights)
+    elif tensors is not None:
+        safetensors_io.save(path, tensors, {"format": "pt"})
+    return folder
+
+
+class Good:
+    """The clean adapter's tensors and config, to mutate one thing at a time."""
+
+    def __init__(self, folder):
+        self.tensors, _ = safetensors_io.load(os.path.join(folder, "adapter_model.safetensors"))
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            self.config = json.load(f)
+        with open(os.path.join(folder, "adapter_model.safetensors"), "rb") as f:
+            self.bytes = f.read()
+
+    def with_(self, **changes):
+        t = {k: v.clone() for k, v in self.tensors.items()}
+        for k, v in changes.items():
+            key = PREFIX + Q + "." + k.replace("__", ".")
+            if v is None:
+                t.pop(key)
+            else:
+                t[key] = v
+        return t
+
+    def cfg(self, **changes):
+        return dict(self.config, **changes)
+
+
+def adapter_cases():
+    """name -> (level, builder(path, good) -> input path)."""
+    A, B = "lora_A__weight", "lora_B__weight"
+    r32 = lambda *s: torch.randn(*s) * 0.01  # noqa: E731
+    nan_a = lambda g: g.with_(**{A: g.tensors[PREFIX + Q + ".lora_A.weight"].clone().index_fill_(1, torch.tensor([3]), float("nan"))})  # noqa: E731,E501
+
+    def inf_b(g):
+        b = g.tensors[PREFIX + Q + ".lora_B.weight"].clone()
+        b[0, 0] = float("inf")
+        return g.with_(**{B: b})
+
+    def st(header, data=b"", header_len=None):
+        return lambda d, g: write_peft(d, config=g.config, weights=st_raw(header, data, header_len))
+
+    def peft(tensors=None, config=None):
+        return lambda d, g: write_peft(d, tensors=tensors(g) if tensors else g.tensors,
+                                       config=config(g) if config else g.config)
+
+    def bin_file(data: bytes):
+        def build(d, g):
+            write_peft(d, config=g.config)
+            with open(os.path.join(d, "adapter_model.bin"), "wb") as f:
+                f.write(data)
+            return d
+        return build
+
+    def special(fn):
+        def build(d, g):
+            fn(d, g)
+            return d
+        return build
+
+    ok = entry("F32", [2], 0, 8)
+    cases = {
+        # -- the safetensors container
+        "st_zero_bytes": ("unreadable", lambda d, g: write_peft(d, config=g.config, weights=b"")),
+        "st_shorter_than_length": ("unreadable", lambda d, g: write_peft(d, config=g.config, weights=g.bytes[:5])),
+        "st_truncated_data": ("unreadable", lambda d, g: write_peft(d, config=g.config, weights=g.bytes[:-10])),
+        "st_header_length_beyond_file": ("unreadable", st({"a": ok}, b"\0" * 8, header_len=10_000)),
+        "st_header_length_2_63": ("unreadable", st({"a": ok}, b"\0" * 8, header_len=2**63)),
+        "st_header_not_json": ("unreadable", st(b"{not json", b"")),
+        "st_header_not_utf8": ("unreadable", st(b'{"\xff\xfe": 1}', b"")),
+        "st_header_a_list": ("unreadable", st(b"[1, 2]", b"")),
+        "st_header_deep_nesting": ("unreadable", st(b"[" * 200_000, b"")),
+        "st_header_5000_digit_int": ("unreadable", st(b'{"a": {"dtype": "F32", "shape": [1' + b"0" * 5000 + b'], '
+                                                     b'"data_offsets": [0, 4]}}', b"\0" * 4)),
+        "st_overlapping_offsets": ("unreadable", st({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)},
+                                                    b"\0" * 12)),
+        "st_offsets_outside_file": ("unreadable", st({"a": entry("F32", [4], 0, 16)}, b"\0" * 8)),
+        "st_negative_offset": ("unreadable", st({"a": entry("F32", [2], -8, 0)}, b"\0" * 8)),
+        "st_unknown_dtype": ("unreadable", st({"a": entry("F7", [2], 0, 8)}, b"\0" * 8)),
+        "st_bytes_do_not_match_shape": ("unreadable", st({"a": entry("F32", [3], 0, 8)}, b"\0" * 8)),
+        "st_negative_dimension": ("unreadable", st({"a": entry("F32", [-2], 0, 8)}, b"\0" * 8)),
+        "st_metadata_not_strings": ("unreadable", st({"__metadata__": {"a": 1}, "a": ok}, b"\0" * 8)),
+        "st_entry_not_object": ("unreadable", st({"a": 5}, b"")),
+        # -- the factors
+        "rank_mismatch": ("unreadable", peft(lambda g: g.with_(**{B: r32(32, 3)}))),
+        "factors_1d": ("unreadable", peft(lambda g: g.with_(**{A: r32(128), B: r32(32)}))),
+        "factors_5d": ("unreadable", peft(lambda g: g.with_(**{A: r32(4, 32, 1, 1, 1), B: r32(32, 4, 1, 1, 1)}))),
+        "conv_up_not_1x1": ("unreadable", peft(lambda g: g.with_(**{A: r32(4, 32, 1, 1), B: r32(32, 4, 3, 3)}))),
+        "lora_A_without_B": ("unreadable", peft(lambda g: g.with_(**{B: None}))),
+        "unknown_lora_key": ("unreadable", peft(lambda g: g.with_(**{"lora_C__weight": r32(4, 4)}))),
+        "lora_bias_key": ("unreadable", peft(lambda g: g.with_(**{"lora_B__bias": r32(32)}))),
+        "nan_in_A": ("invalid", peft(nan_a)),
+        "inf_in_B": ("invalid", peft(inf_b)),
+        "integer_factors": ("invalid", peft(lambda g: g.with_(**{A: torch.ones(4, 32, dtype=torch.int32),
+                                                                 B: torch.ones(32, 4, dtype=torch.int32)}))),
+        "dora_magnitude_wrong_length": ("invalid", peft(lambda g: g.with_(lora_magnitude_vector=torch.ones(7)))),
+        "nan_in_extra_tensor": ("invalid", peft(lambda g: dict(g.tensors, **{
+            PREFIX + "model.norm.weight": torch.full((32,), float("nan"))}))),
+        "no_tensors": ("invalid", st({"__metadata__": {"format": "pt"}}, b"")),
+        # -- the config
+        "config_rank_disagrees": ("unreadable", peft(config=lambda g: g.cfg(r=8))),
+        "config_not_json": ("unreadable", peft(config=lambda g: "{'r': 4,")),
+        "config_a_list": ("unreadable", peft(config=lambda g: [g.config])),
+        "config_r_a_string": ("unreadable", peft(config=lambda g: g.cfg(r="four"))),
+        "config_alpha_nan": ("unreadable", peft(config=lambda g: json.dumps(g.cfg(lora_alpha=float("nan"))))),
+        "config_bad_pattern_regex": ("unreadable", peft(config=lambda g: g.cfg(rank_pattern={"(": 2}))),
+        "config_pattern_a_list": ("unreadable", peft(config=lambda g: g.cfg(alpha_pattern=["q_proj"]))),
+        "config_not_lora": ("unreadable", peft(config=lambda g: g.cfg(peft_type="PREFIX_TUNING"))),
+        "missing_config": ("unreadable", lambda d, g: write_peft(d, tensors=g.tensors)),
+        "missing_weights": ("unreadable", lambda d, g: write_peft(d, config=g.config)),
+        "weights_a_directory": ("unreadable", special(lambda d, g: (write_peft(d, config=g.config),
+                                                                    os.makedirs(os.path.join(d, "adapter_model.safetensors"))))),
+        "config_a_directory": ("unreadable", special(lambda d, g: (write_peft(d, tensors=g.tensors),
+                                                                   os.makedirs(os.path.join(d, "adapter_config.json"))))),
+        "bin_not_a_pickle": ("unreadable", bin_file(os.urandom(256))),
+        "bin_malicious_pickle": ("unreadable", lambda d, g: bin_file(_evil_pickle(d))(d, g)),
+        "input_random_bytes_file": ("unreadable", special(lambda d, g: open(d, "wb").write(os.urandom(300)))),
+        "input_missing": ("unreadable", lambda d, g: d),
+        "input_empty_folder": ("unreadable", special(lambda d, g: os.makedirs(d))),
+        "input_safetensors_file": ("unreadable", special(lambda d, g: open(d, "wb").write(g.bytes))),
+        # -- well-formed but suspicious
+        "huge_alpha": ("suspicious", peft(config=lambda g: g.cfg(lora_alpha=10_000))),
+        "zero_alpha": ("suspicious", peft(config=lambda g: g.cfg(lora_alpha=0))),
+        "update_larger_than_weight": ("suspicious-base", peft(lambda g: {
+            k: v * (1000 if k.endswith("lora_B.weight") else 1) for k, v in g.tensors.items()})),
+        # -- another model
+        "other_architecture": ("base-mismatch", peft(lambda g: {
+            PREFIX + "transformer.h.0.attn.c_attn.lora_A.weight": r32(4, 32),
+            PREFIX + "transformer.h.0.attn.c_attn.lora_B.weight": r32(96, 4)})),
+        "shapes_do_not_fit": ("base-mismatch", peft(lambda g: g.with_(**{A: r32(4, 48), B: r32(48, 4)}))),
+        "extra_tensor_absent_from_base": ("base-mismatch", peft(lambda g: dict(g.tensors, **{
+            PREFIX + "score.weight": r32(2, 32)}))),
+        "extra_tensor_wrong_shape": ("base-mismatch", peft(lambda g: dict(g.tensors, **{
+            PREFIX + "lm_head.weight": r32(95, 32)}))),
+    }
+    return cases
+
+
+def _evil_pickle(d) -> bytes:
+    """A torch.save file that would create a marker folder if unpickled without weights_only."""
+    class Evil:
+        def __reduce__(self):
+            return os.makedirs, (d + ".PWNED",)
+    buf = io.BytesIO()
+    torch.save({"x": Evil()}, buf)
+    return buf.getvalue()
+
+
+def base_cases():
+    def shard_names(d):
+        return sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+
+    def from_good(mutate):
+        def build(d, root):
+            shutil.copytree(os.path.join(root, "base"), d)
+            mutate(d)
+            return d
+        return build
+
+    def truncate(d):
+        p = os.path.join(d, shard_names(d)[0])
+        with open(p, "r+b") as f:
+            f.truncate(os.path.getsize(p) - 16)
+
+    def edit_index(fn):
+        def mutate(d):
+            p = os.path.join(d, "model.safetensors.index.json")
+            with open(p) as f:
+                index = json.load(f)
+            fn(index)
+            with open(p, "w") as f:
+                json.dump(index, f)
+        return mutate
+
+    def int_weights(d):
+        for s in shard_names(d):
+            p = os.path.join(d, s)
+            t, meta = safetensors_io.load(p)
+            if Q + ".weight" in t:
+                t[Q + ".weight"] = torch.zeros(t[Q + ".weight"].shape, dtype=torch.int32)
+                safetensors_io.save(p, t, meta)
+
+    def duplicate(d):
+        names = shard_names(d)
+        t, meta = safetensors_io.load(os.path.join(d, names[0]))
+        u, _ = safetensors_io.load(os.path.join(d, names[1]))
+        safetensors_io.save(os.path.join(d, names[1]), dict(u, **t), meta)
+
+    def lonely(fn):
+        def build(d, root):
+            os.makedirs(d)
+            fn(d)
+            return d
+        return build
+
+    return {
+        "base_missing": lambda d, root: d,
+        "base_empty_folder": lonely(lambda d: None),
+        "base_random_safetensors": lonely(lambda d: open(os.path.join(d, "model.safetensors"), "wb").write(os.urandom(64))),
+        "base_only_bin": lonely(lambda d: torch.save({"w": torch.ones(2)}, os.path.join(d, "pytorch_model.bin"))),
+        "base_a_text_file": lambda d, root: open(d, "w").write("not a model") and d,
+        "base_truncated_shard": from_good(truncate),
+        "base_index_not_json": from_good(lambda d: open(os.path.join(d, "model.safetensors.index.json"), "w").write("{")),
+        "base_index_names_missing_shard": from_good(edit_index(lambda i: i["weight_map"].update(x="model-9.safetensors"))),
+        "base_index_disagrees": from_good(edit_index(lambda i: i["weight_map"].pop(Q + ".weight"))),
+        "base_index_shard_not_a_string": from_good(edit_index(lambda i: i["weight_map"].update({Q + ".weight": 7}))),
+        "base_integer_weights": from_good(int_weights),
+        "base_tensor_in_two_shards": from_good(duplicate),
+        "base_several_files_no_index": from_good(lambda d: os.remove(os.path.join(d, "model.safetensors.index.json"))),
+    }
+
+
+# ---------------------------------------------------------------- fixtures and checks
+
+@pytest.fixture(scope="module")
+def root():
+    # a world-readable tree so the "unreadable" cases can run as an unprivileged user when we are root
+    path = tempfile.mkdtemp(prefix="loratools-corpus-")
+    os.chmod(path, 0o755)
+    make_llama(os.path.join(path, "base"), dtype=torch.float32, shard_bytes=20_000, hidden=32, intermediate=48,
+               layers=2, vocab=96, heads=4, kv_heads=2)
+    make_peft_adapter(os.path.join(path, "good"), os.path.join(path, "base"), rank=4, targets=("q_proj", "v_proj"),
+                      dtype=torch.float32)
+    good = Good(os.path.join(path, "good"))
+    os.makedirs(os.path.join(path, "in"))
+    for name, (_level, build) in adapter_cases().items():
+        build(os.path.join(path, "in", name), good)
+    for name, build in base_cases().items():
+        build(os.path.join(path, "in", name), path)
+    for name in ("unreadable_weights", "unreadable_config"):  # mode 000 files
+        d = shutil.copytree(os.path.join(path, "good"), os.path.join(path, "in", name))
+        os.chmod(os.path.join(d, "adapter_model.safetensors" if name == "unreadable_weights" else "adapter_config.json"), 0)
+    for m in set(COMMANDS.values()):  # import now: an unprivileged user may not write bytecode later
+        importlib.import_module(f"loratools.cli.{m}")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def tree_hash(path) -> str:
+    h = hashlib.sha256()
+    if not os.path.lexists(path):
+        return "absent"
+    for dirpath, dirs, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]:
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(dirpath, f)
+            st = os.lstat(p)
+            h.update(f"{os.path.relpath(p, path)} {st.st_mode} {st.st_size} {st.st_mtime_ns}".encode())
+            if st.st_mode & 0o444 and stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def unprivileged(enabled: bool):
+    """Drop to `nobody` for the block when we are root, so mode-000 files are really unreadable."""
+    if not (enabled and os.geteuid() == 0):
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def run_refused(capsys, root, template, name, as_user=False):
+    inp = os.path.join(root, "in", name)
+    out_dir = tempfile.mkdtemp(dir=root, prefix="out-")
+    os.chmod(out_dir, 0o777)
+    out = os.path.join(out_dir, "result")
+    argv = template.format(IN=inp, OUT=out, BASE=os.path.join(root, "base"), GOOD=os.path.join(root, "good")).split()
+    watched = [inp, os.path.join(root, "base"), os.path.join(root, "good")]
+    before = [tree_hash(p) for p in watched]
+    capsys.readouterr()
+    with unprivileged(as_user):
+        code = main(argv)
+    stdout, stderr = capsys.readouterr()
+    where = f"`loratools {' '.join(argv)}`"
+    assert code != 0, f"{where} succeeded on a malformed input; stdout: {stdout[:300]}"
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loratools: error: "), f"{where}: stderr {stderr!r}"
+    assert "Traceback" not in stdout + stderr
+    assert "LORATOOLS_DEBUG" not in stderr, f"{where}: an unexpected error, not a known one: {stderr!r}"
+    assert os.listdir(out_dir) == [], f"{where} left {os.listdir(out_dir)}"
+    assert [tree_hash(p) for p in watched] == before, f"{where} changed an input"
+    assert not os.path.exists(inp + ".PWNED"), "a pickle was unpickled without weights_only"
+    shutil.rmtree(out_dir)
+    return stderr
+
+
+def _params():
+    adapter_levels = {name: level for name, (level, _) in adapter_cases().items()}
+    adapter_levels.update(unreadable_weights="unreadable", unreadable_config="unreadable")
+    params = []
+    for command, templates in sorted(TEMPLATES.items()):
+        if command not in COMMANDS:  # not in this build (yet): test_every_command_has_templates covers the reverse
+            continue
+        for template, levels in templates:
+            if "bad-base" in levels:
+                names = sorted(base_cases())
+            else:
+                names = sorted(n for n, lv in adapter_levels.items() if lv in levels)
+            for name in names:
+                params.append(pytest.param(command, template, name, id=f"{template.split()[0]}"
+                                           f"{'-base' if '--base' in template else ''}-{name}"))
+    return params
+
+
+def test_corpus_is_big_enough():
+    assert len(adapter_cases()) + len(base_cases()) + 2 >= 30
+
+
+def test_every_command_has_templates():
+    """A new command must say how it takes a malformed input (add it to TEMPLATES)."""
+    assert set(COMMANDS) <= set(TEMPLATES), f"no corpus templates for {sorted(set(COMMANDS) - set(TEMPLATES))}"
+
+
+@pytest.mark.parametrize("command,template,name", _params())
+def test_malformed_input_is_refused(capsys, root, command, template, name):
+    run_refused(capsys, root, template, name, as_user=name.startswith("unreadable_"))
+
+
+@pytest.mark.parametrize("name", ["nan_in_A", "huge_alpha", "update_larger_than_weight", "other_architecture"])
+def test_clean_reading_commands_accept_what_they_should(capsys, root, name):
+    """The levels are not vacuous: inspect reads an adapter with NaN; merge takes a suspicious one."""
+    capsys.readouterr()
+    code = main(["inspect", os.path.join(root, "in", name), "--summary"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    if name == "nan_in_A":
+        assert "problems    1" in out and "NaN or Inf" in out
+    if name in ("huge_alpha", "update_larger_than_weight"):
+        out_dir = tempfile.mkdtemp(dir=root)
+        code = main(["merge", os.path.join(root, "base"), os.path.join(root, "in", name), "-o", out_dir + "/m", "-q"])
+        assert code == 0, capsys.readouterr().err
+        shutil.rmtree(out_dir)
+
+
+def test_messages_say_what_is_wrong(capsys, root):
+    msg = lambda t, n: run_refused(capsys, root, t, n)  # noqa: E731
+    assert "header length" in msg("inspect {IN}", "st_header_length_beyond_file")
+    assert "overlap" in msg("inspect {IN}", "st_overlapping_offsets")
+    assert "unknown dtype" in msg("inspect {IN}", "st_unknown_dtype")
+    assert "do not match shape" in msg("inspect {IN}", "st_bytes_do_not_match_shape")
+    assert "rank mismatch" in msg("inspect {IN}", "rank_mismatch")
+    assert "NaN or Inf" in msg("merge {BASE} {IN} -o {OUT}", "inf_in_B")
+    assert "the config says 8" in msg("inspect {IN}", "config_rank_disagrees")
+    assert "match no weight in the base" in msg("merge {BASE} {IN} -o {OUT}", "other_architecture")
+    assert "cannot be loaded safely" in msg("inspect {IN}", "bin_malicious_pickle")
+    assert "Permission denied" in run_refused(capsys, root, "inspect {IN}", "unreadable_weights", as_user=True)
+    assert "no such file" in msg("merge {IN} {GOOD} -o {OUT}", "base_missing")
