@@ -38,13 +38,14 @@ def lora_config(targets, r=4, alpha=8, rank_pattern=None, alpha_pattern=None, **
                       rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **kw)
 
 
-def peft_pipeline_lora(folder, seed=0, xl=False, **kw):
+def peft_pipeline_lora(folder, seed=0, xl=False, unet_alphas=None, **kw):
     """A PEFT LoRA on a tiny UNet + text encoder(s), saved as PEFT does (a folder per component).
     Returns {component: peft model} (the LoRA active) for reference outputs."""
     from peft import get_peft_model
     torch.manual_seed(seed + 100)
     models = {"unet": get_peft_model(unet(xl=xl), lora_config(
-        UNET_TARGETS, rank_pattern={"attn2.to_k": 2}, alpha_pattern={"to_v": 3, "conv1": 5.5}, **kw))}
+        UNET_TARGETS, rank_pattern={"attn2.to_k": 2},
+        alpha_pattern={"to_v": 3, "conv1": 5.5} if unet_alphas is None else unet_alphas, **kw))}
     models["text_encoder"] = get_peft_model(text_encoder(), lora_config(
         TE_TARGETS, r=3, alpha=4, alpha_pattern={"fc1": 1.5}, **kw))
     if xl:
@@ -95,3 +96,13 @@ def unet_out(model, xl=False):
 def te_out(model):
     ids = torch.tensor([[1, 5, 9, 30, 2]])
     return model(ids).last_hidden_state
+
+
+def peft_deltas(models):
+    """{component.module: ΔW} from PEFT's own get_delta_weight (the oracle for our factors + scale)."""
+    out = {}
+    for comp, pm in models.items():
+        for name, mod in pm.base_model.model.named_modules():
+            if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+                out[f"{comp}.{name}"] = mod.get_delta_weight("default").detach()
+    return out
