@@ -75,6 +75,10 @@ class LoraModule:
                 f"but up {tuple(u.shape)} has rank {u.shape[1]}")
         if d.shape[0] < 1:
             raise ShapeMismatchError(f"module {n}: rank 0")
+        mid = self.mid
+        if mid is not None and (mid.dim() != 4 or tuple(mid.shape[:2]) != (u.shape[1], d.shape[0])):
+            raise ShapeMismatchError(f"module {n}: Tucker core must be [{u.shape[1]}, {d.shape[0]}, kh, kw], "
+                                     f"got {tuple(mid.shape)}")
 
     @property
     def weight_shape(self) -> Tuple[int, ...]:

@@ -208,7 +208,79 @@ def adapter_cases():
         "extra_tensor_wrong_shape": ("base-mismatch", peft(lambda g: dict(g.tensors, **{
             PREFIX + "lm_head.weight": r32(95, 32)}))),
     }
+    cases.update(single_file_cases())
     return cases
+
+
+KOHYA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+DIFFUSERS = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def single_file_cases():
+    """kohya and diffusers files (one module of the SD 1.x UNet, named by the shipped manifest)."""
+    def kohya(**change):
+        def build(d, g):
+            t = {KOHYA + ".lora_down.weight": torch.randn(4, 320) * 0.01, KOHYA + ".lora_up.weight":
+                 torch.randn(320, 4) * 0.01, KOHYA + ".alpha": torch.tensor(4.0)}
+            for k, v in change.items():
+                key = KOHYA + "." + k.replace("__", ".")
+                t.pop(key) if v is None else t.__setitem__(key, v)
+            safetensors_io.save(d + ".safetensors", t)
+            return d + ".safetensors"
+        return build
+
+    def diffusers(meta=None, **change):
+        def build(d, g):
+            t = {DIFFUSERS + ".lora_A.weight": torch.randn(4, 320) * 0.01,
+                 DIFFUSERS + ".lora_B.weight": torch.randn(320, 4) * 0.01}
+            t.update({DIFFUSERS + "." + k.replace("__", "."): v for k, v in change.items()})
+            safetensors_io.save(d + ".safetensors", t, meta)
+            return d + ".safetensors"
+        return build
+
+    def truncated(d, g):
+        path = kohya()(d, g)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 10)
+        return path
+
+    def pickled(d, g):
+        with open(d + ".pt", "wb") as f:
+            f.write(_evil_pickle(d))
+        return d + ".pt"
+
+    nan = torch.randn(320, 4)
+    nan[3, 1] = float("nan")
+    return {
+        "kohya_rank_mismatch": ("unreadable", kohya(lora_up__weight=torch.randn(320, 3))),
+        "kohya_down_without_up": ("unreadable", kohya(lora_up__weight=None)),
+        "kohya_up_without_down": ("unreadable", kohya(lora_down__weight=None)),
+        "kohya_alpha_not_scalar": ("unreadable", kohya(alpha=torch.tensor([1.0, 2.0]))),
+        "kohya_factors_1d": ("unreadable", kohya(lora_down__weight=torch.randn(320), lora_up__weight=torch.randn(320))),
+        "kohya_factors_5d": ("unreadable", kohya(lora_down__weight=torch.randn(4, 320, 1, 1, 1))),
+        "kohya_tucker_core_wrong_shape": ("unreadable", kohya(lora_down__weight=torch.randn(4, 320, 1, 1),
+                                                              lora_up__weight=torch.randn(320, 4, 1, 1),
+                                                              lora_mid__weight=torch.randn(3, 5, 3, 3))),
+        "kohya_unknown_module": ("unreadable", lambda d, g: _rename(kohya()(d, g), KOHYA, "lora_unet_no_such_block")),
+        "kohya_stray_key": ("unreadable", kohya(lora_gate__weight=torch.randn(4))),
+        "kohya_truncated": ("unreadable", truncated),
+        "kohya_malicious_pickle": ("unreadable", pickled),
+        "kohya_nan_up": ("invalid", kohya(lora_up__weight=nan)),
+        "kohya_alpha_inf": ("invalid", kohya(alpha=torch.tensor(float("inf")))),
+        "kohya_huge_alpha": ("suspicious", kohya(alpha=torch.tensor(1e5))),
+        "diffusers_rank_mismatch": ("unreadable", diffusers(lora_B__weight=torch.randn(320, 2))),
+        "diffusers_metadata_not_json": ("unreadable", diffusers({"lora_adapter_metadata": "{"})),
+        "diffusers_metadata_bad_alpha": ("unreadable", diffusers({"lora_adapter_metadata": '{"unet.lora_alpha": "x"}'})),
+        "diffusers_metadata_bad_pattern": ("unreadable", diffusers({"lora_adapter_metadata":
+                                                                    '{"unet.alpha_pattern": {"[": 2}}'})),
+        "diffusers_inf_A": ("invalid", diffusers(lora_A__weight=torch.full((4, 320), float("inf")))),
+    }
+
+
+def _rename(path, old, new):
+    t, meta = safetensors_io.load(path)
+    safetensors_io.save(path, {k.replace(old, new): v for k, v in t.items()}, meta)
+    return path
 
 
 def _evil_pickle(d) -> bytes:
@@ -299,7 +371,10 @@ def root():
     good = Good(os.path.join(path, "good"))
     os.makedirs(os.path.join(path, "in"))
     for name, (_level, build) in adapter_cases().items():
-        build(os.path.join(path, "in", name), good)
+        made = build(os.path.join(path, "in", name), good)
+        if made != os.path.join(path, "in", name):  # single files carry their suffix: note where
+            with open(os.path.join(path, "in", name + ".where"), "w") as f:
+                f.write(made)
     for name, build in base_cases().items():
         build(os.path.join(path, "in", name), path)
     for name in ("unreadable_weights", "unreadable_config"):  # mode 000 files
@@ -342,8 +417,16 @@ def unprivileged(enabled: bool):
         os.setegid(0)
 
 
-def run_refused(capsys, root, template, name, as_user=False):
+def input_path(root, name) -> str:
     inp = os.path.join(root, "in", name)
+    if os.path.exists(inp + ".where"):
+        with open(inp + ".where") as f:
+            return f.read()
+    return inp
+
+
+def run_refused(capsys, root, template, name, as_user=False):
+    inp = input_path(root, name)
     out_dir = tempfile.mkdtemp(dir=root, prefix="out-")
     os.chmod(out_dir, 0o777)
     out = os.path.join(out_dir, "result")
@@ -399,18 +482,21 @@ def test_malformed_input_is_refused(capsys, root, command, template, name):
     run_refused(capsys, root, template, name, as_user=name.startswith("unreadable_"))
 
 
-@pytest.mark.parametrize("name", ["nan_in_A", "huge_alpha", "update_larger_than_weight", "other_architecture"])
+@pytest.mark.parametrize("name", ["nan_in_A", "huge_alpha", "update_larger_than_weight", "other_architecture",
+                                  "kohya_nan_up", "kohya_huge_alpha", "diffusers_inf_A"])
 def test_clean_reading_commands_accept_what_they_should(capsys, root, name):
     """The levels are not vacuous: inspect reads an adapter with NaN; merge takes a suspicious one."""
     capsys.readouterr()
-    code = main(["inspect", os.path.join(root, "in", name), "--summary"])
+    code = main(["inspect", input_path(root, name), "--summary"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    if name == "nan_in_A":
+    if name in ("nan_in_A", "kohya_nan_up", "diffusers_inf_A"):
         assert "problems    1" in out and "NaN or Inf" in out
+    if name.startswith(("kohya", "diffusers")):
+        assert f"format      {name.split('_')[0]}" in out
     if name in ("huge_alpha", "update_larger_than_weight"):
         out_dir = tempfile.mkdtemp(dir=root)
-        code = main(["merge", os.path.join(root, "base"), os.path.join(root, "in", name), "-o", out_dir + "/m", "-q"])
+        code = main(["merge", os.path.join(root, "base"), input_path(root, name), "-o", out_dir + "/m", "-q"])
         assert code == 0, capsys.readouterr().err
         shutil.rmtree(out_dir)
 

@@ -9,9 +9,10 @@ import inspect
 import os
 from typing import Dict, Optional
 
+from .. import safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
-from ..errors import FormatError, InputNotFoundError, UsageError
+from ..errors import FormatError, InputNotFoundError, LoraToolsError, UsageError
 from . import diffusers, kohya, lycoris, peft, peft_diffusion
 
 # name -> module; order is detection order. Single-file formats write a file, peft a folder.
@@ -28,6 +29,8 @@ def detect(path: str) -> str:
     for name, module in FORMATS.items():
         if module.detect(path):
             return name
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        safetensors_io.SafetensorsFile(path).close()  # a broken file: say what is broken in it
     raise FormatError(f"{path}: not a LoRA adapter loratools recognises (formats: {', '.join(FORMATS)})")
 
 
@@ -45,7 +48,12 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     reader = FORMATS[fmt].read
     accepted = inspect.signature(reader).parameters
-    adapter = reader(path, **{k: v for k, v in options.items() if v is not None and k in accepted})
+    try:
+        adapter = reader(path, **{k: v for k, v in options.items() if v is not None and k in accepted})
+    except LoraToolsError as e:  # say which input a module-level error is about
+        if path in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
     if check:
         from ..validate import check_adapter, raise_errors
 

@@ -84,12 +84,14 @@ def _component_configs(metadata: Dict[str, str], path: str) -> Dict[str, dict]:
         return {}
     try:
         flat = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise FormatError(f"{path}: {META_KEY} metadata is not JSON") from None
     out: Dict[str, dict] = {}
     for key, value in (flat.items() if isinstance(flat, dict) else []):
         comp, _, field = key.partition(".")
         out.setdefault(comp, {})[field] = value
+    for comp, cfg in out.items():  # the same field checks as a PEFT adapter_config.json
+        peft.check_config(cfg, f"{path}: {META_KEY} for {comp}")
     return out
 
 

@@ -62,7 +62,7 @@ def read_config(folder: str) -> dict:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise FormatError(f"{path}: peft_type {peft_type} is not LoRA; loratools handles LoRA adapters only")
-    _check_config(config, path)
+    check_config(config, path)
     return config
 
 
@@ -70,7 +70,7 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_config(config: dict, path: str) -> None:
+def check_config(config: dict, path: str) -> None:
     """The fields `read` uses have the types PEFT gives them; anything else is a broken config."""
     def bad(field, why):
         return FormatError(f"{path}: {field} {why}")
