@@ -1,6 +1,7 @@
 """Outputs appear complete or not at all: write to a temporary sibling, rename into place."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -8,6 +9,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .errors import LoraToolsError, OutputExistsError
+
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)  # the output's file system said no
 
 
 def _remove(path: str) -> None:
@@ -93,10 +96,12 @@ def atomic_output(path: str, overwrite: bool = False, directory: bool = True) ->
             old = tempfile.mktemp(prefix=f".{name}.old-{os.getpid()}-", dir=parent)
             os.rename(path, old)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
         if old is not None and os.path.lexists(old) and not os.path.lexists(path):
             os.rename(old, path)  # the new output failed after the old one was moved aside
+        if isinstance(e, OSError) and e.errno in _NO_ROOM:
+            raise LoraToolsError(f"cannot write {path}: {e.strerror}; nothing was written") from None
         raise
     if old is not None:
         _remove(old)
