@@ -6,6 +6,7 @@ temporary folder beside the target and renamed into place only when complete.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,6 +24,7 @@ from .validate import check_adapter, check_base, extra_target, raise_errors
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_FP32_MAX = torch.finfo(torch.float32).max
 
 AdapterLike = Union[str, os.PathLike, LoraAdapter]
 
@@ -71,7 +73,11 @@ def plan_merge(ckpt: Checkpoint, adapters: Sequence[Tuple[LoraAdapter, float]]) 
                                  "(its magnitude replaces the row norms); keep the unmerged base instead")
             if m.is_dora and m.kind == "embedding":
                 raise IncompatibleError(f"module {m.name}: DoRA on embeddings is not supported")
-            plan.terms.setdefault(m.name + ".weight", []).append(Term(m, float(weight)))
+            term = Term(m, float(weight))
+            if abs(term.coeff) > _FP32_MAX:
+                raise UsageError(f"module {m.name}: weight {weight:g} times the module's scale {m.scale:g} "
+                                 "is beyond float32's range")
+            plan.terms.setdefault(m.name + ".weight", []).append(term)
         for name, tensor in adapter.extra.items():
             plan.replace[extra_target(name)] = tensor
     return plan
@@ -119,6 +125,8 @@ def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s): give one --weight per adapter")
+    if not all(math.isfinite(float(w)) for w in weights):
+        raise UsageError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
     # plan_merge runs the checks (also on adapters given as objects), so read without them
     return [(read_adapter(a, check=False), float(w)) for a, w in zip(adapters, weights)]
 
@@ -147,12 +155,16 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
         if terms:
             # merge at the wider of the two dtypes, round once into the output dtype
             work = torch.float32 if target != tensor.dtype else tensor.dtype
-            merged = apply_terms(tensor.to(work), terms)
-            if check_finite and not ops.all_finite(merged):
-                raise NonFiniteError(f"merging into {name} produced NaN or Inf; nothing was written "
-                                     "(check the adapter and the weights)")
-            return merged.to(target)
-        return tensor.to(target)
+            merged = apply_terms(tensor.to(work), terms).to(target)
+            if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
+                raise NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was "
+                                     "written (check the adapter and the weights)")
+            return merged
+        out = tensor.to(target)
+        if check_finite and out.dtype != tensor.dtype and not ops.all_finite(out) and ops.all_finite(tensor):
+            raise NonFiniteError(f"converting {name} to {target} overflowed to Inf; nothing was written "
+                                 "(choose a wider --dtype)")
+        return out
 
     with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
         rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
