@@ -25,6 +25,9 @@ class Checkpoint:
     """A model folder (or a single .safetensors file), read lazily."""
 
     def __init__(self, path: str):
+        if not os.path.exists(os.fspath(path)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
+            from .hub import local_path
+            path = local_path(path, kind="model")
         path = os.path.abspath(os.fspath(path))
         if not os.path.exists(path):
             raise InputNotFoundError(f"{path}: no such file or folder")

@@ -13,6 +13,8 @@ from ..errors import LoraToolsError
 # command name -> module in loratools.cli that defines a click command called `command`
 COMMANDS = {
     "merge": "merge",
+    "pull": "pull",
+    "push": "push",
 }
 
 

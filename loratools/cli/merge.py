@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
+from .. import hub
 from .. import merge as merge_mod
+from .. import push as push_mod
 from ..checkpoint import Checkpoint
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
@@ -18,13 +20,19 @@ from .common import output_option, overwrite_option, progress_bar, quiet_option,
               help="Dtype of the output's floating tensors (default: keep each tensor's dtype).")
 @click.option("--dry-run", is_flag=True, help="Print what would be merged and write nothing.")
 @click.option("--no-check-finite", is_flag=True, help="Skip the NaN/Inf check of merged weights.")
+@click.option("--push", "push_to", metavar="REPO_ID", default=None,
+              help="Also upload the merged model to this Hub repository, with a model card, in one commit.")
+@click.option("--private", is_flag=True, help="With --push: create the repository as private.")
 @overwrite_option
 @quiet_option
-def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, overwrite, quiet):
+def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, push_to, private, overwrite, quiet):
     """Merge one or more LoRA ADAPTERS into the BASE model folder and write the merged model to OUTPUT.
 
     Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
     """
+    if push_to:
+        push_to = hub.check_repo_id(push_to)
+        hub.check_online(push_to)  # fail before merging, not after
     if dry_run:
         ckpt, plan = merge_mod.describe(base, adapters, list(weights))
         rows = []
@@ -35,13 +43,18 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, ov
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
                    f"output {output} ({dtype or 'same dtypes'}); nothing written (dry run)")
         return
-    ckpt = Checkpoint(base)
+    ckpt = Checkpoint(base)  # resolves a Hub reference
     with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
         plan = merge_mod.merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
                                progress=lambda _name: bar.update(1))
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
                f"weight(s); wrote {output}", err=True)
+    if push_to:
+        card = push_mod.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
+        info = push_mod.execute(push_mod.plan_folder_push(output, push_to, card), private=private,
+                                commit_message=f"Upload merged model ({len(adapters)} adapter(s)) with loratools")
+        click.echo(f"pushed {output} to {push_to}: {info.commit_url}", err=True)
 
 
 def _rank_range(adapter) -> str:

@@ -15,8 +15,17 @@ FORMATS: Dict[str, object] = {"peft": peft}
 FOLDER_FORMATS = {"peft"}
 
 
-def detect(path: str) -> str:
+def _local(path) -> str:
+    """A Hub reference (user/repo[@rev][/sub], hf://…) is downloaded first; local paths pass through."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        from ..hub import local_path
+        path = local_path(path, kind="adapter")
+    return path
+
+
+def detect(path: str) -> str:
+    path = _local(path)
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or folder")
     for name, module in FORMATS.items():
@@ -29,7 +38,7 @@ def read_adapter(path, format: Optional[str] = None) -> LoraAdapter:
     """Read an adapter from a path; the format is detected unless given."""
     if isinstance(path, LoraAdapter):
         return path
-    path = os.fspath(path)
+    path = _local(path)
     fmt = format or detect(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
