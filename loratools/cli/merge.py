@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from .. import hub
-from .. import merge as merge_mod
 from .. import push as push_mod
+from ..merge import describe, merge as run_merge
 from ..checkpoint import Checkpoint
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
@@ -34,7 +34,7 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
         push_to = hub.check_repo_id(push_to)
         hub.check_online(push_to)  # fail before merging, not after
     if dry_run:
-        ckpt, plan = merge_mod.describe(base, adapters, list(weights))
+        ckpt, plan = describe(base, adapters, list(weights))
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
@@ -45,7 +45,7 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
         return
     ckpt = Checkpoint(base)  # resolves a Hub reference
     with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
-        plan = merge_mod.merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
+        plan = run_merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
                                progress=lambda _name: bar.update(1))
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
