@@ -169,7 +169,20 @@ def snapshot(ref: HubRef, allow: Sequence[str], ignore: Sequence[str] = ()) -> s
     with hub_errors(str(ref)):
         return snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=list(allow),
                                  ignore_patterns=list(ignore) or None, endpoint=endpoint, cache_dir=cache_dir,
-                                 local_files_only=offline)
+                                 local_files_only=offline, tqdm_class=_progress_class())
+
+
+def _progress_class():
+    """Download progress on stderr only when it is a terminal (logs and pipes stay clean)."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            kwargs["disable"] = True if kwargs.get("disable") is True else None
+            super().__init__(*args, **kwargs)
+
+    return Bar
 
 
 def _repo_files(ref: HubRef, snap: str) -> List[str]:

@@ -22,7 +22,8 @@ def fake_hub(tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     # huggingface_hub read these at import; loratools passes endpoint/cache/offline itself, these cover the rest
-    for name, value in {"ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False,
+    for name, value in {"ENDPOINT": hub.url, "HUGGINGFACE_CO_URL_TEMPLATE": hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+                        "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False,
                         "HF_HUB_CACHE": str(home / "hub"), "HF_TOKEN_PATH": str(home / "token"),
                         "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}.items():
         monkeypatch.setattr(constants, name, value)

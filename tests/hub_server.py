@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional, Tuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import yaml
 
@@ -77,9 +77,9 @@ class Repo:
 
 
 class HubHTTPError(Exception):
-    def __init__(self, status: int, code: Optional[str] = None, message: str = ""):
+    def __init__(self, status: int, code: Optional[str] = None, message: str = "", **body):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.body = status, code, message, body
 
 
 class FakeHub:
@@ -90,6 +90,7 @@ class FakeHub:
         self.repos: Dict[str, Repo] = {}
         self.lfs_objects: Dict[str, bytes] = {}
         self.requests: List[Tuple[str, str]] = []
+        self.fetched: List[str] = []
         self.lock = threading.RLock()
         self._servers: List[ThreadingHTTPServer] = []
 
@@ -142,8 +143,8 @@ class FakeHub:
         return {p: e.data for p, e in repo.commits[self._resolve(repo, revision)].items()}
 
     def downloads(self) -> List[str]:
-        """Paths whose content was fetched (GET on /resolve or on the LFS store)."""
-        return [p for m, p in self.requests if m == "GET" and ("/resolve/" in p or p.startswith("/lfs/"))]
+        """`repo_id/path` of every file whose content was sent (GET on /resolve, or on the LFS store)."""
+        return list(self.fetched)
 
     # ---- internals ---------------------------------------------------------------------------
     def _commit(self, repo: Repo, branch: str, add: Dict[str, Entry], delete: List[str]) -> str:
@@ -232,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = e.code
             if e.code == "EntryNotFound" and getattr(e, "commit", None):
                 headers["X-Repo-Commit"] = e.commit
-            self._json({"error": e.message}, e.status, headers)
+            self._json(dict(e.body, error=e.message), e.status, headers)
 
     do_GET = do_HEAD = do_POST = do_PUT = _dispatch
 
@@ -240,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
         cmd = self.command
         if self.role == "cdn":
             if len(p) == 2 and p[0] == "lfs":
-                return self._lfs_object(p[1])
+                return self._lfs_object(p[1], q.get("file"))
             raise HubHTTPError(404, None, "Not found")
         if p[:1] == ["api"]:
             if p[1:] == ["repos", "create"] and cmd == "POST":
@@ -280,7 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubHTTPError(403, None, f"You don't have the rights to create a model under the namespace {namespace}")
         repo_id = f"{namespace}/{body['name']}"
         if repo_id in self.hub.repos:
-            raise HubHTTPError(409, None, "You already created this model repo")
+            raise HubHTTPError(409, None, "You already created this model repo", url=f"{self.hub.url}/{repo_id}")
         self.hub.add_repo(repo_id, private=body.get("visibility") == "private" or bool(body.get("private")))
         self._json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": uuid.uuid4().hex})
 
@@ -389,7 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
             objects.append(item)
         self._json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
 
-    def _lfs_object(self, oid: str) -> None:
+    def _lfs_object(self, oid: str, file: Optional[str]) -> None:
         if self.command == "PUT":
             data = self._body()
             if hashlib.sha256(data).hexdigest() != oid:
@@ -399,6 +400,8 @@ class _Handler(BaseHTTPRequestHandler):
         data = self.hub.lfs_objects.get(oid)
         if data is None:
             raise HubHTTPError(404, None, "no such object")
+        if self.command == "GET":
+            self.hub.fetched.append(file or oid)
         self._send(200, data, {"ETag": f'"{oid}"'}, "application/octet-stream")
 
     def _resolve_file(self, repo_id: str, revision: str, path: str) -> None:
@@ -414,7 +417,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise err
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry.oid}"'}
         if entry.lfs:
-            headers.update({"Location": f"{self.hub.cdn_url}/lfs/{entry.sha256}",
+            # like a signed CDN url: the object, plus which file it is (for `downloads()`)
+            headers.update({"Location": f"{self.hub.cdn_url}/lfs/{entry.sha256}?file={quote(repo_id + '/' + path)}",
                             "X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(len(entry.data))})
             return self._send(302, b"", headers)
+        if self.command == "GET":
+            self.hub.fetched.append(f"{repo_id}/{path}")
         self._send(200, entry.data, headers, "application/octet-stream")
