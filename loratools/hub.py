@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -85,10 +86,12 @@ def _settings() -> Tuple[Optional[str], Optional[str], bool]:
     cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if not cache and env.get("HF_HOME"):
         cache = os.path.join(env["HF_HOME"], "hub")
-    offline = (env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or "").upper() in ("1", "ON", "YES", "TRUE")
-    if not offline:
+    flag = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE")
+    if flag is None:
         from huggingface_hub import constants
-        offline = constants.HF_HUB_OFFLINE
+        offline = bool(constants.HF_HUB_OFFLINE)
+    else:
+        offline = flag.upper() in ("1", "ON", "YES", "TRUE")
     return endpoint, (os.path.expanduser(os.path.expandvars(cache)) if cache else None), offline
 
 
@@ -106,10 +109,15 @@ def _cause_chain(e: BaseException) -> Iterator[BaseException]:
 
 
 @contextmanager
-def hub_errors(what: str) -> Iterator[None]:
+def hub_errors(what: str, write: bool = False) -> Iterator[None]:
     """Map huggingface_hub / network failures to one-line HubErrors that say what to do."""
-    import httpx2
     from huggingface_hub import errors as E
+
+    transport: tuple = (ConnectionError, TimeoutError)
+    for name in ("httpx2", "httpx", "requests"):  # whichever HTTP client this huggingface_hub has loaded
+        mod = sys.modules.get(name)
+        err = getattr(mod, "TransportError", None) or getattr(getattr(mod, "exceptions", None), "ConnectionError", None)
+        transport += (err,) if isinstance(err, type) else ()
 
     try:
         yield
@@ -140,11 +148,11 @@ def hub_errors(what: str) -> Iterator[None]:
                     raise HubError(f"{what}: {host} rejected the credentials (401); set HF_TOKEN to a valid token"
                                    if token_set else f"{what}: authentication required (401); set HF_TOKEN") from None
                 if status == 403:
-                    raise HubError(f"{what}: permission denied (403); HF_TOKEN needs write access to that repository "
-                                   "or namespace") from None
+                    need = "write access to that repository or namespace" if write else "read access to it"
+                    raise HubError(f"{what}: permission denied (403); HF_TOKEN needs {need}") from None
                 msg = _scrub(e.response.headers.get("X-Error-Message") or "")
                 raise HubError(f"{what}: the Hub answered {status}{': ' + msg if msg else ''}") from None
-            if isinstance(e, (httpx2.TransportError, ConnectionError)):
+            if isinstance(e, transport):
                 raise HubError(f"{what}: cannot reach the Hub at {host} ({e.__class__.__name__}) and nothing usable "
                                "is cached; check the network or HF_ENDPOINT") from None
         if isinstance(exc, E.LocalEntryNotFoundError):
@@ -187,13 +195,15 @@ def _progress_class():
 
 def _repo_files(ref: HubRef, snap: str) -> List[str]:
     """The repository's file list at the snapshot's commit, from the tree listing snapshot_download cached."""
-    from huggingface_hub import get_cached_repo_tree
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
-
+    commit = os.path.basename(snap)
     try:
-        return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=os.path.basename(snap),
-                                                      cache_dir=_settings()[1])]
-    except CachedRepoTreeNotFoundError:
+        from huggingface_hub import get_cached_repo_tree
+    except ImportError:  # huggingface_hub < 2: ask the Hub
+        with hub_errors(str(ref)):
+            return api().list_repo_files(ref.repo_id, revision=commit)
+    try:
+        return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=commit, cache_dir=_settings()[1])]
+    except Exception:  # CachedRepoTreeNotFoundError: no listing was cached (e.g. an old cache)
         return []
 
 
@@ -343,7 +353,7 @@ def upload(folder_files: Dict[str, str], repo_id: str, card_text: str, private: 
 
     check_online(repo_id)
     hf = api()
-    with hub_errors(repo_id):
+    with hub_errors(repo_id, write=True):
         repo_id = hf.create_repo(repo_id, private=private or None, exist_ok=True).repo_id
         if revision and revision != "main" and not create_pr:
             hf.create_branch(repo_id, branch=revision, exist_ok=True)

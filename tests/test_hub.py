@@ -269,10 +269,10 @@ def test_offline_mode_uses_the_cache(fake_hub, local, tmp_path, capsys, monkeypa
 
 def test_cli_process_reads_the_environment(fake_hub, local, tmp_path):
     """The real entry point, with the variables set before huggingface_hub is imported."""
+    seed_folder(fake_hub, "alice/lora", local / "a")
+    fake_hub.repos["alice/lora"].private = True  # needs the token from HF_TOKEN
     env = dict(fake_hub.env, PYTHONPATH=ROOT, HF_TOKEN="hf_alice")
     cmd = [sys.executable, "-m", "loratools"]
-    r = subprocess.run(cmd + ["push", str(local / "a"), "alice/lora"], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
     r = subprocess.run(cmd + ["pull", "alice/lora", "-o", str(tmp_path / "p")], capture_output=True, text=True,
                        env=env)
     assert r.returncode == 0, r.stderr
