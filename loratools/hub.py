@@ -259,9 +259,14 @@ def local_path(ref, kind: str = "adapter") -> str:
         return path
     if kind not in ("adapter", "model"):
         raise ValueError(f"kind must be 'adapter' or 'model', not {kind!r}")
-    if parsed.is_file:
-        return _fetch_file(parsed, parsed.subfolder)
-    return _resolve_adapter(parsed) if kind == "adapter" else _resolve_model(parsed)
+    try:
+        if parsed.is_file:
+            return _fetch_file(parsed, parsed.subfolder)
+        return _resolve_adapter(parsed) if kind == "adapter" else _resolve_model(parsed)
+    except HubError as e:
+        if path.startswith(PREFIX) or "repository not found" not in str(e):
+            raise
+        raise HubError(f"{e}; no local file or folder {path!r} either") from None
 
 
 def commit_of(path: str) -> Optional[str]:

@@ -131,6 +131,9 @@ def test_revisions_subfolders_and_pull_requests(fake_hub, local, tmp_path, capsy
         assert folder_bytes(out) == folder_bytes(local / want, ADAPTER), ref
     code, _, err = run(capsys, "pull", "alice/lora", "--revision", "dev", "-o", tmp_path / "opt")
     assert code == 0 and folder_bytes(tmp_path / "opt") == folder_bytes(local / "b", ADAPTER)
+    # an adapter given as a Hub reference can be pushed elsewhere too
+    assert run(capsys, "push", "alice/lora@dev/nested/b", "alice/copy")[0] == 0
+    assert {k: v for k, v in fake_hub.files("alice/copy").items() if k in ADAPTER} == folder_bytes(local / "b", ADAPTER)
 
 
 def test_hub_references_everywhere_and_only_needed_files(fake_hub, local, tmp_path, capsys):
