@@ -29,8 +29,11 @@ namespace {
 
 constexpr int64_t kNR = 16;  // columns per register tile / packed A panel
 constexpr int kMR = 6;       // rows per register tile: 6x2 accumulators + 2 A + 1 B = 15 ymm
-constexpr int64_t kRowBlock = 8 * kMR;
-constexpr int64_t kPanelBudget = 128 * 1024;  // bytes of packed A per column block (L2-resident)
+static int64_t kRowBlock = std::getenv("XRB") ? atoi(std::getenv("XRB")) : 8 * kMR;
+// Column (within a 16-wide panel) held by each slot of a tile row; see load16 for the bf16 order.
+constexpr int kIdentityOrder[kNR] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+constexpr int kBf16Order[kNR] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+static int64_t kPanelBudget = std::getenv("XPB") ? atoi(std::getenv("XPB")) : 128 * 1024;  // bytes of packed A per column block (L2-resident)
 
 // ---- packing: factors of any dtype / strides -> fp32 ------------------------------------------
 
@@ -47,7 +50,7 @@ void pack_b(const at::Tensor& u, float c, float* bc, int64_t R, int64_t off) {
 }
 
 template <typename S>
-void pack_a(const at::Tensor& d, float* ap, int64_t R, int64_t off, int64_t npanels) {
+void pack_a(const at::Tensor& d, float* ap, int64_t R, int64_t off, int64_t npanels, const int* slot_col) {
   const S* src = d.data_ptr<S>();
   const int64_t r = d.size(0), cols = d.size(1), s0 = d.stride(0), s1 = d.stride(1);
   at::parallel_for(0, npanels, std::max<int64_t>(1, 1024 / std::max<int64_t>(r, 1)),
@@ -56,7 +59,7 @@ void pack_a(const at::Tensor& d, float* ap, int64_t R, int64_t off, int64_t npan
                        for (int64_t k = 0; k < r; ++k) {
                          float* dst = ap + (p * R + off + k) * kNR;
                          for (int64_t j = 0; j < kNR; ++j) {
-                           const int64_t col = p * kNR + j;
+                           const int64_t col = p * kNR + slot_col[j];
                            dst[j] = col < cols ? static_cast<float>(src[k * s0 + col * s1]) : 0.f;
                          }
                        }
@@ -94,39 +97,52 @@ void tile_portable(T* w, int64_t ldw, const float* b, int64_t ldb, const float* 
 #define LT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LT_AVX2_INLINE inline __attribute__((always_inline, target("avx2,fma,f16c")))
 
-LT_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-LT_AVX2_INLINE __m256 load8(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+// A row of a tile is 16 columns held in two vectors (lo, hi). For bf16 the split is interleaved,
+// lo = columns {0-3, 8-11}, hi = {4-7, 12-15}: that is what one unpack per vector produces from a
+// 256-bit load, and one packus undoes it on store. The packed A panels use the same column order
+// (see panel_order), so the permutation costs nothing.
+LT_AVX2_INLINE void load16(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
 }
-LT_AVX2_INLINE __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+LT_AVX2_INLINE void load16(const c10::Half* p, __m256& lo, __m256& hi) {
+  lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+}
+LT_AVX2_INLINE void load16(const c10::BFloat16* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));  // bf16 bits become the high half
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
 }
 
-LT_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-// Same rounding as c10::BFloat16(float): add 0x7FFF + lsb, truncate; NaN -> quiet NaN 0x7FC0.
-LT_AVX2_INLINE void store8(c10::BFloat16* p, __m256 v) {
+LT_AVX2_INLINE void store16(float* p, __m256 lo, __m256 hi) {
+  _mm256_storeu_ps(p, lo);
+  _mm256_storeu_ps(p + 8, hi);
+}
+LT_AVX2_INLINE void store16(c10::Half* p, __m256 lo, __m256 hi) {
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, kRne));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, kRne));
+}
+// Same rounding as c10::BFloat16(float): add 0x7FFF + lsb and truncate; NaN -> quiet NaN 0x7FC0
+// (adding the bias to a NaN could carry into the sign bit). Result is in the low 16 bits.
+LT_AVX2_INLINE __m256i round_bf16(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, lsb), _mm256_set1_epi32(0x7FFF)), 16);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
 }
-LT_AVX2_INLINE void store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+LT_AVX2_INLINE void store16(c10::BFloat16* p, __m256 lo, __m256 hi) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(round_bf16(lo), round_bf16(hi)));
 }
 
 template <typename T, int MR>
 LT_AVX2 void tile_avx2(T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap, int64_t R) {
   __m256 acc0[MR], acc1[MR];
 #pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    acc0[i] = load8(w + i * ldw);
-    acc1[i] = load8(w + i * ldw + 8);
-  }
+  for (int i = 0; i < MR; ++i) load16(w + i * ldw, acc0[i], acc1[i]);
   for (int64_t k = 0; k < R; ++k) {
     const __m256 a0 = _mm256_loadu_ps(ap + k * kNR);
     const __m256 a1 = _mm256_loadu_ps(ap + k * kNR + 8);
@@ -138,10 +154,7 @@ LT_AVX2 void tile_avx2(T* w, int64_t ldw, const float* b, int64_t ldb, const flo
     }
   }
 #pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    store8(w + i * ldw, acc0[i]);
-    store8(w + i * ldw + 8, acc1[i]);
-  }
+  for (int i = 0; i < MR; ++i) store16(w + i * ldw, acc0[i], acc1[i]);
 }
 
 bool cpu_has_avx2() {
@@ -190,6 +203,7 @@ struct Problem {
   const float* bc;  // [rows, R]
   const float* ap;  // [npanels, R, 16]
   bool avx2;
+  const int* slot_col;  // column order of the panels and tiles
 };
 
 template <typename T>
@@ -208,10 +222,12 @@ void merge_block(const Problem& p, T* w, int64_t r0, int64_t r1, int64_t c0, int
       // Ragged right edge: run the fp32 tile on a zero-padded copy, round once on the way back.
       float buf[kMR * kNR] = {};
       for (int i = 0; i < mr; ++i)
-        for (int64_t j = 0; j < n; ++j) buf[i * kNR + j] = static_cast<float>(wt[i * p.ldw + j]);
+        for (int j = 0; j < kNR; ++j)
+          if (p.slot_col[j] < n) buf[i * kNR + j] = static_cast<float>(wt[i * p.ldw + p.slot_col[j]]);
       tile_rows<float>(mr, p.avx2, buf, kNR, b, p.R, ap, p.R);
       for (int i = 0; i < mr; ++i)
-        for (int64_t j = 0; j < n; ++j) wt[i * p.ldw + j] = static_cast<T>(buf[i * kNR + j]);
+        for (int j = 0; j < kNR; ++j)
+          if (p.slot_col[j] < n) wt[i * p.ldw + p.slot_col[j]] = static_cast<T>(buf[i * kNR + j]);
     }
   }
 }
@@ -228,7 +244,7 @@ void merge_all(const Problem& p, T* w) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / work_per_task);
   at::parallel_for(0, nrb * ncb, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t cb = t / nrb, rb = t % nrb;
+      static bool rowmaj = std::getenv("XROW"); const int64_t cb = rowmaj ? t % ncb : t / nrb, rb = rowmaj ? t / ncb : t % nrb;
       merge_block<T>(p, w, rb * kRowBlock, std::min(p.rows, (rb + 1) * kRowBlock), cb * nc,
                      std::min(p.cols, (cb + 1) * nc));
     }
@@ -245,6 +261,8 @@ void merge_rows_cpu(at::Tensor& w, at::TensorList ups, at::TensorList downs, at:
   auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor bc = at::empty({rows, R}, opts);
   at::Tensor ap = at::empty({npanels, R, kNR}, opts);
+  const bool avx2 = use_avx2();
+  const int* order = avx2 && w.scalar_type() == at::kBFloat16 ? kBf16Order : kIdentityOrder;
   // All factors are copied to fp32 before W is written, so factors aliasing W are safe.
   int64_t off = 0;
   for (size_t i = 0; i < ups.size(); ++i) {
@@ -253,12 +271,12 @@ void merge_rows_cpu(at::Tensor& w, at::TensorList ups, at::TensorList downs, at:
       pack_b<decltype(s)>(ups[i], c, bc.data_ptr<float>(), R, off);
     });
     dispatch_float(downs[i].scalar_type(), [&](auto s) {
-      pack_a<decltype(s)>(downs[i], ap.data_ptr<float>(), R, off, npanels);
+      pack_a<decltype(s)>(downs[i], ap.data_ptr<float>(), R, off, npanels, order);
     });
     off += ups[i].size(1);
   }
   const Problem p{rows, cols, rows > 1 ? w.stride(0) : cols, R, bc.data_ptr<float>(),
-                  ap.data_ptr<float>(), use_avx2()};
+                  ap.data_ptr<float>(), avx2, order};
   dispatch_float(w.scalar_type(), [&](auto s) { merge_all<decltype(s)>(p, w.data_ptr<decltype(s)>()); });
 }
 
