@@ -56,7 +56,9 @@ __device__ __forceinline__ void add_row(T* w, int valid, const float (&acc)[kTN]
       reinterpret_cast<uint4*>(w)[v] = raw;
     }
   } else {
-    for (int j = 0; j < valid; ++j) w[j] = Cvt<T>::from_f(Cvt<T>::to_f(w[j]) + acc[j]);
+#pragma unroll
+    for (int j = 0; j < kTN; ++j)  // constant indices keep acc in registers
+      if (j < valid) w[j] = Cvt<T>::from_f(Cvt<T>::to_f(w[j]) + acc[j]);
   }
 }
 
