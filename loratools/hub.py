@@ -26,8 +26,9 @@ from .errors import HubError, LoraToolsError, UsageError
 PREFIX = "hf://"
 # files a reference may name directly instead of a folder
 FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
-# PEFT folder, diffusers' default LoRA file name; PEFT's .bin fallback is fetched only when needed
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+# a PEFT folder (PEFT's .bin fallback is fetched only when needed) and diffusers' default file name
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 # a model folder: config, weights, tokenizer, chat template, remote code; no .bin/.h5/.msgpack/onnx
 MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py")
 
@@ -215,16 +216,20 @@ def _fetch_file(ref: HubRef, path_in_repo: str) -> str:
 
 
 def _resolve_adapter(ref: HubRef) -> str:
+    from .archs import COMPONENTS  # a diffusion pipeline's PEFT adapter: one PEFT folder per component
+
     pre = ref.subfolder + "/" if ref.subfolder else ""
-    snap = snapshot(ref, [pre + f for f in ADAPTER_FILES])
+    peft_dirs = [pre] + [f"{pre}{c}/" for c in COMPONENTS]
+    snap = snapshot(ref, [d + f for d in peft_dirs for f in PEFT_FILES] + [pre + DIFFUSERS_FILE])
     folder = os.path.join(snap, *pre.split("/"))
-    has = {f for f in ADAPTER_FILES if os.path.isfile(os.path.join(folder, f))}
-    if "adapter_config.json" in has:
-        if "adapter_model.safetensors" not in has:  # an older PEFT adapter: weights as a pickle
-            _fetch_file(ref, pre + "adapter_model.bin")
+    found = [d for d in peft_dirs if os.path.isfile(os.path.join(snap, d, PEFT_FILES[0]))]
+    if found:
+        for d in found:  # an older PEFT adapter keeps its weights as a pickle
+            if not os.path.isfile(os.path.join(snap, d, PEFT_FILES[1])):
+                _fetch_file(ref, d + "adapter_model.bin")
         return folder
-    if "pytorch_lora_weights.safetensors" in has:
-        return os.path.join(folder, "pytorch_lora_weights.safetensors")
+    if os.path.isfile(os.path.join(folder, DIFFUSERS_FILE)):
+        return os.path.join(folder, DIFFUSERS_FILE)
     # a kohya / LyCORIS repository: one .safetensors file directly in the folder
     files = [f for f in _repo_files(ref, snap) if f.startswith(pre) and "/" not in f[len(pre):]
              and f.endswith(".safetensors")]
@@ -335,6 +340,7 @@ def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: O
         return Pulled(path, adapter, files, commit)
     with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
         for name, src in files.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
             shutil.copyfile(src, os.path.join(tmp, name))
     out = os.path.abspath(output)
     files = {name: os.path.join(out, name) for name in files}

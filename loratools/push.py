@@ -59,12 +59,21 @@ def check_adapter(adapter: LoraAdapter, where: str) -> None:
 
 def adapter_files(path: str, adapter: LoraAdapter) -> Dict[str, str]:
     """The files that make up the adapter at `path`, keyed by their name in the repository."""
+    from .formats import diffusers, peft
+
+    def peft_files(prefix: str) -> Dict[str, str]:
+        weights = peft.WEIGHTS if os.path.isfile(os.path.join(path, prefix, peft.WEIGHTS)) else peft.WEIGHTS_BIN
+        return {prefix + name: os.path.join(path, prefix, name) for name in (peft.CONFIG, weights)}
+
     if os.path.isfile(path):
         return {os.path.basename(path): path}
     if adapter.format == "peft":
-        from .formats import peft
-        weights = peft.WEIGHTS if os.path.isfile(os.path.join(path, peft.WEIGHTS)) else peft.WEIGHTS_BIN
-        return {name: os.path.join(path, name) for name in (peft.CONFIG, weights)}
+        return peft_files("")
+    if adapter.format == "peft_diffusion":  # one PEFT folder per pipeline component
+        return {k: v for comp in adapter.config.get("components", {}) for k, v in peft_files(comp + "/").items()}
+    if adapter.format == "diffusers":
+        name = diffusers.WEIGHTS if os.path.isfile(os.path.join(path, diffusers.WEIGHTS)) else diffusers.WEIGHTS_BIN
+        return {name: os.path.join(path, name)}
     return {f: os.path.join(path, f) for f in sorted(os.listdir(path))
             if not f.startswith(".") and f != "README.md" and os.path.isfile(os.path.join(path, f))}
 

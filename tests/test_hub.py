@@ -285,3 +285,36 @@ def test_cli_process_reads_the_environment(fake_hub, local, tmp_path):
                        env=dict(env, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["path"].startswith(str(fake_hub.home))
+
+
+def test_diffusion_adapters_push_and_pull(fake_hub, tmp_path, capsys, monkeypatch):
+    """A PEFT pipeline folder (unet/, text_encoder/), a kohya file and a diffusers file, each round trip."""
+    import _formats_models as M
+    from loratools.formats import read_adapter, write_adapter
+
+    M.peft_pipeline_lora(str(tmp_path / "sd_peft"))
+    adapter = read_adapter(str(tmp_path / "sd_peft"))
+    write_adapter(adapter, str(tmp_path / "style.safetensors"), format="kohya")
+    write_adapter(adapter, str(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"), format="diffusers")
+    monkeypatch.setenv("HF_TOKEN", "hf_alice")
+    assert run(capsys, "push", tmp_path / "sd_peft", "alice/sd-peft")[0] == 0
+    assert run(capsys, "push", tmp_path / "style.safetensors", "alice/sd-kohya")[0] == 0
+    fake_hub.commit("alice/sd-diffusers", {"pytorch_lora_weights.safetensors":
+                                           open(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors", "rb").read(),
+                                           "image.png": b"png" * 1000, "other/pytorch_lora_weights.safetensors": b"x"})
+    nested = [f"{c}/{n}" for c in ("text_encoder", "unet") for n in ADAPTER]
+    for ref, fmt, want in [("alice/sd-peft", "peft_diffusion", {n: tmp_path / "sd_peft" / n for n in nested}),
+                           ("alice/sd-kohya", "kohya", {"style.safetensors": tmp_path / "style.safetensors"}),
+                           ("alice/sd-kohya/style.safetensors", "kohya",
+                            {"style.safetensors": tmp_path / "style.safetensors"}),
+                           ("alice/sd-diffusers", "diffusers", {"pytorch_lora_weights.safetensors":
+                                                                tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"})]:
+        fake_hub.fetched.clear()
+        out = tmp_path / "pulled" / ref.replace("/", "_")
+        monkeypatch.setenv("HF_HOME", str(out) + "_cache")  # a cold cache each time: count what is fetched
+        code, stdout, err = run(capsys, "pull", ref, "-o", out, "--format", "json")
+        assert code == 0, err
+        assert json.loads(stdout)["format"] == fmt, ref
+        assert sorted(json.loads(stdout)["files"]) == sorted(want)
+        assert {n: open(out / n, "rb").read() for n in want} == {n: open(p, "rb").read() for n, p in want.items()}
+        assert sorted(f.split("/", 2)[2] for f in fake_hub.downloads()) == sorted(want), ref
