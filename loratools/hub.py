@@ -12,6 +12,7 @@ Failures become one-line `HubError`s; the token never appears in a message.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -246,11 +247,27 @@ def _resolve_model(ref: HubRef) -> str:
     pre = ref.subfolder + "/" if ref.subfolder else ""
     snap = snapshot(ref, [pre + p for p in MODEL_FILES], ignore=[pre + "*/*"])
     folder = os.path.join(snap, *pre.split("/"))
-    if os.path.isfile(os.path.join(folder, "model_index.json")):  # a diffusers pipeline: one level of components
-        snap = snapshot(ref, [pre + "*/" + p for p in MODEL_FILES], ignore=[pre + "*/*/*"])
+    if os.path.isfile(os.path.join(folder, "model_index.json")):  # a diffusers pipeline
+        files = set(_repo_files(ref, snap))
+        wanted = [f for f in sorted(files) if _pipeline_file(f[len(pre):], files, pre)] if files else []
+        if wanted:
+            snapshot(ref, wanted)
     if not os.path.isdir(folder):
         raise HubError(f"{ref}: no such folder in the repository")
     return folder
+
+
+def _pipeline_file(rel: str, files: set, pre: str) -> bool:
+    """Config and weights of the pipeline components LoRAs target (unet/, text_encoder*/, transformer/);
+    a precision variant (`x.fp16.safetensors`) only when there is no plain `x.safetensors`."""
+    from .archs import COMPONENTS
+
+    comp, _, name = rel.partition("/")
+    if comp not in COMPONENTS or "/" in name or not any(fnmatch.fnmatchcase(name, p) for p in MODEL_FILES):
+        return False
+    stem, _, ext = name.rpartition(".")
+    plain = stem.rpartition(".")[0] + "." + ext if "." in stem else None
+    return plain is None or f"{pre}{comp}/{plain}" not in files
 
 
 def local_path(ref, kind: str = "adapter") -> str:
