@@ -3,7 +3,8 @@
 
 `local_path(ref, kind)` turns a reference into a local path with `snapshot_download`, fetching
 only what `kind` needs (`allow_patterns`) into the normal Hugging Face cache. It is called by
-`formats.read_adapter` and by `Checkpoint`, so every command accepts Hub references.
+`formats.read_adapter` / `formats.detect`, `Checkpoint` and `archs.base_modules` for any path that
+does not exist locally, so every command accepts Hub references.
 
 The settings huggingface_hub reads once at import (HF_ENDPOINT, HF_HOME / HF_HUB_CACHE,
 HF_HUB_OFFLINE) are read here at call time and passed explicitly, so a process that changes its
