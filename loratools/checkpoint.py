@@ -119,6 +119,26 @@ def copy_other_files(src_folder: str, dst_folder: str, skip: List[str]) -> None:
             shutil.copy2(s, d)
 
 
+def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
+                 out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None) -> int:
+    """Stream one safetensors file through `transform` into `dst` (same names, order and metadata).
+    Returns the bytes of tensor data written."""
+    with SafetensorsFile(src) as f:
+        names = f.keys()
+        entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
+        writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
+        try:
+            for name in names:
+                writer.write(name, transform(name, f.read(name)))
+                if on_tensor:
+                    on_tensor(name)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return writer.data_size
+
+
 def rewrite(ckpt: Checkpoint, dst_folder: str,
             transform: Callable[[str, torch.Tensor], torch.Tensor],
             out_dtype: Callable[[str], torch.dtype],
@@ -131,20 +151,8 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
     """
     total = 0
     for shard in ckpt.shards:
-        with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
-            names = f.keys()
-            entries = [(n, out_dtype(n), ckpt.shape(n)) for n in names]
-            total += sum(safetensors_io.nbytes(d, s) for _, d, s in entries)
-            writer = safetensors_io.StreamingWriter(os.path.join(dst_folder, shard), entries, f.metadata or None)
-            try:
-                for name in names:
-                    writer.write(name, transform(name, f.read(name)))
-                    if on_tensor:
-                        on_tensor(name)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+        total += rewrite_file(os.path.join(ckpt.folder, shard), os.path.join(dst_folder, shard),
+                              transform, out_dtype, on_tensor)
     if ckpt.index is not None:
         index = dict(ckpt.index)
         index["metadata"] = dict(index.get("metadata") or {}, total_size=total)

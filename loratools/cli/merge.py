@@ -4,7 +4,6 @@ from __future__ import annotations
 import click
 
 from .. import merge as merge_mod
-from ..checkpoint import Checkpoint
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
 
@@ -21,9 +20,11 @@ from .common import output_option, overwrite_option, progress_bar, quiet_option,
 @overwrite_option
 @quiet_option
 def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, overwrite, quiet):
-    """Merge one or more LoRA ADAPTERS into the BASE model folder and write the merged model to OUTPUT.
+    """Merge one or more LoRA ADAPTERS into the BASE model and write the merged model to OUTPUT.
 
-    Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
+    BASE is a model folder, a diffusers pipeline folder (model_index.json; adapter modules named
+    unet.…, text_encoder.…) or a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
+    one file). Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
     """
     if dry_run:
         ckpt, plan = merge_mod.describe(base, adapters, list(weights))
@@ -31,11 +32,12 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, ov
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
         click.echo(table(rows, ["adapter", "format", "modules", "weight", "rank", "extra tensors"]))
-        click.echo(f"base: {ckpt.folder} ({len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
+        kind = getattr(ckpt, "kind", "") or "model folder"
+        click.echo(f"base: {ckpt.folder} ({kind}, {len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
                    f"output {output} ({dtype or 'same dtypes'}); nothing written (dry run)")
         return
-    ckpt = Checkpoint(base)
+    ckpt = merge_mod.open_base(base)
     with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
         plan = merge_mod.merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,

@@ -1,0 +1,1 @@
+"""Architectures: module-name maps of known base models."""
