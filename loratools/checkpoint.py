@@ -120,16 +120,22 @@ def copy_other_files(src_folder: str, dst_folder: str, skip: List[str]) -> None:
 
 
 def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
-                 out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None) -> int:
-    """Stream one safetensors file through `transform` into `dst` (same names, order and metadata).
-    Returns the bytes of tensor data written."""
+                 out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None,
+                 unchanged: Optional[Callable[[str], bool]] = None,
+                 scratch: Optional[safetensors_io.ScratchBuffer] = None) -> int:
+    """Stream one safetensors file through `transform` into `dst` (same names, order and metadata);
+    see `rewrite`. Returns the bytes of tensor data written."""
+    scratch = scratch if scratch is not None else safetensors_io.ScratchBuffer()
     with SafetensorsFile(src) as f:
         names = f.keys()
         entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
         writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
         try:
             for name in names:
-                writer.write(name, transform(name, f.read(name)))
+                if unchanged is not None and unchanged(name) and out_dtype(name) == f.tensors[name].dtype:
+                    writer.copy_from(name, f)
+                else:
+                    writer.write(name, transform(name, f.read(name, scratch)))
                 if on_tensor:
                     on_tensor(name)
             writer.close()
@@ -143,16 +149,21 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
             transform: Callable[[str, torch.Tensor], torch.Tensor],
             out_dtype: Callable[[str], torch.dtype],
             on_tensor: Optional[Callable[[str], None]] = None,
-            copy_others: bool = True) -> None:
+            copy_others: bool = True,
+            unchanged: Optional[Callable[[str], bool]] = None) -> None:
     """Write `transform(name, tensor)` for every tensor into `dst_folder`, shard by shard.
 
     `out_dtype(name)` must say up front what dtype each output tensor will have, so the
     header can be written before the data. `on_tensor` is called after each tensor (progress).
+    Tensors for which `unchanged(name)` is true (and whose dtype stays) are copied byte for byte
+    without being read into memory. The tensor handed to `transform` lives in a reused buffer:
+    it is valid only until `transform` returns (copy it to keep it).
     """
     total = 0
+    scratch = safetensors_io.ScratchBuffer()
     for shard in ckpt.shards:
         total += rewrite_file(os.path.join(ckpt.folder, shard), os.path.join(dst_folder, shard),
-                              transform, out_dtype, on_tensor)
+                              transform, out_dtype, on_tensor, unchanged, scratch)
     if ckpt.index is not None:
         index = dict(ckpt.index)
         index["metadata"] = dict(index.get("metadata") or {}, total_size=total)

@@ -154,7 +154,7 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
         # merge at the wider of the two dtypes, round once into the output dtype
         work = torch.float32 if target != tensor.dtype else tensor.dtype
         merged = apply_terms(tensor.to(work), terms)
-        if check_finite and not torch.isfinite(merged).all():
+        if check_finite and not ops.all_finite(merged):
             raise NonFiniteError(f"merging into {name} produced NaN or Inf; nothing was written "
                                  "(check the adapter and the weights)")
         return merged.to(target)
@@ -172,8 +172,9 @@ def open_base(base):
 def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterLike], output: Union[str, os.PathLike],
           weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None, overwrite: bool = False,
           check_finite: bool = True, progress: Optional[Callable[[str], None]] = None) -> MergePlan:
-    """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the checkpoint at `base`
-    and write the result to `output`. Returns the plan that was carried out."""
+    """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the base at `base` (model
+    folder, diffusers pipeline folder or single-file SD checkpoint) and write the result to `output`.
+    Returns the plan that was carried out."""
     out_dtype = parse_dtype(dtype)
     ckpt = open_base(base)
     if not isinstance(ckpt, Checkpoint):
@@ -193,7 +194,8 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
         return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name), check_finite)
 
     with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
-        rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress)
+        rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
+                unchanged=lambda n: n not in plan.terms and n not in plan.replace)
     return plan
 
 

@@ -81,8 +81,8 @@ class DiffusionBase:
             modules[name] = fit_module(m, self.shape(target)) if target in self else m
         return dataclasses.replace(adapter, modules=modules)
 
-    def _transform(self, plan: MergePlan, out_dtype: Optional[torch.dtype], check_finite: bool):
-        """(transform(component) -> fn(name, tensor), dtype_of(component) -> fn(name)) for the writer."""
+    def _writer_args(self, plan: MergePlan, out_dtype: Optional[torch.dtype], check_finite: bool):
+        """Per component (None for a single file): the writer's transform, dtype_of and unchanged."""
         groups: Dict[Real, List[Tuple[str, Loc]]] = {}
         for name in list(plan.terms) + [n for n in plan.replace if n not in plan.terms]:
             loc = self.locate(name)
@@ -116,7 +116,11 @@ class DiffusionBase:
                     view.copy_(merged)
                 return work.to(target)
             return transform
-        return transform_for, dtype_for
+
+        def writer_args(comp):
+            return dict(transform=transform_for(comp), out_dtype=dtype_for(comp),
+                        unchanged=lambda key: (comp, key) not in groups)
+        return writer_args
 
 
 def fit_module(m: LoraModule, shape: Tuple[int, ...]) -> LoraModule:
@@ -184,11 +188,11 @@ class PipelineBase(DiffusionBase):
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
         if os.path.abspath(output) == self.folder:
             raise UsageError("the output must not be the base folder itself")
-        transform_for, dtype_for = self._transform(plan, out_dtype, check_finite)
+        writer_args = self._writer_args(plan, out_dtype, check_finite)
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
             for comp, ck in self.ckpts.items():
                 os.makedirs(os.path.join(tmp, comp))
-                rewrite(ck, os.path.join(tmp, comp), transform_for(comp), dtype_for(comp), on_tensor=progress)
+                rewrite(ck, os.path.join(tmp, comp), on_tensor=progress, **writer_args(comp))
             copy_other_files(self.folder, tmp, skip=list(self.ckpts))
 
 
@@ -223,9 +227,9 @@ class SingleFileBase(DiffusionBase):
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
         if os.path.abspath(output) == self.path:
             raise UsageError("the output must not be the base file itself")
-        transform_for, dtype_for = self._transform(plan, out_dtype, check_finite)
+        writer_args = self._writer_args(plan, out_dtype, check_finite)
         with atomic_output(output, overwrite=overwrite, directory=False) as tmp:
-            rewrite_file(self.path, tmp, transform_for(None), dtype_for(None), on_tensor=progress)
+            rewrite_file(self.path, tmp, on_tensor=progress, **writer_args(None))
 
 
 def open_diffusion_base(path) -> Optional[DiffusionBase]:
