@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import shutil
 
 import pytest
 import torch
@@ -21,8 +22,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from loratools import LoraAdapter, LoraModule, merge, safetensors_io, write_adapter
 from loratools.archs.ldm import LdmLayout
+from loratools.checkpoint import Checkpoint
 from loratools.cli.main import main
-from loratools.errors import IncompatibleError, OutputExistsError, ShapeMismatchError
+from loratools.merge import describe
+from loratools.errors import IncompatibleError, NonFiniteError, OutputExistsError, ShapeMismatchError
 
 pytestmark = pytest.mark.filterwarnings("ignore:loratools._C is not built:RuntimeWarning")
 
@@ -202,6 +205,9 @@ def test_pipeline_folder_matches_diffusers_fuse_lora(cases, tmp_path, arch):
     case = cases[arch]
     folder = str(tmp_path / "pipe")
     case.pipeline().save_pretrained(folder)
+    if arch == "sdxl":  # a sharded UNet (diffusion_pytorch_model.safetensors.index.json) keeps its shards
+        shutil.rmtree(os.path.join(folder, "unet"))
+        case.components["unet"].save_pretrained(os.path.join(folder, "unet"), max_shard_size="60KB")
     os.makedirs(os.path.join(folder, "tokenizer"))
     with open(os.path.join(folder, "tokenizer", "vocab.json"), "w") as f:
         f.write("{}")
@@ -211,9 +217,10 @@ def test_pipeline_folder_matches_diffusers_fuse_lora(cases, tmp_path, arch):
     assert plan.num_modules == len(case.adapter())
     assert _digest(folder) == before  # the base is never changed
     for comp in case.components:
-        got, _ = safetensors_io.load(os.path.join(out, comp, "model.safetensors" if comp.startswith("text")
-                                                  else "diffusion_pytorch_model.safetensors"))
-        assert_same(got, case.fused[comp], atol=1e-5, what=comp)
+        ckpt = Checkpoint(os.path.join(out, comp))
+        assert ckpt.shards == Checkpoint(os.path.join(folder, comp)).shards
+        assert (len(ckpt.shards) > 1) == (arch == "sdxl" and comp == "unet")
+        assert_same({n: ckpt.read(n) for n in ckpt.infos}, case.fused[comp], atol=1e-5, what=comp)
     # untouched components and the other files come through byte for byte
     for rel in ("model_index.json", "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
                 "tokenizer/vocab.json", "unet/config.json"):
@@ -231,6 +238,7 @@ def test_single_file_matches_diffusers_fuse_lora(cases, tmp_path, arch):
     # our name map agrees with diffusers' converters: converting our file back gives every tensor
     for comp, sd in from_single_file(case, base_sd).items():
         assert_same(sd, case.base_sd[comp], what=comp)
+    assert describe(base, [case.adapter()])[0].kind == f"single-file {arch} checkpoint"  # detected from the header
     out = str(tmp_path / "merged.safetensors")
     plan = merge(base, [case.adapter(text_model_prefix=arch != "sd1")], out)
     assert plan.num_modules == len(case.adapter())
@@ -303,6 +311,9 @@ def test_bad_adapters_fail_before_writing(cases, tmp_path, kind):
     wrong = LoraModule(good.name, torch.randn(RANK, 5), good.up)
     e = _errors(base, LoraAdapter(modules={wrong.name: wrong}), out)
     assert e.type is ShapeMismatchError and good.name in str(e.value)
+    inf = LoraModule(good.name, good.down, good.up.clone().fill_(float("inf")))
+    e = _errors(base, LoraAdapter(modules={inf.name: inf}), out)  # fails mid-write: the temporary goes too
+    assert e.type is NonFiniteError and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
     os.makedirs(out)
     e = _errors(base, LoraAdapter(modules={good.name: good}), os.path.join(out))
     assert e.type is OutputExistsError
@@ -330,3 +341,39 @@ def test_cli_pipeline_and_single_file(cases, tmp_path, capsys):
     assert main(["merge", single, adapter, "-o", str(tmp_path / "m2.safetensors")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("loratools: error:") and "already exists" in err and len(err.strip().splitlines()) == 1
+
+
+# The real SD 1.5 / 2.1 / SDXL UNet configs (public values), instantiated on the meta device.
+REAL_UNETS = {
+    "sd1": dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8),
+    "sd2": dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True),
+    "sdxl": dict(block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+}
+# keys that real checkpoints have and diffusers itself uses to recognise them (CHECKPOINT_KEY_NAMES)
+KNOWN_KEYS = {"sd1": ["output_blocks.11.0.skip_connection.weight", "output_blocks.2.1.conv.weight"],
+              "sd2": ["input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", "output_blocks.8.2.conv.weight"],
+              "sdxl": ["output_blocks.2.2.conv.weight", "input_blocks.8.1.transformer_blocks.9.ff.net.2.weight",
+                       "label_emb.0.2.weight"]}
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_unet_map_at_real_size_agrees_with_diffusers(arch):
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**REAL_UNETS[arch])
+    names = list(unet.state_dict())
+    types = unet.config.up_block_types
+    layout = LdmLayout(arch, unet.config.layers_per_block, lambda b: types[b].startswith("CrossAttn"), {})
+    ldm = {layout.slot("unet." + n).key: torch.tensor(i) for i, n in enumerate(names)}  # each carries its index
+    assert len(ldm) == len(names)
+    for k in KNOWN_KEYS[arch]:
+        assert "model.diffusion_model." + k in ldm
+    back = sfu.convert_ldm_unet_checkpoint(ldm, unet.config)
+    assert {n: int(back[n]) for n in back} == {n: i for i, n in enumerate(names)}
+    # and our reader of the single file's header finds the same layout
+    found = LdmLayout.from_keys(list(ldm) + ["conditioner.embedders.1.model.ln_final.weight"] * (arch == "sdxl"))
+    assert found.layers_per_block == 2 and all(found.slot("unet." + n).key in ldm for n in names)
