@@ -61,8 +61,7 @@ for comp, sd in lora.items():
             adapter.add(LoraModule(f"{comp}.{mod}", down, sd[mod + ".lora_B.weight"], alpha=rank / 2))
 write_adapter(adapter, os.path.join(work, "lora-loratools"), format="peft")
 # the single file, tensor by tensor, under the LDM names
-layout = LdmLayout("sd1", unet.config.layers_per_block, lambda b: b > 0,  # up block 0 has no attention
-                   {"text_encoder": ("hf", "cond_stage_model.transformer.")})
+layout = LdmLayout("sd1", unet.config, {"text_encoder": ("hf", "cond_stage_model.transformer.")})
 entries = []
 for comp, sub in (("unet", "unet"), ("text_encoder", "text_encoder")):
     ck = Checkpoint(os.path.join(work, "pipe", sub))

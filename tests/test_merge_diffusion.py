@@ -128,8 +128,7 @@ class Case:
                "sd2": {"text_encoder": ("openclip", "cond_stage_model.model.")},
                "sdxl": {"text_encoder": ("hf", "conditioner.embedders.0.transformer."),
                         "text_encoder_2": ("openclip", "conditioner.embedders.1.model.")}}[self.arch]
-        types = unet.config.up_block_types
-        return LdmLayout(self.arch, unet.config.layers_per_block, lambda b: types[b].startswith("CrossAttn"), tes)
+        return LdmLayout(self.arch, unet.config, tes)
 
 
 def _cpu_sd(model):
@@ -366,8 +365,7 @@ def test_unet_map_at_real_size_agrees_with_diffusers(arch):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**REAL_UNETS[arch])
     names = list(unet.state_dict())
-    types = unet.config.up_block_types
-    layout = LdmLayout(arch, unet.config.layers_per_block, lambda b: types[b].startswith("CrossAttn"), {})
+    layout = LdmLayout(arch, unet.config, {})
     ldm = {layout.slot("unet." + n).key: torch.tensor(i) for i, n in enumerate(names)}  # each carries its index
     assert len(ldm) == len(names)
     for k in KNOWN_KEYS[arch]:
@@ -376,4 +374,4 @@ def test_unet_map_at_real_size_agrees_with_diffusers(arch):
     assert {n: int(back[n]) for n in back} == {n: i for i, n in enumerate(names)}
     # and our reader of the single file's header finds the same layout
     found = LdmLayout.from_keys(list(ldm) + ["conditioner.embedders.1.model.ln_final.weight"] * (arch == "sdxl"))
-    assert found.layers_per_block == 2 and all(found.slot("unet." + n).key in ldm for n in names)
+    assert all(found.slot("unet." + n) == layout.slot("unet." + n) for n in names)

@@ -1,8 +1,8 @@
-"""Where a diffusers parameter lives in an original single-file SD 1.x / 2.x / SDXL checkpoint.
+"""Original (LDM / SGM) names of diffusers modules.
 
-Adapter modules are named `<component>.<diffusers module>` (`unet.down_blocks.0.attentions.0.…`,
-`text_encoder.text_model.…`, `text_encoder_2.…`). A single-file checkpoint stores the same
-tensors under the LDM/SGM names diffusers' `single_file_utils` converts from:
+kohya trains SDXL on the SGM UNet, so its SDXL LoRAs name modules `input_blocks.4.1…` where
+diffusers says `down_blocks.1.attentions.0…` (`ldm_unet_names`, `to_ldm`). Single-file SD
+checkpoints store every tensor under these names (`LdmLayout`, used by merge):
 
     unet            model.diffusion_model.<input_blocks / middle_block / output_blocks …>
     text_encoder    cond_stage_model.transformer.<HF CLIP name>            (SD 1.x)
@@ -11,26 +11,68 @@ tensors under the LDM/SGM names diffusers' `single_file_utils` converts from:
     text_encoder_2  conditioner.embedders.1.model.<OpenCLIP name>          (SDXL; .0. in the refiner)
 
 OpenCLIP fuses q, k, v into `attn.in_proj_weight` (rows [q; k; v]) and stores `text_projection`
-transposed. These rules are the inverse of diffusers' converters (checked against them in tests),
-written by hand so diffusers is not needed at run time.
+transposed. These rules are the inverse of diffusers' single-file converters (checked against
+them in tests), written by hand so diffusers is not needed at run time.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from ..errors import FormatError
 
-UNET_PREFIX = "model.diffusion_model."
-# diffusers resnet name -> LDM ResBlock name
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+
+def ldm_unet_names(config: dict) -> Dict[str, str]:
+    """diffusers UNet name prefix -> original LDM/SGM prefix, from the block layout.
+
+    The same table as diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py; the test
+    suite checks it against diffusers' own `convert_ldm_unet_checkpoint`.
+    """
+    n_blocks = len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    down_attn = ["CrossAttn" in t for t in config["down_block_types"]]
+    up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
+    table = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
-             "class_embedding": "label_emb"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "mid_block.attentions.0": "middle_block.1"}
+    for j in range(2):
+        table[f"mid_block.resnets.{j}"] = f"middle_block.{2 * j}"
+    for i in range(n_blocks):
+        for j in range(layers):
+            table[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{(layers + 1) * i + j + 1}.0"
+            if down_attn[i]:
+                table[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{(layers + 1) * i + j + 1}.1"
+        if i < n_blocks - 1:
+            table[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(layers + 1) * (i + 1)}.0.op"
+        for j in range(layers + 1):
+            table[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{(layers + 1) * i + j}.0"
+            if up_attn[i]:
+                table[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{(layers + 1) * i + j}.1"
+        if i < n_blocks - 1:
+            table[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{(layers + 1) * i + layers}.{2 if up_attn[i] else 1}"
+    return table
+
+
+RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def to_ldm(name: str, table: Dict[str, str]) -> str:
+    """The LDM/SGM name of a diffusers UNet parameter or module name."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):  # longest matching prefix
+        head = ".".join(parts[:cut])
+        if head in table:
+            rest = parts[cut:]
+            if ".resnets." in head and rest and rest[0] in RESNET_PARTS:
+                rest = RESNET_PARTS[rest[0]].split(".") + rest[1:]
+            return ".".join([table[head]] + rest)
+    raise KeyError(f"no LDM name for UNet module {name}")
+
+
+UNET_PREFIX = "model.diffusion_model."
 _OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                    "self_attn.out_proj": "attn.out_proj"}
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
@@ -49,42 +91,6 @@ class Slot:
 def _split_param(name: str) -> Tuple[str, str]:
     module, _, param = name.rpartition(".")
     return module, param
-
-
-def unet_key(name: str, layers_per_block: int, up_has_attention: Callable[[int], bool]) -> Optional[str]:
-    """The LDM key (without `model.diffusion_model.`) of diffusers UNet parameter `name`, or None."""
-    n = layers_per_block + 1  # LDM counts a block's resnets plus its down/upsampler
-    module, param = _split_param(name)
-    if module in _UNET_TOP:
-        return f"{_UNET_TOP[module]}.{param}"
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?", module)
-    if m:
-        side, b, kind, i, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-        if kind in ("downsamplers", "upsamplers"):
-            if i != 0 or rest != "conv":
-                return None
-            if side == "down":
-                return f"input_blocks.{(b + 1) * n}.0.op.{param}"
-            # LDM puts the upsampler after the block's last resnet (and its attention, if any)
-            return f"output_blocks.{b * n + layers_per_block}.{2 if up_has_attention(b) else 1}.conv.{param}"
-        idx = 1 + b * n + i if side == "down" else b * n + i
-        blocks = "input_blocks" if side == "down" else "output_blocks"
-        return _join(f"{blocks}.{idx}", kind, rest, param)
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)(?:\.(.*))?", module)
-    if m:
-        kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
-        idx = 2 * i if kind == "resnets" else 2 * i + 1
-        return _join(f"middle_block.{idx}", kind, rest, param)
-    return None
-
-
-def _join(block: str, kind: str, rest: Optional[str], param: str) -> Optional[str]:
-    if kind == "resnets":
-        if rest not in _RESNET:
-            return None
-        return f"{block}.0.{_RESNET[rest]}.{param}" if not block.startswith("middle") else f"{block}.{_RESNET[rest]}.{param}"
-    inner = f"{rest}.{param}" if rest else param
-    return f"{block}.1.{inner}" if not block.startswith("middle") else f"{block}.{inner}"
 
 
 def openclip_slot(name: str) -> Optional[Tuple[str, Optional[int], bool]]:
@@ -111,31 +117,35 @@ def openclip_slot(name: str) -> Optional[Tuple[str, Optional[int], bool]]:
 
 
 class LdmLayout:
-    """How one single-file checkpoint is laid out: its architecture, the UNet's layers per block,
-    and for each text-encoder component its naming (`hf` or `openclip`) and key prefix."""
+    """How one single-file checkpoint is laid out: its architecture, the UNet's block layout (the
+    diffusers config keys `ldm_unet_names` reads) and, per text-encoder component, its naming
+    (`hf` or `openclip`) and key prefix."""
 
-    def __init__(self, arch: str, layers_per_block: int, up_has_attention: Callable[[int], bool],
-                 text_encoders: Dict[str, Tuple[str, str]]):
+    def __init__(self, arch: str, unet_config: dict, text_encoders: Dict[str, Tuple[str, str]]):
         self.arch = arch
-        self.layers_per_block = layers_per_block
-        self.up_has_attention = up_has_attention
+        self.unet_table = ldm_unet_names(unet_config)
+        self.unet_table.update({"class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2"})
         self.text_encoders = text_encoders
 
     @classmethod
     def from_keys(cls, keys: Iterable[str], where: str = "checkpoint") -> "LdmLayout":
-        keys = set(keys)
-        ops = [int(m.group(1)) for k in keys for m in [re.match(re.escape(UNET_PREFIX) + r"input_blocks\.(\d+)\.0\.op\.", k)] if m]
+        keys = {k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else "\0" + k for k in keys}  # \0: not UNet
+        ops = [int(m.group(1)) for k in keys for m in [re.match(r"input_blocks\.(\d+)\.0\.op\.", k)] if m]
         if not ops:
             raise FormatError(f"{where}: no UNet downsampler (model.diffusion_model.input_blocks.N.0.op) found; "
                               "not an SD 1.x/2.x/SDXL single-file checkpoint")
-        lpb = min(ops) - 1
-        up_attn = {int(m.group(1)) for k in keys
-                   for m in [re.match(re.escape(UNET_PREFIX) + r"output_blocks\.(\d+)\.1\.(?!conv\.)", k)] if m}
+        lpb, n_blocks = min(ops) - 1, len(ops) + 1
+        heads = {".".join(k.split(".")[:3]) for k in keys if not k.endswith((".conv.weight", ".conv.bias"))}
+        down = [f"input_blocks.{(lpb + 1) * i + 1}.1" in heads for i in range(n_blocks)]
+        up = [f"output_blocks.{(lpb + 1) * i}.1" in heads for i in range(n_blocks)]
+        config = {"block_out_channels": [0] * n_blocks, "layers_per_block": lpb,
+                  "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down],
+                  "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up]}
+        keys = [k[1:] for k in keys if k.startswith("\0")]
         tes: Dict[str, Tuple[str, str]] = {}
-        for prefix, comp, kind in (("cond_stage_model.transformer.", "text_encoder", "hf"),
-                                   ("cond_stage_model.model.", "text_encoder", "openclip")):
+        for prefix, kind in (("cond_stage_model.transformer.", "hf"), ("cond_stage_model.model.", "openclip")):
             if any(k.startswith(prefix) for k in keys):
-                tes[comp] = (kind, prefix)
+                tes["text_encoder"] = (kind, prefix)
         for i in sorted({int(m.group(1)) for k in keys for m in [re.match(r"conditioner\.embedders\.(\d+)\.", k)] if m}):
             if any(k.startswith(f"conditioner.embedders.{i}.transformer.") for k in keys):
                 tes["text_encoder"] = ("hf", f"conditioner.embedders.{i}.transformer.")
@@ -145,14 +155,16 @@ class LdmLayout:
             arch = "sdxl" if "text_encoder" in tes else "sdxl-refiner"
         else:
             arch = "sd2" if tes.get("text_encoder", ("",))[0] == "openclip" else "sd1"
-        return cls(arch, lpb, lambda b: b * (lpb + 1) + lpb in up_attn, tes)
+        return cls(arch, config, tes)
 
     def slot(self, name: str) -> Optional[Slot]:
         """Where the component-prefixed diffusers parameter `name` lives, or None."""
         comp, _, rest = name.partition(".")
         if comp == "unet":
-            key = unet_key(rest, self.layers_per_block, self.up_has_attention)
-            return Slot(UNET_PREFIX + key) if key else None
+            try:
+                return Slot(UNET_PREFIX + to_ldm(rest, self.unet_table))
+            except KeyError:
+                return None
         if comp not in self.text_encoders:
             return None
         kind, prefix = self.text_encoders[comp]
