@@ -89,6 +89,7 @@ class Case:
         kw = {f"{c}_lora_layers": sd for c, sd in self.lora.items()}
         kw.update({f"{c}_lora_adapter_metadata": self.configs[c].to_dict() for c in self.lora})
         self.pipe_cls.save_lora_weights(self.lora_dir, **kw)
+        self.lora_file = os.path.join(self.lora_dir, "pytorch_lora_weights.safetensors")
         self.fused = self._fuse()
 
     def pipeline(self, components=None):
@@ -107,7 +108,7 @@ class Case:
         pipe.unload_lora_weights()
         return {c: _cpu_sd(getattr(pipe, c)) for c in self.components}
 
-    def adapter(self, text_model_prefix=True) -> LoraAdapter:
+    def adapter(self) -> LoraAdapter:
         """The LoRA as a LoraAdapter with the agreed names (`unet.…`, `text_encoder.text_model.…`)."""
         a = LoraAdapter(format="diffusers")
         for comp, sd in self.lora.items():
@@ -116,7 +117,7 @@ class Case:
                     continue
                 mod = key[: -len(".lora_A.weight")]
                 name = mod
-                if comp != "unet" and text_model_prefix and not mod.startswith(("text_model.", "text_projection")):
+                if comp != "unet" and not mod.startswith(("text_model.", "text_projection")):
                     name = "text_model." + mod
                 a.add(LoraModule(f"{comp}.{name}", down, sd[mod + ".lora_B.weight"], alpha=ALPHA,
                                  kind="conv" if down.dim() == 4 else "linear"))
@@ -211,15 +212,17 @@ def test_pipeline_folder_matches_diffusers_fuse_lora(cases, tmp_path, arch):
     with open(os.path.join(folder, "tokenizer", "vocab.json"), "w") as f:
         f.write("{}")
     before = _digest(folder)
-    out = str(tmp_path / "merged")
-    plan = merge(folder, [case.adapter()], out)
-    assert plan.num_modules == len(case.adapter())
-    assert _digest(folder) == before  # the base is never changed
-    for comp in case.components:
-        ckpt = Checkpoint(os.path.join(out, comp))
-        assert ckpt.shards == Checkpoint(os.path.join(folder, comp)).shards
-        assert (len(ckpt.shards) > 1) == (arch == "sdxl" and comp == "unet")
-        assert_same({n: ckpt.read(n) for n in ckpt.infos}, case.fused[comp], atol=1e-5, what=comp)
+    # in memory with the agreed names, and diffusers' own file (save_lora_weights) through our reader
+    for i, adapter in enumerate([case.adapter(), case.lora_file]):
+        out = str(tmp_path / f"merged{i}")
+        plan = merge(folder, [adapter], out)
+        assert plan.num_modules == len(case.adapter())
+        assert _digest(folder) == before  # the base is never changed
+        for comp in case.components:
+            ckpt = Checkpoint(os.path.join(out, comp))
+            assert ckpt.shards == Checkpoint(os.path.join(folder, comp)).shards
+            assert (len(ckpt.shards) > 1) == (arch == "sdxl" and comp == "unet")
+            assert_same({n: ckpt.read(n) for n in ckpt.infos}, case.fused[comp], atol=1e-5, what=comp)
     # untouched components and the other files come through byte for byte
     for rel in ("model_index.json", "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
                 "tokenizer/vocab.json", "unet/config.json"):
@@ -239,7 +242,8 @@ def test_single_file_matches_diffusers_fuse_lora(cases, tmp_path, arch):
         assert_same(sd, case.base_sd[comp], what=comp)
     assert describe(base, [case.adapter()])[0].kind == f"single-file {arch} checkpoint"  # detected from the header
     out = str(tmp_path / "merged.safetensors")
-    plan = merge(base, [case.adapter(text_model_prefix=arch != "sd1")], out)
+    # diffusers' own LoRA file for SD 1.x (names without `text_model.`, as transformers 5 has them)
+    plan = merge(base, [case.lora_file if arch == "sd1" else case.adapter()], out)
     assert plan.num_modules == len(case.adapter())
     merged, merged_meta = safetensors_io.load(out)
     assert merged_meta == meta and list(merged) == list(base_sd)
