@@ -5,8 +5,7 @@ import click
 
 from .. import hub
 from .. import push as push_mod
-from ..merge import describe, merge as run_merge
-from ..checkpoint import Checkpoint
+from ..merge import describe, merge as run_merge, open_base
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
 
@@ -26,9 +25,11 @@ from .common import output_option, overwrite_option, progress_bar, quiet_option,
 @overwrite_option
 @quiet_option
 def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, push_to, private, overwrite, quiet):
-    """Merge one or more LoRA ADAPTERS into the BASE model folder and write the merged model to OUTPUT.
+    """Merge one or more LoRA ADAPTERS into the BASE model and write the merged model to OUTPUT.
 
-    Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
+    BASE is a model folder, a diffusers pipeline folder (model_index.json; adapter modules named
+    unet.…, text_encoder.…) or a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
+    one file). Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
     """
     if push_to:
         push_to = hub.check_repo_id(push_to)
@@ -39,11 +40,12 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
         click.echo(table(rows, ["adapter", "format", "modules", "weight", "rank", "extra tensors"]))
-        click.echo(f"base: {ckpt.folder} ({len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
+        kind = getattr(ckpt, "kind", "") or "model folder"
+        click.echo(f"base: {ckpt.folder} ({kind}, {len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
                    f"output {output} ({dtype or 'same dtypes'}); nothing written (dry run)")
         return
-    ckpt = Checkpoint(base)  # resolves a Hub reference
+    ckpt = open_base(base)  # also resolves a Hub reference
     with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
         plan = run_merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
