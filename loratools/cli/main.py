@@ -17,6 +17,8 @@ COMMANDS = {
     "convert": "convert",
     "inspect": "inspect",
     "validate": "validate",
+    "pull": "pull",
+    "push": "push",
 }
 
 
