@@ -14,6 +14,7 @@ Failures become one-line `HubError`s; the token never appears in a message.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import re
 import shutil
@@ -177,10 +178,18 @@ def snapshot(ref: HubRef, allow: Sequence[str], ignore: Sequence[str] = ()) -> s
     from huggingface_hub import snapshot_download
 
     endpoint, cache_dir, offline = _settings()
-    with hub_errors(str(ref)):
-        return snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=list(allow),
-                                 ignore_patterns=list(ignore) or None, endpoint=endpoint, cache_dir=cache_dir,
-                                 local_files_only=offline, tqdm_class=_progress_class())
+    # its "No files matched allow_patterns" warning is expected (we try several layouts) and would
+    # be a second line on stderr
+    quiet = logging.getLogger("huggingface_hub._snapshot_download")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with hub_errors(str(ref)):
+            return snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=list(allow),
+                                     ignore_patterns=list(ignore) or None, endpoint=endpoint, cache_dir=cache_dir,
+                                     local_files_only=offline, tqdm_class=_progress_class())
+    finally:
+        quiet.setLevel(level)
 
 
 def _progress_class():

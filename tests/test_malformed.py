@@ -45,6 +45,8 @@ TEMPLATES = {
     "blend": [("blend {IN} {GOOD} -o {OUT} --method cat", WRITES)],
     "resize": [("resize {IN} -o {OUT} --rank 2", WRITES)],
     "convert": [("convert {IN} -o {OUT} --to peft", WRITES)],
+    "push": [("push {IN} alice/corpus --dry-run", WRITES)],
+    "pull": [],  # takes a Hub reference, not a local input: see test_pull_refuses_malformed_adapters
 }
 LEVELS = ALL | {"bad-base"}
 
@@ -359,6 +361,13 @@ def base_cases():
 
 # ---------------------------------------------------------------- fixtures and checks
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """A path that does not exist may be read as a Hub reference: never go online for it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+
+
 @pytest.fixture(scope="module")
 def root():
     # a world-readable tree so the "unreadable" cases can run as an unprivileged user when we are root
@@ -514,3 +523,28 @@ def test_messages_say_what_is_wrong(capsys, root):
     assert "cannot be loaded safely" in msg("inspect {IN}", "bin_malicious_pickle")
     assert "Permission denied" in run_refused(capsys, root, "inspect {IN}", "unreadable_weights", as_user=True)
     assert "no such file" in msg("merge {IN} {GOOD} -o {OUT}", "base_missing")
+
+
+PULLED = ["st_truncated_data", "st_header_length_beyond_file", "rank_mismatch", "nan_in_A", "config_not_json",
+          "no_tensors", "bin_malicious_pickle", "kohya_nan_up", "kohya_rank_mismatch", "diffusers_metadata_bad_alpha"]
+
+
+def test_pull_refuses_malformed_adapters(root, fake_hub, capsys):
+    """A malformed adapter on the Hub: `pull -o OUT` exits non-zero on one line and writes no OUT."""
+    assert os.environ["HF_ENDPOINT"] == fake_hub.url  # the fake_hub fixture overrides `offline`
+    for name in PULLED:
+        src = input_path(root, name)
+        if os.path.isdir(src):
+            files = {f: open(os.path.join(src, f), "rb").read() for f in os.listdir(src)}
+        else:
+            files = {os.path.basename(src): open(src, "rb").read()}
+        repo = "alice/" + name.replace("_", "-")
+        fake_hub.add_repo(repo)
+        fake_hub.commit(repo, files)
+        out_dir = tempfile.mkdtemp(dir=root, prefix="pull-")
+        capsys.readouterr()
+        code = main(["pull", repo, "-o", os.path.join(out_dir, "got")])
+        err = capsys.readouterr().err
+        assert code != 0 and err.count("\n") == 1 and err.startswith("loratools: error: "), (name, err)
+        assert "LORATOOLS_DEBUG" not in err and os.listdir(out_dir) == [], (name, err, os.listdir(out_dir))
+        assert not os.path.exists(src + ".PWNED")
