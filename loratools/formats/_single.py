@@ -13,8 +13,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
 def peek_keys(path: str) -> Optional[List[str]]:
-    """Tensor names of a .safetensors file from its header alone; None if it is not one."""
-    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+    """Tensor names of a safetensors file from its header alone; None if it is not one."""
+    if not os.path.isfile(path) or path.endswith(PICKLE_SUFFIXES):
         return None
     try:
         with safetensors_io.SafetensorsFile(path) as f:
