@@ -99,6 +99,9 @@ def _component_weights(folder: str, comp: str) -> Dict[str, Shape]:
 def base_modules(path: str) -> Tuple[Dict[str, Shape], Dict[str, str]]:
     """Module names and shapes of a diffusers pipeline folder (`unet/`, `text_encoder/`, …) or of one
     component folder named after its component; plus the UNet's LDM aliases from its config."""
+    if not os.path.exists(os.fspath(path)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
+        from ..hub import local_path
+        path = local_path(path, kind="model")
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or folder")
