@@ -60,7 +60,7 @@ def render(rep: dict, modules: bool) -> str:
         f"alpha       {_spread_line(rep['alpha'])}",
         f"scale       {_spread_line(rep['scale'])}" + ("  (rsLoRA: alpha/sqrt(r))" if True in rep["use_rslora"] else ""),
         f"DoRA        {'yes' if rep['dora'] else 'no'}",
-        "dtype       " + ", ".join(f"{k} ({v} tensor group(s))" for k, v in rep["dtypes"].items()),
+        "dtype       " + ", ".join(f"{k} ({v} modules/tensors)" for k, v in rep["dtypes"].items()),
         f"parameters  {rep['parameters']:,} ({rep['lora_parameters']:,} in LoRA factors)",
         f"bytes       {_size(rep['bytes'])} of tensors, {_size(rep['disk_bytes'])} on disk",
         f"|ΔW| total  {_fmt(rep['delta_norm_total'])}",
