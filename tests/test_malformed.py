@@ -194,7 +194,6 @@ def adapter_cases():
         "input_random_bytes_file": ("unreadable", special(lambda d, g: open(d, "wb").write(os.urandom(300)))),
         "input_missing": ("unreadable", lambda d, g: d),
         "input_empty_folder": ("unreadable", special(lambda d, g: os.makedirs(d))),
-        "input_safetensors_file": ("unreadable", special(lambda d, g: open(d, "wb").write(g.bytes))),
         # -- well-formed but suspicious
         "huge_alpha": ("suspicious", peft(config=lambda g: g.cfg(lora_alpha=10_000))),
         "zero_alpha": ("suspicious", peft(config=lambda g: g.cfg(lora_alpha=0))),
