@@ -25,7 +25,7 @@ import torch
 from benchmarks._models import make_llama, make_peft_adapter
 from loratools.atomic import atomic_output
 from loratools.cli.main import main
-from test_malformed import tree_hash, unprivileged
+from _corpus import tree_hash, unprivileged
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
