@@ -9,7 +9,7 @@
 A Llama-style bf16 model (default ~1 GB: hidden 2048, 8 layers) and a rank-16 PEFT adapter on
 every linear are generated under --workdir (random weights). Usage:
 
-    python benchmarks/bench_validate.py [--workdir DIR] [--rank 16] [--layers 8] [--hidden 2048]
+    python benchmarks/bench_validate.py [--workdir DIR] [--rank 16] [--layers 8] [--hidden 2048] [--threads 1]
 """
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 keeps small-tensor timings stable on a busy machine)")
     args = ap.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="loratools-bench-validate-")
     base, adapter_dir = os.path.join(work, "base"), os.path.join(work, f"adapter-r{args.rank}")
@@ -56,7 +58,7 @@ def main() -> None:
         make_llama(base, layers=args.layers, hidden=args.hidden, intermediate=args.hidden * 11 // 4)
     if not os.path.isdir(adapter_dir):
         make_peft_adapter(adapter_dir, base, rank=args.rank)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     ckpt = Checkpoint(base)
     adapter = read_adapter(adapter_dir, check=False)
     print(f"base {base}: {sum(i.end - i.begin for i in ckpt.infos.values()) / 2**30:.2f} GiB, "
