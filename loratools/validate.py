@@ -131,7 +131,8 @@ def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_R
     from .safetensors_io import SafetensorsFile, ScratchBuffer
 
     fits = {m.name + ".weight": m for m in adapter
-            if m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)}
+            if m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)
+            and ckpt.dtype(m.name + ".weight") in _FLOATS}  # the rest are check_base's findings
     norms, scratch = {}, ScratchBuffer()  # one shard open at a time, one reused read buffer
     for shard in ckpt.shards:
         with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
