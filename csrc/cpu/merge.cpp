@@ -29,11 +29,11 @@ namespace {
 
 constexpr int64_t kNR = 16;  // columns per register tile / packed A panel
 constexpr int kMR = 6;       // rows per register tile: 6x2 accumulators + 2 A + 1 B = 15 ymm
-static int64_t kRowBlock = std::getenv("XRB") ? atoi(std::getenv("XRB")) : 8 * kMR;
+constexpr int64_t kRowBlock = 8 * kMR;
 // Column (within a 16-wide panel) held by each slot of a tile row; see load16 for the bf16 order.
 constexpr int kIdentityOrder[kNR] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 constexpr int kBf16Order[kNR] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-static int64_t kPanelBudget = std::getenv("XPB") ? atoi(std::getenv("XPB")) : 128 * 1024;  // bytes of packed A per column block (L2-resident)
+constexpr int64_t kPanelBudget = 128 * 1024;  // bytes of packed A per column block (L2-resident)
 
 // ---- packing: factors of any dtype / strides -> fp32 ------------------------------------------
 
@@ -239,12 +239,13 @@ void merge_all(const Problem& p, T* w) {
   const int64_t nc_panels = std::clamp<int64_t>(kPanelBudget / (p.R * kNR * 4), 1, npanels);
   const int64_t nc = nc_panels * kNR;
   const int64_t nrb = (p.rows + kRowBlock - 1) / kRowBlock, ncb = (npanels + nc_panels - 1) / nc_panels;
-  // Column-block-major task order: each thread's contiguous task range reuses one A block.
+  // Row-major task order: each thread streams through one contiguous range of W's rows; the A
+  // column blocks it cycles through come from L2/L3 (A is R x cols, small next to W).
   const int64_t work_per_task = kRowBlock * nc * (p.R + 8);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / work_per_task);
   at::parallel_for(0, nrb * ncb, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      static bool rowmaj = std::getenv("XROW"); const int64_t cb = rowmaj ? t % ncb : t / nrb, rb = rowmaj ? t / ncb : t % nrb;
+      const int64_t rb = t / ncb, cb = t % ncb;
       merge_block<T>(p, w, rb * kRowBlock, std::min(p.rows, (rb + 1) * kRowBlock), cb * nc,
                      std::min(p.cols, (cb + 1) * nc));
     }
