@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import click
 
-from .. import extract as extract_mod
+from ..atomic import check_output
+from ..checkpoint import Checkpoint
+from ..extract import SVD_METHODS, extract
+from ..resize import check_rank_options
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 
@@ -26,7 +29,7 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
               help="base_model_name_or_path to record (default: the BASE path).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Dtype of the adapter's factors.")
-@click.option("--svd", type=click.Choice(extract_mod.SVD_METHODS), default="auto", show_default=True,
+@click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
               help="auto: randomized SVD for large matrices, exact for small ones.")
 @click.option("--power-iters", type=int, default=4, show_default=True, help="Power iterations of the randomized SVD.")
 @format_option
@@ -37,13 +40,14 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
     """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
     weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. Example:
 
+    \b
       loratools extract base_model/ finetuned/ -o extracted/ --rank 32
     """
-    extract_mod.check_rank_options(rank, conv_rank, dynamic, param)
-    extract_mod.check_output(output, overwrite)
-    ckpt = extract_mod.Checkpoint(base)
+    check_rank_options(rank, conv_rank, dynamic, param)
+    check_output(output, overwrite)
+    ckpt = Checkpoint(base)
     with progress_bar(len(ckpt.infos), "extracting", quiet) as bar:
-        result = extract_mod.extract(
+        result = extract(
             base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
             include=include, exclude=exclude, embeddings=embeddings, to=to, base_model_name=base_model_name,
             dtype=dtype, svd=svd, n_iter=power_iters, overwrite=overwrite, progress=lambda _name: bar.update(1))

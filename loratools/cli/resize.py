@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
-from .. import resize as resize_mod
+from ..atomic import check_output
+from ..formats import read_adapter
+from ..resize import check_rank_options, plot_spectra, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
 
@@ -47,21 +49,21 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, fmt, overwri
     Each module becomes the best rank-k approximation of its update (SVD through the factors,
     never the dense matrix, in fp32), with the same scale. Examples:
 
+    \b
       loratools resize my_lora.safetensors -o small.safetensors --rank 16
-
       loratools resize adapter/ -o adapter-dyn/ --dynamic sv_fro --param 0.9 --rank 64
     """
-    resize_mod.check_rank_options(rank, conv_rank, dynamic, param)
-    resize_mod.check_output(output, overwrite)
+    check_rank_options(rank, conv_rank, dynamic, param)
+    check_output(output, overwrite)
     if plot:
-        resize_mod.require_matplotlib()
-        resize_mod.check_output(plot, overwrite)
-    src = resize_mod.read_adapter(adapter)
+        require_matplotlib()
+        check_output(plot, overwrite)
+    src = read_adapter(adapter)
     with progress_bar(len(src), "resizing", quiet) as bar:
-        result = resize_mod.resize(src, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
+        result = resize(src, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
                                    overwrite=overwrite, progress=lambda _name: bar.update(1))
     if plot:
-        resize_mod.plot_spectra(result.modules, plot, overwrite=overwrite)
+        plot_spectra(result.modules, plot, overwrite=overwrite)
     old = sum(m.old_rank for m in result.modules)
     new = sum(m.new_rank for m in result.modules)
     summary = (f"resized {len(result.modules)} module(s) ({result.adapter.format}): total rank {old} -> {new}; "
