@@ -71,7 +71,8 @@ def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = Non
         total = float(torch.linalg.vector_norm(diff.double()))
         rest = max(total ** 2 - float((s.double() ** 2).sum()), 0.0) ** 0.5
         s = torch.cat([s, s.new_tensor([rest])])
-    k = select_rank(s, rank=cap, rule=dynamic, param=param, max_rank=cap)
+    # the rest's norm counts for sv_fro's total only (it is not one σ: sv_ratio must not see it)
+    k = select_rank(s if exact or dynamic == "sv_fro" else s[:-1], rank=cap, rule=dynamic, param=param, max_rank=cap)
     up, down = split_factors(u, s, vh, k)
     return up, down, s, k, "exact" if exact else "randomized"
 
