@@ -123,13 +123,18 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
             transform: Callable[[str, torch.Tensor], torch.Tensor],
             out_dtype: Callable[[str], torch.dtype],
             on_tensor: Optional[Callable[[str], None]] = None,
-            copy_others: bool = True) -> None:
+            copy_others: bool = True,
+            unchanged: Optional[Callable[[str], bool]] = None) -> None:
     """Write `transform(name, tensor)` for every tensor into `dst_folder`, shard by shard.
 
     `out_dtype(name)` must say up front what dtype each output tensor will have, so the
     header can be written before the data. `on_tensor` is called after each tensor (progress).
+    Tensors for which `unchanged(name)` is true (and whose dtype stays) are copied byte for byte
+    without being read into memory. The tensor handed to `transform` lives in a reused buffer:
+    it is valid only until `transform` returns (copy it to keep it).
     """
     total = 0
+    scratch = safetensors_io.ScratchBuffer()
     for shard in ckpt.shards:
         with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
             names = f.keys()
@@ -138,7 +143,10 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
             writer = safetensors_io.StreamingWriter(os.path.join(dst_folder, shard), entries, f.metadata or None)
             try:
                 for name in names:
-                    writer.write(name, transform(name, f.read(name)))
+                    if unchanged is not None and unchanged(name) and out_dtype(name) == ckpt.dtype(name):
+                        writer.copy_from(name, f)
+                    else:
+                        writer.write(name, transform(name, f.read(name, scratch)))
                     if on_tensor:
                         on_tensor(name)
                 writer.close()

@@ -170,14 +170,15 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
             # merge at the wider of the two dtypes, round once into the output dtype
             work = torch.float32 if target != tensor.dtype else tensor.dtype
             merged = apply_terms(tensor.to(work), terms)
-            if check_finite and not torch.isfinite(merged).all():
+            if check_finite and not ops.all_finite(merged):
                 raise NonFiniteError(f"merging into {name} produced NaN or Inf; nothing was written "
                                      "(check the adapter and the weights)")
             return merged.to(target)
         return tensor.to(target)
 
     with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
-        rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress)
+        rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
+                unchanged=lambda n: n not in plan.terms and n not in plan.replace)
     return plan
 
 

@@ -75,3 +75,12 @@ def merge_(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[to
         return weight
     _warn_fallback()
     return merge_reference_(weight, ups, downs, coeffs)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf. aminmax propagates NaN and is several times faster
+    than isfinite().all() on bf16 CPU tensors."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
