@@ -82,6 +82,8 @@ class LoraModule:
         if self.kind == "embedding":
             return (int(self.down.shape[1]), int(self.up.shape[0]))
         if self.kind == "conv":
+            if self.mid is not None:  # Tucker: down [r, in, 1, 1], mid [r, r, kh, kw]
+                return (int(self.up.shape[0]), int(self.down.shape[1])) + tuple(int(x) for x in self.mid.shape[2:])
             return (int(self.up.shape[0]),) + tuple(int(x) for x in self.down.shape[1:])
         out, inp = int(self.up.shape[0]), int(self.down.shape[1])
         return (inp, out) if self.fan_in_fan_out else (out, inp)

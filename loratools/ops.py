@@ -20,6 +20,14 @@ try:  # the extension registers torch.ops.loratools.* on import
 except ImportError:  # built without the extension (LORATOOLS_NO_EXTENSION=1) or not built yet
     HAVE_EXTENSION = False
 
+if HAVE_EXTENSION:
+    # Shape-only implementation for FakeTensor / torch.compile tracing: the op mutates `weight` in
+    # place and returns nothing, so there is nothing to allocate.
+    @torch.library.register_fake("loratools::merge_")
+    def _merge_fake(weight: torch.Tensor, ups: list[torch.Tensor], downs: list[torch.Tensor],
+                    coeffs: list[float]) -> None:
+        return None
+
 _warned = False
 
 

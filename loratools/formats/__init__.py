@@ -1,18 +1,24 @@
 """Adapter formats: detect, read and write. One module per format, each with
-`detect(path) -> bool`, `read(path) -> LoraAdapter` and `write(adapter, tmp_path)`."""
+`detect(path) -> bool`, `read(path, **options) -> LoraAdapter` and `write(adapter, tmp_path)`.
+Reader options (passed only to readers that take them): `base` (a model folder whose module
+names resolve flattened kohya names), `allow_unmatched`, `rank` (LyCORIS factoring rank)."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from typing import Dict, Optional
 
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..errors import FormatError, InputNotFoundError, UsageError
-from . import peft
+from . import diffusers, kohya, lycoris, peft, peft_diffusion
 
 # name -> module; order is detection order. Single-file formats write a file, peft a folder.
-FORMATS: Dict[str, object] = {"peft": peft}
-FOLDER_FORMATS = {"peft"}
+FORMATS: Dict[str, object] = {"peft": peft, "peft_diffusion": peft_diffusion, "diffusers": diffusers,
+                              "lycoris": lycoris, "kohya": kohya}
+FOLDER_FORMATS = {"peft", "peft_diffusion"}
+WRITABLE = ("peft", "peft_diffusion", "diffusers", "kohya")
 
 
 def detect(path: str) -> str:
@@ -25,23 +31,30 @@ def detect(path: str) -> str:
     raise FormatError(f"{path}: not a LoRA adapter loratools recognises (formats: {', '.join(FORMATS)})")
 
 
-def read_adapter(path, format: Optional[str] = None) -> LoraAdapter:
-    """Read an adapter from a path; the format is detected unless given."""
+def read_adapter(path, format: Optional[str] = None, **options) -> LoraAdapter:
+    """Read an adapter from a path; the format is detected unless given. `options` not None go to
+    readers that accept them (see the module docstring)."""
     if isinstance(path, LoraAdapter):
         return path
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"{path}: no such file or folder")
     fmt = format or detect(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    return FORMATS[fmt].read(path)
+    reader = FORMATS[fmt].read
+    accepted = inspect.signature(reader).parameters
+    return reader(path, **{k: v for k, v in options.items() if v is not None and k in accepted})
 
 
 def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, overwrite: bool = False,
                   metadata: Optional[Dict[str, str]] = None) -> str:
     """Write atomically: the output appears complete or not at all. Returns the path written."""
     fmt = format or adapter.format
-    if fmt not in FORMATS:
-        raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt not in WRITABLE:
+        raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(WRITABLE)}")
+    if fmt != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
+        adapter = dataclasses.replace(adapter, config={})
     with atomic_output(path, overwrite=overwrite, directory=fmt in FOLDER_FORMATS) as tmp:
         FORMATS[fmt].write(adapter, tmp, metadata=metadata)
     return os.path.abspath(os.fspath(path))
