@@ -21,7 +21,7 @@ from .adapter import LoraAdapter, LoraModule
 from .atomic import check_output
 from .checkpoint import Checkpoint
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import FORMATS, write_adapter
+from .formats import WRITABLE, write_adapter
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
 from .merge import parse_dtype
 from .resize import ModuleResize, check_rank_options, summarize
@@ -115,18 +115,19 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
             rank: int = 16, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
             param: Optional[float] = None, min_diff: float = 0.0, include=None, exclude=None,
             embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
-            dtype: str = "fp32", svd: str = "auto", n_iter: int = 4, overwrite: bool = False,
-            progress: Optional[Callable[[str], None]] = None) -> ExtractResult:
+            dtype: str = "fp32", svd: str = "auto", n_iter: int = 4, component: Optional[str] = None,
+            overwrite: bool = False, progress: Optional[Callable[[str], None]] = None) -> ExtractResult:
     """Factor `tuned − base` into a LoRA for every 2-D (and conv) weight whose largest absolute
     difference exceeds `min_diff`. `include` / `exclude`: regexes searched in the module name.
-    Embeddings and lm_head only with `embeddings=True` (or when an `include` regex names them)."""
+    Embeddings and lm_head only with `embeddings=True` (or when an `include` regex names them).
+    `component` (unet, text_encoder …) prefixes the module names, as kohya and diffusers files need."""
     if rank is None:
         raise UsageError("extract needs --rank (with --dynamic: the cap)")
     check_rank_options(rank, conv_rank, dynamic, param)
     if svd not in SVD_METHODS:
         raise UsageError(f"unknown --svd {svd!r}: use one of {', '.join(SVD_METHODS)}")
-    if to not in FORMATS:
-        raise UsageError(f"cannot write format {to!r}: this build of loratools writes {', '.join(FORMATS)}")
+    if to not in WRITABLE:
+        raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
     if min_diff < 0 or n_iter < 0:
         raise UsageError("--min-diff and --power-iters must not be negative")
     out_dtype = parse_dtype(dtype)
@@ -138,8 +139,10 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
         raise UsageError("base and tuned are the same checkpoint")
     _check_pair(cb, ct)
     conv_rank = rank if conv_rank is None else conv_rank
+    config = {"task_type": _task_type(cb.folder)} if to == "peft" else {}
     result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or os.path.abspath(os.fspath(base)),
-                                       config={"task_type": _task_type(cb.folder)}), [])
+                                       config=config), [])
+    prefix = f"{component}." if component else ""
 
     def skip(reason: str, name: str) -> None:
         result.skipped.setdefault(reason, []).append(name)
@@ -173,7 +176,7 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
                     if why in ("excluded", "not included"):
                         skip(why, name)
                     else:
-                        _one(name, why, fb.read(name), read_tuned(name), result, skip, rank, conv_rank,
+                        _one(prefix, name, why, fb.read(name), read_tuned(name), result, skip, rank, conv_rank,
                              dynamic, param, min_diff, svd, n_iter, out_dtype)
                     if progress:
                         progress(name)
@@ -184,7 +187,7 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
     return result
 
 
-def _one(name, why, b, t, result, skip, rank, conv_rank, dynamic, param, min_diff, svd, n_iter, out_dtype) -> None:
+def _one(prefix, name, why, b, t, result, skip, rank, conv_rank, dynamic, param, min_diff, svd, n_iter, out_dtype) -> None:
     """Factor one tensor pair into the result (or record why not)."""
     if why is not None:  # still say when something we do not extract has changed
         if b.is_floating_point() and not torch.equal(b.to(t.dtype), t):
@@ -207,6 +210,7 @@ def _one(name, why, b, t, result, skip, rank, conv_rank, dynamic, param, min_dif
     if conv:
         up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape((k,) + tuple(diff.shape[1:]))
     dtype = out_dtype or torch.float32
+    module = prefix + module
     result.adapter.add(LoraModule(module, down.to(dtype).contiguous(), up.to(dtype).contiguous(), alpha=float(k),
                                   kind=kind))
     exact = method == "exact"

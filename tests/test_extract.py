@@ -196,7 +196,6 @@ def test_errors_are_one_line_and_write_nothing(llama_pair, net_pair, tmp_path, c
     cases = [
         (["extract", lb, nt, "-o", out, "--rank", "4"], 1, "different tensors"),
         (["extract", lb, lb, "-o", out, "--rank", "4"], 2, "same checkpoint"),
-        (["extract", lb, lt, "-o", out, "--rank", "4", "--to", "nope"], 2, "cannot write format"),
         (["extract", lb, lt, "-o", out, "--rank", "4", "--include", "("], 2, "invalid regular expression"),
         (["extract", lb, lt, "-o", out, "--rank", "4", "--dynamic", "sv_cumulative", "--param", "0.9",
           "--svd", "randomized"], 2, "sv_cumulative needs every"),
@@ -209,6 +208,9 @@ def test_errors_are_one_line_and_write_nothing(llama_pair, net_pair, tmp_path, c
         assert not os.path.exists(out)
     assert main(["extract", lb, lt, "-o", out]) == 2  # --rank is required (click's message)
     assert "--rank" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="cannot write format"):
+        extract(lb, lt, out, rank=4, to="lycoris")
+    assert not os.path.exists(out)
 
 
 def test_shape_mismatch(tmp_path):
@@ -220,3 +222,21 @@ def test_shape_mismatch(tmp_path):
     with pytest.raises(IncompatibleError):
         save_file({"y.weight": torch.zeros(4, 6)}, str(tmp_path / "t" / "model.safetensors"))
         extract(tmp_path / "b", tmp_path / "t", rank=2)
+
+
+def test_extract_to_kohya_loads_in_diffusers(tmp_path):
+    """The oracle: diffusers' own kohya loader applies the extracted file to the base UNet."""
+    import _formats_models as M
+
+    base = M.unet()
+    tuned = fine_tune(base, rank=3, noise=0.0, targets=("to_q", "to_v", "proj_in", "conv1"))
+    base.save_pretrained(tmp_path / "b")
+    tuned.save_pretrained(tmp_path / "t")
+    out = str(tmp_path / "lora.safetensors")
+    assert main(["extract", str(tmp_path / "b"), str(tmp_path / "t"), "-o", out, "--rank", "3", "--to", "kohya",
+                 "--component", "unet", "-q"]) == 0
+    pipe = M.pipeline()
+    pipe.load_lora_weights(out)
+    want, got, before = M.unet_out(tuned), M.unet_out(pipe.unet), M.unet_out(base)
+    assert (want - before).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -304,3 +304,38 @@ def test_cli_input_errors_leave_everything_alone(peft_adapter, tmp_path, capsys)
 def test_empty_adapter_is_a_usage_error():
     with pytest.raises(UsageError):
         resize(LoraAdapter(), rank=2)
+
+
+# ---- kohya in and out ----
+
+def test_kohya_in_and_out_keeps_metadata_and_updates_dims(tmp_path):
+    import hashlib
+    import struct
+
+    import _formats_models as M
+    from loratools import write_adapter
+    from loratools.formats import detect
+
+    models = M.peft_pipeline_lora(str(tmp_path / "peft"))
+    src = write_adapter(read_adapter(str(tmp_path / "peft")), str(tmp_path / "in.safetensors"), format="kohya",
+                        metadata={"ss_output_name": "mine", "ss_training_comment": "hello"})
+    deltas = M.peft_deltas(models)  # PEFT's own ΔW of every module: the oracle
+    for args, dim in ((["--rank", "2"], "2"), (["--dynamic", "sv_fro", "--param", "0.8"], None)):
+        out = str(tmp_path / f"out{len(args)}.safetensors")
+        assert main(["resize", src, "-o", out, "-q"] + args) == 0
+        assert detect(out) == "kohya"
+        tensors, meta = safetensors_io.load(out)
+        back = read_adapter(out)
+        main_ranks = {m.rank for m in back if not (m.kind == "conv" and m.weight_shape[2:] != (1, 1))}
+        assert meta["ss_network_dim"] == (dim or ("Dynamic" if len(main_ranks) > 1 else str(main_ranks.pop())))
+        assert meta["ss_output_name"] == "mine" and meta["ss_training_comment"] == "hello"
+        raw = open(out, "rb").read()
+        (n,) = struct.unpack("<Q", raw[:8])
+        assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + n:]).hexdigest()  # of the new bytes
+        for name, m in back.modules.items():
+            d = deltas[name].double().reshape(deltas[name].shape[0], -1)
+            s = torch.linalg.svdvals(d)
+            err = float((m.dense_delta().double().reshape(d.shape) - d).norm())
+            assert abs(err - float(s[m.rank:].norm())) <= 1e-4 * float(s.norm()), name
+            if dim is None:
+                assert m.rank == min(brute_force_rank(s, "sv_fro", 0.8), read_adapter(src).modules[name].rank)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import click
 
 from ..atomic import check_output
+from ..archs import COMPONENTS
 from ..checkpoint import Checkpoint
+from ..formats import WRITABLE
 from ..extract import SVD_METHODS, extract
 from ..resize import check_rank_options
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
@@ -24,7 +26,9 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.option("--include", multiple=True, help="Only modules whose name matches this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip modules whose name matches this regex (repeatable).")
 @click.option("--embeddings", is_flag=True, help="Also extract embeddings and lm_head (skipped by default).")
-@click.option("--to", "to", default="peft", show_default=True, help="Output format (peft, or kohya where available).")
+@click.option("--to", "to", type=click.Choice(WRITABLE), default="peft", show_default=True, help="Output format.")
+@click.option("--component", type=click.Choice(COMPONENTS), default=None,
+              help="Prefix module names with a pipeline component (kohya / diffusers output of a unet/ folder).")
 @click.option("--base-model-name", default=None,
               help="base_model_name_or_path to record (default: the BASE path).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
@@ -36,7 +40,7 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @overwrite_option
 @quiet_option
 def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, include, exclude, embeddings, to,
-            base_model_name, dtype, svd, power_iters, fmt, overwrite, quiet):
+            component, base_model_name, dtype, svd, power_iters, fmt, overwrite, quiet):
     """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
     weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. Example:
 
@@ -50,7 +54,7 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
         result = extract(
             base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
             include=include, exclude=exclude, embeddings=embeddings, to=to, base_model_name=base_model_name,
-            dtype=dtype, svd=svd, n_iter=power_iters, overwrite=overwrite, progress=lambda _name: bar.update(1))
+            dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite, progress=lambda _name: bar.update(1))
     if fmt == "json":
         emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
                    "modules": [dict(m.as_dict(), svd=result.methods[m.name]) for m in result.modules],
