@@ -47,6 +47,22 @@ class ExtractResult:
     def average_fro_retained(self) -> float:
         return sum(m.fro_retained for m in self.modules) / len(self.modules) if self.modules else 1.0
 
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped.setdefault(reason, []).append(name)
+
+
+@dataclass
+class _Options:
+    rank: int
+    conv_rank: int
+    dynamic: Optional[str]
+    param: Optional[float]
+    min_diff: float
+    svd: str
+    n_iter: int
+    dtype: torch.dtype
+    prefix: str
+
 
 def is_embedding(module: str) -> bool:
     return bool(_EMBEDDING.search(module))
@@ -138,14 +154,11 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
     if cb.folder == ct.folder and cb.shards == ct.shards:
         raise UsageError("base and tuned are the same checkpoint")
     _check_pair(cb, ct)
-    conv_rank = rank if conv_rank is None else conv_rank
     config = {"task_type": _task_type(cb.folder)} if to == "peft" else {}
     result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or os.path.abspath(os.fspath(base)),
                                        config=config), [])
-    prefix = f"{component}." if component else ""
-
-    def skip(reason: str, name: str) -> None:
-        result.skipped.setdefault(reason, []).append(name)
+    opts = _Options(rank, rank if conv_rank is None else conv_rank, dynamic, param, min_diff, svd, n_iter,
+                    out_dtype or torch.float32, f"{component}." if component else "")
 
     def wanted(name: str) -> Optional[str]:
         """None if the tensor is a candidate, else why not."""
@@ -174,10 +187,9 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
                 for name in fb.keys():
                     why = wanted(name)
                     if why in ("excluded", "not included"):
-                        skip(why, name)
+                        result.skip(why, name)
                     else:
-                        _one(prefix, name, why, fb.read(name), read_tuned(name), result, skip, rank, conv_rank,
-                             dynamic, param, min_diff, svd, n_iter, out_dtype)
+                        _one(opts, name, why, fb.read(name), read_tuned(name), result)
                     if progress:
                         progress(name)
     if not result.modules:
@@ -187,18 +199,18 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
     return result
 
 
-def _one(prefix, name, why, b, t, result, skip, rank, conv_rank, dynamic, param, min_diff, svd, n_iter, out_dtype) -> None:
+def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torch.Tensor, result: ExtractResult) -> None:
     """Factor one tensor pair into the result (or record why not)."""
     if why is not None:  # still say when something we do not extract has changed
         if b.is_floating_point() and not torch.equal(b.to(t.dtype), t):
-            skip(f"differs but {why}", name)
+            result.skip(f"differs but {why}", name)
         return
     diff = t.float() - b.float()
     if not torch.isfinite(diff).all():
         raise NonFiniteError(f"{name}: the difference contains NaN or Inf; nothing was written")
     max_diff = float(diff.abs().max()) if diff.numel() else 0.0
-    if max_diff <= min_diff:
-        skip("unchanged" if max_diff == 0 else "below --min-diff", name)
+    if max_diff <= opts.min_diff:
+        result.skip("unchanged" if max_diff == 0 else "below --min-diff", name)
         return
     module = name[: -len(".weight")]
     conv = diff.dim() == 4
@@ -206,12 +218,12 @@ def _one(prefix, name, why, b, t, result, skip, rank, conv_rank, dynamic, param,
                                 else "linear")
     # PEFT stores an embedding's LoRA transposed: ΔW.T = B @ A with A [r, num_embeddings]
     mat = diff.t() if kind == "embedding" else diff.reshape(diff.shape[0], -1)
-    up, down, s, k, method = factor_difference(mat, conv_rank if conv else rank, dynamic, param, svd, n_iter)
+    up, down, s, k, method = factor_difference(mat, opts.conv_rank if conv else opts.rank, opts.dynamic, opts.param,
+                                               opts.svd, opts.n_iter)
     if conv:
         up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape((k,) + tuple(diff.shape[1:]))
-    dtype = out_dtype or torch.float32
-    module = prefix + module
-    result.adapter.add(LoraModule(module, down.to(dtype).contiguous(), up.to(dtype).contiguous(), alpha=float(k),
+    module = opts.prefix + module
+    result.adapter.add(LoraModule(module, down.to(opts.dtype).contiguous(), up.to(opts.dtype).contiguous(), alpha=float(k),
                                   kind=kind))
     exact = method == "exact"
     fro, sm, ratio = summarize(s, k) if exact else summarize(s[:-1], k, float(torch.linalg.vector_norm(s.double())))
