@@ -107,20 +107,24 @@ def sdxl_lora(rank=64, seed=0):
     return adapter
 
 
-def kohya_resize_module(m, rank, dynamic, param):
-    """networks/resize_lora.py (svd_lowrank off): dense product, full SVD, its rank rules."""
+def kohya_resize_module(m, configs):
+    """networks/resize_lora.py (svd_lowrank off): dense product, full SVD, then its rank rules.
+    The SVD does not depend on the rule, so one serves every (rank, rule, param) in `configs`."""
     up, down = m.up.float().flatten(1), m.down.float().flatten(1)
     weight = up @ down
     U, S, Vh = torch.linalg.svd(weight)
-    if dynamic == "sv_fro":
-        cum = torch.cumsum(S.pow(2), 0) / float(S.pow(2).sum())
-        new_rank = max(0, min(int(torch.searchsorted(cum, param ** 2)), len(S) - 1)) + 1
-    else:
-        new_rank = rank
-    new_rank = 1 if S[0] <= 1e-6 else min(new_rank, rank)
-    fro = float(S[:new_rank].pow(2).sum().sqrt() / S.pow(2).sum().sqrt())
-    _ = (U[:, :new_rank] @ torch.diag(S[:new_rank]), Vh[:new_rank])
-    return new_rank, fro
+    out = []
+    for rank, dynamic, param in configs:
+        if dynamic == "sv_fro":
+            cum = torch.cumsum(S.pow(2), 0) / float(S.pow(2).sum())
+            new_rank = max(0, min(int(torch.searchsorted(cum, param ** 2)), len(S) - 1)) + 1
+        else:
+            new_rank = rank
+        new_rank = 1 if S[0] <= 1e-6 else min(new_rank, rank)
+        fro = float(S[:new_rank].pow(2).sum().sqrt() / S.pow(2).sum().sqrt())
+        _ = (U[:, :new_rank] @ torch.diag(S[:new_rank]), Vh[:new_rank])
+        out.append((new_rank, fro))
+    return out
 
 
 def bench_resize(args):
@@ -131,38 +135,43 @@ def bench_resize(args):
     by_shape = defaultdict(list)
     for m in mods:
         by_shape[tuple(m.up.flatten(1).shape[:1]) + tuple(m.down.flatten(1).shape[1:])].append(m)
-    nparams = adapter.num_parameters()
-    print(f"SDXL-sized LoRA: {len(mods)} modules, rank 64, {nparams / 1e6:.0f}M parameters (fp16), "
-          f"{len(by_shape)} distinct shapes; torch threads {torch.get_num_threads()}")
-    for label, rank, dynamic, param in (("rank 16", 16, None, None), ("sv_fro 0.9", 64, "sv_fro", 0.9)):
-        ours = {}
+    print(f"SDXL-sized LoRA: {len(mods)} modules, rank 64, {adapter.num_parameters() / 1e6:.0f}M parameters (fp16), "
+          f"{len(by_shape)} distinct shapes; torch threads {torch.get_num_threads()}", flush=True)
+    configs = {"rank 16": (16, None, None), "sv_fro 0.9 (cap 64)": (64, "sv_fro", 0.9)}
+    ours, ours_total = {}, {}
+    for label, (rank, dynamic, param) in configs.items():
         t0 = time.perf_counter()
         for m in mods:
             t = time.perf_counter()
-            _, rep = resize_module(m, 16 if dynamic is None else rank, dynamic, param)
-            ours[m.name] = (time.perf_counter() - t, rep.new_rank, rep.fro_retained)
-        ours_total = time.perf_counter() - t0
-        kohya_est, sample_ours, sample_kohya, worst, ranks_equal, n = 0.0, 0.0, 0.0, 0.0, True, 0
-        for shape, group in by_shape.items():
-            times = []
-            for m in group[: args.kohya_per_shape]:
-                t = time.perf_counter()
-                k_rank, k_fro = kohya_resize_module(m, 16 if dynamic is None else rank, dynamic, param)
-                times.append(time.perf_counter() - t)
-                sample_ours += ours[m.name][0]
-                worst = max(worst, abs(k_fro - ours[m.name][2]))
-                ranks_equal &= k_rank == ours[m.name][1]
-                n += 1
-            sample_kohya += sum(times)
-            kohya_est += sum(times) / len(times) * len(group)
-        avg = sum(v[2] for v in ours.values()) / len(ours)
+            _, rep = resize_module(m, rank, dynamic, param)
+            ours[label, m.name] = (time.perf_counter() - t, rep.new_rank, rep.fro_retained)
+        ours_total[label] = time.perf_counter() - t0
+        print(f"loratools, {label}: {ours_total[label]:.2f} s for all {len(mods)} modules", flush=True)
+    kohya, kohya_est, sampled = {}, 0.0, []
+    for shape, group in by_shape.items():
+        times = []
+        for m in group[: args.kohya_per_shape]:
+            t = time.perf_counter()
+            kohya[m.name] = kohya_resize_module(m, list(configs.values()))
+            times.append(time.perf_counter() - t)
+            sampled.append((m.name, times[-1]))
+        kohya_est += sum(times) / len(times) * len(group)
+        print(f"  kohya {shape}: {times[-1]:.2f} s x {len(group)} modules", flush=True)
+    kohya_sample = sum(t for _, t in sampled)
+    for i, label in enumerate(configs):
+        ours_sample = sum(ours[label, n][0] for n, _ in sampled)
+        worst = max(abs(kohya[n][i][1] - ours[label, n][2]) for n, _ in sampled)
+        same = all(kohya[n][i][0] == ours[label, n][1] for n, _ in sampled)
+        avg = sum(ours[label, m.name][2] for m in mods) / len(mods)
         print(f"\nresize to {label}:")
-        print(f"  loratools (QR trick), all {len(mods)} modules:   {ours_total:8.2f} s   average fro retained {avg:.6f}")
-        print(f"  kohya (dense + full SVD), {n} sampled modules: {sample_kohya:8.2f} s   "
-              f"(loratools on the same modules: {sample_ours:.3f} s) -> {sample_kohya / sample_ours:7.0f}x")
-        print(f"  kohya estimated for all {len(mods)} modules:      {kohya_est:8.1f} s   -> {kohya_est / ours_total:7.0f}x")
-        print(f"  retained Frobenius norm, kohya vs loratools on the sampled modules: max |diff| {worst:.2e}; "
-              f"same ranks: {ranks_equal}")
+        print(f"  loratools (QR trick), all {len(mods)} modules: {ours_total[label]:9.2f} s   "
+              f"average fro retained {avg:.6f}")
+        print(f"  kohya (dense + full SVD), {len(sampled)} sampled modules, one per shape: {kohya_sample:9.2f} s   "
+              f"loratools on the same modules: {ours_sample:.3f} s  -> {kohya_sample / ours_sample:6.0f}x")
+        print(f"  kohya estimated for all {len(mods)} modules (per-shape time x count): {kohya_est:9.1f} s   "
+              f"-> {kohya_est / ours_total[label]:6.0f}x")
+        print(f"  retained Frobenius norm, kohya vs loratools (sampled modules): max |diff| {worst:.1e}; "
+              f"same ranks: {same}", flush=True)
 
 
 DENSE_EXTRACT = r"""
@@ -250,7 +259,12 @@ def main():
     ap.add_argument("--kohya-per-shape", type=int, default=1, help="kohya runs on this many modules of each shape")
     ap.add_argument("--dense-layers", type=int, default=1, help="decoder layers the dense extraction runs on")
     ap.add_argument("--rank", type=int, default=16, help="extraction rank")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for every contender (1: on a shared, oversubscribed machine OpenMP "
+                         "barriers dominate small ops and make timings meaningless)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # for the children
     if args.part in ("resize", "all"):
         bench_resize(args)
     if args.part in ("extract", "all"):

@@ -228,5 +228,5 @@ def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torc
     exact = method == "exact"
     fro, sm, ratio = summarize(s, k) if exact else summarize(s[:-1], k, float(torch.linalg.vector_norm(s.double())))
     result.modules.append(ModuleResize(module, kind, min(mat.shape), k, fro, sm, ratio,
-                                       [float(x) for x in (s if exact else s[:-1])]))
+                                       (s if exact else s[:-1]).tolist()))
     result.methods[module] = method

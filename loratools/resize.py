@@ -114,7 +114,7 @@ def resize_module(m: LoraModule, rank: Optional[int] = None, dynamic: Optional[s
                         alpha=effective_alpha(m.scale, k, m.use_rslora), kind=m.kind, use_rslora=m.use_rslora,
                         magnitude=m.magnitude, fan_in_fan_out=m.fan_in_fan_out)
     fro, sm, ratio = summarize(s, k)
-    return module, ModuleResize(m.name, m.kind, m.rank, k, fro, sm, ratio, [float(x) for x in s])
+    return module, ModuleResize(m.name, m.kind, m.rank, k, fro, sm, ratio, s.tolist())
 
 
 def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union[str, os.PathLike]] = None,
