@@ -184,9 +184,9 @@ def load_all(path):
     ck = Checkpoint(path)
     sd = {}
     for shard in ck.shards:
-        sd.update(load_file(ck.folder + "/" + shard))
+        sd.update({k: v.clone() for k, v in load_file(ck.folder + "/" + shard).items()})  # in RAM, not mmap
     return sd
-a, b = load_all(base), load_all(tuned)  # both models in memory, as kohya's script holds them
+a, b = load_all(base), load_all(tuned)  # both models in memory, as kohya's script loads them
 errs = {}
 for name in a:
     parts = name.split(".")
@@ -248,7 +248,8 @@ def bench_extract(args):
     print(f"  loratools extract, the same {n} weights ({'/'.join(same['methods'])} SVD):  {same['seconds']:8.1f} s  "
           f"peak RSS {same_mem:7.0f} MiB  -> {dense['seconds'] / same['seconds']:.1f}x faster, "
           f"{dense_mem / same_mem:.1f}x less memory")
-    print(f"  loratools extract, whole model ({len(full['errors'])} weights):    {full['seconds']:8.1f} s  peak RSS {full_mem:7.0f} MiB")
+    print(f"  loratools extract, whole model ({len(full['errors'])} weights):    {full['seconds']:8.1f} s  peak RSS {full_mem:7.0f} MiB"
+          f"  (dense, scaled by weights: ~{dense['seconds'] * len(full['errors']) / n:.0f} s)")
     print(f"  relative error ||ΔW - LoRA|| / ||ΔW||: max |loratools - dense| {worst:.2e}; worst ratio {rel:.4f}")
 
 
