@@ -25,6 +25,9 @@ class Checkpoint:
     """A model folder (or a single .safetensors file), read lazily."""
 
     def __init__(self, path: str):
+        if not os.path.exists(os.fspath(path)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
+            from .hub import local_path
+            path = local_path(path, kind="model")
         path = os.path.abspath(os.fspath(path))
         if not os.path.exists(path):
             raise InputNotFoundError(f"{path}: no such file or folder")
@@ -119,6 +122,32 @@ def copy_other_files(src_folder: str, dst_folder: str, skip: List[str]) -> None:
             shutil.copy2(s, d)
 
 
+def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
+                 out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None,
+                 unchanged: Optional[Callable[[str], bool]] = None,
+                 scratch: Optional[safetensors_io.ScratchBuffer] = None) -> int:
+    """Stream one safetensors file through `transform` into `dst` (same names, order and metadata);
+    see `rewrite`. Returns the bytes of tensor data written."""
+    scratch = scratch if scratch is not None else safetensors_io.ScratchBuffer()
+    with SafetensorsFile(src) as f:
+        names = f.keys()
+        entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
+        writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
+        try:
+            for name in names:
+                if unchanged is not None and unchanged(name) and out_dtype(name) == f.tensors[name].dtype:
+                    writer.copy_from(name, f)
+                else:
+                    writer.write(name, transform(name, f.read(name, scratch)))
+                if on_tensor:
+                    on_tensor(name)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return writer.data_size
+
+
 def rewrite(ckpt: Checkpoint, dst_folder: str,
             transform: Callable[[str, torch.Tensor], torch.Tensor],
             out_dtype: Callable[[str], torch.dtype],
@@ -136,23 +165,8 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
     total = 0
     scratch = safetensors_io.ScratchBuffer()
     for shard in ckpt.shards:
-        with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
-            names = f.keys()
-            entries = [(n, out_dtype(n), ckpt.shape(n)) for n in names]
-            total += sum(safetensors_io.nbytes(d, s) for _, d, s in entries)
-            writer = safetensors_io.StreamingWriter(os.path.join(dst_folder, shard), entries, f.metadata or None)
-            try:
-                for name in names:
-                    if unchanged is not None and unchanged(name) and out_dtype(name) == ckpt.dtype(name):
-                        writer.copy_from(name, f)
-                    else:
-                        writer.write(name, transform(name, f.read(name, scratch)))
-                    if on_tensor:
-                        on_tensor(name)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+        total += rewrite_file(os.path.join(ckpt.folder, shard), os.path.join(dst_folder, shard),
+                              transform, out_dtype, on_tensor, unchanged, scratch)
     if ckpt.index is not None:
         index = dict(ckpt.index)
         index["metadata"] = dict(index.get("metadata") or {}, total_size=total)

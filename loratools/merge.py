@@ -145,13 +145,45 @@ def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -
     return [(read_adapter(a), float(w)) for a, w in zip(adapters, weights)]
 
 
+def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]], replacement: Optional[torch.Tensor],
+                 target: torch.dtype, check_finite: bool = True) -> torch.Tensor:
+    """One merged tensor in dtype `target`: the replacement (if any) plus the terms. May modify `tensor`."""
+    if replacement is not None:  # never modify the adapter's own tensor in place
+        tensor = replacement.clone()
+    if terms:
+        # merge at the wider of the two dtypes, round once into the output dtype
+        work = torch.float32 if target != tensor.dtype else tensor.dtype
+        merged = apply_terms(tensor.to(work), terms)
+        if check_finite and not ops.all_finite(merged):
+            raise NonFiniteError(f"merging into {name} produced NaN or Inf; nothing was written "
+                                 "(check the adapter and the weights)")
+        return merged.to(target)
+    return tensor.to(target)
+
+
+def open_base(base):
+    """A Checkpoint for model folders, or a diffusion base (pipeline folder / single-file SD checkpoint)."""
+    if isinstance(base, Checkpoint) or not isinstance(base, (str, os.PathLike)):
+        return base
+    if not os.path.exists(os.fspath(base)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
+        from .hub import local_path
+        base = local_path(base, kind="model")
+    from . import merge_diffusion  # late: it builds on this module
+    return merge_diffusion.open_diffusion_base(base) or Checkpoint(base)
+
+
 def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterLike], output: Union[str, os.PathLike],
           weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None, overwrite: bool = False,
           check_finite: bool = True, progress: Optional[Callable[[str], None]] = None) -> MergePlan:
-    """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the checkpoint at `base`
-    and write the result to `output`. Returns the plan that was carried out."""
+    """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the base at `base` (model
+    folder, diffusers pipeline folder or single-file SD checkpoint) and write the result to `output`.
+    Returns the plan that was carried out."""
     out_dtype = parse_dtype(dtype)
-    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    ckpt = open_base(base)
+    if not isinstance(ckpt, Checkpoint):
+        from . import merge_diffusion
+        return merge_diffusion.merge_diffusion(ckpt, _load(adapters, weights), output, out_dtype, overwrite,
+                                               check_finite, progress)
     check_output(output, overwrite)
     if os.path.abspath(output) == ckpt.folder:
         raise UsageError("the output must not be the base folder itself")
@@ -162,19 +194,7 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
         return out_dtype if (out_dtype is not None and src in _FLOATS) else src
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name in plan.replace:  # never modify the adapter's own tensor in place
-            tensor = plan.replace[name].clone()
-        target = dtype_of(name)
-        terms = plan.terms.get(name)
-        if terms:
-            # merge at the wider of the two dtypes, round once into the output dtype
-            work = torch.float32 if target != tensor.dtype else tensor.dtype
-            merged = apply_terms(tensor.to(work), terms)
-            if check_finite and not ops.all_finite(merged):
-                raise NonFiniteError(f"merging into {name} produced NaN or Inf; nothing was written "
-                                     "(check the adapter and the weights)")
-            return merged.to(target)
-        return tensor.to(target)
+        return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name), check_finite)
 
     with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
         rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
@@ -183,7 +203,9 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
 
 
 def describe(base: Union[str, os.PathLike], adapters: Sequence[AdapterLike],
-             weights: Optional[Sequence[float]] = None) -> Tuple[Checkpoint, MergePlan]:
-    """Plan a merge without writing anything (for --dry-run)."""
-    ckpt = Checkpoint(base)
+             weights: Optional[Sequence[float]] = None):
+    """Plan a merge without writing anything (for --dry-run). Returns (base, plan)."""
+    ckpt = open_base(base)
+    if not isinstance(ckpt, Checkpoint):
+        return ckpt, ckpt.plan(_load(adapters, weights))
     return ckpt, plan_merge(ckpt, _load(adapters, weights))

@@ -38,7 +38,7 @@ def lora_config(targets, r=4, alpha=8, rank_pattern=None, alpha_pattern=None, **
                       rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **kw)
 
 
-def peft_pipeline_lora(folder, seed=0, xl=False, unet_alphas=None, **kw):
+def peft_pipeline_lora(folder, seed=0, xl=False, unet_alphas=None, te_alphas=None, **kw):
     """A PEFT LoRA on a tiny UNet + text encoder(s), saved as PEFT does (a folder per component).
     Returns {component: peft model} (the LoRA active) for reference outputs."""
     from peft import get_peft_model
@@ -47,7 +47,7 @@ def peft_pipeline_lora(folder, seed=0, xl=False, unet_alphas=None, **kw):
         UNET_TARGETS, rank_pattern={"attn2.to_k": 2},
         alpha_pattern={"to_v": 3, "conv1": 5.5} if unet_alphas is None else unet_alphas, **kw))}
     models["text_encoder"] = get_peft_model(text_encoder(), lora_config(
-        TE_TARGETS, r=3, alpha=4, alpha_pattern={"fc1": 1.5}, **kw))
+        TE_TARGETS, r=3, alpha=4, alpha_pattern={"fc1": 1.5} if te_alphas is None else te_alphas, **kw))
     if xl:
         models["text_encoder_2"] = get_peft_model(text_encoder(seed=2, projection=True, hidden=32), lora_config(
             TE_TARGETS, r=2, alpha=2, **kw))
@@ -100,9 +100,10 @@ def te_out(model):
 
 def peft_deltas(models):
     """{component.module: ΔW} from PEFT's own get_delta_weight (the oracle for our factors + scale)."""
+    from loratools.archs import canonical
     out = {}
     for comp, pm in models.items():
         for name, mod in pm.base_model.model.named_modules():
             if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
-                out[f"{comp}.{name}"] = mod.get_delta_weight("default").detach()
+                out[canonical(f"{comp}.{name}")] = mod.get_delta_weight("default").detach()
     return out

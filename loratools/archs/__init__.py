@@ -24,6 +24,25 @@ KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_":
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 
 Shape = Tuple[int, ...]
+# CLIP text-model parts that transformers >= 5 no longer nests under `text_model.` (T5's are `encoder.block…`)
+_CLIP_PARTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
+def canonical(name: str) -> str:
+    """The ecosystem's name of a module: CLIP text encoders keep `text_model.` (kohya, diffusers and
+    checkpoints on the Hub use it), also when the installed transformers flattened the model."""
+    comp, _, rest = name.partition(".")
+    if comp.startswith("text_encoder") and rest.startswith(_CLIP_PARTS):
+        return f"{comp}.text_model.{rest}"
+    return name
+
+
+def flat_clip(name: str) -> str:
+    """The transformers >= 5 spelling of a canonical CLIP name (no `text_model.`)."""
+    comp, _, rest = name.partition(".")
+    if comp.startswith("text_encoder") and rest.startswith("text_model."):
+        return f"{comp}.{rest[len('text_model.'):]}"
+    return name
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,11 +57,12 @@ class NameMap:
 
     def __init__(self, source: str, modules: Dict[str, Shape], aliases: Optional[Dict[str, str]] = None):
         self.source = source
-        self.shapes = dict(modules)
+        self.shapes = {canonical(n): s for n, s in modules.items()}
         self._flat: Dict[str, List[str]] = {}
-        for name in modules:
-            comp, _, rest = name.partition(".")
-            self._add(comp, rest, name)
+        for name in self.shapes:  # both CLIP spellings resolve to the canonical name
+            for spelling in {name, flat_clip(name)}:
+                comp, _, rest = spelling.partition(".")
+                self._add(comp, rest, name)
         for alias, name in (aliases or {}).items():  # alias: `component.ldm_name` -> real name
             comp, _, rest = alias.partition(".")
             self._add(comp, rest, name)
@@ -79,6 +99,9 @@ def _component_weights(folder: str, comp: str) -> Dict[str, Shape]:
 def base_modules(path: str) -> Tuple[Dict[str, Shape], Dict[str, str]]:
     """Module names and shapes of a diffusers pipeline folder (`unet/`, `text_encoder/`, …) or of one
     component folder named after its component; plus the UNet's LDM aliases from its config."""
+    if not os.path.exists(os.fspath(path)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
+        from ..hub import local_path
+        path = local_path(path, kind="model")
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or folder")

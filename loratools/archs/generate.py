@@ -69,12 +69,15 @@ def build_meta(cls_name: str, config: dict):
         return getattr(transformers, cls_name)(cfg)
 
 
-def weight_shapes(model) -> Dict[str, List[int]]:
-    """`module name -> weight shape` for every weight a LoRA can target (2-D or more)."""
+def weight_shapes(model, comp: str) -> Dict[str, List[int]]:
+    """`module name -> weight shape` for every weight a LoRA can target (2-D or more), with the
+    canonical spelling of CLIP names whatever the installed transformers calls them."""
+    from . import canonical
     out = {}
     for name, p in model.named_parameters():
         if name.endswith(".weight") and p.dim() >= 2:
-            out[name[: -len(".weight")]] = list(p.shape)
+            full = canonical(f"{comp}.{name[: -len('.weight')]}")
+            out[full[len(comp) + 1:]] = list(p.shape)
     return dict(sorted(out.items()))
 
 
@@ -83,7 +86,7 @@ def build_manifest(arch: str) -> dict:
     sgm = {}
     for comp, (cls_name, config) in ARCHS[arch].items():
         model = build_meta(cls_name, config)
-        shapes = weight_shapes(model)
+        shapes = weight_shapes(model, comp)
         components[comp] = shapes
         if cls_name.startswith("UNet"):
             table = ldm_unet_names(config)

@@ -14,6 +14,8 @@ from ..errors import LoraToolsError
 COMMANDS = {
     "merge": "merge",
     "convert": "convert",
+    "pull": "pull",
+    "push": "push",
     "resize": "resize", "extract": "extract",
 }
 

@@ -21,8 +21,17 @@ FOLDER_FORMATS = {"peft", "peft_diffusion"}
 WRITABLE = ("peft", "peft_diffusion", "diffusers", "kohya")
 
 
-def detect(path: str) -> str:
+def _local(path) -> str:
+    """A Hub reference (user/repo[@rev][/sub], hf://…) is downloaded first; local paths pass through."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        from ..hub import local_path
+        path = local_path(path, kind="adapter")
+    return path
+
+
+def detect(path: str) -> str:
+    path = _local(path)
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or folder")
     for name, module in FORMATS.items():
@@ -36,7 +45,7 @@ def read_adapter(path, format: Optional[str] = None, **options) -> LoraAdapter:
     readers that accept them (see the module docstring)."""
     if isinstance(path, LoraAdapter):
         return path
-    path = os.fspath(path)
+    path = _local(path)
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or folder")
     fmt = format or detect(path)

@@ -1,6 +1,7 @@
 """Helpers for the single-file formats (kohya, diffusers, LyCORIS): peek at keys, load tensors."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -13,9 +14,16 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
 def peek_keys(path: str) -> Optional[List[str]]:
-    """Tensor names of a .safetensors file from its header alone; None if it is not one."""
-    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+    """Tensor names of a safetensors file from its header alone; None if it is not one.
+    Cached per file version: detection asks every format in turn."""
+    if not os.path.isfile(path) or path.endswith(PICKLE_SUFFIXES):
         return None
+    st = os.stat(path)
+    return _peek(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _peek(path: str, mtime_ns: int, size: int) -> Optional[List[str]]:
     try:
         with safetensors_io.SafetensorsFile(path) as f:
             return list(f.tensors)

@@ -18,7 +18,7 @@ import torch
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
-from ..archs import COMPONENTS
+from ..archs import COMPONENTS, canonical, flat_clip
 from ..errors import FormatError, IncompatibleError
 from . import _single, peft
 
@@ -60,10 +60,10 @@ def parse_key(key: str) -> Optional[Tuple[str, str, Optional[str]]]:
     m = OLD_PROC.match(rest)
     if m:
         proj = (UNET_PROJ if comp in ("unet", "transformer") else CLIP_PROJ)[m["proj"]]
-        return f"{comp}.{m['attn']}.{proj}", m["role"], None
+        return canonical(f"{comp}.{m['attn']}.{proj}"), m["role"], None
     for suffix, (role, kind) in SUFFIXES.items():
         if rest.endswith(suffix) and len(rest) > len(suffix):
-            return f"{comp}.{rest[: -len(suffix)]}", role, kind
+            return canonical(f"{comp}.{rest[: -len(suffix)]}"), role, kind
     return None
 
 
@@ -113,7 +113,8 @@ def read(path: str) -> LoraAdapter:
             kinds[module] = kind
     if bad:
         raise FormatError(f"{file}: {len(bad)} key(s) that are no diffusers LoRA tensor: {', '.join(sorted(bad)[:8])}")
-    adapter = LoraAdapter(format="diffusers", metadata=metadata, config={"components": configs})
+    flat = sorted({k.split(".", 1)[0] for k in tensors if canonical(k) != k})  # transformers >= 5 CLIP spelling
+    adapter = LoraAdapter(format="diffusers", metadata=metadata, config={"components": configs, "flat_clip": flat})
     for module, p in sorted(parts.items()):
         if "down" not in p or "up" not in p:
             raise FormatError(f"{file}: module {module} has no lora_{'A' if 'down' not in p else 'B'} tensor")
@@ -138,6 +139,7 @@ def split_components(adapter: LoraAdapter, fmt: str) -> Dict[str, LoraAdapter]:
         raise IncompatibleError(f"{fmt} cannot hold full tensors ({', '.join(sorted(adapter.extra)[:4])}); "
                                 "write peft instead")
     configs = adapter.config.get("components", {})
+    flat = adapter.config.get("flat_clip", [])  # components read in transformers >= 5 spelling
     out: Dict[str, LoraAdapter] = {}
     for m in adapter:
         comp, local = _split_component(m.name)
@@ -146,17 +148,30 @@ def split_components(adapter: LoraAdapter, fmt: str) -> Dict[str, LoraAdapter]:
                                     f"({', '.join(COMPONENTS)}); convert with --component unet (or text_encoder …)")
         sub = out.setdefault(comp, LoraAdapter(format="peft", base_model=adapter.base_model,
                                                config=dict(configs.get(comp, {}))))
+        if comp in flat:
+            local = flat_clip(m.name).partition(".")[2]
         sub.add(dataclasses.replace(m, name=local))
     if not out:
         raise FormatError("the adapter has no LoRA modules to write")
     return out
 
 
+def _flat_names(comp: str, sub: LoraAdapter) -> LoraAdapter:
+    """CLIP names without `text_model.` for the LoraConfig: PEFT matches target_modules and pattern
+    keys as name suffixes, so these match with and without the prefix (transformers 4 and 5);
+    diffusers itself strips `text_model.` from the tensor keys when the model has none."""
+    modules = {}
+    for m in sub:
+        local = flat_clip(f"{comp}.{m.name}").partition(".")[2]
+        modules[local] = dataclasses.replace(m, name=local)
+    return dataclasses.replace(sub, modules=modules)
+
+
 def write(adapter: LoraAdapter, path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     packed = {}
     tensors: Dict[str, torch.Tensor] = {}
     for comp, sub in split_components(adapter, "diffusers").items():
-        cfg = peft.build_config(sub)
+        cfg = peft.build_config(_flat_names(comp, sub))
         packed.update({f"{comp}.{k}": v for k, v in cfg.items()})
         for key, t in peft.state_dict(sub).items():
             tensors[f"{comp}.{key[len(peft.PREFIX):]}"] = t
