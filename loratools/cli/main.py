@@ -16,6 +16,7 @@ COMMANDS = {
     "convert": "convert",
     "pull": "pull",
     "push": "push",
+    "resize": "resize", "extract": "extract",
 }
 
 
