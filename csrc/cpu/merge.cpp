@@ -29,11 +29,11 @@ namespace {
 
 constexpr int64_t kNR = 16;  // columns per register tile / packed A panel
 constexpr int kMR = 6;       // rows per register tile: 6x2 accumulators + 2 A + 1 B = 15 ymm
-static int64_t kRowBlock = std::getenv("XRB") ? atoi(std::getenv("XRB")) : 8 * kMR;
+constexpr int64_t kRowBlock = 8 * kMR;
 // Column (within a 16-wide panel) held by each slot of a tile row; see load16 for the bf16 order.
 constexpr int kIdentityOrder[kNR] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 constexpr int kBf16Order[kNR] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-static int64_t kPanelBudget = std::getenv("XPB") ? atoi(std::getenv("XPB")) : 128 * 1024;  // bytes of packed A per column block (L2-resident)
+constexpr int64_t kPanelBudget = 128 * 1024;  // bytes of packed A per column block (L2-resident)
 
 // ---- packing: factors of any dtype / strides -> fp32 ------------------------------------------
 
@@ -77,20 +77,25 @@ void dispatch_float(at::ScalarType t, F&& f) {
 }
 
 // ---- register tiles ----------------------------------------------------------------------------
-// w: MR rows of 16 values, `ldw` apart. b: MR rows of Bc (`ldb` apart). ap: one panel [R][16].
+// A strip is MR rows x (npanels * 16) columns of W, walked one 16-wide register tile at a time.
+// w: the strip's first element, rows `ldw` apart. b: its MR rows of Bc (`ldb` apart).
+// ap: its first packed A panel [R][16]; panels follow each other.
 
 template <typename T, int MR>
-void tile_portable(T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap, int64_t R) {
-  float acc[MR][kNR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) acc[i][j] = static_cast<float>(w[i * ldw + j]);
-  for (int64_t k = 0; k < R; ++k)
-    for (int i = 0; i < MR; ++i) {
-      const float bv = b[i * ldb + k];
-      for (int j = 0; j < kNR; ++j) acc[i][j] += bv * ap[k * kNR + j];
-    }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) w[i * ldw + j] = static_cast<T>(acc[i][j]);  // c10 casts are RNE
+void strip_portable(T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap, int64_t R,
+                    int64_t npanels) {
+  for (int64_t pnl = 0; pnl < npanels; ++pnl, w += kNR, ap += R * kNR) {
+    float acc[MR][kNR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < kNR; ++j) acc[i][j] = static_cast<float>(w[i * ldw + j]);
+    for (int64_t k = 0; k < R; ++k)
+      for (int i = 0; i < MR; ++i) {
+        const float bv = b[i * ldb + k];
+        for (int j = 0; j < kNR; ++j) acc[i][j] += bv * ap[k * kNR + j];
+      }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < kNR; ++j) w[i * ldw + j] = static_cast<T>(acc[i][j]);  // c10 casts are RNE
+  }
 }
 
 #ifdef LORATOOLS_X86
@@ -139,22 +144,25 @@ LT_AVX2_INLINE void store16(c10::BFloat16* p, __m256 lo, __m256 hi) {
 }
 
 template <typename T, int MR>
-LT_AVX2 void tile_avx2(T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap, int64_t R) {
-  __m256 acc0[MR], acc1[MR];
+LT_AVX2 void strip_avx2(T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap, int64_t R,
+                        int64_t npanels) {
+  for (int64_t pnl = 0; pnl < npanels; ++pnl, w += kNR, ap += R * kNR) {
+    __m256 acc0[MR], acc1[MR];
 #pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) load16(w + i * ldw, acc0[i], acc1[i]);
-  for (int64_t k = 0; k < R; ++k) {
-    const __m256 a0 = _mm256_loadu_ps(ap + k * kNR);
-    const __m256 a1 = _mm256_loadu_ps(ap + k * kNR + 8);
+    for (int i = 0; i < MR; ++i) load16(w + i * ldw, acc0[i], acc1[i]);
+    for (int64_t k = 0; k < R; ++k) {
+      const __m256 a0 = _mm256_loadu_ps(ap + k * kNR);
+      const __m256 a1 = _mm256_loadu_ps(ap + k * kNR + 8);
 #pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 bv = _mm256_broadcast_ss(b + i * ldb + k);
-      acc0[i] = _mm256_fmadd_ps(bv, a0, acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(bv, a1, acc1[i]);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 bv = _mm256_broadcast_ss(b + i * ldb + k);
+        acc0[i] = _mm256_fmadd_ps(bv, a0, acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(bv, a1, acc1[i]);
+      }
     }
-  }
 #pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) store16(w + i * ldw, acc0[i], acc1[i]);
+    for (int i = 0; i < MR; ++i) store16(w + i * ldw, acc0[i], acc1[i]);
+  }
 }
 
 bool cpu_has_avx2() {
@@ -175,24 +183,25 @@ bool use_avx2() {
 }
 
 template <typename T, int MR>
-void tile(bool avx2, T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap, int64_t R) {
+void strip(bool avx2, T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap, int64_t R,
+           int64_t npanels) {
 #ifdef LORATOOLS_X86
-  if (avx2) return tile_avx2<T, MR>(w, ldw, b, ldb, ap, R);
+  if (avx2) return strip_avx2<T, MR>(w, ldw, b, ldb, ap, R, npanels);
 #endif
-  tile_portable<T, MR>(w, ldw, b, ldb, ap, R);
+  strip_portable<T, MR>(w, ldw, b, ldb, ap, R, npanels);
 }
 
-// Row count is a runtime value only at the bottom edge of a block; dispatch it to a template.
+// The row count is a runtime value only at the bottom edge of a block; dispatch it to a template.
 template <typename T>
-void tile_rows(int mr, bool avx2, T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap,
-               int64_t R) {
+void strip_rows(int mr, bool avx2, T* w, int64_t ldw, const float* b, int64_t ldb, const float* ap,
+                int64_t R, int64_t npanels) {
   switch (mr) {
-    case 6: return tile<T, 6>(avx2, w, ldw, b, ldb, ap, R);
-    case 5: return tile<T, 5>(avx2, w, ldw, b, ldb, ap, R);
-    case 4: return tile<T, 4>(avx2, w, ldw, b, ldb, ap, R);
-    case 3: return tile<T, 3>(avx2, w, ldw, b, ldb, ap, R);
-    case 2: return tile<T, 2>(avx2, w, ldw, b, ldb, ap, R);
-    default: return tile<T, 1>(avx2, w, ldw, b, ldb, ap, R);
+    case 6: return strip<T, 6>(avx2, w, ldw, b, ldb, ap, R, npanels);
+    case 5: return strip<T, 5>(avx2, w, ldw, b, ldb, ap, R, npanels);
+    case 4: return strip<T, 4>(avx2, w, ldw, b, ldb, ap, R, npanels);
+    case 3: return strip<T, 3>(avx2, w, ldw, b, ldb, ap, R, npanels);
+    case 2: return strip<T, 2>(avx2, w, ldw, b, ldb, ap, R, npanels);
+    default: return strip<T, 1>(avx2, w, ldw, b, ldb, ap, R, npanels);
   }
 }
 
@@ -206,29 +215,28 @@ struct Problem {
   const int* slot_col;  // column order of the panels and tiles
 };
 
+// Columns [c0, c1) of rows [r0, r1); c0 is a multiple of 16, c1 too unless it is `cols`.
 template <typename T>
 void merge_block(const Problem& p, T* w, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  const int64_t full_end = std::max(c0, std::min(c1, p.cols / kNR * kNR));
+  const int64_t nfull = (full_end - c0) / kNR;
+  const float* ap = p.ap + (c0 / kNR) * p.R * kNR;
   for (int64_t r = r0; r < r1; r += kMR) {
     const int mr = static_cast<int>(std::min<int64_t>(kMR, r1 - r));
     const float* b = p.bc + r * p.R;
-    for (int64_t c = c0; c < c1; c += kNR) {
-      const float* ap = p.ap + (c / kNR) * p.R * kNR;
-      T* wt = w + r * p.ldw + c;
-      const int64_t n = std::min<int64_t>(kNR, p.cols - c);
-      if (n == kNR) {
-        tile_rows<T>(mr, p.avx2, wt, p.ldw, b, p.R, ap, p.R);
-        continue;
-      }
-      // Ragged right edge: run the fp32 tile on a zero-padded copy, round once on the way back.
-      float buf[kMR * kNR] = {};
-      for (int i = 0; i < mr; ++i)
-        for (int j = 0; j < kNR; ++j)
-          if (p.slot_col[j] < n) buf[i * kNR + j] = static_cast<float>(wt[i * p.ldw + p.slot_col[j]]);
-      tile_rows<float>(mr, p.avx2, buf, kNR, b, p.R, ap, p.R);
-      for (int i = 0; i < mr; ++i)
-        for (int j = 0; j < kNR; ++j)
-          if (p.slot_col[j] < n) wt[i * p.ldw + p.slot_col[j]] = static_cast<T>(buf[i * kNR + j]);
-    }
+    T* wr = w + r * p.ldw;
+    if (nfull > 0) strip_rows<T>(mr, p.avx2, wr + c0, p.ldw, b, p.R, ap, p.R, nfull);
+    if (full_end == c1) continue;
+    // Ragged right edge: run an fp32 tile on a zero-padded copy, round once on the way back.
+    const int64_t n = c1 - full_end;
+    float buf[kMR * kNR] = {};
+    for (int i = 0; i < mr; ++i)
+      for (int j = 0; j < kNR; ++j)
+        if (p.slot_col[j] < n) buf[i * kNR + j] = static_cast<float>(wr[i * p.ldw + full_end + p.slot_col[j]]);
+    strip_rows<float>(mr, p.avx2, buf, kNR, b, p.R, ap + nfull * p.R * kNR, p.R, 1);
+    for (int i = 0; i < mr; ++i)
+      for (int j = 0; j < kNR; ++j)
+        if (p.slot_col[j] < n) wr[i * p.ldw + full_end + p.slot_col[j]] = static_cast<T>(buf[i * kNR + j]);
   }
 }
 
@@ -239,12 +247,13 @@ void merge_all(const Problem& p, T* w) {
   const int64_t nc_panels = std::clamp<int64_t>(kPanelBudget / (p.R * kNR * 4), 1, npanels);
   const int64_t nc = nc_panels * kNR;
   const int64_t nrb = (p.rows + kRowBlock - 1) / kRowBlock, ncb = (npanels + nc_panels - 1) / nc_panels;
-  // Column-block-major task order: each thread's contiguous task range reuses one A block.
+  // Row-major task order: each thread streams through one contiguous range of W's rows; the A
+  // column blocks it cycles through come from L2/L3 (A is R x cols, small next to W).
   const int64_t work_per_task = kRowBlock * nc * (p.R + 8);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / work_per_task);
   at::parallel_for(0, nrb * ncb, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      static bool rowmaj = std::getenv("XROW"); const int64_t cb = rowmaj ? t % ncb : t / nrb, rb = rowmaj ? t / ncb : t % nrb;
+      const int64_t rb = t / ncb, cb = t % ncb;
       merge_block<T>(p, w, rb * kRowBlock, std::min(p.rows, (rb + 1) * kRowBlock), cb * nc,
                      std::min(p.cols, (cb + 1) * nc));
     }

@@ -19,6 +19,7 @@ COMMANDS = {
     "validate": "validate",
     "pull": "pull",
     "push": "push",
+    "resize": "resize", "extract": "extract",
 }
 
 
