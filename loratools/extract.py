@@ -105,6 +105,9 @@ def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
         if tuple(info.shape) != tuple(tuned.infos[name].shape):
             raise ShapeMismatchError(f"{name}: shape {tuple(info.shape)} in base but {tuple(tuned.infos[name].shape)} "
                                      "in tuned: extract needs two checkpoints of the same architecture")
+        if (info.dtype in _FLOATS) != (tuned.infos[name].dtype in _FLOATS):  # a float minus an int means nothing
+            raise IncompatibleError(f"{name}: dtype {info.dtype} in base but {tuned.infos[name].dtype} in tuned: "
+                                    "extract needs two checkpoints of the same architecture")
 
 
 def _task_type(folder: str) -> Optional[str]:

@@ -40,6 +40,8 @@ TEMPLATES = {
     "resize": [("resize {IN} -o {OUT} --rank 2", WRITES)],
     "convert": [("convert {IN} -o {OUT} --to peft", WRITES)],
     "push": [("push {IN} alice/corpus --dry-run", WRITES)],
+    "extract": [("extract {IN} {BASE} -o {OUT} --rank 2", {"bad-base"}),  # a broken model as BASE or TUNED
+                ("extract {BASE} {IN} -o {OUT} --rank 2", {"bad-base"})],
     "pull": [],  # takes a Hub reference, not a local input: see test_pull_refuses_malformed_adapters
 }
 LEVELS = ALL | {"bad-base"}
