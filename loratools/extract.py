@@ -22,6 +22,7 @@ from .atomic import check_output
 from .checkpoint import Checkpoint
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import WRITABLE, write_adapter
+from .provenance import stamp
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
 from .merge import parse_dtype
 from .resize import ModuleResize, check_rank_options, summarize
@@ -197,8 +198,11 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
                         progress(name)
     if not result.modules:
         raise UsageError(f"no weight differs by more than --min-diff {min_diff} between the checkpoints: nothing to extract")
+    result.adapter.metadata = stamp(result.adapter.metadata, "extract", [base, tuned], rank=rank,
+                                    conv_rank=conv_rank, dynamic=dynamic, param=param, svd=svd)
     if output is not None:
-        result.output = write_adapter(result.adapter, output, format=to, overwrite=overwrite)
+        result.output = write_adapter(result.adapter, output, format=to, overwrite=overwrite,
+                                      metadata=result.adapter.metadata)
     return result
 
 

@@ -18,10 +18,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import hub
+from . import provenance as provenance_record
 from .adapter import LoraAdapter
 from .errors import InputNotFoundError, NonFiniteError, UsageError
 
-PROVENANCE_KEY = "loratools"
+PROVENANCE_KEY = provenance_record.KEY
 
 
 @dataclass
@@ -39,12 +40,7 @@ class PushPlan:
 
 
 def provenance(adapter: LoraAdapter) -> Optional[dict]:
-    raw = (adapter.metadata or {}).get(PROVENANCE_KEY)
-    try:
-        value = json.loads(raw) if raw else None
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    return provenance_record.read(adapter.metadata)
 
 
 def check_adapter(adapter: LoraAdapter, where: str) -> None:

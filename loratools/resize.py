@@ -18,6 +18,7 @@ from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_output, check_output
 from .errors import LoraToolsError, NonFiniteError, UsageError
 from .formats import read_adapter, write_adapter
+from .provenance import stamp
 from .linalg import effective_alpha, lowrank_svd, retained, select_rank, split_factors
 
 # metadata that describes the old ranks or the old bytes; the format's writer fills in new values
@@ -144,7 +145,9 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
     # old patterns may be regexes shared by modules that now differ; the writer makes exact ones
     config.pop("rank_pattern", None)
     config.pop("alpha_pattern", None)
-    metadata = {k: v for k, v in src.metadata.items() if not _STALE_METADATA.match(k)}
+    metadata = stamp({k: v for k, v in src.metadata.items() if not _STALE_METADATA.match(k)}, "resize",
+                     [adapter] if not isinstance(adapter, LoraAdapter) else [], rank=rank, conv_rank=conv_rank,
+                     dynamic=dynamic, param=param)
     out = LoraAdapter(modules=modules, extra=dict(src.extra), base_model=src.base_model, format=src.format,
                       config=config, metadata=metadata)
     result = ResizeResult(out, reports)

@@ -240,3 +240,22 @@ def test_extract_to_kohya_loads_in_diffusers(tmp_path):
     want, got, before = M.unet_out(tuned), M.unet_out(pipe.unet), M.unet_out(base)
     assert (want - before).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_provenance_is_recorded_for_the_model_card(tmp_path):
+    """extract and resize stamp how the adapter was made; push's model card reads it back."""
+    from _tiny import save_base, tiny_llama
+    from loratools import extract, read_adapter, resize
+    from loratools.push import provenance
+
+    base, tuned = tiny_llama(seed=0), tiny_llama(seed=0)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight.add_(0.1)
+    save_base(base, str(tmp_path / "base"))
+    save_base(tuned, str(tmp_path / "tuned"))
+    extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "ex", rank=2)
+    info = provenance(read_adapter(tmp_path / "ex"))
+    assert info["operation"] == "extract" and info["inputs"] == ["base", "tuned"] and info["rank"] == 2
+    resize(tmp_path / "ex", tmp_path / "small", rank=1)
+    info = provenance(read_adapter(tmp_path / "small"))
+    assert info["operation"] == "resize" and info["inputs"] == ["ex"] and info["rank"] == 1
