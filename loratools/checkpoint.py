@@ -6,10 +6,13 @@ memory at a time), keeping the shard layout and index and copying the folder's o
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import queue
 import shutil
+import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -122,6 +125,81 @@ def copy_other_files(src_folder: str, dst_folder: str, skip: List[str]) -> None:
             shutil.copy2(s, d)
 
 
+class _PipelinedWriter:
+    """Writes on a background thread while the caller reads and merges the next tensor.
+
+    Two scratch buffers alternate: a buffer goes back to the reader only after the tensor read
+    into it has been written. File writes, reads and the merge kernel all release the GIL, so
+    on two cores the write of one tensor overlaps the read and merge of the next.
+    """
+
+    def __init__(self, writer: safetensors_io.StreamingWriter, scratch: safetensors_io.ScratchBuffer):
+        self.writer = writer
+        self.free: "queue.Queue" = queue.Queue()
+        for buf in (scratch, safetensors_io.ScratchBuffer()):
+            self.free.put(buf)
+        self.work: "queue.Queue" = queue.Queue(maxsize=1)
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="loratools-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.work.get()
+            if item is None:
+                return
+            kind, name, payload, buf = item
+            try:
+                if self.error is None:
+                    if kind == "copy":
+                        self.writer.copy_from(name, payload)
+                    else:
+                        self.writer.write(name, payload)
+            except BaseException as e:  # reported to the caller on its next call
+                self.error = e
+            finally:
+                if buf is not None:
+                    self.free.put(buf)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def buffer(self) -> safetensors_io.ScratchBuffer:
+        self._check()
+        return self.free.get()
+
+    def submit(self, kind: str, name: str, payload, buf) -> None:
+        self._check()
+        self.work.put((kind, name, payload, buf))
+
+    def finish(self) -> None:
+        self.work.put(None)
+        self.thread.join()
+        self._check()
+
+    def stop(self) -> None:
+        self.error = self.error or RuntimeError("stopped")
+        while self.thread.is_alive():
+            try:
+                self.work.put(None, timeout=0.1)
+            except queue.Full:
+                continue
+            self.thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _one_core_for_io():
+    """Leave one core to the writer thread: OpenMP workers that share a core with it spin-wait
+    at every barrier, which made the merge kernel several times slower on two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
                  out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None,
                  unchanged: Optional[Callable[[str], bool]] = None,
@@ -129,20 +207,24 @@ def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], to
     """Stream one safetensors file through `transform` into `dst` (same names, order and metadata);
     see `rewrite`. Returns the bytes of tensor data written."""
     scratch = scratch if scratch is not None else safetensors_io.ScratchBuffer()
-    with SafetensorsFile(src) as f:
+    with SafetensorsFile(src) as f, _one_core_for_io():
         names = f.keys()
         entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
         writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
+        pipe = _PipelinedWriter(writer, scratch)
         try:
             for name in names:
                 if unchanged is not None and unchanged(name) and out_dtype(name) == f.tensors[name].dtype:
-                    writer.copy_from(name, f)
+                    pipe.submit("copy", name, f, None)
                 else:
-                    writer.write(name, transform(name, f.read(name, scratch)))
+                    buf = pipe.buffer()
+                    pipe.submit("write", name, transform(name, f.read(name, buf)), buf)
                 if on_tensor:
                     on_tensor(name)
+            pipe.finish()
             writer.close()
         except BaseException:
+            pipe.stop()
             writer.abort()
             raise
     return writer.data_size

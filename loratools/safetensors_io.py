@@ -200,18 +200,26 @@ class StreamingWriter:
         self._next += 1
 
     def copy_from(self, name: str, src: "SafetensorsFile") -> None:
-        """Copy a tensor's bytes unchanged from another file, in the kernel where possible."""
+        """Copy a tensor's bytes unchanged from another file, in the kernel where possible.
+        Positional reads only (no seek), so it may run while another thread reads `src`."""
         info = src.tensors[name]
         self._expect(name, info.dtype, info.shape)
         offset, left = src.data_start + info.begin, info.end - info.begin
+        fast = True
         while left > 0:
-            try:
-                n = os.copy_file_range(src._f.fileno(), self._f.fileno(), left, offset)
-            except OSError:  # e.g. across file systems on old kernels: plain read/write
-                n = 0
-            if n == 0:
-                self._write_all(src.read(name).reshape(-1).view(torch.uint8)[info.end - info.begin - left:].numpy())
-                break
+            n = 0
+            if fast:
+                try:
+                    n = os.copy_file_range(src._f.fileno(), self._f.fileno(), left, offset)
+                except OSError:  # e.g. across file systems on old kernels: plain reads and writes
+                    n = 0
+                fast = n > 0
+            if not fast:
+                chunk = os.pread(src._f.fileno(), min(left, 64 << 20), offset)
+                if not chunk:
+                    raise FormatError(f"{src.path}: tensor {name!r} is truncated")
+                self._write_all(chunk)
+                n = len(chunk)
             offset, left = offset + n, left - n
         self._next += 1
 
