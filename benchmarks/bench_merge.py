@@ -66,6 +66,12 @@ def timed_child(cmd) -> tuple:
     return elapsed, work[-1], usage.ru_maxrss / 1024
 
 
+def clean(path: str) -> None:
+    """Remove an output and flush dirty pages, so no contender pays for the previous one's writeback."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
 def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
@@ -90,17 +96,17 @@ def main() -> None:
     py = sys.executable
 
     rows = []
-    shutil.rmtree(out, ignore_errors=True)
+    clean(out)
     copy_cmd = [py, "-c", COPY_SCRIPT, base, out]
     timed_child(copy_cmd)  # warm the page cache so every contender reads from memory
-    shutil.rmtree(out, ignore_errors=True)
+    clean(out)
     rows.append(("plain copy of the folder",) + timed_child(copy_cmd))
-    shutil.rmtree(out, ignore_errors=True)
+    clean(out)
     rows.append(("loratools merge",) + timed_child([py, "-c", LORATOOLS_SCRIPT, base, adapter, "-o", out]))
-    shutil.rmtree(out, ignore_errors=True)
+    clean(out)
     if not args.skip_peft:
         rows.append(("PEFT merge_and_unload + save_pretrained",) + timed_child([py, "-c", PEFT_SCRIPT, base, adapter, out]))
-        shutil.rmtree(out, ignore_errors=True)
+        clean(out)
 
     print(f"model: {size / 2**30:.2f} GiB bf16, {len(os.listdir(base)) - 2} shards; adapter rank {args.rank} "
           f"on every linear; {os.cpu_count()} CPUs")
