@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .. import merge as merge_mod
+from ..merge import describe, merge as run_merge
 from ..checkpoint import Checkpoint
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
@@ -26,7 +26,7 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, ov
     Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
     """
     if dry_run:
-        ckpt, plan = merge_mod.describe(base, adapters, list(weights))
+        ckpt, plan = describe(base, adapters, list(weights))
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
@@ -37,7 +37,7 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, ov
         return
     ckpt = Checkpoint(base)
     with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
-        plan = merge_mod.merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
+        plan = run_merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
                                progress=lambda _name: bar.update(1))
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "

@@ -1,0 +1,105 @@
+"""Tiny models and PEFT adapters built at test time (random weights, fixed seeds, no downloads)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", message=".*loratools._C is not built.*")
+
+
+def llama_config(**kw):
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               tie_word_embeddings=False)
+    cfg.update(kw)
+    return LlamaConfig(**cfg)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **kw):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(**kw)).to(dtype)
+    with torch.no_grad():  # transformers' init leaves norms at 1; randomise so every tensor matters
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def save_base(model, folder: str, shard: str | None = None) -> str:
+    """save_pretrained as safetensors; `shard` like "20KB" produces several shards and an index."""
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return folder
+
+
+def peft_adapter(base_model, folder: str, seed: int = 1, **lora_kwargs):
+    """Wrap a deep copy of `base_model` with a random-weight LoRA, save it, return the PeftModel."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    kwargs.update(lora_kwargs)
+    peft_model = get_peft_model(copy.deepcopy(base_model), LoraConfig(**kwargs))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:  # DoRA: move m away from ||W|| so it matters
+                p.mul_(1 + 0.1 * torch.rand_like(p))
+            elif "modules_to_save" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(folder)
+    return peft_model.eval()
+
+
+class TinyConvNet(nn.Module):
+    """A small conv model with PEFT-targetable Conv2d and Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def save_state_dict_folder(module: nn.Module, folder: str) -> str:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+def load_folder(folder: str) -> dict:
+    """All tensors of a (sharded) safetensors folder, read with the safetensors package (an oracle)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` at |x| (for 'within one rounding step' comparisons)."""
+    x = x.float().abs()
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    return torch.maximum(torch.exp2(torch.floor(torch.log2(x.clamp_min(tiny)))) * eps, torch.tensor(tiny * eps))
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, name: str = ""):
+    a, e = actual.double(), expected.double()
+    err = (a - e).norm() / e.norm().clamp_min(1e-30)
+    assert err <= rel, f"{name}: relative error {err:.3g} > {rel}"
