@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .. import blend as blend_mod
+from ..blend import METHODS, SIGN_METHODS, SVD_MODES, blend as run_blend
 from ..errors import UsageError
 from ..formats import FORMATS
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
@@ -24,16 +24,16 @@ def parse_spec(spec: str):
 
 @click.command("blend")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
-@click.option("-m", "--method", type=click.Choice(blend_mod.METHODS), default="svd", show_default=True,
+@click.option("-m", "--method", type=click.Choice(METHODS), default="svd", show_default=True,
               help="cat: exact, rank Σr. svd: best rank-K of the exact weighted sum. linear: PEFT/kohya factor "
                    "averaging (approximate). ties, dare_linear, dare_ties, magnitude_prune: element-wise on ΔW.")
 @click.option("-r", "--rank", type=int, default=None,
               help="Output rank for svd and the element-wise methods (default: the largest input rank).")
 @click.option("--density", type=float, default=None, help="Fraction of each ΔW kept by ties/dare/magnitude_prune.")
-@click.option("--majority-sign", type=click.Choice(blend_mod.SIGN_METHODS), default=None,
+@click.option("--majority-sign", type=click.Choice(SIGN_METHODS), default=None,
               help="Sign election for ties/dare_ties (default total).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE masks and randomized SVD.")
-@click.option("--svd", "svd_mode", type=click.Choice(blend_mod.SVD_MODES), default=None,
+@click.option("--svd", "svd_mode", type=click.Choice(SVD_MODES), default=None,
               help="How element-wise results are factored back to rank K (default randomized, 4 power iterations).")
 @click.option("--clamp", type=float, default=None, help="Clamp the factors at this quantile, as kohya does (e.g. 0.99).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
@@ -50,10 +50,10 @@ def command(adapters, method, rank, density, majority_sign, seed, svd_mode, clam
     into one adapter written to OUTPUT, and report per module the Frobenius norm retained."""
     paths, weights = zip(*(parse_spec(a) for a in adapters))
     with progress_bar(None, f"blending ({method})", quiet) as bar:
-        _, report = blend_mod.blend(list(paths), list(weights), method=method, rank=rank, density=density,
-                                    majority_sign=majority_sign, seed=seed, svd=svd_mode, clamp=clamp,
-                                    dtype=dtype, output=output, to=to, overwrite=overwrite,
-                                    progress=lambda _name: bar.update(1))
+        _, report = run_blend(list(paths), list(weights), method=method, rank=rank, density=density,
+                              majority_sign=majority_sign, seed=seed, svd=svd_mode, clamp=clamp,
+                              dtype=dtype, output=output, to=to, overwrite=overwrite,
+                              progress=lambda _name: bar.update(1))
     if fmt == "json":
         emit_json(dict(report.to_dict(), output=output))
         return
