@@ -116,7 +116,7 @@ def _module(template: LoraModule, up: torch.Tensor, down: torch.Tensor, dtype: t
     elif kind == "embedding" or fifo:
         up, down = down.t(), up.t()
     up, down = up.to(dtype).contiguous(), down.to(dtype).contiguous()
-    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+    if not (_finite(up) and _finite(down)):
         raise NonFiniteError(f"module {template.name}: the blend overflows {dtype} (try --dtype fp32); "
                              "nothing was written")
     return LoraModule(template.name, down=down, up=up, alpha=float(r), kind=kind, fan_in_fan_out=fifo)
@@ -124,11 +124,34 @@ def _module(template: LoraModule, up: torch.Tensor, down: torch.Tensor, dtype: t
 
 # ---- small linear algebra --------------------------------------------------------------------------
 
+class _LowRankNorms:
+    """Frobenius norms of a low-rank target T = U_t @ D_t and of (X - T) for outputs X = U @ D,
+    from R×R Gram matrices in fp64 (no dense product; error² = ||X||² - 2<X,T> + ||T||²)."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor):
+        self.up, self.down = up.double(), down.double()
+        self.norm2 = self._dot(self.up, self.down, self.up, self.down)
+
+    @staticmethod
+    def _dot(u1, d1, u2, d2) -> float:
+        return float(((u1.t() @ u2) * (d1 @ d2.t())).sum())
+
+    def compare(self, up: torch.Tensor, down: torch.Tensor) -> Tuple[float, float]:
+        """(||X||, ||X - T||)."""
+        up, down = up.double(), down.double()
+        out2 = self._dot(up, down, up, down)
+        err2 = out2 - 2 * self._dot(up, down, self.up, self.down) + self.norm2
+        return max(out2, 0.0) ** 0.5, max(err2, 0.0) ** 0.5
+
+
 def _gram_norm(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]) -> float:
-    """||Σ_j U_j D_j||_F from the factors (fp64 Gram matrices, no dense product)."""
-    u = torch.cat([x.double() for x in ups], 1)
-    d = torch.cat([x.double() for x in downs], 0)
-    return max(0.0, float(((u.t() @ u) * (d @ d.t())).sum())) ** 0.5
+    """||Σ_j U_j D_j||_F from the factors (fp64 Gram matrices)."""
+    return max(0.0, _LowRankNorms(torch.cat(list(ups), 1), torch.cat(list(downs), 0)).norm2) ** 0.5
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # a sum is non-finite if any element is; only then (or on overflow) look at every element
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def quantile(x: torch.Tensor, q: float) -> float:
@@ -208,6 +231,7 @@ def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], op
             u, s, vh = randomized_svd(target, k, oversample=OVERSAMPLE, n_iter=POWER_ITERS, seed=opts["seed"])
         out = _module(template, *_finish(u, s, vh, k, clamp), dtype)
         up, down = factors(out)
+        up = up.float() * out.scale
         norm_target = float(torch.linalg.vector_norm(target, dtype=torch.float64))
         error = blend_dense.residual_norm(target, up, down)
         return out, ModuleReport(name, n_inputs, out.rank, norm_target, _gram_norm([up], [down]), error)
@@ -222,9 +246,9 @@ def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], op
             up, down = _finish(u, s, vh, min(rank, s.numel()), clamp)
         out = _module(template, up, down, dtype)
     up, down = factors(out)
-    report = ModuleReport(name, n_inputs, out.rank, _gram_norm([tu], [td]), _gram_norm([up], [down]),
-                          _gram_norm([up, -tu], [down, td]))
-    return out, report
+    target = _LowRankNorms(tu, td)
+    norm_out, error = target.compare(up * out.scale, down)
+    return out, ModuleReport(name, n_inputs, out.rank, max(target.norm2, 0.0) ** 0.5, norm_out, error)
 
 
 # ---- the API ---------------------------------------------------------------------------------------
@@ -284,7 +308,7 @@ def _group(loaded: Sequence[Tuple[LoraAdapter, float]]) -> Dict[str, Dict[int, _
                         f"module {m.name}: adapter {j + 1} updates a weight of shape {weight_shape(other.module)} "
                         f"but adapter {i + 1} one of shape {weight_shape(m)} (adapters for different models?)")
             for t in (m.down, m.up) + ((m.mid,) if m.mid is not None else ()):
-                if not torch.isfinite(t).all():
+                if not _finite(t):
                     raise NonFiniteError(f"module {m.name} of adapter {i + 1} contains NaN or Inf")
             groups.setdefault(m.name, {})[i] = _Source(m, float(weight))
     return groups

@@ -2,13 +2,14 @@
 
 The math is PEFT's `peft.utils.merge_utils` (the oracle in the tests): each task tensor is the
 scaled update ΔW_i = s_i·B_i A_i; pruning and sign election act on it before the user's weight is
-applied. Nothing here holds more than one row-tile of every ΔW_i at a time; the only full-size
-tensor is the combined result, which `blend` then factors back to rank k.
+applied. Memory: the combined result (which `blend` then factors back to rank k), one row-tile of
+every ΔW_i, and for magnitude pruning one full |ΔW_i| at a time while its threshold is found;
+never the stack of all N dense deltas and their masks that a whole-tensor implementation holds.
 
 Two places differ from a whole-tensor implementation, by design:
-- magnitude pruning keeps exactly the top k = int(density·numel) elements, found by a radix select
-  over the fp32 bit patterns (two histogram passes); ties at the threshold keep the earliest
-  elements in row-major order (torch.topk leaves that choice unspecified).
+- magnitude pruning keeps exactly the top k = int(density·numel) elements; the threshold comes from
+  an in-place selection over one |ΔW_i| at a time; ties at the threshold keep the earliest elements
+  in row-major order (torch.topk leaves that choice unspecified).
 - DARE draws its keep-mask from a generator seeded by (seed, module, adapter), in row-major order,
   so the mask does not depend on the tile size or on which other modules are blended.
 """
@@ -34,8 +35,12 @@ class Task:
     scale: float        # the adapter's own scale s_i
     weight: float       # the user's weight w_i
 
+    def __post_init__(self) -> None:
+        self.up, self.down = self.up.float(), self.down.float()
+
     def rows(self, r0: int, r1: int) -> torch.Tensor:
-        return (self.up[r0:r1].float() @ self.down.float()) * self.scale
+        # (U@D)·s in this order, as PEFT's get_delta_weight: the same values decide the pruning
+        return torch.mm(self.up[r0:r1], self.down).mul_(self.scale)
 
 
 def dare_seed(seed: int, module: str, index: int) -> int:
@@ -49,22 +54,20 @@ def _tiles(rows: int, cols: int, n: int, tile_rows: Optional[int]):
         yield r0, min(rows, r0 + step)
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    """|x| as int32 bit patterns: for non-negative floats the order of the bits is the order of the values."""
-    return x.abs().view(torch.int32)
-
-
 @dataclass
 class _TopK:
-    """Keep elements with bits > value, and the first `equal` of those with bits == value."""
+    """Keep |x| > value, and the first `equal` elements with |x| == value (row-major order)."""
 
-    value: int
+    value: float
     equal: int
-    seen: int = 0  # elements == value met so far (row-major), advanced tile by tile
+    all_equal: bool = False  # every element == value is kept: one comparison suffices
+    seen: int = 0  # elements == value met so far, advanced tile by tile
 
-    def mask(self, bits: torch.Tensor) -> torch.Tensor:
-        keep = bits > self.value
-        eq = bits == self.value
+    def mask(self, mags: torch.Tensor) -> torch.Tensor:
+        if self.all_equal:
+            return mags >= self.value
+        keep = mags > self.value
+        eq = mags == self.value
         n_eq = int(eq.sum())
         if n_eq:
             order = torch.cumsum(eq.reshape(-1).to(torch.int64), 0).reshape(eq.shape) + self.seen
@@ -75,42 +78,30 @@ class _TopK:
 
 def topk_thresholds(tasks: Sequence[Task], rows: int, cols: int, density: float,
                     tile_rows: Optional[int] = None) -> List[Optional[_TopK]]:
-    """Per task, the exact top-k selection by |value| (k = int(density·numel)) in two passes of
-    16-bit histograms over the sign-less fp32 bits. None means keep everything (density ≥ 1)."""
+    """Per task, the exact top-k selection by |value| (k = int(density·numel)); None keeps all.
+
+    One |ΔW_i| at a time is built from the same tiles `combine` uses (so its values are bitwise
+    the ones the mask is applied to) and partitioned in place (numpy introselect, O(n), no copy).
+    """
     if density >= 1:
         return [None] * len(tasks)
     k = int(density * rows * cols)
-    n = len(tasks)
-    hi_hist = torch.zeros(n, 1 << 15, dtype=torch.int64)
-    for r0, r1 in _tiles(rows, cols, n, tile_rows):
-        for i, t in enumerate(tasks):
-            hi_hist[i] += torch.bincount((_bits(t.rows(r0, r1)) >> 16).reshape(-1), minlength=1 << 15)
-    chosen = []  # (high 16 bits, how many of k lie strictly above that bucket)
-    for i in range(n):
-        if k == 0:
-            chosen.append((1 << 15, 0))  # above every finite value: keep nothing
-            continue
-        above = torch.flip(torch.cumsum(torch.flip(hi_hist[i], [0]), 0), [0])  # count with hi >= b
-        b = int((above >= k).nonzero().max())
-        chosen.append((b, int(above[b] - hi_hist[i, b])))
-    lo_hist = torch.zeros(n, 1 << 16, dtype=torch.int64)
-    for r0, r1 in _tiles(rows, cols, n, tile_rows):
-        for i, t in enumerate(tasks):
-            if k == 0:
-                continue
-            bits = _bits(t.rows(r0, r1)).reshape(-1)
-            low = bits[(bits >> 16) == chosen[i][0]] & 0xFFFF
-            lo_hist[i] += torch.bincount(low, minlength=1 << 16)
     result: List[Optional[_TopK]] = []
-    for i, (b, above_bucket) in enumerate(chosen):
+    for t in tasks:
         if k == 0:
-            result.append(_TopK(value=0x7FFFFFFF, equal=0))
+            result.append(_TopK(value=float("inf"), equal=0))
             continue
-        need = k - above_bucket  # still to take inside bucket b, from the top
-        above = torch.flip(torch.cumsum(torch.flip(lo_hist[i], [0]), 0), [0])
-        lo = int((above >= need).nonzero().max())
-        strictly_above = int(above[lo] - lo_hist[i, lo])
-        result.append(_TopK(value=(b << 16) | lo, equal=need - strictly_above))
+        mags = torch.empty(rows, cols, dtype=torch.float32)
+        for r0, r1 in _tiles(rows, cols, len(tasks), tile_rows):
+            torch.abs(t.rows(r0, r1), out=mags[r0:r1])
+        flat = mags.view(-1).numpy()
+        flat.partition(flat.size - k)  # the k largest now fill the tail, unordered
+        value = float(flat[flat.size - k])
+        tail = mags.view(-1)[flat.size - k:]
+        above = int((tail > value).sum())
+        n_equal = int((tail == value).sum()) + int((mags.view(-1)[:flat.size - k] == value).sum())
+        result.append(_TopK(value=value, equal=k - above, all_equal=n_equal == k - above))
+        del mags, flat
     return result
 
 
@@ -132,7 +123,7 @@ def combine(tasks: Sequence[Task], rows: int, cols: int, method: str, density: f
         pruned = torch.stack([t.rows(r0, r1) for t in tasks])  # [n, tile, cols]
         for i in range(n):
             if tops is not None and tops[i] is not None:
-                pruned[i] *= tops[i].mask(_bits(pruned[i]))
+                pruned[i] *= tops[i].mask(pruned[i].abs())
             elif gens is not None:
                 keep = torch.rand(pruned[i].shape, generator=gens[i]) < density
                 pruned[i] *= keep

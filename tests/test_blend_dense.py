@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratools.blend_dense import Task, combine, dare_seed, topk_thresholds, _bits
+from loratools.blend_dense import Task, combine, dare_seed, topk_thresholds
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 
@@ -92,7 +92,7 @@ def test_topk_keeps_exactly_k_with_ties_at_the_threshold():
     for density in (0.1, 0.3, 0.5, 0.6, 0.9):
         for tile_rows in (None, 1, 4):
             (sel,) = topk_thresholds([t], 6, 3, density, tile_rows)
-            keep = torch.cat([sel.mask(_bits(t.rows(r, min(6, r + (tile_rows or 6)))))
+            keep = torch.cat([sel.mask(t.rows(r, min(6, r + (tile_rows or 6))).abs())
                               for r in range(0, 6, tile_rows or 6)])
             k = int(density * 18)
             assert int(keep.sum()) == k
@@ -105,8 +105,8 @@ def test_topk_large_values_and_zero_density():
     t = Task(torch.randn(40, 3, generator=g) * 1e30, torch.randn(3, 30, generator=g), 1.0, 1.0)
     (sel,) = topk_thresholds([t], 40, 30, 0.25)
     vals = t.rows(0, 40).abs()
-    keep = sel.mask(_bits(t.rows(0, 40)))
+    keep = sel.mask(t.rows(0, 40).abs())
     assert int(keep.sum()) == 300
     assert torch.equal(vals[keep].sort().values, vals.flatten().topk(300).values.sort().values)
     (none,) = topk_thresholds([t], 40, 30, 0.01)  # int(0.01·1200) = 12
-    assert int(none.mask(_bits(t.rows(0, 40))).sum()) == 12
+    assert int(none.mask(t.rows(0, 40).abs()).sum()) == 12
