@@ -109,12 +109,15 @@ def main() -> None:
     py = sys.executable
     specs = [f"{a}:{w}" for a, w in zip(adapters, WEIGHTS)]
     out_svd, out_ties, out_peft = (os.path.join(args.workdir, n) for n in ("blend-svd", "blend-ties", "blend-peft"))
-    for p in (out_svd, out_ties, out_peft):
+    for p in (out_svd, out_svd + "-fp32", out_ties, out_peft):
         shutil.rmtree(p, ignore_errors=True)
     timed_child([py, "-c", "import torch"])  # warm the interpreter and the page cache of torch
     rows = []
     rows.append(("loratools blend --method svd --rank 16",) + timed_child(
         [py, "-m", "loratools", "blend", *specs, "--method", "svd", "--rank", str(RANK), "-o", out_svd, "-q"]))
+    rows.append(("loratools blend --method svd --rank 16 --dtype fp32",) + timed_child(
+        [py, "-m", "loratools", "blend", *specs, "--method", "svd", "--rank", str(RANK), "--dtype", "fp32",
+         "-o", out_svd + "-fp32", "-q"]))
     rows.append(("loratools blend --method ties --density 0.5",) + timed_child(
         [py, "-m", "loratools", "blend", *specs, "--method", "ties", "--density", "0.5", "--rank", str(RANK),
          "-o", out_ties, "-q"]))
@@ -138,12 +141,15 @@ def main() -> None:
     for name, t, rss in rows:
         print(f"{name:62s} {t:8.2f} {rss:13.0f}")
     ours_err, optimal = errors_vs_exact(adapters, out_svd)
-    print(f"relative error vs the exact weighted sum: optimal rank-16 {optimal:.6f}, loratools svd {ours_err:.6f}")
+    ours32, _ = errors_vs_exact(adapters, out_svd + "-fp32")
+    print(f"relative error vs the exact weighted sum: optimal rank-16 {optimal:.7f}, loratools svd {ours_err:.7f} "
+          f"(bf16 output, the inputs' dtype), {ours32:.7f} (fp32 output)")
     if peft is not None:
         if not args.peft_layers:
             peft_err, _ = errors_vs_exact(adapters, find_adapter(out_peft))
-            print(f"relative error vs the exact weighted sum: PEFT svd {peft_err:.6f}")
-        print(f"PEFT / loratools svd: {peft[1] / rows[0][1]:.1f}x the time, {peft[2] / rows[0][2]:.1f}x the peak memory"
+            print(f"relative error vs the exact weighted sum: PEFT svd {peft_err:.7f} (fp32 output)")
+        print(f"PEFT / loratools svd: {peft[1] / rows[0][1]:.1f}x the time, {peft[2] / rows[0][2]:.1f}x the peak memory; "
+              f"PEFT / loratools svd fp32: {peft[1] / rows[1][1]:.1f}x the time, {peft[2] / rows[1][2]:.1f}x the memory"
               + (" (time extrapolated, memory of the smaller model)" if args.peft_layers else ""))
 
 
