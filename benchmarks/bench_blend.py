@@ -37,20 +37,36 @@ model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 pm = PeftModel.from_pretrained(model, a, adapter_name="a")
 pm.load_adapter(b, adapter_name="b")
 pm.load_adapter(c, adapter_name="c")
+import time; t0 = time.perf_counter()
 pm.add_weighted_adapter(["a", "b", "c"], weights, "mix", combination_type="svd", svd_rank=int(sys.argv[9]))
+print("core", time.perf_counter() - t0)
 pm.save_pretrained(out, selected_adapters=["mix"])
 """
 
+# the library call alone (read, blend, write), to separate it from interpreter start and imports
+OURS_SCRIPT = """
+import sys, time
+from loratools import blend
+t0 = time.perf_counter()
+blend(sys.argv[2:5], [float(x) for x in sys.argv[5:8]], method="svd", rank=int(sys.argv[8]), output=sys.argv[1])
+print("core", time.perf_counter() - t0)
+"""
 
-def timed_child(cmd) -> tuple:
-    """(seconds, peak RSS in MiB) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{err[-2000:]}")
+
+def timed_child(cmd, core=None) -> tuple:
+    """(seconds, peak RSS in MiB) of one child process; with `core` (a list), also collects the
+    seconds the child printed as `core <s>`."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS
+        elapsed = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{err.read().decode(errors='replace')[-2000:]}")
+        if core is not None:
+            core += [float(line.split()[1]) for line in out.read().decode().splitlines() if line.startswith("core ")]
     return elapsed, usage.ru_maxrss / 1024
 
 
@@ -109,7 +125,7 @@ def main() -> None:
     py = sys.executable
     specs = [f"{a}:{w}" for a, w in zip(adapters, WEIGHTS)]
     out_svd, out_ties, out_peft = (os.path.join(args.workdir, n) for n in ("blend-svd", "blend-ties", "blend-peft"))
-    for p in (out_svd, out_svd + "-fp32", out_ties, out_peft):
+    for p in (out_svd, out_svd + "-fp32", out_svd + "-api", out_ties, out_peft):
         shutil.rmtree(p, ignore_errors=True)
     timed_child([py, "-c", "import torch"])  # warm the interpreter and the page cache of torch
     rows = []
@@ -118,6 +134,8 @@ def main() -> None:
     rows.append(("loratools blend --method svd --rank 16 --dtype fp32",) + timed_child(
         [py, "-m", "loratools", "blend", *specs, "--method", "svd", "--rank", str(RANK), "--dtype", "fp32",
          "-o", out_svd + "-fp32", "-q"]))
+    ours_core: list = []
+    timed_child([py, "-c", OURS_SCRIPT, out_svd + "-api", *adapters, *map(str, WEIGHTS), str(RANK)], ours_core)
     rows.append(("loratools blend --method ties --density 0.5",) + timed_child(
         [py, "-m", "loratools", "blend", *specs, "--method", "ties", "--density", "0.5", "--rank", str(RANK),
          "-o", out_ties, "-q"]))
@@ -127,7 +145,9 @@ def main() -> None:
             pbase, padapters = prepare(args.workdir, args.peft_layers)
         else:
             pbase, padapters = base, adapters
-        t, rss = timed_child([py, "-c", PEFT_SCRIPT, pbase, out_peft, *padapters, *map(str, WEIGHTS), str(RANK)])
+        peft_core: list = []
+        t, rss = timed_child([py, "-c", PEFT_SCRIPT, pbase, out_peft, *padapters, *map(str, WEIGHTS), str(RANK)],
+                             peft_core)
         label = "PEFT add_weighted_adapter(svd) + save"
         if args.peft_layers:
             t *= 8 / args.peft_layers
@@ -151,6 +171,9 @@ def main() -> None:
         print(f"PEFT / loratools svd: {peft[1] / rows[0][1]:.1f}x the time, {peft[2] / rows[0][2]:.1f}x the peak memory; "
               f"PEFT / loratools svd fp32: {peft[1] / rows[1][1]:.1f}x the time, {peft[2] / rows[1][2]:.1f}x the memory"
               + (" (time extrapolated, memory of the smaller model)" if args.peft_layers else ""))
+        if not args.peft_layers:
+            print(f"computation alone: loratools blend() (read + blend + write) {ours_core[0]:.2f} s, PEFT "
+                  f"add_weighted_adapter {peft_core[0]:.1f} s: {peft_core[0] / ours_core[0]:.0f}x")
 
 
 if __name__ == "__main__":
