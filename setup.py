@@ -22,7 +22,7 @@ def extensions():
     use_cuda = _truthy("LORATOOLS_FORCE_CUDA") or (
         _torch_has_cuda() and ce.CUDA_HOME is not None
     )
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers need C++20
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext = ce.CUDAExtension(

@@ -75,6 +75,10 @@ class LoraModule:
                 f"but up {tuple(u.shape)} has rank {u.shape[1]}")
         if d.shape[0] < 1:
             raise ShapeMismatchError(f"module {n}: rank 0")
+        mid = self.mid
+        if mid is not None and (mid.dim() != 4 or tuple(mid.shape[:2]) != (u.shape[1], d.shape[0])):
+            raise ShapeMismatchError(f"module {n}: Tucker core must be [{u.shape[1]}, {d.shape[0]}, kh, kw], "
+                                     f"got {tuple(mid.shape)}")
 
     @property
     def weight_shape(self) -> Tuple[int, ...]:
@@ -82,6 +86,8 @@ class LoraModule:
         if self.kind == "embedding":
             return (int(self.down.shape[1]), int(self.up.shape[0]))
         if self.kind == "conv":
+            if self.mid is not None:  # Tucker: down [r, in, 1, 1], mid [r, r, kh, kw]
+                return (int(self.up.shape[0]), int(self.down.shape[1])) + tuple(int(x) for x in self.mid.shape[2:])
             return (int(self.up.shape[0]),) + tuple(int(x) for x in self.down.shape[1:])
         out, inp = int(self.up.shape[0]), int(self.down.shape[1])
         return (inp, out) if self.fan_in_fan_out else (out, inp)

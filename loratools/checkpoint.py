@@ -6,10 +6,13 @@ memory at a time), keeping the shard layout and index and copying the folder's o
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import queue
 import shutil
+import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -25,6 +28,9 @@ class Checkpoint:
     """A model folder (or a single .safetensors file), read lazily."""
 
     def __init__(self, path: str):
+        if not os.path.exists(os.fspath(path)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
+            from .hub import local_path
+            path = local_path(path, kind="model")
         path = os.path.abspath(os.fspath(path))
         if not os.path.exists(path):
             raise InputNotFoundError(f"{path}: no such file or folder")
@@ -60,10 +66,10 @@ class Checkpoint:
                 with open(self.index_file, encoding="utf-8") as f:
                     self.index = json.load(f)
                 shards = sorted(set(self.index["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise FormatError(f"{self.index_file}: not a valid shard index ({e.__class__.__name__})") from None
             for s in shards:
-                if os.path.basename(s) != s or not os.path.isfile(os.path.join(self.folder, s)):
+                if not isinstance(s, str) or os.path.basename(s) != s or not os.path.isfile(os.path.join(self.folder, s)):
                     raise FormatError(f"{self.index_file}: shard {s!r} is missing")
             return shards
         files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.folder, "*.safetensors")))
@@ -119,32 +125,130 @@ def copy_other_files(src_folder: str, dst_folder: str, skip: List[str]) -> None:
             shutil.copy2(s, d)
 
 
+class _PipelinedWriter:
+    """Writes on a background thread while the caller reads and merges the next tensor.
+
+    Two scratch buffers alternate: a buffer goes back to the reader only after the tensor read
+    into it has been written. File writes, reads and the merge kernel all release the GIL, so
+    on two cores the write of one tensor overlaps the read and merge of the next.
+    """
+
+    def __init__(self, writer: safetensors_io.StreamingWriter, scratch: safetensors_io.ScratchBuffer):
+        self.writer = writer
+        self.free: "queue.Queue" = queue.Queue()
+        for buf in (scratch, safetensors_io.ScratchBuffer()):
+            self.free.put(buf)
+        self.work: "queue.Queue" = queue.Queue(maxsize=1)
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="loratools-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.work.get()
+            if item is None:
+                return
+            kind, name, payload, buf = item
+            try:
+                if self.error is None:
+                    if kind == "copy":
+                        self.writer.copy_from(name, payload)
+                    else:
+                        self.writer.write(name, payload)
+            except BaseException as e:  # reported to the caller on its next call
+                self.error = e
+            finally:
+                if buf is not None:
+                    self.free.put(buf)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def buffer(self) -> safetensors_io.ScratchBuffer:
+        self._check()
+        return self.free.get()
+
+    def submit(self, kind: str, name: str, payload, buf) -> None:
+        self._check()
+        self.work.put((kind, name, payload, buf))
+
+    def finish(self) -> None:
+        self.work.put(None)
+        self.thread.join()
+        self._check()
+
+    def stop(self) -> None:
+        self.error = self.error or RuntimeError("stopped")
+        while self.thread.is_alive():
+            try:
+                self.work.put(None, timeout=0.1)
+            except queue.Full:
+                continue
+            self.thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _one_core_for_io():
+    """Leave one core to the writer thread: OpenMP workers that share a core with it spin-wait
+    at every barrier, which made the merge kernel several times slower on two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
+                 out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None,
+                 unchanged: Optional[Callable[[str], bool]] = None,
+                 scratch: Optional[safetensors_io.ScratchBuffer] = None) -> int:
+    """Stream one safetensors file through `transform` into `dst` (same names, order and metadata);
+    see `rewrite`. Returns the bytes of tensor data written."""
+    scratch = scratch if scratch is not None else safetensors_io.ScratchBuffer()
+    with SafetensorsFile(src) as f, _one_core_for_io():
+        names = f.keys()
+        entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
+        writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
+        pipe = _PipelinedWriter(writer, scratch)
+        try:
+            for name in names:
+                if unchanged is not None and unchanged(name) and out_dtype(name) == f.tensors[name].dtype:
+                    pipe.submit("copy", name, f, None)
+                else:
+                    buf = pipe.buffer()
+                    pipe.submit("write", name, transform(name, f.read(name, buf)), buf)
+                if on_tensor:
+                    on_tensor(name)
+            pipe.finish()
+            writer.close()
+        except BaseException:
+            pipe.stop()
+            writer.abort()
+            raise
+    return writer.data_size
+
+
 def rewrite(ckpt: Checkpoint, dst_folder: str,
             transform: Callable[[str, torch.Tensor], torch.Tensor],
             out_dtype: Callable[[str], torch.dtype],
             on_tensor: Optional[Callable[[str], None]] = None,
-            copy_others: bool = True) -> None:
+            copy_others: bool = True,
+            unchanged: Optional[Callable[[str], bool]] = None) -> None:
     """Write `transform(name, tensor)` for every tensor into `dst_folder`, shard by shard.
 
     `out_dtype(name)` must say up front what dtype each output tensor will have, so the
     header can be written before the data. `on_tensor` is called after each tensor (progress).
+    Tensors for which `unchanged(name)` is true (and whose dtype stays) are copied byte for byte
+    without being read into memory. The tensor handed to `transform` lives in a reused buffer:
+    it is valid only until `transform` returns (copy it to keep it).
     """
     total = 0
+    scratch = safetensors_io.ScratchBuffer()
     for shard in ckpt.shards:
-        with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
-            names = f.keys()
-            entries = [(n, out_dtype(n), ckpt.shape(n)) for n in names]
-            total += sum(safetensors_io.nbytes(d, s) for _, d, s in entries)
-            writer = safetensors_io.StreamingWriter(os.path.join(dst_folder, shard), entries, f.metadata or None)
-            try:
-                for name in names:
-                    writer.write(name, transform(name, f.read(name)))
-                    if on_tensor:
-                        on_tensor(name)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+        total += rewrite_file(os.path.join(ckpt.folder, shard), os.path.join(dst_folder, shard),
+                              transform, out_dtype, on_tensor, unchanged, scratch)
     if ckpt.index is not None:
         index = dict(ckpt.index)
         index["metadata"] = dict(index.get("metadata") or {}, total_size=total)

@@ -20,7 +20,8 @@ def lowrank_svd(up: torch.Tensor, down: torch.Tensor) -> Tuple[torch.Tensor, tor
     up, down = up.float(), down.float()
     qb, rb = torch.linalg.qr(up)          # up = qb rb, qb [out, R]
     qa, ra = torch.linalg.qr(down.t())    # down.T = qa ra, qa [in, R]
-    u, s, vh = torch.linalg.svd(rb @ ra.t())
+    # thin SVD: with full_matrices the small factors get extra columns with no singular value
+    u, s, vh = torch.linalg.svd(rb @ ra.t(), full_matrices=False)
     return qb @ u, s, vh @ qa.t()
 
 

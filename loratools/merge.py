@@ -6,6 +6,7 @@ temporary folder beside the target and renamed into place only when complete.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -16,12 +17,14 @@ from . import ops
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, rewrite
-from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
+from .errors import IncompatibleError, NonFiniteError, UsageError
 from .formats import read_adapter
+from .validate import check_adapter, check_base, extra_target, raise_errors
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_FP32_MAX = torch.finfo(torch.float32).max
 
 AdapterLike = Union[str, os.PathLike, LoraAdapter]
 
@@ -58,45 +61,25 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
         raise UsageError(f"unknown dtype {name!r}: use fp32, bf16 or fp16") from None
 
 
-def extra_target(name: str) -> str:
-    """PEFT saves a resized embedding as `<module>.base_layer.weight`: it replaces `<module>.weight`."""
-    return name.replace(".base_layer.", ".")
-
-
 def plan_merge(ckpt: Checkpoint, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
-    """Match every module to a base weight and check shapes; raise before anything is written."""
+    """Match every module to a base weight and run `validate`'s checks; raise before anything is written."""
     plan = MergePlan(adapters=list(adapters))
-    missing: List[str] = []
-    for adapter, weight in adapters:
+    for i, (adapter, weight) in enumerate(adapters):
+        where = f"adapter {i + 1} of {len(adapters)}" if len(adapters) > 1 else ""
+        raise_errors(check_adapter(adapter) + check_base(adapter, ckpt), where)
         for m in adapter:
-            target = m.name + ".weight"
-            if target not in ckpt:
-                missing.append(m.name)
-                continue
-            if tuple(ckpt.shape(target)) != tuple(m.weight_shape):
-                raise ShapeMismatchError(
-                    f"module {m.name}: the adapter's update has shape {tuple(m.weight_shape)} but the base weight "
-                    f"{target} has shape {tuple(ckpt.shape(target))} (adapter for another model?)")
-            if ckpt.dtype(target) not in _FLOATS:
-                raise IncompatibleError(f"module {m.name}: base weight dtype {ckpt.dtype(target)} cannot be merged into")
             if m.is_dora and weight < 0:
                 raise UsageError(f"module {m.name}: a DoRA merge cannot be undone with a negative weight "
                                  "(its magnitude replaces the row norms); keep the unmerged base instead")
             if m.is_dora and m.kind == "embedding":
                 raise IncompatibleError(f"module {m.name}: DoRA on embeddings is not supported")
-            plan.terms.setdefault(target, []).append(Term(m, float(weight)))
+            term = Term(m, float(weight))
+            if abs(term.coeff) > _FP32_MAX:
+                raise UsageError(f"module {m.name}: weight {weight:g} times the module's scale {m.scale:g} "
+                                 "is beyond float32's range")
+            plan.terms.setdefault(m.name + ".weight", []).append(term)
         for name, tensor in adapter.extra.items():
-            target = extra_target(name)
-            if target not in ckpt:
-                missing.append(name)
-            elif tuple(ckpt.shape(target)) != tuple(tensor.shape):
-                raise ShapeMismatchError(f"{name}: the adapter's tensor has shape {tuple(tensor.shape)} but the base "
-                                         f"has {tuple(ckpt.shape(target))}")
-            else:
-                plan.replace[target] = tensor
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise IncompatibleError(f"{len(missing)} adapter module(s) match no weight in the base: {shown}")
+            plan.replace[extra_target(name)] = tensor
     return plan
 
 
@@ -142,16 +125,55 @@ def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s): give one --weight per adapter")
-    return [(read_adapter(a), float(w)) for a, w in zip(adapters, weights)]
+    if not all(math.isfinite(float(w)) for w in weights):
+        raise UsageError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
+    # plan_merge runs the checks (also on adapters given as objects), so read without them
+    return [(read_adapter(a, check=False), float(w)) for a, w in zip(adapters, weights)]
+
+
+def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]], replacement: Optional[torch.Tensor],
+                 target: torch.dtype, check_finite: bool = True) -> torch.Tensor:
+    """One merged tensor in dtype `target`: the replacement (if any) plus the terms. May modify `tensor`."""
+    if replacement is not None:  # never modify the adapter's own tensor in place
+        tensor = replacement.clone()
+    if terms:
+        # merge at the wider of the two dtypes, round once into the output dtype
+        work = torch.float32 if target != tensor.dtype else tensor.dtype
+        merged = apply_terms(tensor.to(work), terms).to(target)
+        if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
+            raise NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was "
+                                 "written (check the adapter and the weights)")
+        return merged
+    out = tensor.to(target)
+    if check_finite and out.dtype != tensor.dtype and not ops.all_finite(out) and ops.all_finite(tensor):
+        raise NonFiniteError(f"converting {name} to {target} overflowed to Inf; nothing was written "
+                             "(choose a wider --dtype)")
+    return out
+
+
+def open_base(base):
+    """A Checkpoint for model folders, or a diffusion base (pipeline folder / single-file SD checkpoint)."""
+    if isinstance(base, Checkpoint) or not isinstance(base, (str, os.PathLike)):
+        return base
+    if not os.path.exists(os.fspath(base)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
+        from .hub import local_path
+        base = local_path(base, kind="model")
+    from . import merge_diffusion  # late: it builds on this module
+    return merge_diffusion.open_diffusion_base(base) or Checkpoint(base)
 
 
 def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterLike], output: Union[str, os.PathLike],
           weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None, overwrite: bool = False,
           check_finite: bool = True, progress: Optional[Callable[[str], None]] = None) -> MergePlan:
-    """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the checkpoint at `base`
-    and write the result to `output`. Returns the plan that was carried out."""
+    """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the base at `base` (model
+    folder, diffusers pipeline folder or single-file SD checkpoint) and write the result to `output`.
+    Returns the plan that was carried out."""
     out_dtype = parse_dtype(dtype)
-    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    ckpt = open_base(base)
+    if not isinstance(ckpt, Checkpoint):
+        from . import merge_diffusion
+        return merge_diffusion.merge_diffusion(ckpt, _load(adapters, weights), output, out_dtype, overwrite,
+                                               check_finite, progress)
     check_output(output, overwrite)
     if os.path.abspath(output) == ckpt.folder:
         raise UsageError("the output must not be the base folder itself")
@@ -162,27 +184,18 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
         return out_dtype if (out_dtype is not None and src in _FLOATS) else src
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name in plan.replace:  # never modify the adapter's own tensor in place
-            tensor = plan.replace[name].clone()
-        target = dtype_of(name)
-        terms = plan.terms.get(name)
-        if terms:
-            # merge at the wider of the two dtypes, round once into the output dtype
-            work = torch.float32 if target != tensor.dtype else tensor.dtype
-            merged = apply_terms(tensor.to(work), terms)
-            if check_finite and not torch.isfinite(merged).all():
-                raise NonFiniteError(f"merging into {name} produced NaN or Inf; nothing was written "
-                                     "(check the adapter and the weights)")
-            return merged.to(target)
-        return tensor.to(target)
+        return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name), check_finite)
 
     with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
-        rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress)
+        rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
+                unchanged=lambda n: n not in plan.terms and n not in plan.replace)
     return plan
 
 
 def describe(base: Union[str, os.PathLike], adapters: Sequence[AdapterLike],
-             weights: Optional[Sequence[float]] = None) -> Tuple[Checkpoint, MergePlan]:
-    """Plan a merge without writing anything (for --dry-run)."""
-    ckpt = Checkpoint(base)
+             weights: Optional[Sequence[float]] = None):
+    """Plan a merge without writing anything (for --dry-run). Returns (base, plan)."""
+    ckpt = open_base(base)
+    if not isinstance(ckpt, Checkpoint):
+        return ckpt, ckpt.plan(_load(adapters, weights))
     return ckpt, plan_merge(ckpt, _load(adapters, weights))

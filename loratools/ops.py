@@ -20,6 +20,14 @@ try:  # the extension registers torch.ops.loratools.* on import
 except ImportError:  # built without the extension (LORATOOLS_NO_EXTENSION=1) or not built yet
     HAVE_EXTENSION = False
 
+if HAVE_EXTENSION:
+    # Shape-only implementation for FakeTensor / torch.compile tracing: the op mutates `weight` in
+    # place and returns nothing, so there is nothing to allocate.
+    @torch.library.register_fake("loratools::merge_")
+    def _merge_fake(weight: torch.Tensor, ups: list[torch.Tensor], downs: list[torch.Tensor],
+                    coeffs: list[float]) -> None:
+        return None
+
 _warned = False
 
 
@@ -75,3 +83,12 @@ def merge_(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[to
         return weight
     _warn_fallback()
     return merge_reference_(weight, ups, downs, coeffs)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf. aminmax propagates NaN and is several times faster
+    than isfinite().all() on bf16 CPU tensors."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))

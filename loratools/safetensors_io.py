@@ -37,7 +37,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 class TensorInfo:
@@ -79,7 +79,7 @@ class SafetensorsFile:
         raw = self._f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, absurd numbers or nesting
             raise self._bad(f"header is not JSON ({e.__class__.__name__})") from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
@@ -120,9 +120,12 @@ class SafetensorsFile:
         """Names in file order (by offset), the order that reads fastest."""
         return [t.name for t in sorted(self.tensors.values(), key=lambda t: (t.begin, t.name))]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, scratch: Optional["ScratchBuffer"] = None) -> torch.Tensor:
+        """The tensor `name`. With `scratch`, the bytes land in a reused buffer (valid until the
+        next read into it): fresh memory costs a page fault per 4 KiB, which dominates big copies."""
         info = self.tensors[name]
-        buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
+        size = info.end - info.begin
+        buf = scratch.get(size) if scratch is not None else torch.empty(size, dtype=torch.uint8)
         self._f.seek(self.data_start + info.begin)
         if buf.numel() and self._f.readinto(buf.numpy()) != buf.numel():
             raise self._bad(f"tensor {name!r} is truncated")
@@ -136,6 +139,18 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ScratchBuffer:
+    """A grow-only byte buffer reused across reads."""
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, size: int) -> torch.Tensor:
+        if self._buf.numel() < size:
+            self._buf = torch.empty(size, dtype=torch.uint8)
+        return self._buf[:size]
 
 
 def load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -163,27 +178,57 @@ class StreamingWriter:
         self.data_size = offset
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        self._f = open(path, "wb", buffering=0)  # unbuffered: large writes go straight through
+        self._write_all(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
+    def _write_all(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self._f.write(view):]
+
+    def _expect(self, name: str, dtype: torch.dtype, shape) -> None:
+        want_name, want_dtype, want_shape, _ = self._order[self._next]
+        if name != want_name or dtype != want_dtype or tuple(shape) != want_shape:
+            raise ValueError(f"writer expected {want_name} {want_dtype} {want_shape}, got {name} {dtype} {tuple(shape)}")
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        want_name, dtype, shape, size = self._order[self._next]
-        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"writer expected {want_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._expect(name, tensor.dtype, tensor.shape)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
-            self._f.write(memoryview(data.numpy()))
+            self._write_all(data.numpy())
+        self._next += 1
+
+    def copy_from(self, name: str, src: "SafetensorsFile") -> None:
+        """Copy a tensor's bytes unchanged from another file, in the kernel where possible.
+        Positional reads only (no seek), so it may run while another thread reads `src`."""
+        info = src.tensors[name]
+        self._expect(name, info.dtype, info.shape)
+        offset, left = src.data_start + info.begin, info.end - info.begin
+        fast = True
+        while left > 0:
+            n = 0
+            if fast:
+                try:
+                    n = os.copy_file_range(src._f.fileno(), self._f.fileno(), left, offset)
+                except OSError:  # e.g. across file systems on old kernels: plain reads and writes
+                    n = 0
+                fast = n > 0
+            if not fast:
+                chunk = os.pread(src._f.fileno(), min(left, 64 << 20), offset)
+                if not chunk:
+                    raise FormatError(f"{src.path}: tensor {name!r} is truncated")
+                self._write_all(chunk)
+                n = len(chunk)
+            offset, left = offset + n, left - n
         self._next += 1
 
     def close(self) -> None:
-        if self._next != len(self._order):
-            self._f.close()
-            raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        # no fsync: like save_pretrained we rely on the OS for durability; atomicity comes from
+        # the rename of a complete temporary output
         self._f.close()
+        if self._next != len(self._order):
+            raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
 
     def abort(self) -> None:
         self._f.close()

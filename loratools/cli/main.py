@@ -8,12 +8,19 @@ import sys
 
 import click
 
+from .. import __version__
 from ..errors import LoraToolsError
 
 # command name -> module in loratools.cli that defines a click command called `command`
 COMMANDS = {
     "merge": "merge",
     "blend": "blend",
+    "convert": "convert",
+    "inspect": "inspect",
+    "validate": "validate",
+    "pull": "pull",
+    "push": "push",
+    "resize": "resize", "extract": "extract",
 }
 
 
@@ -30,7 +37,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="loratools")
+@click.version_option(version=__version__, prog_name="loratools")
 def cli():
     """Merge, blend, resize, extract, convert and inspect LoRA adapters."""
 
@@ -47,12 +54,20 @@ def main(argv=None) -> int:
     """Entry point: runs the group and maps failures to a one-line message and an exit code."""
     signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up temporary outputs on SIGTERM too
     try:
-        cli.main(args=argv, prog_name="loratools", standalone_mode=False)
+        # not cli.main(): it turns KeyboardInterrupt into Abort after printing a blank line
+        args = sys.argv[1:] if argv is None else list(argv)
+        with cli.make_context("loratools", args) as ctx:
+            cli.invoke(ctx)
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.ClickException as e:  # usage errors: click's own one-line message
-        e.show()
+    except click.ClickException as e:  # click's usage errors, on one line like ours (exit 2)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `loratools`: the help is the answer
+            click.echo(e.format_message(), err=True)
+            return e.exit_code
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""
+        click.echo(f"loratools: error: {' '.join(e.format_message().split())}{hint}", err=True)
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("loratools: aborted", err=True)
@@ -65,6 +80,13 @@ def main(argv=None) -> int:
             raise
         click.echo(f"loratools: error: {e}", err=True)
         return e.exit_code
+    except OSError as e:  # disk full, permission denied …: which file and why, on one line
+        if _debug():
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        why = e.strerror or (str(e).splitlines() or [e.__class__.__name__])[0]
+        click.echo(f"loratools: error: {where}{why}", err=True)
+        return 1
     except Exception as e:  # an unexpected failure still gets one line
         if _debug():
             raise

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..merge import describe, merge as run_merge
-from ..checkpoint import Checkpoint
+from .. import hub
+from .. import push as push_mod
+from ..merge import describe, merge as run_merge, open_base
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
 
@@ -18,30 +19,44 @@ from .common import output_option, overwrite_option, progress_bar, quiet_option,
               help="Dtype of the output's floating tensors (default: keep each tensor's dtype).")
 @click.option("--dry-run", is_flag=True, help="Print what would be merged and write nothing.")
 @click.option("--no-check-finite", is_flag=True, help="Skip the NaN/Inf check of merged weights.")
+@click.option("--push", "push_to", metavar="REPO_ID", default=None,
+              help="Also upload the merged model to this Hub repository, with a model card, in one commit.")
+@click.option("--private", is_flag=True, help="With --push: create the repository as private.")
 @overwrite_option
 @quiet_option
-def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, overwrite, quiet):
-    """Merge one or more LoRA ADAPTERS into the BASE model folder and write the merged model to OUTPUT.
+def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, push_to, private, overwrite, quiet):
+    """Merge one or more LoRA ADAPTERS into the BASE model and write the merged model to OUTPUT.
 
-    Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
+    BASE is a model folder, a diffusers pipeline folder (model_index.json; adapter modules named
+    unet.…, text_encoder.…) or a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
+    one file). Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
     """
+    if push_to:
+        push_to = hub.check_repo_id(push_to)
+        hub.check_online(push_to)  # fail before merging, not after
     if dry_run:
         ckpt, plan = describe(base, adapters, list(weights))
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
         click.echo(table(rows, ["adapter", "format", "modules", "weight", "rank", "extra tensors"]))
-        click.echo(f"base: {ckpt.folder} ({len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
+        kind = getattr(ckpt, "kind", "") or "model folder"
+        click.echo(f"base: {ckpt.folder} ({kind}, {len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
                    f"output {output} ({dtype or 'same dtypes'}); nothing written (dry run)")
         return
-    ckpt = Checkpoint(base)
+    ckpt = open_base(base)  # also resolves a Hub reference
     with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
         plan = run_merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
                                progress=lambda _name: bar.update(1))
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
                f"weight(s); wrote {output}", err=True)
+    if push_to:
+        card = push_mod.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
+        info = push_mod.execute(push_mod.plan_folder_push(output, push_to, card), private=private,
+                                commit_message=f"Upload merged model ({len(adapters)} adapter(s)) with loratools")
+        click.echo(f"pushed {output} to {push_to}: {info.commit_url}", err=True)
 
 
 def _rank_range(adapter) -> str:

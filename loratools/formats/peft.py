@@ -51,21 +51,62 @@ def read_config(folder: str) -> dict:
             config = json.load(f)
     except FileNotFoundError:
         raise InputNotFoundError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: invalid JSON ({e})") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, expected a JSON file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd numbers or nesting
+        raise FormatError(f"{path}: invalid JSON ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(config, dict):
         raise FormatError(f"{path}: expected a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise FormatError(f"{path}: peft_type {peft_type} is not LoRA; loratools handles LoRA adapters only")
+    check_config(config, path)
     return config
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_config(config: dict, path: str) -> None:
+    """The fields `read` uses have the types PEFT gives them; anything else is a broken config."""
+    def bad(field, why):
+        return FormatError(f"{path}: {field} {why}")
+
+    if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] > 0):
+        raise bad("r", f"must be a positive integer, got {config['r']!r}")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise bad("lora_alpha", f"must be a finite number, got {config['lora_alpha']!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise bad(field, "must be an object mapping module patterns to numbers")
+        for key, value in patterns.items():
+            if not _is_number(value) or (field == "rank_pattern" and (value != int(value) or value <= 0)):
+                raise bad(field, f"has an invalid value {value!r} for {key!r}")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise bad(field, f"key {key!r} is not a valid pattern ({e})") from None
+    for field in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise bad(field, f"must be true or false, got {config[field]!r}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise bad("base_model_name_or_path", f"must be a string, got {base!r}")
 
 
 def read_tensors(folder: str) -> tuple:
     st, binp = os.path.join(folder, WEIGHTS), os.path.join(folder, WEIGHTS_BIN)
-    if os.path.isfile(st):
+    if os.path.lexists(st):
         return safetensors_io.load(st)
-    if os.path.isfile(binp):
+    if os.path.lexists(binp):
+        if os.path.isdir(binp):
+            raise FormatError(f"{binp}: is a directory, expected a file")
         try:  # never full pickle: weights_only refuses arbitrary objects
             sd = torch.load(binp, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -92,6 +133,9 @@ def read(folder: str) -> LoraAdapter:
                     kinds[module] = kind
                 break
         else:
+            if ".lora_" in name:  # a LoRA tensor we do not understand (lora_bias, lora_C …): never drop it
+                raise FormatError(f"{folder}: unknown LoRA tensor {key} (loratools reads lora_A/lora_B, "
+                                  "lora_embedding_A/B and lora_magnitude_vector)")
             extra[name] = tensor
     default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
     alpha_pattern = config.get("alpha_pattern") or {}

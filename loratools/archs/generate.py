@@ -1,0 +1,138 @@
+"""Generate the module-name manifests of the known Stable Diffusion architectures.
+
+    python -m loratools.archs.generate            # rewrite loratools/archs/manifests/*.json.gz
+    python -m loratools.archs.generate --check    # exit 1 if the shipped files differ
+
+The public model configs are written below as literal dicts (from the `config.json` files of
+runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and
+stabilityai/stable-diffusion-xl-base-1.0); the models are instantiated on the meta device with
+diffusers / transformers, so nothing is downloaded and no memory is allocated. A manifest lists,
+per pipeline component, every weight of 2 or more dimensions (the ones a LoRA can target) with
+its shape, plus the UNet's original (LDM / SGM) names of the same modules, which kohya uses for SDXL.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import sys
+from typing import Dict, List
+
+from .ldm import ldm_unet_names, to_ldm
+
+MANIFEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "manifests")
+
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+              num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+OPEN_CLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, projection_dim=512,
+                   num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")
+OPEN_CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
+                      num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")
+
+UNET_SD1 = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
+    cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
+    norm_num_groups=32, out_channels=4, sample_size=64, up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+UNET_SD2 = dict(UNET_SD1, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, sample_size=96,
+                use_linear_projection=True, upcast_attention=True, dual_cross_attention=False)
+UNET_SDXL = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
+    cross_attention_dim=2048, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4,
+    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True)
+
+# arch -> component -> (class name, config)
+ARCHS = {
+    "sd1": {"unet": ("UNet2DConditionModel", UNET_SD1), "text_encoder": ("CLIPTextModel", CLIP_L)},
+    "sd2": {"unet": ("UNet2DConditionModel", UNET_SD2), "text_encoder": ("CLIPTextModel", OPEN_CLIP_H)},
+    "sdxl": {"unet": ("UNet2DConditionModel", UNET_SDXL), "text_encoder": ("CLIPTextModel", CLIP_L),
+             "text_encoder_2": ("CLIPTextModelWithProjection", OPEN_CLIP_BIGG)},
+}
+
+
+def build_meta(cls_name: str, config: dict):
+    """Instantiate a component on the meta device (no weights allocated)."""
+    import torch
+    if cls_name.startswith("UNet"):
+        import diffusers
+        with torch.device("meta"):
+            return getattr(diffusers, cls_name)(**config)
+    import transformers
+    cfg = transformers.CLIPTextConfig(**config)
+    with torch.device("meta"):
+        return getattr(transformers, cls_name)(cfg)
+
+
+def weight_shapes(model, comp: str) -> Dict[str, List[int]]:
+    """`module name -> weight shape` for every weight a LoRA can target (2-D or more), with the
+    canonical spelling of CLIP names whatever the installed transformers calls them."""
+    from . import canonical
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".weight") and p.dim() >= 2:
+            full = canonical(f"{comp}.{name[: -len('.weight')]}")
+            out[full[len(comp) + 1:]] = list(p.shape)
+    return dict(sorted(out.items()))
+
+
+def build_manifest(arch: str) -> dict:
+    components = {}
+    sgm = {}
+    for comp, (cls_name, config) in ARCHS[arch].items():
+        model = build_meta(cls_name, config)
+        shapes = weight_shapes(model, comp)
+        components[comp] = shapes
+        if cls_name.startswith("UNet"):
+            table = ldm_unet_names(config)
+            sgm[comp] = {to_ldm(n, table): n for n in shapes}
+    return {"arch": arch, "components": components, "ldm": sgm}
+
+
+def encode(manifest: dict) -> bytes:
+    """Deterministic gzip (no timestamp, no file name) so the check can compare bytes."""
+    raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as f:
+        f.write(raw)
+    return buf.getvalue()
+
+
+def manifest_path(arch: str) -> str:
+    return os.path.join(MANIFEST_DIR, f"{arch}.json.gz")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare with the shipped files, write nothing")
+    args = ap.parse_args(argv)
+    stale = []
+    for arch in ARCHS:
+        data = encode(build_manifest(arch))
+        path = manifest_path(arch)
+        if args.check:
+            try:
+                with open(path, "rb") as f:
+                    same = f.read() == data
+            except FileNotFoundError:
+                same = False
+            if not same:
+                stale.append(path)
+        else:
+            os.makedirs(MANIFEST_DIR, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+            print(f"wrote {path} ({len(data)} bytes)")
+    if stale:
+        print("stale manifests (run python -m loratools.archs.generate): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""`loratools extract BASE TUNED -o OUT --rank K`"""
+from __future__ import annotations
+
+import click
+
+from ..atomic import check_output
+from ..archs import COMPONENTS
+from ..checkpoint import Checkpoint
+from ..formats import WRITABLE
+from ..extract import SVD_METHODS, extract
+from ..resize import check_rank_options
+from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
+from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
+
+
+@click.command("extract")
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@output_option
+@click.option("--rank", type=int, required=True, help="Rank of every module (with --dynamic: the cap).")
+@conv_rank_option
+@dynamic_option
+@param_option
+@click.option("--min-diff", type=float, default=0.0, show_default=True,
+              help="Skip weights whose largest absolute difference is at most this.")
+@click.option("--include", multiple=True, help="Only modules whose name matches this regex (repeatable).")
+@click.option("--exclude", multiple=True, help="Skip modules whose name matches this regex (repeatable).")
+@click.option("--embeddings", is_flag=True, help="Also extract embeddings and lm_head (skipped by default).")
+@click.option("--to", "to", type=click.Choice(WRITABLE), default="peft", show_default=True, help="Output format.")
+@click.option("--component", type=click.Choice(COMPONENTS), default=None,
+              help="Prefix module names with a pipeline component (kohya / diffusers output of a unet/ folder).")
+@click.option("--base-model-name", default=None,
+              help="base_model_name_or_path to record (default: the BASE path).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Dtype of the adapter's factors.")
+@click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
+              help="auto: randomized SVD for large matrices, exact for small ones.")
+@click.option("--power-iters", type=int, default=4, show_default=True, help="Power iterations of the randomized SVD.")
+@format_option
+@overwrite_option
+@quiet_option
+def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, include, exclude, embeddings, to,
+            component, base_model_name, dtype, svd, power_iters, fmt, overwrite, quiet):
+    """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
+    weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. Example:
+
+    \b
+      loratools extract base_model/ finetuned/ -o extracted/ --rank 32
+    """
+    check_rank_options(rank, conv_rank, dynamic, param)
+    check_output(output, overwrite)
+    ckpt = Checkpoint(base)
+    with progress_bar(len(ckpt.infos), "extracting", quiet) as bar:
+        result = extract(
+            base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
+            include=include, exclude=exclude, embeddings=embeddings, to=to, base_model_name=base_model_name,
+            dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite, progress=lambda _name: bar.update(1))
+    if fmt == "json":
+        emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
+                   "modules": [dict(m.as_dict(), svd=result.methods[m.name]) for m in result.modules],
+                   "skipped": result.skipped})
+    else:
+        rows = [r[:2] + r[3:] + [result.methods[m.name]] for r, m in zip(report_rows(result.modules), result.modules)]
+        headers = REPORT_HEADERS[:2] + REPORT_HEADERS[3:] + ["svd"]
+        click.echo(table(rows, headers), err=True)
+    if not quiet:
+        for reason, names in result.skipped.items():
+            if reason.startswith("differs"):
+                click.echo(f"note: {len(names)} tensor(s) changed but were not extracted ({reason[len('differs but '):]}):"
+                           f" {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}", err=True)
+        click.echo(f"extracted {len(result.modules)} module(s) as {to}; average Frobenius norm retained "
+                   f"{result.average_fro_retained:.4f}; wrote {output}", err=True)

@@ -1,0 +1,98 @@
+"""`loratools inspect ADAPTER`: what an adapter holds, as a table or JSON."""
+from __future__ import annotations
+
+import math
+
+import click
+
+from ..formats import read_adapter
+from ..inspection import report
+from ..validate import check_adapter
+from .common import emit_json, table
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _json_safe(obj):
+    """NaN/Inf are not JSON: scripts get null (validate says what is wrong)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _spread_line(spread: dict) -> str:
+    if spread["common"] is None:
+        return "-"
+    line = _fmt(spread["common"])
+    differs = spread["differs"]
+    if differs:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(differs.items())[:3])
+        more = f" and {len(differs) - 3} more" if len(differs) > 3 else ""
+        line += f" ({len(differs)} module(s) differ, {_fmt(spread['min'])}..{_fmt(spread['max'])}: {shown}{more})"
+    return line
+
+
+def render(rep: dict, modules: bool) -> str:
+    lines = [
+        f"adapter     {rep['path']}",
+        f"format      {rep['format']}",
+        f"base model  {rep['base_model'] or '-'}",
+        f"modules     {rep['modules']}  kinds: " + ", ".join(f"{k} {v}" for k, v in rep["kinds"].items()),
+        "targets     " + (", ".join(f"{k} {v}" for k, v in rep["targets"].items()) or "-"),
+        f"rank        {_spread_line(rep['rank'])}",
+        f"alpha       {_spread_line(rep['alpha'])}",
+        f"scale       {_spread_line(rep['scale'])}" + ("  (rsLoRA: alpha/sqrt(r))" if True in rep["use_rslora"] else ""),
+        f"DoRA        {'yes' if rep['dora'] else 'no'}",
+        "dtype       " + ", ".join(f"{k} ({v} modules/tensors)" for k, v in rep["dtypes"].items()),
+        f"parameters  {rep['parameters']:,} ({rep['lora_parameters']:,} in LoRA factors)",
+        f"bytes       {_size(rep['bytes'])} of tensors, {_size(rep['disk_bytes'])} on disk",
+        f"|ΔW| total  {_fmt(rep['delta_norm_total'])}",
+    ]
+    if rep["extra"]:
+        lines.append("extra       " + ", ".join(f"{k} {tuple(v)}" for k, v in rep["extra"].items()))
+    if rep["problems"]:
+        lines.append(f"problems    {len(rep['problems'])} (run `loratools validate`): {rep['problems'][0]['message']}")
+    if modules and rep["module_list"]:
+        rows = [[r["name"], r["kind"], "x".join(map(str, r["weight_shape"])), r["rank"], _fmt(r["alpha"]),
+                 _fmt(r["scale"]), r["dtype"], r["parameters"], _fmt(r["delta_norm"])] for r in rep["module_list"]]
+        lines += ["", table(rows, ["module", "kind", "weight", "rank", "alpha", "scale", "dtype", "params", "|ΔW|"])]
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@click.argument("adapter", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A readable table or JSON (both on stdout).")
+@click.option("--summary", is_flag=True, help="Leave out the per-module table.")
+def command(adapter, fmt, summary):
+    """Show what ADAPTER holds: format, base model, modules, ranks and alphas (and where they
+    differ), scales, dtypes, parameters and bytes, target modules, and ‖ΔW‖ per module.
+
+    Reads the adapter only; it never needs the base model.
+    """
+    lora = read_adapter(adapter, check=False)  # show even a broken adapter; list its problems
+    rep = report(lora, path=adapter)
+    rep["problems"] = [f.as_dict() for f in check_adapter(lora)]
+    if fmt == "json":
+        if summary:
+            rep.pop("module_list")
+        emit_json(_json_safe(rep))
+    else:
+        click.echo(render(rep, modules=not summary))

@@ -1,0 +1,42 @@
+"""`loratools pull REPO_ID [-o DIR]`"""
+from __future__ import annotations
+
+import os
+
+import click
+
+from .. import hub
+from .common import emit_json, format_option, overwrite_option, table
+
+
+@click.command("pull")
+@click.argument("repo_id")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Copy the adapter's files into this folder (default: leave them in the Hugging Face cache).")
+@click.option("--revision", default=None, help="Branch, tag or commit (same as REPO_ID@REVISION).")
+@overwrite_option
+@format_option
+def command(repo_id, output, revision, overwrite, fmt):
+    """Download the LoRA adapter in REPO_ID (user/repo[@revision][/subfolder or /file.safetensors]),
+    detect its format and say what it is. Only the adapter's files are fetched. Prints the local path.
+
+    \b
+    loratools pull someone/llama-lora
+    loratools pull someone/llama-lora@v2 -o ./llama-lora
+    loratools pull someone/sdxl-loras/style.safetensors -o ./style
+    """
+    got = hub.pull(repo_id, output, overwrite, revision=revision)
+    a = got.adapter
+    ranks = sorted(set(a.ranks))
+    dtype = str(a.dtype()).replace("torch.", "")
+    files = {n: os.path.getsize(f) for n, f in got.files.items()}
+    if fmt == "json":
+        emit_json({"repo": repo_id, "revision": revision, "commit": got.commit, "format": a.format,
+                   "modules": len(a), "ranks": ranks, "dtype": dtype, "base_model": a.base_model,
+                   "extra_tensors": len(a.extra), "path": got.path, "files": files})
+        return
+    rank = "-" if not ranks else (str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}")
+    click.echo(table(list(files.items()), ["file", "bytes"]), err=True)
+    click.echo(f"{repo_id}: {a.format} adapter, {len(a)} module(s), rank {rank}, {dtype}"
+               f"{', base ' + a.base_model if a.base_model else ''}; commit {got.commit}", err=True)
+    click.echo(got.path)

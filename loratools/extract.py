@@ -1,0 +1,239 @@
+"""Extract a LoRA from a fine-tuned model: factor W_tuned − W_base for every weight that changed.
+
+Both checkpoints are streamed tensor by tensor (one base shard open, one pair of tensors in
+memory). The difference is factored in fp32: a randomized SVD with power iterations for large
+matrices, an exact SVD for small ones (and for sv_cumulative, which needs every σ). The result is
+the best rank-k approximation of the difference (up to the randomized SVD's accuracy), written
+as a PEFT adapter (alpha = rank, so the scale is 1) or any other format loratools writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .adapter import LoraAdapter, LoraModule
+from .atomic import check_output
+from .checkpoint import Checkpoint
+from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
+from .formats import WRITABLE, write_adapter
+from .provenance import stamp
+from .linalg import exact_svd, randomized_svd, select_rank, split_factors
+from .merge import parse_dtype
+from .resize import ModuleResize, check_rank_options, summarize
+from .safetensors_io import SafetensorsFile
+
+OVERSAMPLE = 10
+SVD_METHODS = ("auto", "exact", "randomized")
+# input and output embedding tables: large, rarely low-rank, skipped unless asked for
+_EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out|wte|wpe|shared|[^.]*embed[^.]*)$")
+_OUTPUT_EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out)$")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class ExtractResult:
+    adapter: LoraAdapter
+    modules: List[ModuleResize]  # old_rank is the difference's full rank bound min(out, in)
+    methods: Dict[str, str] = field(default_factory=dict)  # module -> "exact" | "randomized"
+    skipped: Dict[str, List[str]] = field(default_factory=dict)  # reason -> tensor names
+    output: Optional[str] = None
+
+    @property
+    def average_fro_retained(self) -> float:
+        return sum(m.fro_retained for m in self.modules) / len(self.modules) if self.modules else 1.0
+
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped.setdefault(reason, []).append(name)
+
+
+@dataclass
+class _Options:
+    rank: int
+    conv_rank: int
+    dynamic: Optional[str]
+    param: Optional[float]
+    min_diff: float
+    svd: str
+    n_iter: int
+    dtype: torch.dtype
+    prefix: str
+
+
+def is_embedding(module: str) -> bool:
+    return bool(_EMBEDDING.search(module))
+
+
+def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = None, param: Optional[float] = None,
+                      svd: str = "auto", n_iter: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, str]:
+    """(up, down, s, k, method): up @ down ≈ diff [rows, cols] at the chosen rank k ≤ cap, fp32.
+
+    With the randomized SVD only the leading σ are known; `s` then ends with one extra value, the
+    norm of the rest of the spectrum, so sv_fro and the retained norm still see ||diff||_F."""
+    diff = diff.float()
+    n = min(diff.shape)
+    cap = min(cap, n)
+    exact = svd == "exact" or (svd == "auto" and (dynamic == "sv_cumulative" or 4 * (cap + OVERSAMPLE) >= n))
+    if dynamic == "sv_cumulative" and not exact:
+        raise UsageError("sv_cumulative needs every singular value: use --svd exact or auto")
+    if exact:
+        u, s, vh = exact_svd(diff)
+    else:
+        u, s, vh = randomized_svd(diff, cap, oversample=OVERSAMPLE, n_iter=n_iter)
+        total = float(torch.linalg.vector_norm(diff.double()))
+        rest = max(total ** 2 - float((s.double() ** 2).sum()), 0.0) ** 0.5
+        s = torch.cat([s, s.new_tensor([rest])])
+    # the rest's norm counts for sv_fro's total only (it is not one σ: sv_ratio must not see it)
+    k = select_rank(s if exact or dynamic == "sv_fro" else s[:-1], rank=cap, rule=dynamic, param=param, max_rank=cap)
+    up, down = split_factors(u, s, vh, k)
+    return up, down, s, k, "exact" if exact else "randomized"
+
+
+def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
+    missing = [n for n in base.infos if n not in tuned.infos]
+    added = [n for n in tuned.infos if n not in base.infos]
+    if missing or added:
+        names = (missing or added)[:3]
+        raise IncompatibleError(
+            f"the checkpoints have different tensors ({len(missing)} only in base, {len(added)} only in tuned, "
+            f"e.g. {', '.join(names)}): extract needs two checkpoints of the same architecture")
+    for name, info in base.infos.items():
+        if tuple(info.shape) != tuple(tuned.infos[name].shape):
+            raise ShapeMismatchError(f"{name}: shape {tuple(info.shape)} in base but {tuple(tuned.infos[name].shape)} "
+                                     "in tuned: extract needs two checkpoints of the same architecture")
+        if (info.dtype in _FLOATS) != (tuned.infos[name].dtype in _FLOATS):  # a float minus an int means nothing
+            raise IncompatibleError(f"{name}: dtype {info.dtype} in base but {tuned.infos[name].dtype} in tuned: "
+                                    "extract needs two checkpoints of the same architecture")
+
+
+def _task_type(folder: str) -> Optional[str]:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            arch = (json.load(f).get("architectures") or [""])[0]
+    except (OSError, ValueError, AttributeError, TypeError, IndexError):
+        return None
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS")):
+        if str(arch).endswith(suffix):
+            return task
+    return None
+
+
+def _compile(patterns, option: str) -> List[re.Pattern]:
+    try:
+        return [re.compile(p) for p in patterns or ()]
+    except re.error as e:
+        raise UsageError(f"{option}: invalid regular expression ({e})") from None
+
+
+def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], output: Optional[Union[str, os.PathLike]] = None,
+            rank: int = 16, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
+            param: Optional[float] = None, min_diff: float = 0.0, include=None, exclude=None,
+            embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
+            dtype: str = "fp32", svd: str = "auto", n_iter: int = 4, component: Optional[str] = None,
+            overwrite: bool = False, progress: Optional[Callable[[str], None]] = None) -> ExtractResult:
+    """Factor `tuned − base` into a LoRA for every 2-D (and conv) weight whose largest absolute
+    difference exceeds `min_diff`. `include` / `exclude`: regexes searched in the module name.
+    Embeddings and lm_head only with `embeddings=True` (or when an `include` regex names them).
+    `component` (unet, text_encoder …) prefixes the module names, as kohya and diffusers files need."""
+    if rank is None:
+        raise UsageError("extract needs --rank (with --dynamic: the cap)")
+    check_rank_options(rank, conv_rank, dynamic, param)
+    if svd not in SVD_METHODS:
+        raise UsageError(f"unknown --svd {svd!r}: use one of {', '.join(SVD_METHODS)}")
+    if to not in WRITABLE:
+        raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
+    if min_diff < 0 or n_iter < 0:
+        raise UsageError("--min-diff and --power-iters must not be negative")
+    out_dtype = parse_dtype(dtype)
+    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    if output is not None:
+        check_output(output, overwrite)
+    cb, ct = Checkpoint(base), Checkpoint(tuned)
+    if cb.folder == ct.folder and cb.shards == ct.shards:
+        raise UsageError("base and tuned are the same checkpoint")
+    _check_pair(cb, ct)
+    config = {"task_type": _task_type(cb.folder)} if to == "peft" else {}
+    result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or os.path.abspath(os.fspath(base)),
+                                       config=config), [])
+    opts = _Options(rank, rank if conv_rank is None else conv_rank, dynamic, param, min_diff, svd, n_iter,
+                    out_dtype or torch.float32, f"{component}." if component else "")
+
+    def wanted(name: str) -> Optional[str]:
+        """None if the tensor is a candidate, else why not."""
+        module = name[: -len(".weight")]
+        if not name.endswith(".weight") or len(cb.shape(name)) not in (2, 4) or cb.dtype(name) not in _FLOATS:
+            return "not a 2-D or conv weight"
+        if exc and any(p.search(module) for p in exc):
+            return "excluded"
+        if inc and not any(p.search(module) for p in inc):
+            return "not included"
+        if is_embedding(module) and not embeddings and not inc:
+            return "embedding (use --embeddings)"
+        return None
+
+    with ExitStack() as stack:
+        tuned_files: Dict[str, SafetensorsFile] = {}
+
+        def read_tuned(name: str) -> torch.Tensor:
+            shard = ct.shard_of[name]
+            if shard not in tuned_files:
+                tuned_files[shard] = stack.enter_context(SafetensorsFile(os.path.join(ct.folder, shard)))
+            return tuned_files[shard].read(name)
+
+        for shard in cb.shards:
+            with SafetensorsFile(os.path.join(cb.folder, shard)) as fb:
+                for name in fb.keys():
+                    why = wanted(name)
+                    if why in ("excluded", "not included"):
+                        result.skip(why, name)
+                    else:
+                        _one(opts, name, why, fb.read(name), read_tuned(name), result)
+                    if progress:
+                        progress(name)
+    if not result.modules:
+        raise UsageError(f"no weight differs by more than --min-diff {min_diff} between the checkpoints: nothing to extract")
+    result.adapter.metadata = stamp(result.adapter.metadata, "extract", [base, tuned], rank=rank,
+                                    conv_rank=conv_rank, dynamic=dynamic, param=param, svd=svd)
+    if output is not None:
+        result.output = write_adapter(result.adapter, output, format=to, overwrite=overwrite,
+                                      metadata=result.adapter.metadata)
+    return result
+
+
+def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torch.Tensor, result: ExtractResult) -> None:
+    """Factor one tensor pair into the result (or record why not)."""
+    if why is not None:  # still say when something we do not extract has changed
+        if b.is_floating_point() and not torch.equal(b.to(t.dtype), t):
+            result.skip(f"differs but {why}", name)
+        return
+    diff = t.float() - b.float()
+    if not torch.isfinite(diff).all():
+        raise NonFiniteError(f"{name}: the difference contains NaN or Inf; nothing was written")
+    max_diff = float(diff.abs().max()) if diff.numel() else 0.0
+    if max_diff <= opts.min_diff:
+        result.skip("unchanged" if max_diff == 0 else "below --min-diff", name)
+        return
+    module = name[: -len(".weight")]
+    conv = diff.dim() == 4
+    kind = "conv" if conv else ("embedding" if is_embedding(module) and not _OUTPUT_EMBEDDING.search(module)
+                                else "linear")
+    # PEFT stores an embedding's LoRA transposed: ΔW.T = B @ A with A [r, num_embeddings]
+    mat = diff.t() if kind == "embedding" else diff.reshape(diff.shape[0], -1)
+    up, down, s, k, method = factor_difference(mat, opts.conv_rank if conv else opts.rank, opts.dynamic, opts.param,
+                                               opts.svd, opts.n_iter)
+    if conv:
+        up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape((k,) + tuple(diff.shape[1:]))
+    module = opts.prefix + module
+    result.adapter.add(LoraModule(module, down.to(opts.dtype).contiguous(), up.to(opts.dtype).contiguous(), alpha=float(k),
+                                  kind=kind))
+    exact = method == "exact"
+    fro, sm, ratio = summarize(s, k) if exact else summarize(s[:-1], k, float(torch.linalg.vector_norm(s.double())))
+    result.modules.append(ModuleResize(module, kind, min(mat.shape), k, fro, sm, ratio,
+                                       (s if exact else s[:-1]).tolist()))
+    result.methods[module] = method

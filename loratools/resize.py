@@ -1,0 +1,189 @@
+"""Resize an adapter's rank: the best rank-k approximation of each module's ΔW.
+
+The SVD comes from the factors through the QR trick (`linalg.lowrank_svd`), in fp32, so the
+dense out×in matrix is never built. Singular values are split as S^½ into both factors and the
+module keeps its scale (alpha follows the new rank: alpha' = s·k, kohya's rule), so
+`scale' · up' @ down'` is the rank-k truncation of `scale · up @ down`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .adapter import LoraAdapter, LoraModule
+from .atomic import atomic_output, check_output
+from .errors import LoraToolsError, NonFiniteError, UsageError
+from .formats import read_adapter, write_adapter
+from .provenance import stamp
+from .linalg import effective_alpha, lowrank_svd, retained, select_rank, split_factors
+
+# metadata that describes the old ranks or the old bytes; the format's writer fills in new values
+_STALE_METADATA = re.compile(r"^(ss_network_dim|ss_network_alpha|sshs_.*|modelspec\.hash_.*)$")
+
+
+@dataclass
+class ModuleResize:
+    """What resizing one module kept."""
+
+    name: str
+    kind: str
+    old_rank: int
+    new_rank: int
+    fro_retained: float  # ||σ_:k|| / ||σ||: the fraction of ΔW's Frobenius norm kept
+    sum_retained: Optional[float]  # Σσ_:k / Σσ (None where only the leading σ are known)
+    sv_ratio: Optional[float]  # σ_max / σ_k (None for an all-zero module)
+    spectrum: List[float] = field(default_factory=list, repr=False)  # σ, descending (for --plot)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "old_rank": self.old_rank, "new_rank": self.new_rank,
+                "fro_retained": self.fro_retained, "sum_retained": self.sum_retained, "sv_ratio": self.sv_ratio}
+
+
+@dataclass
+class ResizeResult:
+    adapter: LoraAdapter
+    modules: List[ModuleResize]
+    output: Optional[str] = None
+
+    @property
+    def average_fro_retained(self) -> float:
+        return sum(m.fro_retained for m in self.modules) / len(self.modules) if self.modules else 1.0
+
+
+def check_rank_options(rank: Optional[int], conv_rank: Optional[int], dynamic: Optional[str],
+                       param: Optional[float]) -> None:
+    """Raise UsageError for a combination of rank options that cannot work (before any work)."""
+    if dynamic is None:
+        if rank is None:
+            raise UsageError("give --rank K, or --dynamic RULE --param P (with --rank as the cap)")
+        if param is not None:
+            raise UsageError("--param needs --dynamic")
+    for opt, value in (("--rank", rank), ("--conv-rank", conv_rank)):
+        if value is not None and value < 1:
+            raise UsageError(f"{opt} must be at least 1, got {value}")
+    if dynamic is not None:  # validates the rule name and the parameter's range
+        select_rank(torch.ones(2), rule=dynamic, param=param)
+
+
+def summarize(s: torch.Tensor, k: int, total_fro: Optional[float] = None) -> Tuple[float, Optional[float], Optional[float]]:
+    """(Frobenius retained, sum(σ) retained, σ_max/σ_k) for keeping the first k of the σ in `s`.
+
+    `total_fro` is ΔW's true Frobenius norm when `s` holds only the leading singular values; then
+    the sum retained is unknown (None)."""
+    if total_fro is None:
+        fro, sm = retained(s, k)
+    else:
+        kept = float(torch.linalg.vector_norm(s[:k].double()))
+        fro, sm = (min(kept / total_fro, 1.0) if total_fro > 0 else 1.0), None
+    ratio = float(s[0] / s[k - 1]) if k <= len(s) and float(s[k - 1]) > 0 else None
+    return fro, sm, ratio
+
+
+def stored_factors(m: LoraModule) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(up [out, r], down [r, n]) in fp32 and in the stored orientation, with scale·up@down the
+    flattened update. A kohya Tucker core is folded into down (exact)."""
+    up, down = m.up.flatten(1).float(), m.down.float()
+    if m.mid is not None:  # ΔW[o,i,h,w] = Σ up[o,a] mid[a,b,h,w] down[b,i]
+        down = torch.einsum("abhw,bi->aihw", m.mid.float(), down.flatten(1))
+    return up, down.flatten(1)
+
+
+def _conv_down_shape(m: LoraModule) -> Tuple[int, ...]:
+    if m.mid is not None:
+        return (int(m.down.shape[1]),) + tuple(int(x) for x in m.mid.shape[2:])
+    return tuple(int(x) for x in m.down.shape[1:])
+
+
+def resize_module(m: LoraModule, rank: Optional[int] = None, dynamic: Optional[str] = None,
+                  param: Optional[float] = None) -> Tuple[LoraModule, ModuleResize]:
+    """The module at its new rank (same kind, dtype and scale) and what it kept."""
+    up, down = stored_factors(m)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise NonFiniteError(f"module {m.name} contains NaN or Inf; nothing was written")
+    u, s, vh = lowrank_svd(up, down)
+    k = select_rank(s, rank=rank, rule=dynamic, param=param, max_rank=m.rank)
+    new_up, new_down = split_factors(u, s, vh, k)
+    if m.kind == "conv":
+        new_up = new_up.reshape(new_up.shape[0], k, 1, 1)
+        new_down = new_down.reshape((k,) + _conv_down_shape(m))
+    dtype = m.down.dtype
+    module = LoraModule(name=m.name, down=new_down.to(dtype).contiguous(), up=new_up.to(m.up.dtype).contiguous(),
+                        alpha=effective_alpha(m.scale, k, m.use_rslora), kind=m.kind, use_rslora=m.use_rslora,
+                        magnitude=m.magnitude, fan_in_fan_out=m.fan_in_fan_out)
+    fro, sm, ratio = summarize(s, k)
+    return module, ModuleResize(m.name, m.kind, m.rank, k, fro, sm, ratio, s.tolist())
+
+
+def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union[str, os.PathLike]] = None,
+           rank: Optional[int] = None, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
+           param: Optional[float] = None, overwrite: bool = False,
+           progress: Optional[Callable[[str], None]] = None) -> ResizeResult:
+    """Resize every module of `adapter` (a path or a LoraAdapter) and, if `output` is given, write
+    it in the adapter's own format. Fixed: `rank` (`conv_rank` for conv modules, default `rank`).
+    Dynamic: `dynamic` in sv_ratio / sv_fro / sv_cumulative with `param`, `rank` as the cap.
+    Never above a module's old rank, never below 1."""
+    check_rank_options(rank, conv_rank, dynamic, param)
+    if output is not None:
+        check_output(output, overwrite)
+    src = read_adapter(adapter)
+    if not len(src):
+        raise UsageError("the adapter has no LoRA modules to resize")
+    conv_rank = rank if conv_rank is None else conv_rank
+    modules: Dict[str, LoraModule] = {}
+    reports: List[ModuleResize] = []
+    for m in src:
+        new, report = resize_module(m, conv_rank if m.kind == "conv" else rank, dynamic, param)
+        modules[m.name] = new
+        reports.append(report)
+        if progress:
+            progress(m.name)
+    config = dict(src.config)
+    # old patterns may be regexes shared by modules that now differ; the writer makes exact ones
+    config.pop("rank_pattern", None)
+    config.pop("alpha_pattern", None)
+    metadata = stamp({k: v for k, v in src.metadata.items() if not _STALE_METADATA.match(k)}, "resize",
+                     [adapter] if not isinstance(adapter, LoraAdapter) else [], rank=rank, conv_rank=conv_rank,
+                     dynamic=dynamic, param=param)
+    out = LoraAdapter(modules=modules, extra=dict(src.extra), base_model=src.base_model, format=src.format,
+                      config=config, metadata=metadata)
+    result = ResizeResult(out, reports)
+    if output is not None:
+        result.output = write_adapter(out, output, format=src.format, overwrite=overwrite, metadata=metadata)
+    return result
+
+
+def plot_spectra(modules: List[ModuleResize], path: Union[str, os.PathLike], overwrite: bool = False,
+                 title: str = "singular values") -> str:
+    """Draw every module's normalised spectrum and the chosen cut into a PNG."""
+    figure_cls = require_matplotlib()
+    check_output(path, overwrite)
+    fig = figure_cls(figsize=(12, 4.5))  # no pyplot: leaves the caller's backend and state alone
+    ax1, ax2 = fig.subplots(1, 2)
+    for m in modules:
+        s = torch.tensor(m.spectrum, dtype=torch.float64)
+        if not len(s) or float(s[0]) <= 0:
+            continue
+        x = torch.arange(1, len(s) + 1)
+        fro = torch.sqrt(torch.cumsum(s ** 2, 0) / float((s ** 2).sum()))
+        ax1.plot(x, s / s[0], lw=0.6, alpha=0.4)
+        ax1.plot([m.new_rank], [float(s[m.new_rank - 1] / s[0])], "k.", ms=3)
+        ax2.plot(x, fro, lw=0.6, alpha=0.4)
+        ax2.plot([m.new_rank], [float(fro[m.new_rank - 1])], "k.", ms=3)
+    ax1.set(yscale="log", xlabel="index", ylabel="σ_i / σ_max", title=f"{title} (dots: cut)")
+    ax2.set(xlabel="rank k", ylabel="Frobenius norm retained", title="retained ||ΔW|| by rank")
+    fig.tight_layout()
+    with atomic_output(path, overwrite=overwrite, directory=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return os.path.abspath(os.fspath(path))
+
+
+def require_matplotlib():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise LoraToolsError("--plot needs matplotlib: pip install 'loratools[plot]'") from None
+    return Figure
