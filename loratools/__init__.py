@@ -8,5 +8,7 @@ from .formats import detect, read_adapter, write_adapter
 from .merge import merge
 from .resize import resize
 from .extract import extract
+from .blend import blend
 
-__all__ = ["LoraAdapter", "LoraModule", "LoraToolsError", "detect", "read_adapter", "write_adapter", "merge", "resize", "extract"]
+__all__ = ["LoraAdapter", "LoraModule", "LoraToolsError", "detect", "read_adapter", "write_adapter", "merge", "resize",
+           "extract", "blend"]

@@ -14,6 +14,7 @@ from ..errors import LoraToolsError
 # command name -> module in loratools.cli that defines a click command called `command`
 COMMANDS = {
     "merge": "merge",
+    "blend": "blend",
     "convert": "convert",
     "inspect": "inspect",
     "validate": "validate",

@@ -1,0 +1,66 @@
+"""`loratools blend ADAPTER[:WEIGHT] ... --method M [--rank K] -o OUT`"""
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..blend import METHODS, SIGN_METHODS, SVD_MODES, blend as run_blend
+from ..errors import UsageError
+from ..formats import FORMATS
+from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
+
+
+def parse_spec(spec: str):
+    """`path[:weight]`: a trailing `:number` is a weight unless the whole string is an existing path."""
+    if os.path.exists(spec) or ":" not in spec:
+        return spec, 1.0
+    path, _, tail = spec.rpartition(":")
+    try:
+        return path, float(tail)
+    except ValueError:
+        raise UsageError(f"{spec}: expected ADAPTER or ADAPTER:WEIGHT with a number as WEIGHT") from None
+
+
+@click.command("blend")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.option("-m", "--method", type=click.Choice(METHODS), default="svd", show_default=True,
+              help="cat: exact, rank Σr. svd: best rank-K of the exact weighted sum. linear: PEFT/kohya factor "
+                   "averaging (approximate). ties, dare_linear, dare_ties, magnitude_prune: element-wise on ΔW.")
+@click.option("-r", "--rank", type=int, default=None,
+              help="Output rank for svd and the element-wise methods (default: the largest input rank).")
+@click.option("--density", type=float, default=None, help="Fraction of each ΔW kept by ties/dare/magnitude_prune.")
+@click.option("--majority-sign", type=click.Choice(SIGN_METHODS), default=None,
+              help="Sign election for ties/dare_ties (default total).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE masks and randomized SVD.")
+@click.option("--svd", "svd_mode", type=click.Choice(SVD_MODES), default=None,
+              help="How element-wise results are factored back to rank K (default randomized, 4 power iterations).")
+@click.option("--clamp", type=float, default=None, help="Clamp the factors at this quantile, as kohya does (e.g. 0.99).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Dtype of the output factors (default: the first adapter's).")
+@click.option("--to", "to", type=click.Choice(sorted(FORMATS)), default=None,
+              help="Output format (default: the first adapter's).")
+@output_option
+@overwrite_option
+@format_option
+@quiet_option
+def command(adapters, method, rank, density, majority_sign, seed, svd_mode, clamp, dtype, to, output, overwrite,
+            fmt, quiet):
+    """Blend several LoRA ADAPTERS (each optionally weighted as PATH:WEIGHT, weights may be negative)
+    into one adapter written to OUTPUT, and report per module the Frobenius norm retained."""
+    paths, weights = zip(*(parse_spec(a) for a in adapters))
+    with progress_bar(None, f"blending ({method})", quiet) as bar:
+        _, report = run_blend(list(paths), list(weights), method=method, rank=rank, density=density,
+                              majority_sign=majority_sign, seed=seed, svd=svd_mode, clamp=clamp,
+                              dtype=dtype, output=output, to=to, overwrite=overwrite,
+                              progress=lambda _name: bar.update(1))
+    if fmt == "json":
+        emit_json(dict(report.to_dict(), output=output))
+        return
+    rows = [[m.name, "+".join(map(str, m.ranks_in)), m.rank_out, f"{m.norm_target:.4g}", f"{m.retained:.4f}",
+             f"{m.rel_error:.2e}"] for m in report.modules]
+    t = report.totals()
+    rows.append(["TOTAL", t["rank_in"], t["rank_out"], f"{t['norm_target']:.4g}", f"{t['retained']:.4f}",
+                 f"{t['rel_error']:.2e}"])
+    click.echo(table(rows, ["module", "ranks in", "rank out", "‖target‖", "retained", "rel. error"]), err=True)
+    click.echo(f"blended {len(paths)} adapter(s) with {method} into {t['modules']} module(s); wrote {output}", err=True)
