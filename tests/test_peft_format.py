@@ -137,3 +137,18 @@ def test_existing_output_refused(model, tmp_path):
     write_adapter(a, tmp_path / "b", overwrite=True)
     assert os.path.isfile(tmp_path / "b" / "adapter_config.json")
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_old_pattern_keys_are_not_reused_when_they_would_be_wrong(model, tmp_path):
+    """A read config's `v_proj` pattern covers every v_proj; once those modules differ in rank,
+    writing must not reuse the shared key (PEFT would give them all one rank)."""
+    peft_adapter(model, str(tmp_path / "a"), rank_pattern={"v_proj": 2})
+    a = read_adapter(tmp_path / "a")
+    m = a.modules["model.layers.1.self_attn.v_proj"]
+    a.modules[m.name] = LoraModule(m.name, m.down[:1].clone(), m.up[:, :1].clone(), alpha=m.alpha)
+    write_adapter(a, tmp_path / "b")
+    cfg = json.load(open(tmp_path / "b" / "adapter_config.json"))
+    assert "v_proj" not in cfg["rank_pattern"]
+    b = read_adapter(tmp_path / "b")  # the reader checks every module's rank against the config
+    assert b.modules[m.name].rank == 1 and b.modules["model.layers.0.self_attn.v_proj"].rank == 2
+    PeftModel.from_pretrained(tiny_llama(), tmp_path / "b")

@@ -193,14 +193,9 @@ def build_config(adapter: LoraAdapter) -> dict:
 
     r = _most_common(m.rank for m in mods)
     alpha = _most_common(alpha_of(m) for m in mods)
-    old_r = adapter.config.get("rank_pattern") or {}
-    old_a = adapter.config.get("alpha_pattern") or {}
-    rank_pattern, alpha_pattern = {}, {}
-    for m in mods:
-        if m.rank != r:
-            rank_pattern[_pattern_key(old_r, m.name)] = m.rank
-        if alpha_of(m) != alpha:
-            alpha_pattern[_pattern_key(old_a, m.name)] = _plain_number(alpha_of(m))
+    rank_pattern = _patterns(mods, lambda m: m.rank, r, adapter.config.get("rank_pattern") or {})
+    alpha_pattern = _patterns(mods, lambda m: _plain_number(alpha_of(m)), _plain_number(alpha),
+                              adapter.config.get("alpha_pattern") or {})
     # keep the old config's target_modules only if it still names exactly these modules
     targets = sorted({m.name for m in mods})
     old_targets = config.get("target_modules")
@@ -219,6 +214,19 @@ def build_config(adapter: LoraAdapter) -> dict:
     # init gives those a zero B, so they stay no-ops (init_lora_weights=False would make them random)
     config["init_lora_weights"] = True
     return config
+
+
+def _patterns(mods, value_of, default, old_patterns: dict) -> dict:
+    """{pattern: value} for the modules whose value differs from `default`. The keys a read config
+    used are kept when they still give every module its value (PEFT matches the first key that
+    fits); otherwise each deviating module gets its own exact, escaped name."""
+    reused = {}
+    for m in mods:
+        if value_of(m) != default:
+            reused[_pattern_key(old_patterns, m.name)] = value_of(m)
+    if all(pattern_value(reused, m.name, default) == value_of(m) for m in mods):
+        return reused
+    return {re.escape(m.name): value_of(m) for m in mods if value_of(m) != default}
 
 
 def _pattern_key(old_patterns: dict, name: str) -> str:
