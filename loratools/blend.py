@@ -10,7 +10,6 @@ output, and of their difference.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import FORMATS, read_adapter, write_adapter
+from .provenance import stamp
 from .linalg import lowrank_svd, randomized_svd, split_factors
 from .merge import parse_dtype
 
@@ -366,10 +366,10 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
         if progress:
             progress(name)
     fmt = to or first.format
+    metadata = stamp({}, "blend", [a for a in adapters if not isinstance(a, LoraAdapter)], method=method,
+                     weights=weights, rank=rank, density=density, seed=seed, retained=report.totals().get("retained"))
     result = LoraAdapter(modules=modules, extra=extra, base_model=first.base_model, format=fmt,
-                         config=_output_config(first, fmt, list(modules)))
+                         config=_output_config(first, fmt, list(modules)), metadata=metadata)
     if output is not None:
-        provenance = {"method": method, "weights": weights, "rank": rank, "density": density, "seed": seed}
-        write_adapter(result, output, format=fmt, overwrite=overwrite,
-                      metadata={"loratools_blend": json.dumps(provenance)})
+        write_adapter(result, output, format=fmt, overwrite=overwrite, metadata=metadata)
     return result, report

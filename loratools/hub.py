@@ -21,10 +21,13 @@ import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote
 
 from .errors import HubError, LoraToolsError, UsageError
+
+if TYPE_CHECKING:  # only for annotations: importing the adapter model here would be circular-prone
+    from .adapter import LoraAdapter
 
 PREFIX = "hf://"
 # files a reference may name directly instead of a folder
@@ -397,5 +400,5 @@ def upload(folder_files: Dict[str, str], repo_id: str, card_text: str, private: 
             hf.create_branch(repo_id, branch=revision, exist_ok=True)
         ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src) for p, src in folder_files.items()]
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
-        return hf.create_commit(repo_id, ops, commit_message=commit_message or f"Upload with loratools",
+        return hf.create_commit(repo_id, ops, commit_message=commit_message or "Upload with loratools",
                                 revision=revision, create_pr=create_pr)

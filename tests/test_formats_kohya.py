@@ -15,7 +15,7 @@ from loratools.adapter import LoraAdapter, LoraModule
 from loratools.archs import flat_clip
 from loratools.cli.main import main
 from loratools.errors import FormatError, IncompatibleError
-from loratools.formats import detect, kohya, read_adapter, write_adapter
+from loratools.formats import detect, read_adapter, write_adapter
 
 # diffusers' kohya loader drops per-module alphas of attention projections (its alpha key names keep
 # `to_v_lora.down.weight`) and of text-encoder modules under transformers 5 (`text_model.` stays in
