@@ -234,9 +234,10 @@ class StreamingWriter:
         self._f.close()
 
 
-def save(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write a whole dict of tensors (sorted by name, as safetensors itself does)."""
-    names = sorted(tensors)
+def save(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None,
+         order: Optional[List[str]] = None) -> None:
+    """Write a whole dict of tensors, in `order` (default: sorted by name, as safetensors does)."""
+    names = sorted(tensors) if order is None else list(order)
     w = StreamingWriter(path, [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names], metadata)
     try:
         for n in names:

@@ -229,14 +229,7 @@ def write(adapter: LoraAdapter, path: str, metadata: Optional[Dict[str, str]] = 
     tensors = state_dict(adapter)
     meta = build_metadata(adapter, metadata)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"], order = kohya_hashes(tensors, meta)
-    w = safetensors_io.StreamingWriter(path, [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order], meta)
-    try:
-        for k in order:
-            w.write(k, tensors[k])
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
+    safetensors_io.save(path, tensors, meta, order=order)
 
 
 __all__ = ["detect", "read", "write", "KOHYA_PREFIXES"]
