@@ -61,3 +61,20 @@ def test_save_is_readable_by_safetensors(tmp_path):
     io.save(str(tmp_path / "o.safetensors"), t, {"format": "pt"})
     out = load_file(tmp_path / "o.safetensors")
     assert all(torch.equal(out[k], t[k]) for k in t)
+
+
+def test_load_handles_unaligned_offsets(tmp_path):
+    """A header whose length is not a multiple of 8 leaves tensors unaligned; load must still work."""
+    import json
+    import struct
+
+    a = torch.arange(6, dtype=torch.float32)
+    b = torch.tensor([1, 2, 3], dtype=torch.int16)
+    data = b.numpy().tobytes() + a.numpy().tobytes()  # the fp32 tensor starts at byte 6
+    header = json.dumps({"b": {"dtype": "I16", "shape": [3], "data_offsets": [0, 6]},
+                         "a": {"dtype": "F32", "shape": [6], "data_offsets": [6, 30]}}).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    tensors, _ = io.load(str(path))
+    assert torch.equal(tensors["a"], a) and torch.equal(tensors["b"], b)
+    assert torch.equal(load_file(path)["a"], a)  # the oracle reads the same file
