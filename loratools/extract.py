@@ -63,6 +63,7 @@ class _Options:
     n_iter: int
     dtype: torch.dtype
     prefix: str
+    fan_in_fan_out: bool = False  # linear weights stored [in, out] (GPT-2's Conv1D)
 
 
 def is_embedding(module: str) -> bool:
@@ -111,11 +112,23 @@ def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
                                     "extract needs two checkpoints of the same architecture")
 
 
-def _task_type(folder: str) -> Optional[str]:
+def _model_config(folder: str) -> dict:
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            arch = (json.load(f).get("architectures") or [""])[0]
-    except (OSError, ValueError, AttributeError, TypeError, IndexError):
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+# transformers models whose linear layers are Conv1D, which stores weights as [in, out]
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt"}
+
+
+def _task_type(folder: str) -> Optional[str]:
+    try:
+        arch = (_model_config(folder).get("architectures") or [""])[0]
+    except (AttributeError, TypeError, IndexError, KeyError):
         return None
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
                          ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS")):
@@ -136,11 +149,14 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
             param: Optional[float] = None, min_diff: float = 0.0, include=None, exclude=None,
             embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
             dtype: str = "fp32", svd: str = "auto", n_iter: int = 4, component: Optional[str] = None,
-            overwrite: bool = False, progress: Optional[Callable[[str], None]] = None) -> ExtractResult:
+            overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
+            fan_in_fan_out: Optional[bool] = None) -> ExtractResult:
     """Factor `tuned − base` into a LoRA for every 2-D (and conv) weight whose largest absolute
     difference exceeds `min_diff`. `include` / `exclude`: regexes searched in the module name.
     Embeddings and lm_head only with `embeddings=True` (or when an `include` regex names them).
-    `component` (unet, text_encoder …) prefixes the module names, as kohya and diffusers files need."""
+    `component` (unet, text_encoder …) prefixes the module names, as kohya and diffusers files need.
+    `fan_in_fan_out`: the linear weights are stored [in, out] (GPT-2's Conv1D); None reads it from
+    the base's config.json (model_type gpt2 / openai-gpt)."""
     if rank is None:
         raise UsageError("extract needs --rank (with --dynamic: the cap)")
     check_rank_options(rank, conv_rank, dynamic, param)
@@ -161,8 +177,10 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
     config = {"task_type": _task_type(cb.folder)} if to == "peft" else {}
     result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or os.path.abspath(os.fspath(base)),
                                        config=config), [])
+    if fan_in_fan_out is None:
+        fan_in_fan_out = _model_config(cb.folder).get("model_type") in _CONV1D_MODEL_TYPES
     opts = _Options(rank, rank if conv_rank is None else conv_rank, dynamic, param, min_diff, svd, n_iter,
-                    out_dtype or torch.float32, f"{component}." if component else "")
+                    out_dtype or torch.float32, f"{component}." if component else "", bool(fan_in_fan_out))
 
     def wanted(name: str) -> Optional[str]:
         """None if the tensor is a candidate, else why not."""
@@ -223,15 +241,17 @@ def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torc
     conv = diff.dim() == 4
     kind = "conv" if conv else ("embedding" if is_embedding(module) and not _OUTPUT_EMBEDDING.search(module)
                                 else "linear")
-    # PEFT stores an embedding's LoRA transposed: ΔW.T = B @ A with A [r, num_embeddings]
-    mat = diff.t() if kind == "embedding" else diff.reshape(diff.shape[0], -1)
+    fifo = kind == "linear" and opts.fan_in_fan_out
+    # PEFT stores an embedding's LoRA transposed: ΔW.T = B @ A with A [r, num_embeddings];
+    # a Conv1D weight is [in, out], so its update is (B @ A).T as well
+    mat = diff.t() if kind == "embedding" or fifo else diff.reshape(diff.shape[0], -1)
     up, down, s, k, method = factor_difference(mat, opts.conv_rank if conv else opts.rank, opts.dynamic, opts.param,
                                                opts.svd, opts.n_iter)
     if conv:
         up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape((k,) + tuple(diff.shape[1:]))
     module = opts.prefix + module
     result.adapter.add(LoraModule(module, down.to(opts.dtype).contiguous(), up.to(opts.dtype).contiguous(), alpha=float(k),
-                                  kind=kind))
+                                  kind=kind, fan_in_fan_out=fifo))
     exact = method == "exact"
     fro, sm, ratio = summarize(s, k) if exact else summarize(s[:-1], k, float(torch.linalg.vector_norm(s.double())))
     result.modules.append(ModuleResize(module, kind, min(mat.shape), k, fro, sm, ratio,

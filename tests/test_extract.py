@@ -259,3 +259,31 @@ def test_provenance_is_recorded_for_the_model_card(tmp_path):
     resize(tmp_path / "ex", tmp_path / "small", rank=1)
     info = provenance(read_adapter(tmp_path / "small"))
     assert info["operation"] == "resize" and info["inputs"] == ["ex"] and info["rank"] == 1
+
+
+@pytest.mark.parametrize("flag", [None, True], ids=["from_config", "explicit"])
+def test_gpt2_conv1d_extract_matches_peft(tmp_path, flag):
+    """GPT-2 stores linear weights as [in, out] (Conv1D): the extracted adapter must say
+    fan_in_fan_out, and PEFT merging it into the base must give the tuned model back."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=80, n_positions=32)).eval()
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in tuned.transformer.h:
+            w = block.attn.c_attn.weight  # [in 32, out 96]
+            w.add_(0.05 * torch.randn(w.shape[0], 3, generator=g) @ torch.randn(3, w.shape[1], generator=g))
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "ex", rank=3, fan_in_fan_out=flag)
+    cfg = json.load(open(tmp_path / "ex" / "adapter_config.json"))
+    assert cfg["fan_in_fan_out"] is True
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ex").merge_and_unload()
+    for blk_m, blk_t in zip(merged.transformer.h, tuned.transformer.h):
+        torch.testing.assert_close(blk_m.attn.c_attn.weight, blk_t.attn.c_attn.weight, rtol=0, atol=1e-5)
+    ids = torch.randint(0, 80, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)

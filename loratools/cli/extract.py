@@ -36,11 +36,13 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
               help="auto: randomized SVD for large matrices, exact for small ones.")
 @click.option("--power-iters", type=int, default=4, show_default=True, help="Power iterations of the randomized SVD.")
+@click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
+              help="Linear weights are stored [in, out] (GPT-2's Conv1D). Default: from the base's config.json.")
 @format_option
 @overwrite_option
 @quiet_option
 def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, include, exclude, embeddings, to,
-            component, base_model_name, dtype, svd, power_iters, fmt, overwrite, quiet):
+            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, fmt, overwrite, quiet):
     """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
     weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. Example:
 
@@ -54,7 +56,8 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
         result = extract(
             base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
             include=include, exclude=exclude, embeddings=embeddings, to=to, base_model_name=base_model_name,
-            dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite, progress=lambda _name: bar.update(1))
+            dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite, progress=lambda _name: bar.update(1),
+            fan_in_fan_out=fan_in_fan_out)
     if fmt == "json":
         emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
                    "modules": [dict(m.as_dict(), svd=result.methods[m.name]) for m in result.modules],
