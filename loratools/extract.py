@@ -125,6 +125,14 @@ def _model_config(folder: str) -> dict:
 _CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt"}
 
 
+def default_base_name(base) -> str:
+    """`base_model_name_or_path` for a base given as a path (absolute) or a Hub reference (as given)."""
+    if isinstance(base, Checkpoint):
+        return base.folder
+    path = os.fspath(base)
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def _task_type(folder: str) -> Optional[str]:
     try:
         arch = (_model_config(folder).get("architectures") or [""])[0]
@@ -144,7 +152,7 @@ def _compile(patterns, option: str) -> List[re.Pattern]:
         raise UsageError(f"{option}: invalid regular expression ({e})") from None
 
 
-def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], output: Optional[Union[str, os.PathLike]] = None,
+def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.PathLike, Checkpoint], output: Optional[Union[str, os.PathLike]] = None,
             rank: int = 16, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
             param: Optional[float] = None, min_diff: float = 0.0, include=None, exclude=None,
             embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
@@ -170,12 +178,13 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
     if output is not None:
         check_output(output, overwrite)
-    cb, ct = Checkpoint(base), Checkpoint(tuned)
+    cb = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    ct = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
     if cb.folder == ct.folder and cb.shards == ct.shards:
         raise UsageError("base and tuned are the same checkpoint")
     _check_pair(cb, ct)
     config = {"task_type": _task_type(cb.folder)} if to == "peft" else {}
-    result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or os.path.abspath(os.fspath(base)),
+    result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or default_base_name(base),
                                        config=config), [])
     if fan_in_fan_out is None:
         fan_in_fan_out = _model_config(cb.folder).get("model_type") in _CONV1D_MODEL_TYPES
@@ -216,7 +225,7 @@ def extract(base: Union[str, os.PathLike], tuned: Union[str, os.PathLike], outpu
                         progress(name)
     if not result.modules:
         raise UsageError(f"no weight differs by more than --min-diff {min_diff} between the checkpoints: nothing to extract")
-    result.adapter.metadata = stamp(result.adapter.metadata, "extract", [base, tuned], rank=rank,
+    result.adapter.metadata = stamp(result.adapter.metadata, "extract", [default_base_name(base), default_base_name(tuned)], rank=rank,
                                     conv_rank=conv_rank, dynamic=dynamic, param=param, svd=svd)
     if output is not None:
         result.output = write_adapter(result.adapter, output, format=to, overwrite=overwrite,

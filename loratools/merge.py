@@ -23,7 +23,6 @@ from .validate import check_adapter, check_base, extra_target, raise_errors
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _FP32_MAX = torch.finfo(torch.float32).max
 
 AdapterLike = Union[str, os.PathLike, LoraAdapter]
@@ -59,6 +58,11 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
         return DTYPES[name.lower()]
     except KeyError:
         raise UsageError(f"unknown dtype {name!r}: use fp32, bf16 or fp16") from None
+
+
+def output_dtype(src: torch.dtype, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """--dtype converts the floating tensors a merge can handle; everything else keeps its dtype."""
+    return out_dtype if (out_dtype is not None and src in ops.FLOAT_DTYPES) else src
 
 
 def plan_merge(ckpt: Checkpoint, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
@@ -180,8 +184,7 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
     plan = plan_merge(ckpt, _load(adapters, weights))
 
     def dtype_of(name: str) -> torch.dtype:
-        src = ckpt.dtype(name)
-        return out_dtype if (out_dtype is not None and src in _FLOATS) else src
+        return output_dtype(ckpt.dtype(name), out_dtype)
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
         return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name), check_finite)

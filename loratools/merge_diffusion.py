@@ -22,7 +22,7 @@ from .archs.ldm import LdmLayout, is_ldm_checkpoint
 from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, copy_other_files, rewrite, rewrite_file
 from .errors import FormatError, IncompatibleError, UsageError
-from .merge import _FLOATS, MergePlan, merge_tensor, plan_merge
+from .merge import MergePlan, merge_tensor, output_dtype, plan_merge
 from .safetensors_io import SafetensorsFile
 
 Real = Tuple[Optional[str], str]  # (pipeline component or None for a single file, tensor name)
@@ -90,8 +90,7 @@ class DiffusionBase:
 
         def dtype_for(comp):
             def dtype_of(key: str) -> torch.dtype:
-                src = self.real_dtype((comp, key))
-                return out_dtype if (out_dtype is not None and src in _FLOATS) else src
+                return output_dtype(self.real_dtype((comp, key)), out_dtype)
             return dtype_of
 
         def transform_for(comp):
@@ -100,8 +99,8 @@ class DiffusionBase:
             def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
                 target = dtype_of(key)
                 parts = groups.get((comp, key))
-                if not parts:
-                    return tensor.to(target)
+                if not parts:  # converted (and checked for overflow) like the LLM path does
+                    return merge_tensor(key, tensor, None, None, target, check_finite)
                 work_dtype = torch.float32 if target != tensor.dtype else tensor.dtype
                 work = tensor.to(work_dtype)
                 for name, loc in parts:
@@ -114,7 +113,7 @@ class DiffusionBase:
                     merged = merge_tensor(name, view.contiguous(), plan.terms.get(name), plan.replace.get(name),
                                           work_dtype, check_finite)
                     view.copy_(merged)
-                return work.to(target)
+                return merge_tensor(key, work, None, None, target, check_finite)
             return transform
 
         def writer_args(comp):

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what merge_ takes
 
 try:  # the extension registers torch.ops.loratools.* on import
     from . import _C  # noqa: F401
@@ -44,7 +44,7 @@ def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: S
                      coeffs: Sequence[float]) -> None:
     if weight.dim() != 2:
         raise ValueError(f"merge_: weight must be 2-D, got {weight.dim()}-D")
-    if weight.dtype not in _FLOAT_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"merge_: weight dtype {weight.dtype} is not fp32/bf16/fp16")
     if not (len(ups) == len(downs) == len(coeffs)):
         raise ValueError("merge_: ups, downs and coeffs must have the same length")
@@ -52,7 +52,7 @@ def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: S
     for u, d in zip(ups, downs):
         if u.dim() != 2 or d.dim() != 2 or u.shape[0] != rows or d.shape[1] != cols or u.shape[1] != d.shape[0]:
             raise ValueError(f"merge_: factors {tuple(u.shape)} @ {tuple(d.shape)} do not fit weight {tuple(weight.shape)}")
-        if u.dtype not in _FLOAT_DTYPES or d.dtype not in _FLOAT_DTYPES:
+        if u.dtype not in FLOAT_DTYPES or d.dtype not in FLOAT_DTYPES:
             raise ValueError("merge_: factors must be fp32/bf16/fp16")
         if u.device != weight.device or d.device != weight.device:
             raise ValueError("merge_: factors must be on the weight's device")

@@ -287,3 +287,11 @@ def test_gpt2_conv1d_extract_matches_peft(tmp_path, flag):
     ids = torch.randint(0, 80, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_default_base_name_keeps_hub_references(tmp_path):
+    from loratools.extract import default_base_name
+
+    assert default_base_name("someone/llama@v2") == "someone/llama@v2"  # not turned into a local path
+    os.makedirs(tmp_path / "base")
+    assert default_base_name(str(tmp_path / "base")) == os.path.abspath(tmp_path / "base")

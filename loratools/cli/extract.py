@@ -7,7 +7,7 @@ from ..atomic import check_output
 from ..archs import COMPONENTS
 from ..checkpoint import Checkpoint
 from ..formats import WRITABLE
-from ..extract import SVD_METHODS, extract
+from ..extract import default_base_name, SVD_METHODS, extract
 from ..resize import check_rank_options
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
@@ -51,11 +51,12 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
     """
     check_rank_options(rank, conv_rank, dynamic, param)
     check_output(output, overwrite)
-    ckpt = Checkpoint(base)
+    ckpt = Checkpoint(base)  # opened once here (a Hub reference is resolved once) for the bar's total
     with progress_bar(len(ckpt.infos), "extracting", quiet) as bar:
         result = extract(
-            base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
-            include=include, exclude=exclude, embeddings=embeddings, to=to, base_model_name=base_model_name,
+            ckpt, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
+            include=include, exclude=exclude, embeddings=embeddings, to=to,
+            base_model_name=base_model_name or default_base_name(base),
             dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite, progress=lambda _name: bar.update(1),
             fan_in_fan_out=fan_in_fan_out)
     if fmt == "json":
