@@ -103,3 +103,22 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
     a, e = actual.double(), expected.double()
     err = (a - e).norm() / e.norm().clamp_min(1e-30)
     assert err <= rel, f"{name}: relative error {err:.3g} > {rel}"
+
+
+def foreign_adapters(root) -> None:
+    """Adapters that do not fit `tiny_llama()`: one for a wider Llama (`wrong_shape`) and one for
+    GPT-2 (`gpt2`, whose module names the Llama base lacks)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    peft_adapter(tiny_llama(hidden_size=48, intermediate_size=40), str(root / "wrong_shape"))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=80, n_positions=32))
+    peft_adapter(gpt2, str(root / "gpt2"), target_modules=["c_attn"], fan_in_fan_out=True)
+
+
+def run_cli(capsys, *args):
+    """(exit code, stdout, stderr) of `loratools ARGS` run in-process."""
+    from loratools.cli.main import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

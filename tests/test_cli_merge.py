@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _tiny import load_folder, peft_adapter, save_base, tiny_llama
+from _tiny import foreign_adapters, load_folder, peft_adapter, run_cli as run, save_base, tiny_llama
 from loratools.cli.main import main
 
 
@@ -18,19 +18,8 @@ def setup(tmp_path_factory):
     save_base(model, str(root / "base"))
     peft_adapter(model, str(root / "a"))
     peft_adapter(model, str(root / "b"), seed=7, target_modules=["up_proj"])
-    other = tiny_llama(hidden_size=48, intermediate_size=40)
-    peft_adapter(other, str(root / "wrong_shape"))
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=80, n_positions=32))
-    peft_adapter(gpt2, str(root / "gpt2"), target_modules=["c_attn"], fan_in_fan_out=True)
+    foreign_adapters(root)
     return root
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def no_leftovers(folder):

@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _tiny import peft_adapter, save_base, tiny_llama
+from _tiny import peft_adapter, run_cli as run, save_base, tiny_llama
 from loratools import hub
-from loratools.cli.main import main
 from loratools.errors import HubError, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,12 +30,6 @@ def local(tmp_path_factory):
     peft_adapter(model, str(root / "b"), seed=7, target_modules=["up_proj"])
     peft_adapter(model, str(root / "c"), seed=9)
     return root
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def folder_bytes(folder, names=None):

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _tiny import load_folder, peft_adapter, save_base, tiny_llama
+from _tiny import foreign_adapters, load_folder, peft_adapter, run_cli as run, save_base, tiny_llama
 from loratools import merge, read_adapter
 from loratools.adapter import LoraAdapter, LoraModule
-from loratools.cli.main import main
 from loratools.errors import IncompatibleError, NonFiniteError, ShapeMismatchError
 from loratools.validate import check_adapter, raise_errors, validate
 
@@ -26,19 +25,8 @@ def setup(tmp_path_factory):
     with torch.no_grad():  # a clean adapter: small B, as after real training
         sd = load_file(root / "a" / "adapter_model.safetensors")
         save_file({k: v * (0.05 if "lora_B" in k else 1) for k, v in sd.items()}, root / "a" / "adapter_model.safetensors")
-    other = tiny_llama(hidden_size=48, intermediate_size=40)
-    peft_adapter(other, str(root / "wrong_shape"))
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=80, n_positions=32))
-    peft_adapter(gpt2, str(root / "gpt2"), target_modules=["c_attn"], fan_in_fan_out=True)
+    foreign_adapters(root)
     return root
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def edit(src, dst, fn):
