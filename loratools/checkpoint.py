@@ -18,7 +18,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from . import safetensors_io
-from .errors import FormatError, InputNotFoundError
+from .hub import existing_path
+from .errors import FormatError
 from .safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -28,12 +29,7 @@ class Checkpoint:
     """A model folder (or a single .safetensors file), read lazily."""
 
     def __init__(self, path: str):
-        if not os.path.exists(os.fspath(path)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
-            from .hub import local_path
-            path = local_path(path, kind="model")
-        path = os.path.abspath(os.fspath(path))
-        if not os.path.exists(path):
-            raise InputNotFoundError(f"{path}: no such file or folder")
+        path = os.path.abspath(existing_path(path, kind="model"))  # also a Hub reference
         self.index_file: Optional[str] = None
         self.index: Optional[dict] = None
         if os.path.isfile(path):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote
 
-from .errors import HubError, LoraToolsError, UsageError
+from .errors import HubError, InputNotFoundError, LoraToolsError, UsageError
 
 if TYPE_CHECKING:  # only for annotations: importing the adapter model here would be circular-prone
     from .adapter import LoraAdapter
@@ -302,6 +302,17 @@ def local_path(ref, kind: str = "adapter") -> str:
         if path.startswith(PREFIX) or "repository not found" not in str(e):
             raise
         raise HubError(f"{e}; no local file or folder {path!r} either") from None
+
+
+def existing_path(ref, kind: str) -> str:
+    """The local path `ref` names: itself when it exists, else the Hub download it refers to
+    (user/repo[@rev][/sub], hf://…). Every command resolves its inputs through this one function."""
+    path = os.fspath(ref)
+    if not os.path.exists(path):
+        path = local_path(path, kind=kind)
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"{os.path.abspath(path)}: no such file or folder")
+    return path
 
 
 def commit_of(path: str) -> Optional[str]:

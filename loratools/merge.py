@@ -19,6 +19,7 @@ from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, rewrite
 from .errors import IncompatibleError, NonFiniteError, UsageError
 from .formats import read_adapter
+from .hub import existing_path
 from .validate import check_adapter, check_base, extra_target, raise_errors
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -159,9 +160,7 @@ def open_base(base):
     """A Checkpoint for model folders, or a diffusion base (pipeline folder / single-file SD checkpoint)."""
     if isinstance(base, Checkpoint) or not isinstance(base, (str, os.PathLike)):
         return base
-    if not os.path.exists(os.fspath(base)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
-        from .hub import local_path
-        base = local_path(base, kind="model")
+    base = existing_path(base, kind="model")  # also a Hub reference
     from . import merge_diffusion  # late: it builds on this module
     return merge_diffusion.open_diffusion_base(base) or Checkpoint(base)
 

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from ..errors import FormatError, InputNotFoundError
+from ..errors import FormatError
 from .ldm import ldm_unet_names, to_ldm
 
 MANIFEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "manifests")
@@ -99,12 +99,9 @@ def _component_weights(folder: str, comp: str) -> Dict[str, Shape]:
 def base_modules(path: str) -> Tuple[Dict[str, Shape], Dict[str, str]]:
     """Module names and shapes of a diffusers pipeline folder (`unet/`, `text_encoder/`, …) or of one
     component folder named after its component; plus the UNet's LDM aliases from its config."""
-    if not os.path.exists(os.fspath(path)):  # a Hub reference (user/repo[@rev][/sub], hf://…)
-        from ..hub import local_path
-        path = local_path(path, kind="model")
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{path}: no such file or folder")
+    from ..hub import existing_path
+
+    path = os.path.abspath(existing_path(path, kind="model"))  # also a Hub reference
     if os.path.isdir(path) and os.path.basename(path) in COMPONENTS:
         folders = {os.path.basename(path): path}
     elif os.path.isdir(path):

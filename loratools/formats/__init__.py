@@ -12,7 +12,8 @@ from typing import Dict, Optional
 from .. import safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
-from ..errors import FormatError, InputNotFoundError, LoraToolsError, UsageError
+from ..hub import existing_path
+from ..errors import FormatError, LoraToolsError, UsageError
 from . import diffusers, kohya, lycoris, peft, peft_diffusion
 
 # name -> module; order is detection order. Single-file formats write a file, peft a folder.
@@ -22,19 +23,8 @@ FOLDER_FORMATS = {"peft", "peft_diffusion"}
 WRITABLE = ("peft", "peft_diffusion", "diffusers", "kohya")
 
 
-def _local(path) -> str:
-    """A Hub reference (user/repo[@rev][/sub], hf://…) is downloaded first; local paths pass through."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        from ..hub import local_path
-        path = local_path(path, kind="adapter")
-    return path
-
-
 def detect(path: str) -> str:
-    path = _local(path)
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{path}: no such file or folder")
+    path = existing_path(path, kind="adapter")  # also a Hub reference
     for name, module in FORMATS.items():
         if module.detect(path):
             return name
@@ -49,9 +39,7 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
     `validate.check_adapter` finds errors in (NaN/Inf, broken factors, no modules)."""
     if isinstance(path, LoraAdapter):
         return path
-    path = _local(path)
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{path}: no such file or folder")
+    path = existing_path(path, kind="adapter")
     fmt = format or detect(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
