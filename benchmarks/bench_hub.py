@@ -59,7 +59,7 @@ def main():
     os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     from huggingface_hub import constants, snapshot_download  # after HF_ENDPOINT is set
 
-    from loratools import hub as lhub
+    from loratools import share as lhub
 
     layers = max(1, round(args.base_mb / 64))  # ~64 MB of bf16 per layer at hidden 1024
     work = tempfile.mkdtemp(prefix="bench_hub.")

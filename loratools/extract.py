@@ -25,6 +25,7 @@ from .formats import WRITABLE, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
 from .merge import parse_dtype
+from .ops import all_finite
 from .resize import ModuleResize, check_rank_options, summarize
 from .safetensors_io import SafetensorsFile
 
@@ -240,7 +241,7 @@ def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torc
             result.skip(f"differs but {why}", name)
         return
     diff = t.float() - b.float()
-    if not torch.isfinite(diff).all():
+    if not all_finite(diff):
         raise NonFiniteError(f"{name}: the difference contains NaN or Inf; nothing was written")
     max_diff = float(diff.abs().max()) if diff.numel() else 0.0
     if max_diff <= opts.min_diff:

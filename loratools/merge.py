@@ -16,10 +16,10 @@ import torch
 from . import ops
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_output, check_output
-from .checkpoint import Checkpoint, rewrite
+from .archs import COMPONENTS
+from .checkpoint import Checkpoint, model_path, rewrite
 from .errors import IncompatibleError, NonFiniteError, UsageError
 from .formats import read_adapter
-from .hub import existing_path
 from .validate import check_adapter, check_base, extra_target, raise_errors
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -160,7 +160,7 @@ def open_base(base):
     """A Checkpoint for model folders, or a diffusion base (pipeline folder / single-file SD checkpoint)."""
     if isinstance(base, Checkpoint) or not isinstance(base, (str, os.PathLike)):
         return base
-    base = existing_path(base, kind="model")  # also a Hub reference
+    base = model_path(base, COMPONENTS)  # also a Hub reference
     from . import merge_diffusion  # late: it builds on this module
     return merge_diffusion.open_diffusion_base(base) or Checkpoint(base)
 

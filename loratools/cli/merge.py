@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .. import hub
-from .. import push as push_mod
+from .. import refs, share
 from ..merge import describe, merge as run_merge, open_base
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
@@ -32,8 +31,8 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
     one file). Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
     """
     if push_to:
-        push_to = hub.check_repo_id(push_to)
-        hub.check_online(push_to)  # fail before merging, not after
+        push_to = refs.check_repo_id(push_to)
+        share.check_online(push_to)  # fail before merging, not after
     if dry_run:
         ckpt, plan = describe(base, adapters, list(weights))
         rows = []
@@ -53,8 +52,8 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
                f"weight(s); wrote {output}", err=True)
     if push_to:
-        card = push_mod.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
-        info = push_mod.execute(push_mod.plan_folder_push(output, push_to, card), private=private,
+        card = share.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
+        info = share.execute(share.plan_folder_push(output, push_to, card), private=private,
                                 commit_message=f"Upload merged model ({len(adapters)} adapter(s)) with loratools")
         click.echo(f"pushed {output} to {push_to}: {info.commit_url}", err=True)
 

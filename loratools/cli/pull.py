@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .. import hub
+from .. import share
 from .common import emit_json, format_option, overwrite_option, table
 
 
@@ -25,7 +25,7 @@ def command(repo_id, output, revision, overwrite, fmt):
     loratools pull someone/llama-lora@v2 -o ./llama-lora
     loratools pull someone/sdxl-loras/style.safetensors -o ./style
     """
-    got = hub.pull(repo_id, output, overwrite, revision=revision)
+    got = share.pull(repo_id, output, overwrite, revision=revision)
     a = got.adapter
     ranks = sorted(set(a.ranks))
     dtype = str(a.dtype()).replace("torch.", "")

@@ -22,6 +22,7 @@ from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, UsageError
 from ..linalg import exact_svd, retained, split_factors
 from . import _single, kohya
+from .record import Format
 
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -150,5 +151,4 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
     return adapter
 
 
-def write(adapter: LoraAdapter, path: str, metadata=None) -> None:
-    raise UsageError("loratools reads LyCORIS LoHa/LoKr but does not write them; write kohya, diffusers or peft")
+FORMAT = Format("lycoris", detect, read, None, folder=False, options=("base", "allow_unmatched", "rank"))

@@ -20,6 +20,7 @@ import torch
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, IncompatibleError, InputNotFoundError
+from .record import Format
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -269,3 +270,6 @@ def write(adapter: LoraAdapter, folder: str, metadata: Optional[Dict[str, str]] 
     with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+FORMAT = Format("peft", detect, read, write, folder=True, files=((CONFIG,), (WEIGHTS, WEIGHTS_BIN)))
