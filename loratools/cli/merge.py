@@ -39,13 +39,12 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
         click.echo(table(rows, ["adapter", "format", "modules", "weight", "rank", "extra tensors"]))
-        kind = getattr(ckpt, "kind", "") or "model folder"
-        click.echo(f"base: {ckpt.folder} ({kind}, {len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
+        click.echo(f"base: {ckpt.describe()}; "
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
                    f"output {output} ({dtype or 'same dtypes'}); nothing written (dry run)")
         return
     ckpt = open_base(base)  # also resolves a Hub reference
-    with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
+    with progress_bar(ckpt.num_tensors, "merging", quiet) as bar:
         plan = run_merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
                                progress=lambda _name: bar.update(1))
