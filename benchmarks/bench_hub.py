@@ -82,8 +82,8 @@ def main():
     rows = []
     for label, repo, kind in [("adapter (trainer output)", "bench/adapter", "adapter"),
                               ("base model (+ .bin, onnx)", "bench/model", "model")]:
-        ours = measure(hub, lambda cache: lhub.local_path(repo, kind=kind))
-        peer = measure(hub, lambda cache: snapshot_download(repo, cache_dir=cache, endpoint=hub.url))
+        ours = measure(hub, lambda cache, repo=repo, kind=kind: lhub.local_path(repo, kind=kind))
+        peer = measure(hub, lambda cache, repo=repo: snapshot_download(repo, cache_dir=cache, endpoint=hub.url))
         rows.append((label, ours, peer))
     hub.stop()
     print(f"huggingface_hub {sys.modules['huggingface_hub'].__version__}, endpoint {constants.ENDPOINT} (local)")

@@ -155,6 +155,15 @@ class LoraAdapter:
     def is_dora(self) -> bool:
         return any(m.is_dora for m in self)
 
+    @property
+    def rank_range(self) -> str:
+        """`8`, `4-16`, or `-` without modules: how reports and cards show the ranks."""
+        ranks = self.ranks
+        if not ranks:
+            return "-"
+        lo, hi = min(ranks), max(ranks)
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
     def dtype(self) -> Optional[torch.dtype]:
         for m in self:
             return m.down.dtype

@@ -24,7 +24,7 @@ from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import FORMATS, read_adapter, write_adapter
 from .provenance import stamp
-from .linalg import lowrank_svd, randomized_svd, split_factors
+from .linalg import gram_dot, lowrank_svd, randomized_svd, split_factors
 from .merge import parse_dtype
 from .ops import all_finite
 
@@ -117,17 +117,13 @@ class _LowRankNorms:
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor):
         self.up, self.down = up.double(), down.double()
-        self.norm2 = self._dot(self.up, self.down, self.up, self.down)
-
-    @staticmethod
-    def _dot(u1, d1, u2, d2) -> float:
-        return float(((u1.t() @ u2) * (d1 @ d2.t())).sum())
+        self.norm2 = gram_dot(self.up, self.down, self.up, self.down)
 
     def compare(self, up: torch.Tensor, down: torch.Tensor) -> Tuple[float, float]:
         """(||X||, ||X - T||)."""
         up, down = up.double(), down.double()
-        out2 = self._dot(up, down, up, down)
-        err2 = out2 - 2 * self._dot(up, down, self.up, self.down) + self.norm2
+        out2 = gram_dot(up, down, up, down)
+        err2 = out2 - 2 * gram_dot(up, down, self.up, self.down) + self.norm2
         return max(out2, 0.0) ** 0.5, max(err2, 0.0) ** 0.5
 
 

@@ -100,7 +100,8 @@ class Checkpoint:
             except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise FormatError(f"{self.index_file}: not a valid shard index ({e.__class__.__name__})") from None
             for s in shards:
-                if not isinstance(s, str) or os.path.basename(s) != s or not os.path.isfile(os.path.join(self.folder, s)):
+                if (not isinstance(s, str) or os.path.basename(s) != s
+                        or not os.path.isfile(os.path.join(self.folder, s))):
                     raise FormatError(f"{self.index_file}: shard {s!r} is missing")
             return shards
         files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.folder, "*.safetensors")))
@@ -110,7 +111,8 @@ class Checkpoint:
             if glob.glob(os.path.join(self.folder, "*.bin")):
                 raise FormatError(f"{self.folder}: only .bin weights found; loratools reads safetensors checkpoints "
                                   "(convert with `save_pretrained(..., safe_serialization=True)`)")
-            raise FormatError(f"{self.folder}: no .safetensors weights found (expected model.safetensors or shards + index)")
+            raise FormatError(f"{self.folder}: no .safetensors weights found "
+                              "(expected model.safetensors or shards + index)")
         raise FormatError(f"{self.folder}: several .safetensors files and no index: {', '.join(files)}")
 
     def __contains__(self, name: str) -> bool:

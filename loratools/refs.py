@@ -138,7 +138,8 @@ def hub_errors(what: str, write: bool = False) -> Iterator[None]:
                 raise HubError(f"{what}: no such file or folder in the repository") from None
             if isinstance(e, E.OfflineModeIsEnabled) or (isinstance(e, E.LocalEntryNotFoundError) and settings()[2]):
                 raise HubError(f"{what}: HF_HUB_OFFLINE is set and it is not in the cache "
-                               f"({settings()[1] or 'default cache'}); run once online or unset HF_HUB_OFFLINE") from None
+                               f"({settings()[1] or 'default cache'}); "
+                               "run once online or unset HF_HUB_OFFLINE") from None
             if isinstance(e, E.HfHubHTTPError) and e.response is not None:
                 status = e.response.status_code
                 if status == 401:

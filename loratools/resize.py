@@ -70,7 +70,8 @@ def check_rank_options(rank: Optional[int], conv_rank: Optional[int], dynamic: O
         select_rank(torch.ones(2), rule=dynamic, param=param)
 
 
-def summarize(s: torch.Tensor, k: int, total_fro: Optional[float] = None) -> Tuple[float, Optional[float], Optional[float]]:
+def summarize(s: torch.Tensor, k: int,
+              total_fro: Optional[float] = None) -> Tuple[float, Optional[float], Optional[float]]:
     """(Frobenius retained, sum(σ) retained, σ_max/σ_k) for keeping the first k of the σ in `s`.
 
     `total_fro` is ΔW's true Frobenius norm when `s` holds only the leading singular values; then

@@ -82,8 +82,8 @@ def adapter_card(adapter: LoraAdapter, repo_id: str, base_model: Optional[str] =
     if info and info.get("operation"):
         tags.append(str(info["operation"]))
     data = ModelCardData(base_model=base, library_name="peft" if adapter.format == "peft" else None, tags=tags)
-    ranks = adapter.ranks
-    rank = "-" if not ranks else (str(ranks[0]) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}")
+    rank = adapter.rank_range
+    dtype = str(adapter.dtype()).replace("torch.", "")
     usage = (f"```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"{repo_id}\")\n```"
              if adapter.format == "peft" else f"```bash\nloratools pull {repo_id} -o adapter\n```")
     body = f"""
@@ -93,7 +93,7 @@ A LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''},
 
 | modules | rank | parameters | dtype | DoRA |
 |---|---|---|---|---|
-| {len(adapter)} | {rank} | {adapter.num_parameters():,} | {str(adapter.dtype()).replace('torch.', '')} | {'yes' if adapter.is_dora else 'no'} |
+| {len(adapter)} | {rank} | {adapter.num_parameters():,} | {dtype} | {'yes' if adapter.is_dora else 'no'} |
 
 {_made_with(info)}
 ## Use

@@ -16,11 +16,10 @@ import torch
 from .adapter import LoraAdapter, LoraModule
 from .checkpoint import Checkpoint
 from .inspection import delta_norm
-from .ops import all_finite
+from .ops import READ_FLOAT_DTYPES as _FLOATS, all_finite
 from .safetensors_io import SafetensorsFile, ScratchBuffer
 from .errors import (FormatError, IncompatibleError, LoraToolsError, NonFiniteError, ShapeMismatchError)
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_SCALE = 16.0  # alpha/r above this is rare in practice (usual: 0.01 .. 4)
 MAX_DELTA_RATIO = 1.0  # an update larger than the weight it changes is almost always a mistake
 

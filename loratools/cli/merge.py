@@ -37,7 +37,7 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
         ckpt, plan = describe(base, adapters, list(weights))
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
-            rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
+            rows.append([path, adapter.format, len(adapter), w, adapter.rank_range, len(adapter.extra)])
         click.echo(table(rows, ["adapter", "format", "modules", "weight", "rank", "extra tensors"]))
         click.echo(f"base: {ckpt.describe()}; "
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
@@ -55,11 +55,3 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
         info = share.execute(share.plan_folder_push(output, push_to, card), private=private,
                                 commit_message=f"Upload merged model ({len(adapters)} adapter(s)) with loratools")
         click.echo(f"pushed {output} to {push_to}: {info.commit_url}", err=True)
-
-
-def _rank_range(adapter) -> str:
-    ranks = adapter.ranks
-    if not ranks:
-        return "-"
-    lo, hi = min(ranks), max(ranks)
-    return str(lo) if lo == hi else f"{lo}-{hi}"

@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import safetensors_io
+from . import _single
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, IncompatibleError, InputNotFoundError
 from .record import Format
@@ -108,13 +109,7 @@ def read_tensors(folder: str) -> tuple:
     if os.path.lexists(binp):
         if os.path.isdir(binp):
             raise FormatError(f"{binp}: is a directory, expected a file")
-        try:  # never full pickle: weights_only refuses arbitrary objects
-            sd = torch.load(binp, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise FormatError(f"{binp}: cannot be loaded safely ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise FormatError(f"{binp}: expected a dict of tensors")
-        return sd, {}
+        return _single.load_pickle(binp), {}
     raise InputNotFoundError(f"{folder}: no {WEIGHTS} or {WEIGHTS_BIN}")
 
 
