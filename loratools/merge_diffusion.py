@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .adapter import LoraAdapter, LoraModule
+from .archs.family import LDM_ARCHS, mismatch, pipeline_family
 from .archs.ldm import LdmLayout, is_ldm_checkpoint
 from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, copy_other_files, rewrite, rewrite_file
@@ -40,6 +41,8 @@ class DiffusionBase:
 
     kind = ""
     components: Sequence[str] = ()
+    family: Optional[str] = None  # SD 1.x, SDXL … (archs.family), when known
+    noun = "checkpoint"  # how a family mismatch names this base: "SDXL LoRA, SD 1.x checkpoint"
 
     def locate(self, name: str) -> Optional[Loc]:
         raise NotImplementedError
@@ -63,18 +66,33 @@ class DiffusionBase:
     def dtype(self, name: str) -> torch.dtype:
         return self.real_dtype(self.locate(name).real)
 
+    def read(self, name: str) -> torch.Tensor:
+        """The base weight a virtual name stands for (a view of one real tensor)."""
+        loc = self.locate(name)
+        t = self.read_real(loc.real)
+        if loc.part is not None:
+            t = t.narrow(0, loc.part * (t.shape[0] // 3), t.shape[0] // 3)
+        return t.t() if loc.transpose else t
+
+    def read_real(self, real: Real) -> torch.Tensor:
+        raise NotImplementedError
+
     def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
         """Check every module names a component, fit 1×1 conv/linear layouts, then plan_merge."""
         unknown = [m.name for a, _ in adapters for m in a if m.name.partition(".")[0] not in self.components]
         unknown += [n for a, _ in adapters for n in a.extra if n.partition(".")[0] not in self.components]
         if unknown:
+            for a, _ in adapters:
+                named = mismatch(a, self.family, self.noun)
+                if named:
+                    raise IncompatibleError(named)
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             raise IncompatibleError(
                 f"{len(unknown)} adapter module(s) name no component of this {self.kind} "
                 f"(it has {', '.join(self.components)}; names must start with one, e.g. unet.…): {shown}")
-        return plan_merge(self, [(self._fit(a), w) for a, w in adapters])
+        return plan_merge(self, [(self.fit(a), w) for a, w in adapters])
 
-    def _fit(self, adapter: LoraAdapter) -> LoraAdapter:
+    def fit(self, adapter: LoraAdapter) -> LoraAdapter:
         modules = {}
         for name, m in adapter.modules.items():
             target = name + ".weight"
@@ -138,6 +156,7 @@ class PipelineBase(DiffusionBase):
     """A diffusers pipeline folder: model_index.json and one folder per component."""
 
     kind = "diffusers pipeline"
+    noun = "pipeline"
 
     def __init__(self, folder: str):
         self.folder = os.path.abspath(folder)
@@ -156,6 +175,7 @@ class PipelineBase(DiffusionBase):
             raise FormatError(f"{self.folder}: a pipeline folder (model_index.json) without any component "
                               "holding .safetensors weights")
         self.components = list(self.ckpts)
+        self.family = pipeline_family(self.folder, self.components)
         self.shards = [f"{c}/{s}" for c, ck in self.ckpts.items() for s in ck.shards]
         self.infos = {f"{c}/{n}": i for c, ck in self.ckpts.items() for n, i in ck.infos.items()}
 
@@ -184,6 +204,9 @@ class PipelineBase(DiffusionBase):
     def real_dtype(self, real):
         return self.ckpts[real[0]].dtype(real[1])
 
+    def read_real(self, real):
+        return self.ckpts[real[0]].read(real[1])
+
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
         if os.path.abspath(output) == self.folder:
             raise UsageError("the output must not be the base folder itself")
@@ -203,6 +226,7 @@ class SingleFileBase(DiffusionBase):
         self.path = os.path.join(self.ckpt.folder, self.ckpt.shards[0])
         self.layout = LdmLayout.from_keys(self.ckpt.infos, where=self.path)
         self.kind = f"single-file {self.layout.arch} checkpoint"
+        self.family = LDM_ARCHS.get(self.layout.arch)
         self.components = ["unet"] + list(self.layout.text_encoders)
         self.folder, self.shards, self.infos = self.path, list(self.ckpt.shards), self.ckpt.infos
 
@@ -222,6 +246,9 @@ class SingleFileBase(DiffusionBase):
 
     def real_dtype(self, real):
         return self.ckpt.dtype(real[1])
+
+    def read_real(self, real):
+        return self.ckpt.read(real[1])
 
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
         if os.path.abspath(output) == self.path:
