@@ -19,7 +19,7 @@ import torch
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
-from ..archs import KOHYA_PREFIXES, resolve_kohya, split_kohya
+from ..archs import KOHYA_PREFIXES, canonical, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
 from . import _single
 
@@ -135,10 +135,13 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
     comps = {m.name.split(".", 1)[0] for m in adapter}
     out: Dict[str, str] = {}
     for m in adapter:
+        comp, _, rest = canonical(m.name).partition(".")
         if m.name in read_keys:
-            out[m.name] = read_keys[m.name]
+            ln = read_keys[m.name]
+            if comp.startswith("text_encoder") and rest:  # sd-scripts' spelling (`text_model_…`): ComfyUI maps only it
+                ln = ln[: len(ln) - len(split_kohya(ln)[1])] + rest.replace(".", "_")
+            out[m.name] = ln
             continue
-        comp, _, rest = m.name.partition(".")
         if comp not in WRITE_PREFIXES or not rest:
             why = ("kohya names Flux/SD3 transformers by their original checkpoint names, which loratools does "
                    "not map; write diffusers or peft instead" if comp == "transformer" else
