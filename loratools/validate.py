@@ -108,6 +108,20 @@ def check_names(adapter: LoraAdapter) -> List[Finding]:
                     f"and are shown as they are in the file: {shown}", "warning")]
 
 
+def check_patterns(adapter: LoraAdapter) -> List[Finding]:
+    """PEFT's alpha_pattern/rank_pattern: GGUF converters (llama.cpp's convert_lora_to_gguf.py) write
+    one lora_alpha for every module and never read them, so per-module scales convert wrongly."""
+    configs = [adapter.config] + [c for c in (adapter.config.get("components") or {}).values() if isinstance(c, dict)]
+    out: List[Finding] = []
+    for key, what in (("alpha_pattern", "alpha"), ("rank_pattern", "rank")):
+        patterns = sorted({p for c in configs for p in (c.get(key) or {})})
+        if patterns:
+            out.append(Finding("pattern", f"{key} gives module(s) matching {', '.join(patterns[:4])} their own {what}; "
+                               "GGUF converters (llama.cpp convert_lora_to_gguf.py) ignore it and use one lora_alpha",
+                               "warning"))
+    return out
+
+
 def extra_target(name: str) -> str:
     """PEFT saves a resized embedding as `<module>.base_layer.weight`: it replaces `<module>.weight`."""
     return name.replace(".base_layer.", ".")

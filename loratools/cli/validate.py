@@ -6,7 +6,7 @@ import click
 from ..errors import LoraToolsError
 from ..formats import read_adapter
 from ..merge import open_base
-from ..validate import MAX_DELTA_RATIO, check_names, validate
+from ..validate import MAX_DELTA_RATIO, check_names, check_patterns, validate
 from .common import emit_json
 
 
@@ -37,7 +37,7 @@ def command(adapter, base, no_norms, strict, fmt):
     """
     # list every problem instead of stopping at the first; unknown kohya names are a warning here
     lora = read_adapter(adapter, check=False, keep_unmatched=True)
-    findings = check_names(lora) + validate(lora, base=open_base(base) if base else None, norms=not no_norms)
+    findings = check_names(lora) + check_patterns(lora) + validate(lora, base=open_base(base) if base else None, norms=not no_norms)
     errors = sum(f.severity == "error" for f in findings)
     warnings = len(findings) - errors
     failed = errors > 0 or (strict and warnings > 0)
