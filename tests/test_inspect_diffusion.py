@@ -40,9 +40,9 @@ def files(tmp_path_factory):
     sd1 = kohya_tensors({SD1_TO_K: (320, 768), SD1_Q: (768, 768), "lora_unet_mystery_block": (8, 8)}, rank=2)
     save_file(sd1, root / "sd1_unknown.safetensors")
     g = torch.Generator().manual_seed(3)
-    loha = {f"{SD1_Q}.hada_w1_a": torch.randn(768, 4, generator=g), f"{SD1_Q}.hada_w1_b": torch.randn(4, 768, generator=g),
-            f"{SD1_Q}.hada_w2_a": torch.randn(768, 4, generator=g), f"{SD1_Q}.hada_w2_b": torch.randn(4, 768, generator=g),
-            f"{SD1_Q}.alpha": torch.tensor(2.0)}
+    loha = {f"{SD1_Q}.{part}": torch.randn(*shape, generator=g) for part, shape in
+            (("hada_w1_a", (768, 4)), ("hada_w1_b", (4, 768)), ("hada_w2_a", (768, 4)), ("hada_w2_b", (4, 768)))}
+    loha[f"{SD1_Q}.alpha"] = torch.tensor(2.0)
     save_file(loha, root / "loha.safetensors")
     save_state_dict_folder(torch.nn.Linear(4, 4), str(root / "base"))
     return root

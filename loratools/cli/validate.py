@@ -32,12 +32,13 @@ def command(adapter, base, no_norms, strict, fmt):
 
     \b
       loratools validate my_lora.safetensors
-      loratools validate my_lora.safetensors --base sd15.safetensors && loratools merge sd15.safetensors my_lora.safetensors -o out.safetensors
+      loratools validate lora.safetensors --base sd15.safetensors && loratools merge sd15.safetensors …
       loratools validate adapter/ --base model/ --strict --format json
     """
     # list every problem instead of stopping at the first; unknown kohya names are a warning here
     lora = read_adapter(adapter, check=False, keep_unmatched=True)
-    findings = check_names(lora) + check_patterns(lora) + validate(lora, base=open_base(base) if base else None, norms=not no_norms)
+    findings = check_names(lora) + check_patterns(lora)
+    findings += validate(lora, base=open_base(base) if base else None, norms=not no_norms)
     errors = sum(f.severity == "error" for f in findings)
     warnings = len(findings) - errors
     failed = errors > 0 or (strict and warnings > 0)
@@ -49,7 +50,8 @@ def command(adapter, base, no_norms, strict, fmt):
             click.echo(f"{f.severity}: {f.message}")
     against = f" against {base}" if base else ""
     if failed:
-        raise ValidationFailed(f"{adapter}: {len(findings)} problem(s) ({errors} error(s), {warnings} warning(s)){against}"
+        raise ValidationFailed(f"{adapter}: {len(findings)} problem(s) ({errors} error(s), {warnings} warning(s))"
+                               f"{against}"
                                + (" (--strict fails on warnings)" if not errors else ""))
     note = f", {warnings} warning(s)" if warnings else ""
     click.echo(f"{adapter}: ok ({len(lora)} module(s) checked{against}{note})", err=True)

@@ -138,7 +138,7 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
         comp, _, rest = canonical(m.name).partition(".")
         if m.name in read_keys:
             ln = read_keys[m.name]
-            if comp.startswith("text_encoder") and rest:  # sd-scripts' spelling (`text_model_…`): ComfyUI maps only it
+            if comp.startswith("text_encoder") and rest:  # sd-scripts' `text_model_…` spelling: ComfyUI maps only it
                 ln = ln[: len(ln) - len(split_kohya(ln)[1])] + rest.replace(".", "_")
             out[m.name] = ln
             continue

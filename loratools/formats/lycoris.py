@@ -163,7 +163,8 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
         adapter.add(module)
         algos[name] = algo
         native[name] = native_rank_alpha(algo, p, module.rank, f"{path}: {lora_name}.alpha")
-    adapter.config = {"retained": kept, "algorithms": algos, "native": native, **kohya.unresolved_config(unmatched, keep_unmatched),
+    adapter.config = {"retained": kept, "algorithms": algos, "native": native,
+                      **kohya.unresolved_config(unmatched, keep_unmatched),
                       "names_from": nm.source}
     return adapter
 
