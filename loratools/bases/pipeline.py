@@ -6,6 +6,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from ..archs.family import pipeline_family
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, copy_other_files, rewrite
 from ..errors import FormatError, UsageError
@@ -16,6 +17,7 @@ class PipelineBase(DiffusionBase):
     """A diffusers pipeline folder: model_index.json and one folder per component."""
 
     kind = "diffusers pipeline"
+    noun = "pipeline"
 
     def __init__(self, folder: str):
         self.folder = os.path.abspath(folder)
@@ -34,6 +36,7 @@ class PipelineBase(DiffusionBase):
             raise FormatError(f"{self.folder}: a pipeline folder (model_index.json) without any component "
                               "holding .safetensors weights")
         self.components = list(self.ckpts)
+        self.family = pipeline_family(self.folder, self.components)
         self.shards = [f"{c}/{s}" for c, ck in self.ckpts.items() for s in ck.shards]
         self.infos = {f"{c}/{n}": i for c, ck in self.ckpts.items() for n, i in ck.infos.items()}
 
@@ -61,6 +64,9 @@ class PipelineBase(DiffusionBase):
 
     def real_dtype(self, real):
         return self.ckpts[real[0]].dtype(real[1])
+
+    def read_real(self, real):
+        return self.ckpts[real[0]].read(real[1])
 
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
         if os.path.abspath(output) == self.folder:
