@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Type
 
 import torch
 
-from .adapter import LoraAdapter, LoraModule
+from .adapter import LoraAdapter, LoraModule, fit_adapter
 from .archs.family import mismatch
 from .checkpoint import Checkpoint
 from .ops import READ_FLOAT_DTYPES as _FLOATS, all_finite
@@ -161,8 +161,8 @@ def _fit_findings(adapter: LoraAdapter, ckpt) -> List[Finding]:
 
 def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_RATIO) -> List[Finding]:
     """Warn where ‖ΔW‖ exceeds `max_ratio`·‖W‖ (reads each targeted base weight, one at a time)."""
-    fits = {m.name + ".weight": m for m in adapter
-            if m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)
+    fits = {m.name + ".weight": m for m in adapter if m.op is None
+            and m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)
             and ckpt.dtype(m.name + ".weight") in _FLOATS}  # the rest are check_base's findings
     norms = _weight_norms(ckpt, fits)
     out: List[Finding] = []
@@ -195,8 +195,7 @@ def validate(adapter: LoraAdapter, base=None, norms: bool = True) -> List[Findin
     findings = check_adapter(adapter)
     if base is not None:
         ckpt = Checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
-        if hasattr(ckpt, "fit"):  # a diffusion base takes linear factors on 1x1 convs (and back), as merge does
-            adapter = ckpt.fit(adapter)
+        adapter = fit_adapter(adapter, ckpt)  # layouts fitted to the base, as merge does
         findings += check_base(adapter, ckpt)
         if norms:
             findings += check_delta_norms(adapter, ckpt)

@@ -31,7 +31,8 @@ def add_component(adapter, component: str):
               help="Diffusers model folder whose module names resolve kohya/LyCORIS names "
                    "(default: the shipped SD 1.x / 2.x / SDXL manifests).")
 @click.option("--rank", type=int, default=None,
-              help="LyCORIS LoHa/LoKr only: rank to factor each ΔW at (default: its exact numerical rank).")
+              help="LyCORIS/kohya input: factor LoHa, LoKr, Tucker and base-dependent updates (OFT, IA³ …, "
+                   "which need --base) into LoRA at this rank; the retained energy is reported.")
 @click.option("--allow-unmatched", is_flag=True, help="Drop kohya/LyCORIS modules no known module matches (listed).")
 @click.option("--component", type=click.Choice(COMPONENTS), default=None,
               help="Say which pipeline component an adapter of one model (e.g. a PEFT UNet LoRA) belongs to.")
@@ -47,8 +48,10 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, o
       loratools convert loha.safetensors --to kohya --rank 16 -o lora.safetensors
     """
     in_fmt = from_ or detect(source)
+    if rank is not None and in_fmt == "kohya":  # LoCon Tucker / input-axis DoRA: read as the LyCORIS file it is
+        in_fmt = "lycoris"
     if rank is not None and in_fmt != "lycoris":
-        raise UsageError("--rank applies to LyCORIS LoHa/LoKr input only (resize a LoRA with `loratools resize`)")
+        raise UsageError("--rank applies to LyCORIS/kohya input only (resize a LoRA with `loratools resize`)")
     adapter = read_adapter(source, format=in_fmt, base=base, allow_unmatched=allow_unmatched or None, rank=rank)
     if component:
         adapter = add_component(adapter, component)

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 from .. import refs, safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
-from ..errors import FormatError, HubError, LoraToolsError, UsageError
+from ..errors import FormatError, HubError, IncompatibleError, LoraToolsError, UsageError
 from ..validate import check_adapter, raise_errors
 from . import diffusers, kohya, lycoris, peft, peft_diffusion
 from .record import Format
@@ -113,6 +113,15 @@ def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, over
                   metadata: Optional[Dict[str, str]] = None) -> str:
     """Write atomically: the output appears complete or not at all. Returns the path written."""
     fmt = format or adapter.format
+    ops = [m for m in adapter if m.op is not None]
+    if ops:
+        raise IncompatibleError(
+            f"module {ops[0].name}: a LyCORIS {ops[0].op.label} update is no LoRA ({len(ops)} such module(s)); "
+            "factor it with `convert --base BASE --rank K` (retained energy reported), or merge it")
+    flat = adapter.config.get("flat") or {}
+    if flat:  # a LyCORIS conv update whose kernel no name list knew
+        name = sorted(flat)[0]
+        raise IncompatibleError(f"module {name}: {flat[name]}")
     if fmt not in WRITABLE:
         raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(WRITABLE)}")
     if fmt != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
