@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import blend_dense
+from . import blend_dense, paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
@@ -325,6 +325,7 @@ def _output_config(first: LoraAdapter, fmt: str, names: List[str]) -> dict:
     return config
 
 
+@paths.guarded
 def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = None, method: str = "svd",
           rank: Optional[int] = None, density: Optional[float] = None, majority_sign: Optional[str] = None,
           seed: int = 0, svd: Optional[str] = None, clamp: Optional[float] = None, dtype: Optional[str] = None,

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from . import safetensors_io
+from . import paths
 from .hub import existing_path
 from .errors import FormatError
 from .safetensors_io import SafetensorsFile, TensorInfo
@@ -59,7 +60,7 @@ class Checkpoint:
         if indexes:
             self.index_file = indexes[0]
             try:
-                with open(self.index_file, encoding="utf-8") as f:
+                with paths.open_input(self.index_file, "r", encoding="utf-8") as f:
                     self.index = json.load(f)
                 shards = sorted(set(self.index["weight_map"].values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote
 
+from . import paths
 from .errors import HubError, InputNotFoundError, LoraToolsError, UsageError
 
 if TYPE_CHECKING:  # only for annotations: importing the adapter model here would be circular-prone
@@ -312,6 +313,7 @@ def existing_path(ref, kind: str) -> str:
         path = local_path(path, kind=kind)
     if not os.path.exists(path):
         raise InputNotFoundError(f"{os.path.abspath(path)}: no such file or folder")
+    paths.note_input(path)  # outputs are checked against it (paths.check_output)
     return path
 
 
@@ -356,6 +358,7 @@ class Pulled:
     commit: Optional[str]
 
 
+@paths.guarded
 def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None) -> Pulled:
     """Download the adapter that Hub reference `ref` names (a HubRef or `user/repo[@rev][/sub]`,
     always read as a Hub reference); with `output`, copy its files (real files, not cache symlinks)

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import ops
+from . import ops, paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, rewrite
@@ -165,6 +165,7 @@ def open_base(base):
     return merge_diffusion.open_diffusion_base(base) or Checkpoint(base)
 
 
+@paths.guarded
 def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterLike], output: Union[str, os.PathLike],
           weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None, overwrite: bool = False,
           check_finite: bool = True, progress: Optional[Callable[[str], None]] = None) -> MergePlan:
@@ -178,8 +179,6 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
         return merge_diffusion.merge_diffusion(ckpt, _load(adapters, weights), output, out_dtype, overwrite,
                                                check_finite, progress)
     check_output(output, overwrite)
-    if os.path.abspath(output) == ckpt.folder:
-        raise UsageError("the output must not be the base folder itself")
     plan = plan_merge(ckpt, _load(adapters, weights))
 
     def dtype_of(name: str) -> torch.dtype:

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import paths
 from .adapter import LoraAdapter, LoraModule
 from .archs.ldm import LdmLayout, is_ldm_checkpoint
 from .atomic import atomic_output, check_output
@@ -185,8 +186,6 @@ class PipelineBase(DiffusionBase):
         return self.ckpts[real[0]].dtype(real[1])
 
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
-        if os.path.abspath(output) == self.folder:
-            raise UsageError("the output must not be the base folder itself")
         writer_args = self._writer_args(plan, out_dtype, check_finite)
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
             for comp, ck in self.ckpts.items():
@@ -224,8 +223,6 @@ class SingleFileBase(DiffusionBase):
         return self.ckpt.dtype(real[1])
 
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
-        if os.path.abspath(output) == self.path:
-            raise UsageError("the output must not be the base file itself")
         writer_args = self._writer_args(plan, out_dtype, check_finite)
         with atomic_output(output, overwrite=overwrite, directory=False) as tmp:
             rewrite_file(self.path, tmp, on_tensor=progress, **writer_args(None))
@@ -255,7 +252,7 @@ def merge_diffusion(base: DiffusionBase, adapters: Sequence[Tuple[LoraAdapter, f
 
 def read_model_index(folder: str) -> dict:
     try:
-        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        with paths.open_input(os.path.join(folder, "model_index.json"), "r", encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise FormatError(f"{folder}/model_index.json: unreadable ({e.__class__.__name__})") from None

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import hub
+from . import paths
 from . import provenance as provenance_record
 from .adapter import LoraAdapter
 from .errors import InputNotFoundError, NonFiniteError, UsageError
@@ -133,7 +134,7 @@ def merged_card(repo_id: str, base: str, adapters: Sequence[str], weights: Seque
     base_id = hub.hub_id(base)
     library = None
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        with paths.open_input(os.path.join(folder, "config.json"), "r", encoding="utf-8") as f:
             library = "transformers" if json.load(f).get("architectures") else None
     except (OSError, ValueError):
         pass

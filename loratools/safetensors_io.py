@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from . import paths
 from .errors import FormatError, InputNotFoundError
 
 DTYPES: Dict[str, torch.dtype] = {
@@ -55,7 +56,7 @@ class SafetensorsFile:
         if os.path.isdir(self.path):
             raise FormatError(f"{self.path}: is a directory, expected a .safetensors file")
         try:
-            self._f = open(self.path, "rb")
+            self._f = paths.open_input(self.path, "rb")
         except FileNotFoundError:
             raise InputNotFoundError(f"{self.path}: no such file") from None
         except OSError as e:

@@ -9,6 +9,7 @@ import sys
 import click
 
 from .. import __version__
+from .. import paths
 from ..errors import LoraToolsError
 
 # command name -> module in loratools.cli that defines a click command called `command`
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     try:
         # not cli.main(): it turns KeyboardInterrupt into Abort after printing a blank line
         args = sys.argv[1:] if argv is None else list(argv)
-        with cli.make_context("loratools", args) as ctx:
+        with cli.make_context("loratools", args) as ctx, paths.command_scope():
             cli.invoke(ctx)
         return 0
     except click.exceptions.Exit as e:
