@@ -46,6 +46,7 @@ class MergePlan:
     terms: Dict[str, List[Term]] = field(default_factory=dict)
     replace: Dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: List[Tuple[LoraAdapter, float]] = field(default_factory=list)
+    not_copied: List[str] = field(default_factory=list)  # files of the base left out of the output (why)
 
     @property
     def num_modules(self) -> int:
@@ -188,8 +189,8 @@ def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterL
         return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name), check_finite)
 
     with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
-        rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
-                unchanged=lambda n: n not in plan.terms and n not in plan.replace)
+        plan.not_copied = rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
+                                  unchanged=lambda n: n not in plan.terms and n not in plan.replace)
     return plan
 
 

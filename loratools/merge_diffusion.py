@@ -190,8 +190,9 @@ class PipelineBase(DiffusionBase):
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
             for comp, ck in self.ckpts.items():
                 os.makedirs(os.path.join(tmp, comp))
-                rewrite(ck, os.path.join(tmp, comp), on_tensor=progress, **writer_args(comp))
-            copy_other_files(self.folder, tmp, skip=list(self.ckpts))
+                plan.not_copied += [f"{comp}/{entry}" for entry in rewrite(ck, os.path.join(tmp, comp), on_tensor=progress,
+                                                                          **writer_args(comp))]
+            plan.not_copied += copy_other_files(self.folder, tmp, skip=list(self.ckpts), nested_weights=True)
 
 
 class SingleFileBase(DiffusionBase):
