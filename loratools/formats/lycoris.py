@@ -27,6 +27,8 @@ HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 PLAIN = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "dora_scale": "dora"}
 KNOWN = set(HADA) | set(LOKR) | set(PLAIN) | {"alpha"}
+# the largest ΔW built densely (fp32: 1 GiB); the biggest real layers (4096 x 14336 LLM MLPs) are ~2^26
+MAX_DELTA_ELEMENTS = 1 << 28
 
 
 def detect(path: str) -> bool:
@@ -66,6 +68,18 @@ def lokr_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
         w1 = w1[:, :, None, None]
     scale = f["alpha"].item() / dim if "alpha" in f and dim else 1.0
     return torch.kron(w1, w2) * scale
+
+
+def _probe(build, p: Dict[str, torch.Tensor], algo: str, where: str) -> torch.Tensor:
+    """ΔW on the meta device: its shape, checked (and capped) before any memory is spent on it."""
+    try:
+        probe = build({k: v.to("meta") for k, v in p.items() if k != "alpha"})
+    except (KeyError, RuntimeError, IndexError) as e:
+        raise FormatError(f"{where}: incomplete or inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
+    if probe.numel() > MAX_DELTA_ELEMENTS:
+        raise FormatError(f"{where}: its {algo} update would be {tuple(probe.shape)} ({probe.numel():,} elements, "
+                          f"over the {MAX_DELTA_ELEMENTS:,} loratools builds); no real layer is that large")
+    return probe
 
 
 def _weight_shape(delta: torch.Tensor, name: str, nm, path: str) -> tuple:
@@ -133,11 +147,12 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
             algos[name] = "lora"
             continue
         algo = "loha" if "hada_w1_a" in p else "lokr"
+        build = loha_delta if algo == "loha" else lokr_delta
+        shape = _weight_shape(_probe(build, p, algo, f"{path}: {lora_name}"), name, nm, path)
         try:
-            delta = loha_delta(p) if algo == "loha" else lokr_delta(p)
-        except (KeyError, RuntimeError) as e:
-            raise FormatError(f"{path}: {lora_name}: incomplete or inconsistent {algo} tensors ({e})") from None
-        shape = _weight_shape(delta, name, nm, path)
+            delta = build(p)
+        except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
+            raise FormatError(f"{path}: {lora_name}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
         dora = None
         if "dora_scale" in p:
             dora = kohya.build_module(name, lora_name, {"down": torch.zeros(1, 1), "up": torch.zeros(shape[0], 1),
