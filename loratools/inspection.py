@@ -12,15 +12,13 @@ from typing import Dict, List, Optional
 import torch
 
 from .adapter import LoraAdapter, LoraModule
+from .linalg import gram_dot
 
 
 def delta_norm(m: LoraModule) -> float:
     """‖ΔW‖_F without the dense matrix: ‖s·U D‖² = s²·Σ (UᵀU) ⊙ (D Dᵀ), two r×r products."""
-    if m.mid is not None:  # Tucker cores are small; the dense update is the simple, exact route
-        return float(torch.linalg.vector_norm(m.dense_delta(torch.float64)))
-    u, d = m.factors_2d()
-    u, d = u.to(torch.float64), d.to(torch.float64)
-    sq = float((u.T @ u).mul_(d @ d.T).sum())
+    u, d = (t.to(torch.float64) for t in m.factors_2d(fold_dtype=torch.float64))
+    sq = gram_dot(u, d, u, d)
     return abs(m.scale) * math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else float("nan")
 
 

@@ -7,15 +7,19 @@ as the matching `LoraToolsError`. Warnings (suspicious but well-formed) never st
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Type
 
 import torch
 
 from .adapter import LoraAdapter, LoraModule
+from .checkpoint import Checkpoint
+from .inspection import delta_norm
+from .ops import READ_FLOAT_DTYPES as _FLOATS, all_finite
+from .safetensors_io import SafetensorsFile, ScratchBuffer
 from .errors import (FormatError, IncompatibleError, LoraToolsError, NonFiniteError, ShapeMismatchError)
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_SCALE = 16.0  # alpha/r above this is rare in practice (usual: 0.01 .. 4)
 MAX_DELTA_RATIO = 1.0  # an update larger than the weight it changes is almost always a mistake
 
@@ -32,21 +36,16 @@ class Finding:
         return {"severity": self.severity, "code": self.code, "module": self.module, "message": self.message}
 
 
-def _finite(t: torch.Tensor) -> int:
+def _non_finite(t: torch.Tensor) -> int:
     """Number of NaN/Inf elements (0 fast for the common clean case)."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return 0
-    lo, hi = torch.aminmax(t)
-    if math.isfinite(float(lo)) and math.isfinite(float(hi)):
-        return 0
-    return int((~torch.isfinite(t)).sum())
+    return 0 if all_finite(t) else int((~torch.isfinite(t)).sum())
 
 
 def _tensor_findings(where: str, role: str, t: torch.Tensor, module: Optional[str]) -> List[Finding]:
     if t.dtype not in _FLOATS:
         return [Finding("dtype", f"{where}: {role} has dtype {t.dtype}; LoRA factors must be floating point",
                         module=module)]
-    bad = _finite(t)
+    bad = _non_finite(t)
     if bad:
         return [Finding("non-finite", f"{where}: {role} contains NaN or Inf ({bad} of {t.numel()} values)",
                         module=module, exc=NonFiniteError)]
@@ -125,11 +124,6 @@ def check_base(adapter: LoraAdapter, ckpt) -> List[Finding]:
 
 def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_RATIO) -> List[Finding]:
     """Warn where ‖ΔW‖ exceeds `max_ratio`·‖W‖ (reads each targeted base weight, one at a time)."""
-    import os
-
-    from .inspection import delta_norm
-    from .safetensors_io import SafetensorsFile, ScratchBuffer
-
     fits = {m.name + ".weight": m for m in adapter
             if m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)
             and ckpt.dtype(m.name + ".weight") in _FLOATS}  # the rest are check_base's findings
@@ -154,8 +148,6 @@ def validate(adapter: LoraAdapter, base=None, norms: bool = True) -> List[Findin
     """All findings for `adapter`, and against `base` (a path or Checkpoint) when given."""
     findings = check_adapter(adapter)
     if base is not None:
-        from .checkpoint import Checkpoint
-
         ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
         findings += check_base(adapter, ckpt)
         if norms:

@@ -58,7 +58,8 @@ def render(rep: dict, modules: bool) -> str:
         "targets     " + (", ".join(f"{k} {v}" for k, v in rep["targets"].items()) or "-"),
         f"rank        {_spread_line(rep['rank'])}",
         f"alpha       {_spread_line(rep['alpha'])}",
-        f"scale       {_spread_line(rep['scale'])}" + ("  (rsLoRA: alpha/sqrt(r))" if True in rep["use_rslora"] else ""),
+        f"scale       {_spread_line(rep['scale'])}"
+        + ("  (rsLoRA: alpha/sqrt(r))" if True in rep["use_rslora"] else ""),
         f"DoRA        {'yes' if rep['dora'] else 'no'}",
         "dtype       " + ", ".join(f"{k} ({v} modules/tensors)" for k, v in rep["dtypes"].items()),
         f"parameters  {rep['parameters']:,} ({rep['lora_parameters']:,} in LoRA factors)",

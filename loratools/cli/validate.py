@@ -18,7 +18,8 @@ class ValidationFailed(LoraToolsError):
 @click.option("--base", type=click.Path(), default=None,
               help="Base model folder (or .safetensors file): also check that every module fits a weight.")
 @click.option("--no-norms", is_flag=True,
-              help=f"With --base, skip reading base weights to compare ‖ΔW‖ with ‖W‖ (warns above {MAX_DELTA_RATIO:g}x).")
+              help="With --base, skip reading base weights to compare ‖ΔW‖ with ‖W‖ "
+                   f"(warns above {MAX_DELTA_RATIO:g}x).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="One line per finding, or a JSON report (both on stdout).")
 def command(adapter, base, no_norms, fmt):

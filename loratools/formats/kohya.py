@@ -22,6 +22,7 @@ from ..adapter import LoraAdapter, LoraModule
 from ..archs import KOHYA_PREFIXES, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
 from . import _single
+from .record import Format
 
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid",
          ".alpha": "alpha", ".dora_scale": "dora"}
@@ -233,3 +234,6 @@ def write(adapter: LoraAdapter, path: str, metadata: Optional[Dict[str, str]] = 
 
 
 __all__ = ["detect", "read", "write", "KOHYA_PREFIXES"]
+
+
+FORMAT = Format("kohya", detect, read, write, folder=False, options=("base", "allow_unmatched"))

@@ -22,6 +22,7 @@ from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, UsageError
 from ..linalg import exact_svd, retained, split_factors
 from . import _single, kohya
+from .record import Format
 
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -45,7 +46,8 @@ def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor
 def loha_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
     f = {k: v.float() for k, v in p.items()}
     if "hada_t1" in f:
-        m1, m2 = _tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]), _tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
+        m1 = _tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"])
+        m2 = _tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
     else:
         m1, m2 = f["hada_w1_a"] @ f["hada_w1_b"], f["hada_w2_a"] @ f["hada_w2_b"]
     scale = f["alpha"].item() / p["hada_w1_b"].shape[0] if "alpha" in f else 1.0
@@ -63,7 +65,10 @@ def lokr_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
         w2 = f["lokr_w2"]
     else:
         dim = p["lokr_w2_b"].shape[0]
-        w2 = _tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]) if "lokr_t2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+        if "lokr_t2" in f:
+            w2 = _tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+        else:
+            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
     scale = f["alpha"].item() / dim if "alpha" in f and dim else 1.0
@@ -116,7 +121,8 @@ def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dt
     return module, retained(s, k)[0]
 
 
-def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, rank: Optional[int] = None) -> LoraAdapter:
+def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
+         rank: Optional[int] = None) -> LoraAdapter:
     if rank is not None and rank < 1:
         raise UsageError("--rank must be at least 1")
     tensors, metadata = _single.load(path)
@@ -165,5 +171,4 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
     return adapter
 
 
-def write(adapter: LoraAdapter, path: str, metadata=None) -> None:
-    raise UsageError("loratools reads LyCORIS LoHa/LoKr but does not write them; write kohya, diffusers or peft")
+FORMAT = Format("lycoris", detect, read, None, folder=False, options=("base", "allow_unmatched", "rank"))

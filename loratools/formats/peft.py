@@ -22,6 +22,7 @@ from .. import paths, pickled
 from .. import patterns as patterns_
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, IncompatibleError, InputNotFoundError
+from .record import Format
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -272,3 +273,6 @@ def write(adapter: LoraAdapter, folder: str, metadata: Optional[Dict[str, str]] 
     with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+FORMAT = Format("peft", detect, read, write, folder=True, files=((CONFIG,), (WEIGHTS, WEIGHTS_BIN)))
