@@ -84,6 +84,8 @@ class Checkpoint:
                         raise FormatError(f"{self.folder}: tensor {name} appears in two shards")
                     self.infos[name], self.shard_of[name] = info, shard
         if self.index is not None:
+            if not isinstance(self.index.get("metadata") or {}, dict):
+                raise FormatError(f"{self.index_file}: its metadata is not a JSON object")
             mapped = self.index.get("weight_map", {})
             if set(mapped) != set(self.infos) or any(self.shard_of[k] != v for k, v in mapped.items()):
                 raise FormatError(f"{self.index_file}: weight_map disagrees with the shard files")
@@ -162,7 +164,8 @@ def copy_other_files(src_folder: str, dst_folder: str, skip: List[str], nested_w
     return left_out
 
 
-def _copy_tree(src: str, dst: str, roots: List[str], rel: str, skip: set, left_out: List[str], nested_weights: bool) -> None:
+def _copy_tree(src: str, dst: str, roots: List[str], rel: str, skip: set, left_out: List[str],
+               nested_weights: bool) -> None:
     for entry in sorted(os.listdir(src)):
         name = rel + entry
         if entry.startswith(".") or (not rel and entry in skip):

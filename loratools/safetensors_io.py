@@ -112,6 +112,8 @@ class SafetensorsFile:
         if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                                                   for x in shape):
             raise self._bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if math.prod(x for x in shape if x) >= 1 << 62:  # torch's sizes are int64, even with a 0 dim
+            raise self._bad(f"tensor {name!r} has an impossible shape {shape!r}")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in offs)):
             raise self._bad(f"tensor {name!r} has invalid data_offsets {offs!r}")

@@ -183,13 +183,13 @@ def test_no_replace_rename_with_and_without_renameat2(tmp_path, monkeypatch, nat
     for directory in (True, False):
         out = tmp_path / f"out-{directory}"
         with pytest.raises(OutputExistsError, match="appeared while"):
-            with atomic_output(out, directory=directory) as tmp:
+            with atomic_output(out, directory=directory):
                 out.mkdir() if directory else out.write_text("theirs")
                 if directory:
                     (out / "theirs").write_text("theirs")
         assert (out / "theirs" if directory else out).read_text() == "theirs"
         os.rename(out, tmp_path / "gone")
-        with atomic_output(out, directory=directory) as tmp:
+        with atomic_output(out, directory=directory):
             pass
         assert os.path.isdir(out) == directory
         (shutil.rmtree if directory else os.unlink)(tmp_path / "gone")

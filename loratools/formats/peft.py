@@ -83,7 +83,8 @@ def check_config(config: dict, path: str) -> None:
     def bad(field, why):
         return FormatError(f"{path}: {field} {why}")
 
-    if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] > 0):
+    if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool)
+                              and 0 < config["r"] < 1 << 31):
         raise bad("r", f"must be a positive integer, got {config['r']!r}")
     if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
         raise bad("lora_alpha", f"must be a finite number, got {config['lora_alpha']!r}")
