@@ -28,7 +28,7 @@ from benchmarks._models import make_llama, make_peft_adapter  # noqa: E402
 from loratools import merge, read_adapter  # noqa: E402
 from loratools.checkpoint import Checkpoint  # noqa: E402
 from loratools.inspection import delta_norm  # noqa: E402
-from loratools.validate import check_adapter, check_base, check_delta_norms  # noqa: E402
+from loratools.validation import check_adapter, check_base, check_delta_norms  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*loratools._C is not built.*")
 

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .adapter import LoraAdapter, LoraModule
+from .dtypes import dtype_name
 
 
 def delta_norm(m: LoraModule) -> float:
@@ -39,7 +40,7 @@ def target_kind(name: str) -> str:
 
 
 def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
+    return dtype_name(t.dtype)
 
 
 def _spread(values: Dict[str, float]) -> dict:

@@ -22,7 +22,8 @@ from .archs.ldm import LdmLayout, is_ldm_checkpoint
 from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, copy_other_files, rewrite, rewrite_file
 from .errors import FormatError, IncompatibleError, UsageError
-from .merge import MergePlan, merge_tensor, output_dtype, plan_merge
+from .dtypes import output_dtype
+from .merging import MergePlan, merge_tensor, plan_merge
 from .safetensors_io import SafetensorsFile
 
 Real = Tuple[Optional[str], str]  # (pipeline component or None for a single file, tensor name)

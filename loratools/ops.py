@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what merge_ takes
+from .dtypes import MERGE_FLOATS as FLOAT_DTYPES  # what merge_ takes
 
 try:  # the extension registers torch.ops.loratools.* on import
     from . import _C  # noqa: F401

@@ -11,7 +11,7 @@ import torch
 
 from _tiny import assert_close_rel
 from loratools import LoraAdapter, LoraModule, read_adapter, write_adapter
-from loratools.blend import blend, quantile
+from loratools.blending import blend, quantile
 from loratools.cli.main import main
 from loratools.errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 

@@ -13,7 +13,7 @@ from _tiny import foreign_adapters, load_folder, peft_adapter, run_cli as run, s
 from loratools import merge, read_adapter
 from loratools.adapter import LoraAdapter, LoraModule
 from loratools.errors import IncompatibleError, NonFiniteError, ShapeMismatchError
-from loratools.validate import check_adapter, raise_errors, validate
+from loratools.validation import check_adapter, raise_errors, validate
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_non_finite_result_from_finite_factors(setup, tmp_path, capsys):
 
 def test_raise_errors_groups_absent_modules(setup):
     from loratools.checkpoint import Checkpoint
-    from loratools.validate import check_base
+    from loratools.validation import check_base
 
     adapter = read_adapter(setup / "gpt2")
     findings = check_base(adapter, Checkpoint(setup / "base"))

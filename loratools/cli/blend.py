@@ -5,7 +5,7 @@ import os
 
 import click
 
-from ..blend import METHODS, SIGN_METHODS, SVD_MODES, blend as run_blend
+from ..blending import METHODS, SIGN_METHODS, SVD_MODES, blend as run_blend
 from ..errors import UsageError
 from ..formats import FORMATS
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table

@@ -7,8 +7,8 @@ from ..atomic import check_output
 from ..archs import COMPONENTS
 from ..checkpoint import Checkpoint
 from ..formats import WRITABLE
-from ..extract import default_base_name, SVD_METHODS, extract
-from ..resize import check_rank_options
+from ..extraction import default_base_name, SVD_METHODS, extract
+from ..resizing import check_rank_options
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 

@@ -7,7 +7,7 @@ import click
 
 from ..formats import read_adapter
 from ..inspection import report
-from ..validate import check_adapter
+from ..validation import check_adapter
 from .common import emit_json, table
 
 

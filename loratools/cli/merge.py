@@ -5,7 +5,7 @@ import click
 
 from .. import hub
 from .. import push as push_mod
-from ..merge import describe, merge as run_merge, open_base
+from ..merging import describe, merge as run_merge, open_base
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
 

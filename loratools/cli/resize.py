@@ -5,7 +5,7 @@ import click
 
 from ..atomic import check_output
 from ..formats import read_adapter
-from ..resize import check_rank_options, plot_spectra, require_matplotlib, resize
+from ..resizing import check_rank_options, plot_spectra, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
 

@@ -5,7 +5,7 @@ import click
 
 from ..errors import LoraToolsError
 from ..formats import read_adapter
-from ..validate import MAX_DELTA_RATIO, validate
+from ..validation import MAX_DELTA_RATIO, validate
 from .common import emit_json
 
 

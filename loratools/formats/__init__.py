@@ -52,7 +52,7 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
             raise
         raise type(e)(f"{path}: {e}") from None
     if check:
-        from ..validate import check_adapter, raise_errors
+        from ..validation import check_adapter, raise_errors
 
         raise_errors(check_adapter(adapter), path)
     return adapter

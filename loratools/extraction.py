@@ -20,12 +20,12 @@ import torch
 from .adapter import LoraAdapter, LoraModule
 from .atomic import check_output
 from .checkpoint import Checkpoint
+from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import WRITABLE, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
-from .merge import parse_dtype
-from .resize import ModuleResize, check_rank_options, summarize
+from .resizing import ModuleResize, check_rank_options, summarize
 from .safetensors_io import SafetensorsFile
 
 OVERSAMPLE = 10
@@ -33,7 +33,6 @@ SVD_METHODS = ("auto", "exact", "randomized")
 # input and output embedding tables: large, rarely low-rank, skipped unless asked for
 _EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out|wte|wpe|shared|[^.]*embed[^.]*)$")
 _OUTPUT_EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out)$")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass
@@ -107,7 +106,7 @@ def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
         if tuple(info.shape) != tuple(tuned.infos[name].shape):
             raise ShapeMismatchError(f"{name}: shape {tuple(info.shape)} in base but {tuple(tuned.infos[name].shape)} "
                                      "in tuned: extract needs two checkpoints of the same architecture")
-        if (info.dtype in _FLOATS) != (tuned.infos[name].dtype in _FLOATS):  # a float minus an int means nothing
+        if (info.dtype in FLOATS) != (tuned.infos[name].dtype in FLOATS):  # a float minus an int means nothing
             raise IncompatibleError(f"{name}: dtype {info.dtype} in base but {tuned.infos[name].dtype} in tuned: "
                                     "extract needs two checkpoints of the same architecture")
 
@@ -194,7 +193,7 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
     def wanted(name: str) -> Optional[str]:
         """None if the tensor is a candidate, else why not."""
         module = name[: -len(".weight")]
-        if not name.endswith(".weight") or len(cb.shape(name)) not in (2, 4) or cb.dtype(name) not in _FLOATS:
+        if not name.endswith(".weight") or len(cb.shape(name)) not in (2, 4) or cb.dtype(name) not in FLOATS:
             return "not a 2-D or conv weight"
         if exc and any(p.search(module) for p in exc):
             return "excluded"

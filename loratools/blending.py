@@ -25,7 +25,7 @@ from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, Usage
 from .formats import FORMATS, read_adapter, write_adapter
 from .provenance import stamp
 from .linalg import lowrank_svd, randomized_svd, split_factors
-from .merge import parse_dtype
+from .dtypes import parse_dtype
 
 METHODS = ("cat", "svd", "linear") + DENSE_METHODS
 SVD_MODES = ("exact", "randomized")

@@ -17,13 +17,12 @@ from . import ops
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, rewrite
+from .dtypes import output_dtype, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, UsageError
 from .formats import read_adapter
 from .hub import existing_path
-from .validate import check_adapter, check_base, extra_target, raise_errors
+from .validation import check_adapter, check_base, extra_target, raise_errors
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 _FP32_MAX = torch.finfo(torch.float32).max
 
 AdapterLike = Union[str, os.PathLike, LoraAdapter]
@@ -50,20 +49,6 @@ class MergePlan:
     @property
     def num_modules(self) -> int:
         return sum(len(t) for t in self.terms.values())
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise UsageError(f"unknown dtype {name!r}: use fp32, bf16 or fp16") from None
-
-
-def output_dtype(src: torch.dtype, out_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """--dtype converts the floating tensors a merge can handle; everything else keeps its dtype."""
-    return out_dtype if (out_dtype is not None and src in ops.FLOAT_DTYPES) else src
 
 
 def plan_merge(ckpt: Checkpoint, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:

@@ -13,9 +13,9 @@ from typing import List, Optional, Sequence, Type
 import torch
 
 from .adapter import LoraAdapter, LoraModule
+from .dtypes import FLOATS
 from .errors import (FormatError, IncompatibleError, LoraToolsError, NonFiniteError, ShapeMismatchError)
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_SCALE = 16.0  # alpha/r above this is rare in practice (usual: 0.01 .. 4)
 MAX_DELTA_RATIO = 1.0  # an update larger than the weight it changes is almost always a mistake
 
@@ -43,7 +43,7 @@ def _finite(t: torch.Tensor) -> int:
 
 
 def _tensor_findings(where: str, role: str, t: torch.Tensor, module: Optional[str]) -> List[Finding]:
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOATS:
         return [Finding("dtype", f"{where}: {role} has dtype {t.dtype}; LoRA factors must be floating point",
                         module=module)]
     bad = _finite(t)
@@ -109,7 +109,7 @@ def check_base(adapter: LoraAdapter, ckpt) -> List[Finding]:
             out.append(Finding("shape", f"module {m.name}: the adapter's update has shape {tuple(m.weight_shape)} "
                                f"but the base weight {target} has shape {tuple(ckpt.shape(target))} "
                                "(adapter for another model?)", module=m.name, exc=ShapeMismatchError))
-        elif ckpt.dtype(target) not in _FLOATS:
+        elif ckpt.dtype(target) not in FLOATS:
             out.append(Finding("base-dtype", f"module {m.name}: base weight dtype {ckpt.dtype(target)} cannot be "
                                "merged into", module=m.name, exc=IncompatibleError))
     for name, tensor in adapter.extra.items():
@@ -132,7 +132,7 @@ def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_R
 
     fits = {m.name + ".weight": m for m in adapter
             if m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)
-            and ckpt.dtype(m.name + ".weight") in _FLOATS}  # the rest are check_base's findings
+            and ckpt.dtype(m.name + ".weight") in FLOATS}  # the rest are check_base's findings
     norms, scratch = {}, ScratchBuffer()  # one shard open at a time, one reused read buffer
     for shard in ckpt.shards:
         with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
