@@ -12,7 +12,7 @@ __version__ = "0.1.0"  # first: submodules read it at import
 _API = {
     "LoraAdapter": "adapter", "LoraModule": "adapter", "LoraToolsError": "errors",
     "detect": "formats", "read_adapter": "formats", "write_adapter": "formats",
-    "merge": "merging", "blend": "blending", "resize": "resizing", "extract": "extraction",
+    "merge": "merging", "blend": "blending", "resize": "resizing", "extract": "extraction", "convert": "conversion",
 }
 
 __all__ = list(_API)

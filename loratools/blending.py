@@ -22,7 +22,7 @@ from .adapter import LoraAdapter, LoraModule
 from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import FORMATS, read_adapter, write_adapter
+from .formats import WRITABLE, read_adapter, write_adapter
 from .provenance import stamp
 from .linalg import lowrank_svd, randomized_svd, split_factors
 from .dtypes import parse_dtype
@@ -341,8 +341,8 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
     weights = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)")
-    if to is not None and to not in FORMATS:
-        raise UsageError(f"unknown output format {to!r}: use one of {', '.join(FORMATS)}")
+    if to is not None and to not in WRITABLE:
+        raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
     if output is not None:
         check_output(output, overwrite)
     loaded = [(read_adapter(a), w) for a, w in zip(adapters, weights)]

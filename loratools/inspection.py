@@ -25,6 +25,15 @@ def delta_norm(m: LoraModule) -> float:
     return abs(m.scale) * math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else float("nan")
 
 
+def rank_range(ranks) -> str:
+    """'8', '4-16', or '-' for no modules: how reports print a set of ranks."""
+    ranks = list(ranks)
+    if not ranks:
+        return "-"
+    lo, hi = min(ranks), max(ranks)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -32,6 +41,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def module_bytes(m: LoraModule) -> int:
     parts = [m.down, m.up, m.magnitude, m.mid]
     return sum(tensor_bytes(t) for t in parts if t is not None)
+
+
+def adapter_bytes(adapter: LoraAdapter) -> int:
+    """Bytes of every tensor the adapter holds (its size on disk, less headers)."""
+    return sum(module_bytes(m) for m in adapter) + sum(tensor_bytes(t) for t in adapter.extra.values())
 
 
 def target_kind(name: str) -> str:

@@ -48,6 +48,7 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
 
     \b
       loratools extract base_model/ finetuned/ -o extracted/ --rank 32
+      loratools extract base_model/ finetuned/ -o dyn/ --rank 64 --dynamic sv_fro --param 0.9 --to kohya
     """
     check_rank_options(rank, conv_rank, dynamic, param)
     check_output(output, overwrite)
@@ -63,7 +64,7 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
         emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
                    "modules": [dict(m.as_dict(), svd=result.methods[m.name]) for m in result.modules],
                    "skipped": result.skipped})
-    else:
+    elif not quiet:
         rows = [r[:2] + r[3:] + [result.methods[m.name]] for r, m in zip(report_rows(result.modules), result.modules)]
         headers = REPORT_HEADERS[:2] + REPORT_HEADERS[3:] + ["svd"]
         click.echo(table(rows, headers), err=True)

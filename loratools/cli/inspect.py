@@ -8,7 +8,7 @@ import click
 from ..formats import read_adapter
 from ..inspection import report
 from ..validation import check_adapter
-from .common import emit_json, table
+from .common import emit_json, size, table
 
 
 def _fmt(x) -> str:
@@ -26,15 +26,6 @@ def _json_safe(obj):
     if isinstance(obj, list):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _size(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def _spread_line(spread: dict) -> str:
@@ -62,7 +53,7 @@ def render(rep: dict, modules: bool) -> str:
         f"DoRA        {'yes' if rep['dora'] else 'no'}",
         "dtype       " + ", ".join(f"{k} ({v} modules/tensors)" for k, v in rep["dtypes"].items()),
         f"parameters  {rep['parameters']:,} ({rep['lora_parameters']:,} in LoRA factors)",
-        f"bytes       {_size(rep['bytes'])} of tensors, {_size(rep['disk_bytes'])} on disk",
+        f"bytes       {size(rep['bytes'])} of tensors, {size(rep['disk_bytes'])} on disk",
         f"|ΔW| total  {_fmt(rep['delta_norm_total'])}",
     ]
     if rep["extra"]:
@@ -86,6 +77,12 @@ def command(adapter, fmt, summary):
     differ), scales, dtypes, parameters and bytes, target modules, and ‖ΔW‖ per module.
 
     Reads the adapter only; it never needs the base model.
+
+    \b
+    Examples:
+      loratools inspect my_lora.safetensors
+      loratools inspect adapter/ --summary
+      loratools inspect someone/llama-lora --format json
     """
     lora = read_adapter(adapter, check=False)  # show even a broken adapter; list its problems
     rep = report(lora, path=adapter)

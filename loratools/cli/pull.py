@@ -7,6 +7,7 @@ import click
 
 from .. import hub
 from ..dtypes import dtype_name
+from ..inspection import rank_range
 from .common import emit_json, format_option, overwrite_option, table
 
 
@@ -36,7 +37,7 @@ def command(repo_id, output, revision, overwrite, fmt):
                    "modules": len(a), "ranks": ranks, "dtype": dtype, "base_model": a.base_model,
                    "extra_tensors": len(a.extra), "path": got.path, "files": files})
         return
-    rank = "-" if not ranks else (str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}")
+    rank = rank_range(ranks)
     click.echo(table(list(files.items()), ["file", "bytes"]), err=True)
     click.echo(f"{repo_id}: {a.format} adapter, {len(a)} module(s), rank {rank}, {dtype}"
                f"{', base ' + a.base_model if a.base_model else ''}; commit {got.commit}", err=True)

@@ -25,6 +25,12 @@ def command(adapter, base, no_norms, fmt):
     """Check ADAPTER for NaN/Inf values, broken factors (A/B rank mismatch, wrong dimensions),
     suspicious scales and, with --base, modules that are absent from the base or do not fit its
     weights. Exits 0 when clean and 1 when not; `merge` runs the same checks before it writes.
+
+    \b
+    Examples:
+      loratools validate my_lora.safetensors
+      loratools validate adapter/ --base base_model/ && loratools merge base_model/ adapter/ -o merged/
+      loratools validate adapter/ --base base_model/ --no-norms --format json
     """
     lora = read_adapter(adapter, check=False)  # list every problem instead of stopping at the first
     findings = validate(lora, base=base, norms=not no_norms)

@@ -21,6 +21,22 @@ FORMATS: Dict[str, object] = {"peft": peft, "peft_diffusion": peft_diffusion, "d
                               "lycoris": lycoris, "kohya": kohya}
 FOLDER_FORMATS = {"peft", "peft_diffusion"}
 WRITABLE = ("peft", "peft_diffusion", "diffusers", "kohya")
+# one-file formats that also have a folder form (and the file's name in it)
+FOLDER_FILE_NAMES = {"diffusers": diffusers.WEIGHTS}
+
+
+def output_is_folder(path, fmt: str) -> bool:
+    """What `-o` asks for: a `.safetensors` suffix is one file, a trailing `/` or no suffix a
+    folder. Raises UsageError, with the reason, when format `fmt` cannot be written that way."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)) or not os.path.splitext(os.path.basename(text))[1]:
+        if fmt in FOLDER_FORMATS or fmt in FOLDER_FILE_NAMES:
+            return True
+        raise UsageError(f"{text}: {fmt} is one .safetensors file, not a folder: give -o NAME.safetensors")
+    if fmt in FOLDER_FORMATS:
+        raise UsageError(f"{text}: {fmt} is a folder (adapter_config.json + adapter_model.safetensors), not one "
+                         f"file: give -o without the {os.path.splitext(text)[1]} suffix")
+    return False
 
 
 def detect(path: str) -> str:
@@ -66,6 +82,9 @@ def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, over
         raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(WRITABLE)}")
     if fmt != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
         adapter = dataclasses.replace(adapter, config={})
-    with atomic_output(path, overwrite=overwrite, directory=fmt in FOLDER_FORMATS) as tmp:
-        FORMATS[fmt].write(adapter, tmp, metadata=metadata)
+    folder = output_is_folder(path, fmt)
+    with atomic_output(path, overwrite=overwrite, directory=folder) as tmp:
+        # a one-file format asked for as a folder writes its file under the name its loaders look for
+        target = tmp if fmt in FOLDER_FORMATS or not folder else os.path.join(tmp, FOLDER_FILE_NAMES[fmt])
+        FORMATS[fmt].write(adapter, target, metadata=metadata)
     return os.path.abspath(os.fspath(path))
