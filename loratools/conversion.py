@@ -45,7 +45,7 @@ class ConvertReport:
     to: str
     output: Optional[str]
     modules: int
-    ranks: List[int] = field(repr=False)
+    rank: str  # '8' or '4-16'
     extra_tensors: int = 0
     bytes: int = 0
     names_from: Optional[str] = None
@@ -125,7 +125,7 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
     kept = read_config.get("retained")
     report = ConvertReport(
         source=os.fspath(source) if not isinstance(source, LoraAdapter) else "<adapter>", from_=in_fmt, to=opts.to,
-        output=None, modules=len(adapter), ranks=adapter.ranks, extra_tensors=len(adapter.extra),
+        output=None, modules=len(adapter), rank=adapter.rank_range, extra_tensors=len(adapter.extra),
         bytes=adapter_bytes(adapter),
         names_from=read_config.get("names_from"), dropped_unmatched=read_config.get("unmatched", []),
         retained={"min": min(kept.values()), "mean": sum(kept.values()) / len(kept), "per_module": kept}

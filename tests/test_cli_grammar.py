@@ -87,7 +87,7 @@ def test_quiet_silences_report_tables(setup, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def pipeline_lora(setup, tmp_path_factory):
     """A kohya SD file with unet and text_encoder modules (from a PEFT adapter given components)."""
-    from loratools import read_adapter, write_adapter
+    from loratools import read_adapter
     from loratools.conversion import add_component
     import dataclasses
 

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from ..checkpoint import Checkpoint, model_path
 from ..errors import FormatError
 from .ldm import ldm_unet_names, to_ldm
 
@@ -90,7 +91,6 @@ class NameMap:
 
 
 def _component_weights(folder: str, comp: str) -> Dict[str, Shape]:
-    from ..checkpoint import Checkpoint
     ckpt = Checkpoint(folder)
     return {f"{comp}.{n[:-len('.weight')]}": tuple(i.shape) for n, i in ckpt.infos.items()
             if n.endswith(".weight") and len(i.shape) >= 2}
@@ -99,9 +99,7 @@ def _component_weights(folder: str, comp: str) -> Dict[str, Shape]:
 def base_modules(path: str) -> Tuple[Dict[str, Shape], Dict[str, str]]:
     """Module names and shapes of a diffusers pipeline folder (`unet/`, `text_encoder/`, …) or of one
     component folder named after its component; plus the UNet's LDM aliases from its config."""
-    from ..hub import existing_path
-
-    path = os.path.abspath(existing_path(path, kind="model"))  # also a Hub reference
+    path = os.path.abspath(model_path(path, COMPONENTS))  # also a Hub reference
     if os.path.isdir(path) and os.path.basename(path) in COMPONENTS:
         folders = {os.path.basename(path): path}
     elif os.path.isdir(path):

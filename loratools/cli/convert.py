@@ -6,7 +6,6 @@ import click
 from ..archs import COMPONENTS
 from ..conversion import convert
 from ..formats import FORMATS, WRITABLE
-from ..inspection import rank_range
 from .common import dry_run_line, dry_run_option, emit_json, format_option, overwrite_option, quiet_option, size, table
 
 
@@ -46,7 +45,7 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, d
         emit_json(dict(rep.to_dict(), output=output))
         return
     if not quiet:
-        rows = [[rep.from_, to, rep.modules, rank_range(rep.ranks), size(rep.bytes), rep.names_from or "-"]]
+        rows = [[rep.from_, to, rep.modules, rep.rank, size(rep.bytes), rep.names_from or "-"]]
         click.echo(table(rows, ["from", "to", "modules", "rank", "bytes", "names from"]), err=True)
     if rep.dropped_unmatched:
         click.echo(f"dropped {len(rep.dropped_unmatched)} unmatched module(s): "

@@ -5,9 +5,8 @@ import os
 
 import click
 
-from .. import hub
+from .. import share
 from ..dtypes import dtype_name
-from ..inspection import rank_range
 from .common import emit_json, format_option, overwrite_option, table
 
 
@@ -27,7 +26,7 @@ def command(repo_id, output, revision, overwrite, fmt):
     loratools pull someone/llama-lora@v2 -o ./llama-lora
     loratools pull someone/sdxl-loras/style.safetensors -o ./style
     """
-    got = hub.pull(repo_id, output, overwrite, revision=revision)
+    got = share.pull(repo_id, output, overwrite, revision=revision)
     a = got.adapter
     ranks = sorted(set(a.ranks))
     dtype = dtype_name(a.dtype())
@@ -37,8 +36,7 @@ def command(repo_id, output, revision, overwrite, fmt):
                    "modules": len(a), "ranks": ranks, "dtype": dtype, "base_model": a.base_model,
                    "extra_tensors": len(a.extra), "path": got.path, "files": files})
         return
-    rank = rank_range(ranks)
     click.echo(table(list(files.items()), ["file", "bytes"]), err=True)
-    click.echo(f"{repo_id}: {a.format} adapter, {len(a)} module(s), rank {rank}, {dtype}"
+    click.echo(f"{repo_id}: {a.format} adapter, {len(a)} module(s), rank {a.rank_range}, {dtype}"
                f"{', base ' + a.base_model if a.base_model else ''}; commit {got.commit}", err=True)
     click.echo(got.path)

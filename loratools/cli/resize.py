@@ -8,7 +8,9 @@ from ..formats import output_is_folder, read_adapter
 from ..inspection import adapter_bytes
 from ..resizing import check_rank_options, plot_spectra, require_matplotlib, resize
 from ..linalg import RANK_RULES
-from .common import dry_run_line, dry_run_option, emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
+from ..validation import check_names
+from .common import (dry_run_line, dry_run_option, emit_json, format_option, output_option, overwrite_option,
+                     progress_bar, quiet_option, table)
 
 rank_option = click.option("--rank", type=int, default=None,
                            help="New rank (with --dynamic: the cap). Never above a module's old rank.")
@@ -56,7 +58,9 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, fmt
       loratools resize adapter/ -o adapter-dyn/ --dynamic sv_fro --param 0.9 --rank 64
     """
     check_rank_options(rank, conv_rank, dynamic, param)
-    src = read_adapter(adapter)
+    src = read_adapter(adapter, keep_unmatched=True)  # kohya names are written back as they were read
+    for f in check_names(src):
+        click.echo(f"warning: {f.message}", err=True)
     output_is_folder(output, src.format)
     if not dry_run:
         check_output(output, overwrite)
