@@ -13,6 +13,7 @@ _API = {
     "LoraAdapter": "adapter", "LoraModule": "adapter", "LoraToolsError": "errors",
     "detect": "formats", "read_adapter": "formats", "write_adapter": "formats",
     "merge": "merging", "blend": "blending", "resize": "resizing", "extract": "extraction", "convert": "conversion",
+    "inspect": "inspection", "validate": "validation",
 }
 
 __all__ = list(_API)

@@ -25,6 +25,7 @@ from .dtypes import parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import WRITABLE, read_adapter, write_adapter
 from .provenance import stamp
+from .report import Report
 from .linalg import gram_dot, lowrank_svd, randomized_svd, split_factors
 from .ops import all_finite
 
@@ -57,8 +58,8 @@ class ModuleReport:
                 "error": self.error, "rel_error": self.rel_error}
 
 
-@dataclass
-class BlendReport:
+@dataclass(repr=False)
+class BlendReport(Report):
     method: str
     weights: List[float]
     modules: List[ModuleReport] = field(default_factory=list)
@@ -71,6 +72,11 @@ class BlendReport:
                 "rank_out": sum(m.rank_out for m in self.modules), "norm_target": t2 ** 0.5,
                 "norm_out": o2 ** 0.5, "retained": (o2 / t2) ** 0.5 if t2 > 0 else 1.0,
                 "error": e2 ** 0.5, "rel_error": (e2 / t2) ** 0.5 if t2 > 0 else 0.0}
+
+    def summary(self) -> dict:
+        t = self.totals()
+        return {"method": self.method, "weights": self.weights, "modules": t["modules"], "rank_out": t["rank_out"],
+                "retained": t["retained"]}
 
     def to_dict(self) -> dict:
         return {"method": self.method, "weights": self.weights,

@@ -12,6 +12,7 @@ from .atomic import check_output
 from .errors import IncompatibleError, UsageError
 from .formats import FORMATS, WRITABLE, detect, output_is_folder, read_adapter, write_adapter
 from .inspection import adapter_bytes
+from .report import Report
 
 PathLike = Union[str, os.PathLike]
 
@@ -38,8 +39,8 @@ class ConvertOptions:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
 
 
-@dataclass
-class ConvertReport:
+@dataclass(repr=False)
+class ConvertReport(Report):
     source: str
     from_: str
     to: str
@@ -53,6 +54,10 @@ class ConvertReport:
     retained: Optional[dict] = field(default=None, repr=False)
     dry_run: bool = False
     adapter: Optional[LoraAdapter] = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        return {"from": self.from_, "to": self.to, "modules": self.modules, "rank": self.rank, "output": self.output,
+                "dry_run": self.dry_run}
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("adapter", "from_", "source")}

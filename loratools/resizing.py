@@ -20,6 +20,7 @@ from .errors import LoraToolsError, NonFiniteError, UsageError
 from .formats import read_adapter, write_adapter
 from .ops import all_finite
 from .provenance import stamp
+from .report import Report
 from .linalg import effective_alpha, lowrank_svd, retained, select_rank, split_factors
 
 # metadata that describes the old ranks or the old bytes; the format's writer fills in new values
@@ -44,8 +45,8 @@ class ModuleResize:
                 "fro_retained": self.fro_retained, "sum_retained": self.sum_retained, "sv_ratio": self.sv_ratio}
 
 
-@dataclass
-class ResizeResult:
+@dataclass(repr=False)
+class ResizeResult(Report):
     adapter: LoraAdapter
     modules: List[ModuleResize]
     output: Optional[str] = None
@@ -53,6 +54,14 @@ class ResizeResult:
     @property
     def average_fro_retained(self) -> float:
         return sum(m.fro_retained for m in self.modules) / len(self.modules) if self.modules else 1.0
+
+    def summary(self) -> dict:
+        return {"format": self.adapter.format, "modules": len(self.modules),
+                "rank_in": sum(m.old_rank for m in self.modules), "rank_out": sum(m.new_rank for m in self.modules),
+                "average_fro_retained": self.average_fro_retained, "output": self.output}
+
+    def to_dict(self) -> dict:
+        return dict(self.summary(), modules=[m.as_dict() for m in self.modules])
 
 
 def check_rank_options(rank: Optional[int], conv_rank: Optional[int], dynamic: Optional[str],

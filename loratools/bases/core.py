@@ -16,7 +16,8 @@ import torch
 from .. import ops
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import IncompatibleError, NonFiniteError, UsageError
-from ..validation import check_adapter, check_base, extra_target, raise_errors
+from ..report import Report
+from ..checks import check_adapter, check_base, extra_target, raise_errors
 
 _FP32_MAX = torch.finfo(torch.float32).max
 Progress = Optional[Callable[[str], None]]
@@ -32,8 +33,8 @@ class Term:
         return self.weight * self.module.scale
 
 
-@dataclass
-class MergePlan:
+@dataclass(repr=False)
+class MergePlan(Report):
     """What a merge will do: per base tensor, the LoRA terms and the replacement (extra) tensor."""
 
     terms: Dict[str, List[Term]] = field(default_factory=dict)
@@ -43,6 +44,10 @@ class MergePlan:
     @property
     def num_modules(self) -> int:
         return sum(len(t) for t in self.terms.values())
+
+    def summary(self) -> dict:
+        return {"adapters": len(self.adapters), "weights": [w for _, w in self.adapters],
+                "modules": self.num_modules, "merged": len(self.terms), "replaced": len(self.replace)}
 
 
 class Base(Protocol):

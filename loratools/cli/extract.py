@@ -58,7 +58,7 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
             ckpt, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
             include=include, exclude=exclude, embeddings=embeddings, to=to,
             base_model_name=base_model_name or default_base_name(base),
-            dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite,
+            dtype=dtype, svd=svd, power_iters=power_iters, component=component, overwrite=overwrite,
             progress=lambda _name: bar.update(1),
             fan_in_fan_out=fan_in_fan_out)
     if fmt == "json":

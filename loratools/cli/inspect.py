@@ -6,9 +6,7 @@ from typing import List, Optional
 
 import click
 
-from ..formats import read_adapter
-from ..inspection import report
-from ..validation import check_adapter, check_names
+from ..inspection import inspect
 from .common import emit_json, size, table
 
 
@@ -106,7 +104,7 @@ def command(adapter, fmt, summary, base):
     """Show what ADAPTER holds: format, detected model family (SD 1.x/2.x, SDXL, Flux …), kohya
     training metadata (network, dim/alpha, resolution, epochs/steps, dataset tags), base model,
     modules, ranks and alphas (and where they differ), scales, dtypes, parameters and bytes,
-    target modules, and ‖ΔW‖ per module. Examples:
+    target modules, and ‖ΔW‖ per module.
 
     Reads the adapter only; it never needs the base model (--base only names LyCORIS/kohya modules).
 
@@ -116,12 +114,10 @@ def command(adapter, fmt, summary, base):
       loratools inspect someone/llama-lora --format json
       loratools inspect loha.safetensors --base sdxl_pipeline/
     """
-    # show even a broken adapter and list its problems; names no known model has are shown as they are
-    lora = read_adapter(adapter, check=False, base=base, keep_unmatched=True)
-    for f in check_names(lora):
+    result = inspect(adapter, base=base)
+    for f in result.warnings:
         click.echo(f"warning: {f.message}", err=True)
-    rep = report(lora, path=adapter)
-    rep["problems"] = [f.as_dict() for f in check_adapter(lora)]
+    rep = result.to_dict()
     if fmt == "json":
         if summary:
             rep.pop("module_list")

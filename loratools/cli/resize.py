@@ -8,7 +8,7 @@ from ..formats import output_is_folder, read_adapter
 from ..inspection import adapter_bytes
 from ..resizing import check_rank_options, plot_spectra, require_matplotlib, resize
 from ..linalg import RANK_RULES
-from ..validation import check_names
+from ..checks import check_names
 from .common import (dry_run_line, dry_run_option, emit_json, format_option, output_option, overwrite_option,
                      progress_bar, quiet_option, table)
 

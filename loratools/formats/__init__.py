@@ -14,7 +14,7 @@ from .. import refs, safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..errors import FormatError, HubError, LoraToolsError, UsageError
-from ..validation import check_adapter, raise_errors
+from ..checks import check_adapter, raise_errors
 from . import diffusers, kohya, lycoris, peft, peft_diffusion
 from .record import Format
 
