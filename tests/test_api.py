@@ -88,3 +88,22 @@ def test_blend_error_names_no_option_blend_lacks(setup, tmp_path, capsys):
     assert "loratools convert ADAPTER --component unet --to kohya" in err
     assert "with --component" not in err
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_push_keeps_the_users_readme(setup, tmp_path, capsys):
+    """push merges its metadata into a README.md the adapter folder already has; --card replace drops it."""
+    import shutil
+    folder = tmp_path / "mine"
+    shutil.copytree(setup / "a", folder)
+    (folder / "README.md").write_text("---\nlicense: mit\ntags:\n- style\n---\n\n# My adapter\n\nTrained on my cat.\n")
+    code, out, err = run(capsys, "push", folder, "me/mine", "--dry-run", "--format", "json")
+    assert code == 0, err
+    card = json.loads(out)["model_card"]
+    assert "Trained on my cat." in card and "license: mit" in card
+    assert "- style" in card and "- loratools" in card  # tags joined
+    assert "Uploaded with [loratools]" not in card
+    code, out, err = run(capsys, "push", folder, "me/mine", "--dry-run", "--format", "json", "--card", "replace")
+    assert code == 0, err
+    card = json.loads(out)["model_card"]
+    assert "Trained on my cat." not in card and "Uploaded with [loratools]" in card
+    assert (folder / "README.md").read_text().endswith("Trained on my cat.\n")  # input unchanged
