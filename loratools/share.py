@@ -142,12 +142,12 @@ CARD_MODES = ("merge", "replace")
 
 def keep_readme(card: str, readme: str) -> str:
     """The user's README text with the generated card's metadata merged into its YAML block (the
-    user's own values win; tags are joined)."""
+    user's own non-empty values win; tags are joined)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     ours, theirs = ModelCard(card), ModelCard(readme, ignore_metadata_errors=True)
     mine, yours = ours.data.to_dict(), theirs.data.to_dict()
-    merged = {**mine, **yours}
+    merged = {**mine, **{k: v for k, v in yours.items() if v not in (None, "", [], {})}}  # blanks (PEFT's stub)
     tags = list(dict.fromkeys(list(mine.get("tags") or []) + list(yours.get("tags") or [])))
     if tags:
         merged["tags"] = tags
