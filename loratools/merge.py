@@ -19,6 +19,7 @@ from .atomic import atomic_output, check_output
 from .checkpoint import Checkpoint, rewrite
 from .errors import IncompatibleError, NonFiniteError, UsageError
 from .formats import read_adapter
+from .gguf_base import GgufBase, GgufPlan, is_gguf_base, open_gguf_base
 from .hub import existing_path
 from .validate import check_adapter, check_base, extra_target, raise_errors
 
@@ -46,6 +47,8 @@ class MergePlan:
     terms: Dict[str, List[Term]] = field(default_factory=dict)
     replace: Dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: List[Tuple[LoraAdapter, float]] = field(default_factory=list)
+    types: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # GGUF: tensor -> (base type, output type)
+    quant_error: Dict[str, float] = field(default_factory=dict)  # GGUF: relative requantization error
 
     @property
     def num_modules(self) -> int:
@@ -73,19 +76,23 @@ def plan_merge(ckpt: Checkpoint, adapters: Sequence[Tuple[LoraAdapter, float]]) 
         where = f"adapter {i + 1} of {len(adapters)}" if len(adapters) > 1 else ""
         raise_errors(check_adapter(adapter) + check_base(adapter, ckpt), where)
         for m in adapter:
-            if m.is_dora and weight < 0:
-                raise UsageError(f"module {m.name}: a DoRA merge cannot be undone with a negative weight "
-                                 "(its magnitude replaces the row norms); keep the unmerged base instead")
-            if m.is_dora and m.kind == "embedding":
-                raise IncompatibleError(f"module {m.name}: DoRA on embeddings is not supported")
-            term = Term(m, float(weight))
-            if abs(term.coeff) > _FP32_MAX:
-                raise UsageError(f"module {m.name}: weight {weight:g} times the module's scale {m.scale:g} "
-                                 "is beyond float32's range")
-            plan.terms.setdefault(m.name + ".weight", []).append(term)
+            plan.terms.setdefault(m.name + ".weight", []).append(make_term(m, weight))
         for name, tensor in adapter.extra.items():
             plan.replace[extra_target(name)] = tensor
     return plan
+
+
+def make_term(m: LoraModule, weight: float) -> Term:
+    if m.is_dora and weight < 0:
+        raise UsageError(f"module {m.name}: a DoRA merge cannot be undone with a negative weight "
+                         "(its magnitude replaces the row norms); keep the unmerged base instead")
+    if m.is_dora and m.kind == "embedding":
+        raise IncompatibleError(f"module {m.name}: DoRA on embeddings is not supported")
+    term = Term(m, float(weight))
+    if abs(term.coeff) > _FP32_MAX:
+        raise UsageError(f"module {m.name}: weight {weight:g} times the module's scale {m.scale:g} "
+                         "is beyond float32's range")
+    return term
 
 
 def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
@@ -123,7 +130,8 @@ def _dora_merge(acc: torch.Tensor, term: Term) -> torch.Tensor:
     return m.magnitude.float().reshape(norm.shape) / norm * v
 
 
-def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -> List[Tuple[LoraAdapter, float]]:
+def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]],
+          gguf_arch=None) -> List[Tuple[LoraAdapter, float]]:
     if not adapters:
         raise UsageError("give at least one adapter")
     if weights is None or len(weights) == 0:
@@ -133,7 +141,9 @@ def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -
     if not all(math.isfinite(float(w)) for w in weights):
         raise UsageError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
     # plan_merge runs the checks (also on adapters given as objects), so read without them
-    return [(read_adapter(a, check=False), float(w)) for a, w in zip(adapters, weights)]
+    # GGUF adapters learn the head counts (llama.cpp's q/k row order) from a GGUF base
+    return [(read_adapter(a, check=False, base=gguf_arch if is_gguf_base(a) else None), float(w))
+            for a, w in zip(adapters, weights)]
 
 
 def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]], replacement: Optional[torch.Tensor],
@@ -161,18 +171,34 @@ def open_base(base):
     if isinstance(base, Checkpoint) or not isinstance(base, (str, os.PathLike)):
         return base
     base = existing_path(base, kind="model")  # also a Hub reference
+    gguf = open_gguf_base(base)
+    if gguf is not None:
+        return gguf
     from . import merge_diffusion  # late: it builds on this module
     return merge_diffusion.open_diffusion_base(base) or Checkpoint(base)
 
 
 def merge(base: Union[str, os.PathLike, Checkpoint], adapters: Sequence[AdapterLike], output: Union[str, os.PathLike],
           weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None, overwrite: bool = False,
-          check_finite: bool = True, progress: Optional[Callable[[str], None]] = None) -> MergePlan:
+          check_finite: bool = True, progress: Optional[Callable[[str], None]] = None,
+          out_type: Optional[str] = None) -> MergePlan:
     """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the base at `base` (model
-    folder, diffusers pipeline folder or single-file SD checkpoint) and write the result to `output`.
+    folder, diffusers pipeline folder, single-file SD checkpoint or GGUF model) and write the result
+    to `output`. `out_type` (GGUF only): the type of merged tensors (f16, q8_0 …; default: their own).
     Returns the plan that was carried out."""
     out_dtype = parse_dtype(dtype)
     ckpt = open_base(base)
+    if isinstance(ckpt, GgufBase):
+        plan, types = plan_gguf(ckpt, adapters, weights, out_type or _GGUF_TYPES.get(out_dtype))
+        check_output(output, overwrite)
+
+        def merged(name: str, tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+            return merge_tensor(name, tensor, plan.terms[name], None, target, check_finite)
+
+        plan.quant_error = ckpt.rewrite(output, types, merged, overwrite, progress)
+        return plan
+    if out_type is not None:
+        raise UsageError("--out-type applies to GGUF bases only (use --dtype)")
     if not isinstance(ckpt, Checkpoint):
         from . import merge_diffusion
         return merge_diffusion.merge_diffusion(ckpt, _load(adapters, weights), output, out_dtype, overwrite,
@@ -198,6 +224,24 @@ def describe(base: Union[str, os.PathLike], adapters: Sequence[AdapterLike],
              weights: Optional[Sequence[float]] = None):
     """Plan a merge without writing anything (for --dry-run). Returns (base, plan)."""
     ckpt = open_base(base)
+    if isinstance(ckpt, GgufBase):
+        return ckpt, plan_gguf(ckpt, adapters, weights, None)[0]
     if not isinstance(ckpt, Checkpoint):
         return ckpt, ckpt.plan(_load(adapters, weights))
     return ckpt, plan_merge(ckpt, _load(adapters, weights))
+
+
+_GGUF_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def plan_gguf(base: GgufBase, adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]],
+              out_type: Optional[str]) -> Tuple[MergePlan, GgufPlan]:
+    """Terms per GGUF tensor (modules in llama.cpp's names and row order) and output types, all checked."""
+    plan = MergePlan(adapters=_load(adapters, weights, gguf_arch=base.arch))
+    for i, (adapter, weight) in enumerate(plan.adapters):
+        raise_errors(check_adapter(adapter), f"adapter {i + 1} of {len(plan.adapters)}" if len(adapters) > 1 else "")
+        for g in base.fit(adapter):
+            plan.terms.setdefault(g.name + ".weight", []).append(make_term(g, weight))
+    types = base.plan_types(list(plan.terms), out_type)
+    plan.types = {n: (types.src[n], types.out[n]) for n in plan.terms}
+    return plan, types

@@ -1,4 +1,4 @@
-"""`loratools convert IN -o OUT --to peft|peft_diffusion|kohya|diffusers`"""
+"""`loratools convert IN -o OUT --to peft|peft_diffusion|kohya|diffusers|gguf`"""
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +29,8 @@ def add_component(adapter, component: str):
 @click.option("--from", "from_", type=click.Choice(list(FORMATS)), default=None, help="Input format (default: detect).")
 @click.option("--base", type=click.Path(), default=None,
               help="Diffusers model folder whose module names resolve kohya/LyCORIS names "
-                   "(default: the shipped SD 1.x / 2.x / SDXL manifests).")
+                   "(default: the shipped SD 1.x / 2.x / SDXL manifests). --to gguf / GGUF input: the LLM "
+                   "(folder, Hub reference, config.json or .gguf) whose llama.cpp names and layout to use.")
 @click.option("--rank", type=int, default=None,
               help="LyCORIS LoHa/LoKr only: rank to factor each ΔW at (default: its exact numerical rank).")
 @click.option("--allow-unmatched", is_flag=True, help="Drop kohya/LyCORIS modules no known module matches (listed).")
@@ -45,6 +46,7 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, o
       loratools convert my_lora.safetensors --to diffusers -o pytorch_lora_weights.safetensors
       loratools convert peft_unet/ --component unet --to kohya -o my_lora.safetensors
       loratools convert loha.safetensors --to kohya --rank 16 -o lora.safetensors
+      loratools convert peft_lora/ --to gguf --base Qwen/Qwen2.5-0.5B -o lora.gguf
     """
     in_fmt = from_ or detect(source)
     if rank is not None and in_fmt != "lycoris":
@@ -52,7 +54,7 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, o
     adapter = read_adapter(source, format=in_fmt, base=base, allow_unmatched=allow_unmatched or None, rank=rank)
     if component:
         adapter = add_component(adapter, component)
-    write_adapter(adapter, output, format=to, overwrite=overwrite)
+    write_adapter(adapter, output, format=to, overwrite=overwrite, base=base)
     report = {"input": source, "from": in_fmt, "output": output, "to": to, "modules": len(adapter),
               "extra_tensors": len(adapter.extra), "names_from": adapter.config.get("names_from"),
               "dropped_unmatched": adapter.config.get("unmatched", [])}

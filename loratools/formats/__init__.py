@@ -14,13 +14,13 @@ from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..hub import existing_path
 from ..errors import FormatError, LoraToolsError, UsageError
-from . import diffusers, kohya, lycoris, peft, peft_diffusion
+from . import diffusers, gguf, kohya, lycoris, peft, peft_diffusion
 
 # name -> module; order is detection order. Single-file formats write a file, peft a folder.
-FORMATS: Dict[str, object] = {"peft": peft, "peft_diffusion": peft_diffusion, "diffusers": diffusers,
-                              "lycoris": lycoris, "kohya": kohya}
+FORMATS: Dict[str, object] = {"gguf": gguf, "peft": peft, "peft_diffusion": peft_diffusion,
+                              "diffusers": diffusers, "lycoris": lycoris, "kohya": kohya}
 FOLDER_FORMATS = {"peft", "peft_diffusion"}
-WRITABLE = ("peft", "peft_diffusion", "diffusers", "kohya")
+WRITABLE = ("peft", "peft_diffusion", "diffusers", "kohya", "gguf")
 
 
 def detect(path: str) -> str:
@@ -59,13 +59,16 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
 
 
 def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, overwrite: bool = False,
-                  metadata: Optional[Dict[str, str]] = None) -> str:
-    """Write atomically: the output appears complete or not at all. Returns the path written."""
+                  metadata: Optional[Dict[str, str]] = None, base=None) -> str:
+    """Write atomically: the output appears complete or not at all. Returns the path written.
+    `base` goes to writers that take it (GGUF: the model whose names and layout to use)."""
     fmt = format or adapter.format
     if fmt not in WRITABLE:
         raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(WRITABLE)}")
     if fmt != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
         adapter = dataclasses.replace(adapter, config={})
     with atomic_output(path, overwrite=overwrite, directory=fmt in FOLDER_FORMATS) as tmp:
-        FORMATS[fmt].write(adapter, tmp, metadata=metadata)
+        writer = FORMATS[fmt].write
+        extra = {"base": base} if "base" in inspect.signature(writer).parameters else {}
+        writer(adapter, tmp, metadata=metadata, **extra)
     return os.path.abspath(os.fspath(path))
