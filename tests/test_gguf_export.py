@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENS = [1, 5, 17, 42, 99, 7, 64, 3, 120, 33]
 # llama.cpp (F32 weights, fp32 CPU kernels) vs transformers fp32: only summation order differs
-LOGIT_ATOL_F32 = 2e-4
+LOGIT_ATOL_F32 = 1e-4  # measured 1.8e-5 (the adapter moves logits by 8e-2)
 
 
 def small_llama(seed=0):
