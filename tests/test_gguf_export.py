@@ -121,3 +121,42 @@ def test_refusals(setup, tmp_path, capsys):
     code, _, err = run_cli(capsys, "convert", root / "lora", "--to", "gguf", "--base", tmp_path / "config.json",
                            "-o", tmp_path / "x.gguf")
     assert code == 1 and "gpt_bigcode" in err and not (tmp_path / "x.gguf").exists()
+
+
+def test_gguf_adapters_feed_the_other_commands(setup, tmp_path, capsys):
+    root, model, pm, _ = setup
+    a = tmp_path / "a.gguf"
+    assert run_cli(capsys, "convert", root / "lora", "--to", "gguf", "--base", root / "base", "-o", a)[0] == 0
+    code, out, _ = run_cli(capsys, "inspect", a, "--format", "json")
+    report = json.loads(out)
+    assert code == 0 and report["format"] == "gguf" and report["modules"] == len(read_adapter(str(root / "lora")))
+    # resize and blend write GGUF again (the architecture rides along); llama.cpp-style names stay
+    assert run_cli(capsys, "resize", a, "--rank", "2", "-o", tmp_path / "r.gguf")[0] == 0
+    assert run_cli(capsys, "blend", a, root / "lora", "-o", tmp_path / "b.gguf")[0] == 0
+    for f in ("r.gguf", "b.gguf"):
+        names = {t.name for t in gguf.GGUFReader(str(tmp_path / f)).tensors}
+        assert "blk.0.attn_q.weight.lora_b" in names, f
+    blended = read_adapter(str(tmp_path / "b.gguf"))
+    peft_in = read_adapter(str(root / "lora"))
+    for name, m in peft_in.modules.items():  # blend of a with itself: twice the update
+        torch.testing.assert_close(blended.modules[name].dense_delta(), 2 * m.dense_delta(), atol=1e-6, rtol=1e-5)
+    # a llama.cpp-written adapter has no head counts: q/k rows need the base to be put back in HF order
+    reader = gguf.GGUFReader(str(a))
+    w = gguf.GGUFWriter(str(tmp_path / "plain.gguf"), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", reader.fields["adapter.lora.alpha"].contents())
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data.copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, _, err = run_cli(capsys, "convert", tmp_path / "plain.gguf", "--to", "peft", "-o", tmp_path / "p")
+    assert code == 2 and "--base" in err
+    code, _, err = run_cli(capsys, "convert", tmp_path / "plain.gguf", "--base", root / "base", "--to", "peft",
+                           "-o", tmp_path / "p")
+    assert code == 0, err
+    back = read_adapter(str(tmp_path / "p"))
+    for name, m in read_adapter(str(a)).modules.items():
+        torch.testing.assert_close(back.modules[name].dense_delta(), m.dense_delta(), atol=1e-7, rtol=1e-6)

@@ -9,6 +9,7 @@ We also write the head and layer counts, so our files can be read back without t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Dict, Optional
@@ -71,7 +72,8 @@ def read(path: str, base=None) -> LoraAdapter:
     arch = _arch_for(path, kv, base, pairs)
     alpha = float(kv.get("adapter.lora.alpha", 0.0) or 0.0)
     reverse = {v: k for k, v in arch.name_map().items()}
-    adapter = LoraAdapter(format="gguf", config={"gguf_arch": arch.arch, "alpha": alpha})
+    # the architecture rides along, so a GGUF adapter can be written back (resize, blend) without --base
+    adapter = LoraAdapter(format="gguf", config={"gguf_arch": dataclasses.asdict(arch), "alpha": alpha})
     for stem, ab in pairs.items():
         if set(ab) != set(SUFFIXES):
             raise FormatError(f"{path}: {stem} has only {next(iter(ab))} (lora_a and lora_b come in pairs)")
@@ -107,6 +109,9 @@ def _arch_for(path: str, kv: dict, base, pairs) -> GgufArch:
 
 
 def write(adapter: LoraAdapter, path: str, metadata: Optional[Dict[str, str]] = None, base=None) -> None:
+    known = adapter.config.get("gguf_arch")
+    if base is None and isinstance(known, dict) and known.get("n_head", 1) > 1:
+        base = GgufArch(**known)
     if base is None:
         raise UsageError("writing a GGUF adapter needs the base model (--base MODEL, its config.json or a "
                          "GGUF model) for llama.cpp's architecture, tensor names and head counts")
