@@ -96,7 +96,7 @@ def find_adapter(folder: str) -> str:
 def errors_vs_exact(adapters, output) -> tuple:
     """(relative error of `output` against Σ w_i s_i B_i A_i, the optimal rank-16 relative error)."""
     from loratools import read_adapter
-    from loratools.blend import _gram_norm, _Source, _target, factors
+    from loratools.blend import _gram_norm, _Source, _target
     from loratools.linalg import lowrank_svd
 
     inputs = [read_adapter(a) for a in adapters]
@@ -104,7 +104,7 @@ def errors_vs_exact(adapters, output) -> tuple:
     t2 = e2 = opt2 = 0.0
     for name, m in out.modules.items():
         tu, td = _target([_Source(a.modules[name], w) for a, w in zip(inputs, WEIGHTS) if name in a.modules])
-        up, down = factors(m)
+        up, down = m.factors_2d()
         up = up.float() * m.scale
         t2 += _gram_norm([tu], [td]) ** 2
         e2 += _gram_norm([up, -tu], [down.float(), td]) ** 2

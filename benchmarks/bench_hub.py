@@ -59,7 +59,7 @@ def main():
     os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     from huggingface_hub import constants, snapshot_download  # after HF_ENDPOINT is set
 
-    from loratools import hub as lhub
+    from loratools import share as lhub
 
     layers = max(1, round(args.base_mb / 64))  # ~64 MB of bf16 per layer at hidden 1024
     work = tempfile.mkdtemp(prefix="bench_hub.")
@@ -82,8 +82,8 @@ def main():
     rows = []
     for label, repo, kind in [("adapter (trainer output)", "bench/adapter", "adapter"),
                               ("base model (+ .bin, onnx)", "bench/model", "model")]:
-        ours = measure(hub, lambda cache: lhub.local_path(repo, kind=kind))
-        peer = measure(hub, lambda cache: snapshot_download(repo, cache_dir=cache, endpoint=hub.url))
+        ours = measure(hub, lambda cache, repo=repo, kind=kind: lhub.local_path(repo, kind=kind))
+        peer = measure(hub, lambda cache, repo=repo: snapshot_download(repo, cache_dir=cache, endpoint=hub.url))
         rows.append((label, ours, peer))
     hub.stop()
     print(f"huggingface_hub {sys.modules['huggingface_hub'].__version__}, endpoint {constants.ENDPOINT} (local)")

@@ -1,8 +1,9 @@
 """The in-memory adapter model that every command works on.
 
 A `LoraModule` keeps its factors exactly as the file stored them (no reshaping, no dtype change),
-so writing back what was read is bit-exact. The math helpers below turn them into the 2-D
-`(up, down)` pair whose product is the update in the base weight's own layout.
+so writing back what was read is bit-exact. The module owns its geometry: everything else asks it
+for the 2-D factor pair (a kohya Tucker core folded in exactly), the dense update and the shape of
+the weight it updates, instead of special-casing kinds and Tucker cores itself.
 """
 from __future__ import annotations
 
@@ -92,16 +93,22 @@ class LoraModule:
         out, inp = int(self.up.shape[0]), int(self.down.shape[1])
         return (inp, out) if self.fan_in_fan_out else (out, inp)
 
-    def factors_2d(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(U, D) with `W.reshape(rows, -1) += scale · U @ D`, in the stored dtype.
+    def stored_factors(self, fold_dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(up [out, r], down [r, n]) flattened in the stored orientation: `scale · up @ down` is the
+        update as stored (transposed for embeddings and fan_in_fan_out). A Tucker core is folded into
+        down exactly, ΔW[o,i,h,w] = Σ up[o,a] (Σ mid[a,b,h,w] down[b,i]), in `fold_dtype`; otherwise
+        the factors keep their stored dtype."""
+        down = self.down
+        if self.mid is not None:
+            down = torch.einsum("abhw,bi->aihw", self.mid.to(fold_dtype), down.flatten(1).to(fold_dtype))
+        return self.up.flatten(1), down.flatten(1)
+
+    def factors_2d(self, fold_dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(U, D) with `W.reshape(rows, -1) += scale · U @ D` in the base weight's layout.
 
         For transposed layouts the roles swap: (up@down).T == down.T @ up.T.
         """
-        up, down = self.up, self.down
-        if self.mid is not None:
-            raise FormatError(f"module {self.name}: Tucker (lora_mid) modules need `dense_delta`")
-        if self.kind == "conv":
-            return up.flatten(1), down.flatten(1)
+        up, down = self.stored_factors(fold_dtype)
         if self.kind == "embedding" or self.fan_in_fan_out:
             return down.t(), up.t()
         return up, down
@@ -109,13 +116,7 @@ class LoraModule:
     def dense_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ΔW = scale · (up @ down) in the base weight's shape. Builds the dense matrix: for tests,
         small modules and the element-wise blend methods only."""
-        if self.mid is not None:
-            # Tucker: ΔW[o,i,h,w] = Σ up[o,a] mid[a,b,h,w] down[b,i]
-            up = self.up.flatten(1).to(dtype)
-            down = self.down.flatten(1).to(dtype)
-            delta = torch.einsum("oa,abhw,bi->oihw", up, self.mid.to(dtype), down)
-            return delta * self.scale
-        u, d = self.factors_2d()
+        u, d = self.factors_2d(fold_dtype=dtype)
         delta = (u.to(dtype) @ d.to(dtype)) * self.scale
         return delta.reshape(self.weight_shape)
 
@@ -153,6 +154,15 @@ class LoraAdapter:
     @property
     def is_dora(self) -> bool:
         return any(m.is_dora for m in self)
+
+    @property
+    def rank_range(self) -> str:
+        """`8`, `4-16`, or `-` without modules: how reports and cards show the ranks."""
+        ranks = self.ranks
+        if not ranks:
+            return "-"
+        lo, hi = min(ranks), max(ranks)
+        return str(lo) if lo == hi else f"{lo}-{hi}"
 
     def dtype(self) -> Optional[torch.dtype]:
         for m in self:

@@ -24,8 +24,9 @@ from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import FORMATS, read_adapter, write_adapter
 from .provenance import stamp
-from .linalg import lowrank_svd, randomized_svd, split_factors
+from .linalg import gram_dot, lowrank_svd, randomized_svd, split_factors
 from .merge import parse_dtype
+from .ops import all_finite
 
 METHODS = ("cat", "svd", "linear") + DENSE_METHODS
 SVD_MODES = ("exact", "randomized")
@@ -88,26 +89,12 @@ class _Source:
 
 # ---- layouts -------------------------------------------------------------------------------------
 
-def weight_shape(m: LoraModule) -> Tuple[int, ...]:
-    if m.mid is not None:  # Tucker: W [out, in, kh, kw]
-        return (int(m.up.shape[0]), int(m.down.shape[1])) + tuple(int(x) for x in m.mid.shape[2:])
-    return tuple(m.weight_shape)
-
-
-def factors(m: LoraModule) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(U [rows, r], D [r, cols]) with ΔW.reshape(rows, -1) = scale · U @ D; Tucker folded into D exactly."""
-    if m.mid is not None:
-        d = torch.einsum("abhw,bi->aihw", m.mid.float(), m.down.flatten(1).float())
-        return m.up.flatten(1), d.flatten(1)
-    return m.factors_2d()
-
-
 def _module(template: LoraModule, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype,
             native: bool = False) -> LoraModule:
     """A module in `template`'s layout with 2-D ΔW = up @ down (alpha = rank, scale 1);
     `native`: up and down are already in that layout."""
     r = int(up.shape[1])
-    shape = weight_shape(template)
+    shape = template.weight_shape
     kind, fifo = template.kind, template.fan_in_fan_out
     if native:
         pass
@@ -116,7 +103,7 @@ def _module(template: LoraModule, up: torch.Tensor, down: torch.Tensor, dtype: t
     elif kind == "embedding" or fifo:
         up, down = down.t(), up.t()
     up, down = up.to(dtype).contiguous(), down.to(dtype).contiguous()
-    if not (_finite(up) and _finite(down)):
+    if not (all_finite(up) and all_finite(down)):
         raise NonFiniteError(f"module {template.name}: the blend overflows {dtype} (try --dtype fp32); "
                              "nothing was written")
     return LoraModule(template.name, down=down, up=up, alpha=float(r), kind=kind, fan_in_fan_out=fifo)
@@ -130,28 +117,19 @@ class _LowRankNorms:
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor):
         self.up, self.down = up.double(), down.double()
-        self.norm2 = self._dot(self.up, self.down, self.up, self.down)
-
-    @staticmethod
-    def _dot(u1, d1, u2, d2) -> float:
-        return float(((u1.t() @ u2) * (d1 @ d2.t())).sum())
+        self.norm2 = gram_dot(self.up, self.down, self.up, self.down)
 
     def compare(self, up: torch.Tensor, down: torch.Tensor) -> Tuple[float, float]:
         """(||X||, ||X - T||)."""
         up, down = up.double(), down.double()
-        out2 = self._dot(up, down, up, down)
-        err2 = out2 - 2 * self._dot(up, down, self.up, self.down) + self.norm2
+        out2 = gram_dot(up, down, up, down)
+        err2 = out2 - 2 * gram_dot(up, down, self.up, self.down) + self.norm2
         return max(out2, 0.0) ** 0.5, max(err2, 0.0) ** 0.5
 
 
 def _gram_norm(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]) -> float:
     """||Σ_j U_j D_j||_F from the factors (fp64 Gram matrices)."""
     return max(0.0, _LowRankNorms(torch.cat(list(ups), 1), torch.cat(list(downs), 0)).norm2) ** 0.5
-
-
-def _finite(t: torch.Tensor) -> bool:
-    # a sum is non-finite if any element is; only then (or on overflow) look at every element
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def quantile(x: torch.Tensor, q: float) -> float:
@@ -193,7 +171,7 @@ def _finish(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int,
 
 def _target(sources: Sequence[_Source]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The exact weighted sum as concatenated fp32 factors: [c_1 U_1 | …] @ [D_1; …]."""
-    pairs = [factors(s.module) for s in sources]
+    pairs = [s.module.factors_2d() for s in sources]
     return (torch.cat([u.float() * s.coeff for (u, _), s in zip(pairs, sources)], 1),
             torch.cat([d.float() for _, d in pairs], 0))
 
@@ -218,10 +196,10 @@ def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], op
                   dtype: torch.dtype) -> Tuple[LoraModule, ModuleReport]:
     method, rank, clamp = opts["method"], opts["rank"], opts["clamp"]
     template = sources[0].module
-    shape = weight_shape(template)
+    shape = template.weight_shape
     rows, cols = shape[0], math.prod(shape[1:])
     if method in DENSE_METHODS:
-        tasks = [blend_dense.Task(*factors(s.module), s.module.scale, s.weight) for s in sources]
+        tasks = [blend_dense.Task(*s.module.factors_2d(), s.module.scale, s.weight) for s in sources]
         seeds = [blend_dense.dare_seed(opts["seed"], name, i) for i in opts["indices"]]
         target = blend_dense.combine(tasks, rows, cols, method, opts["density"], opts["majority_sign"], seeds)
         k = min(rank, rows, cols)
@@ -230,7 +208,7 @@ def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], op
         else:
             u, s, vh = randomized_svd(target, k, oversample=OVERSAMPLE, n_iter=POWER_ITERS, seed=opts["seed"])
         out = _module(template, *_finish(u, s, vh, k, clamp), dtype)
-        up, down = factors(out)
+        up, down = out.factors_2d()
         up = up.float() * out.scale
         norm_target = float(torch.linalg.vector_norm(target, dtype=torch.float64))
         error = blend_dense.residual_norm(target, up, down)
@@ -245,7 +223,7 @@ def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], op
             u, s, vh = lowrank_svd(tu, td)
             up, down = _finish(u, s, vh, min(rank, s.numel()), clamp)
         out = _module(template, up, down, dtype)
-    up, down = factors(out)
+    up, down = out.factors_2d()
     target = _LowRankNorms(tu, td)
     norm_out, error = target.compare(up * out.scale, down)
     return out, ModuleReport(name, n_inputs, out.rank, max(target.norm2, 0.0) ** 0.5, norm_out, error)
@@ -303,12 +281,12 @@ def _group(loaded: Sequence[Tuple[LoraAdapter, float]]) -> Dict[str, Dict[int, _
                 "do not add and no blend of them is exact; merge it into the base with `loratools merge`")
         for m in adapter:
             for j, other in groups.get(m.name, {}).items():
-                if weight_shape(other.module) != weight_shape(m):
+                if other.module.weight_shape != m.weight_shape:
                     raise ShapeMismatchError(
-                        f"module {m.name}: adapter {j + 1} updates a weight of shape {weight_shape(other.module)} "
-                        f"but adapter {i + 1} one of shape {weight_shape(m)} (adapters for different models?)")
+                        f"module {m.name}: adapter {j + 1} updates a weight of shape {other.module.weight_shape} "
+                        f"but adapter {i + 1} one of shape {m.weight_shape} (adapters for different models?)")
             for t in (m.down, m.up) + ((m.mid,) if m.mid is not None else ()):
-                if not _finite(t):
+                if not all_finite(t):
                     raise NonFiniteError(f"module {m.name} of adapter {i + 1} contains NaN or Inf")
             groups.setdefault(m.name, {})[i] = _Source(m, float(weight))
     return groups

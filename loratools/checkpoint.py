@@ -7,29 +7,64 @@ memory at a time), keeping the shard layout and index and copying the folder's o
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import functools
 import glob
 import json
 import os
 import queue
 import shutil
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import safetensors_io
-from .hub import existing_path
-from .errors import FormatError
+from . import refs, safetensors_io
+from .errors import FormatError, HubError
 from .safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_SUFFIX = ".safetensors.index.json"
+# a model folder: config, weights, tokenizer, chat template, remote code; no .bin/.h5/.msgpack/onnx
+MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py")
+
+
+def fetch_model(ref: refs.HubRef, components: Sequence[str] = ()) -> str:
+    """Download a model folder's config, safetensors weights and tokenizer (no .bin, no nested
+    folders); for a diffusers pipeline (model_index.json) also those of the `components` folders."""
+    pre = ref.subfolder + "/" if ref.subfolder else ""
+    snap = refs.snapshot(ref, [pre + p for p in MODEL_FILES], ignore=[pre + "*/*"])
+    folder = os.path.join(snap, *pre.split("/"))
+    if components and os.path.isfile(os.path.join(folder, "model_index.json")):
+        files = set(refs.repo_files(ref, snap))
+        wanted = [f for f in sorted(files) if _pipeline_file(f[len(pre):], files, pre, components)] if files else []
+        if wanted:
+            refs.snapshot(ref, wanted)
+    if not os.path.isdir(folder):
+        raise HubError(f"{ref}: no such folder in the repository")
+    return folder
+
+
+def _pipeline_file(rel: str, files: set, pre: str, components: Sequence[str]) -> bool:
+    """Config and weights of the pipeline components LoRAs target (unet/, text_encoder*/, transformer/);
+    a precision variant (`x.fp16.safetensors`) only when there is no plain `x.safetensors`."""
+    comp, _, name = rel.partition("/")
+    if comp not in components or "/" in name or not any(fnmatch.fnmatchcase(name, p) for p in MODEL_FILES):
+        return False
+    stem, _, ext = name.rpartition(".")
+    plain = stem.rpartition(".")[0] + "." + ext if "." in stem else None
+    return plain is None or f"{pre}{comp}/{plain}" not in files
+
+
+def model_path(ref, components: Sequence[str] = ()) -> str:
+    """The local model folder or file `ref` names (a Hub reference is downloaded, see fetch_model)."""
+    return refs.existing_path(ref, functools.partial(fetch_model, components=tuple(components)))
 
 
 class Checkpoint:
     """A model folder (or a single .safetensors file), read lazily."""
 
     def __init__(self, path: str):
-        path = os.path.abspath(existing_path(path, kind="model"))  # also a Hub reference
+        path = os.path.abspath(model_path(path))  # also a Hub reference
         self.index_file: Optional[str] = None
         self.index: Optional[dict] = None
         if os.path.isfile(path):
@@ -65,7 +100,8 @@ class Checkpoint:
             except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise FormatError(f"{self.index_file}: not a valid shard index ({e.__class__.__name__})") from None
             for s in shards:
-                if not isinstance(s, str) or os.path.basename(s) != s or not os.path.isfile(os.path.join(self.folder, s)):
+                if (not isinstance(s, str) or os.path.basename(s) != s
+                        or not os.path.isfile(os.path.join(self.folder, s))):
                     raise FormatError(f"{self.index_file}: shard {s!r} is missing")
             return shards
         files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.folder, "*.safetensors")))
@@ -75,7 +111,8 @@ class Checkpoint:
             if glob.glob(os.path.join(self.folder, "*.bin")):
                 raise FormatError(f"{self.folder}: only .bin weights found; loratools reads safetensors checkpoints "
                                   "(convert with `save_pretrained(..., safe_serialization=True)`)")
-            raise FormatError(f"{self.folder}: no .safetensors weights found (expected model.safetensors or shards + index)")
+            raise FormatError(f"{self.folder}: no .safetensors weights found "
+                              "(expected model.safetensors or shards + index)")
         raise FormatError(f"{self.folder}: several .safetensors files and no index: {', '.join(files)}")
 
     def __contains__(self, name: str) -> bool:
@@ -94,19 +131,9 @@ class Checkpoint:
             files.append(os.path.basename(self.index_file))
         return files
 
-    def iter_shard(self, shard: str) -> Iterator[Tuple[str, torch.Tensor]]:
-        """(name, tensor) in file order; one tensor in memory at a time."""
-        with SafetensorsFile(os.path.join(self.folder, shard)) as f:
-            for name in f.keys():
-                yield name, f.read(name)
-
     def read(self, name: str) -> torch.Tensor:
         with SafetensorsFile(os.path.join(self.folder, self.shard_of[name])) as f:
             return f.read(name)
-
-    def metadata(self, shard: str) -> Dict[str, str]:
-        with SafetensorsFile(os.path.join(self.folder, shard)) as f:
-            return dict(f.metadata)
 
 
 def copy_other_files(src_folder: str, dst_folder: str, skip: List[str]) -> None:

@@ -25,6 +25,7 @@ from .formats import WRITABLE, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
 from .merge import parse_dtype
+from .ops import READ_FLOAT_DTYPES as _FLOATS, all_finite
 from .resize import ModuleResize, check_rank_options, summarize
 from .safetensors_io import SafetensorsFile
 
@@ -33,7 +34,6 @@ SVD_METHODS = ("auto", "exact", "randomized")
 # input and output embedding tables: large, rarely low-rank, skipped unless asked for
 _EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out|wte|wpe|shared|[^.]*embed[^.]*)$")
 _OUTPUT_EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out)$")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass
@@ -107,7 +107,8 @@ def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
         if tuple(info.shape) != tuple(tuned.infos[name].shape):
             raise ShapeMismatchError(f"{name}: shape {tuple(info.shape)} in base but {tuple(tuned.infos[name].shape)} "
                                      "in tuned: extract needs two checkpoints of the same architecture")
-        if (info.dtype in _FLOATS) != (tuned.infos[name].dtype in _FLOATS):  # a float minus an int means nothing
+        # a float minus an int means nothing
+        if (info.dtype in _FLOATS) != (tuned.infos[name].dtype in _FLOATS):
             raise IncompatibleError(f"{name}: dtype {info.dtype} in base but {tuned.infos[name].dtype} in tuned: "
                                     "extract needs two checkpoints of the same architecture")
 
@@ -152,7 +153,8 @@ def _compile(patterns, option: str) -> List[re.Pattern]:
         raise UsageError(f"{option}: invalid regular expression ({e})") from None
 
 
-def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.PathLike, Checkpoint], output: Optional[Union[str, os.PathLike]] = None,
+def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.PathLike, Checkpoint],
+            output: Optional[Union[str, os.PathLike]] = None,
             rank: int = 16, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
             param: Optional[float] = None, min_diff: float = 0.0, include=None, exclude=None,
             embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
@@ -224,8 +226,10 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
                     if progress:
                         progress(name)
     if not result.modules:
-        raise UsageError(f"no weight differs by more than --min-diff {min_diff} between the checkpoints: nothing to extract")
-    result.adapter.metadata = stamp(result.adapter.metadata, "extract", [default_base_name(base), default_base_name(tuned)], rank=rank,
+        raise UsageError(f"no weight differs by more than --min-diff {min_diff} between the checkpoints: "
+                         "nothing to extract")
+    result.adapter.metadata = stamp(result.adapter.metadata, "extract",
+                                    [default_base_name(base), default_base_name(tuned)], rank=rank,
                                     conv_rank=conv_rank, dynamic=dynamic, param=param, svd=svd)
     if output is not None:
         result.output = write_adapter(result.adapter, output, format=to, overwrite=overwrite,
@@ -233,14 +237,15 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
     return result
 
 
-def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torch.Tensor, result: ExtractResult) -> None:
+def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torch.Tensor,
+         result: ExtractResult) -> None:
     """Factor one tensor pair into the result (or record why not)."""
     if why is not None:  # still say when something we do not extract has changed
         if b.is_floating_point() and not torch.equal(b.to(t.dtype), t):
             result.skip(f"differs but {why}", name)
         return
     diff = t.float() - b.float()
-    if not torch.isfinite(diff).all():
+    if not all_finite(diff):
         raise NonFiniteError(f"{name}: the difference contains NaN or Inf; nothing was written")
     max_diff = float(diff.abs().max()) if diff.numel() else 0.0
     if max_diff <= opts.min_diff:
@@ -259,7 +264,9 @@ def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torc
     if conv:
         up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape((k,) + tuple(diff.shape[1:]))
     module = opts.prefix + module
-    result.adapter.add(LoraModule(module, down.to(opts.dtype).contiguous(), up.to(opts.dtype).contiguous(), alpha=float(k),
+    result.adapter.add(LoraModule(module, down.to(opts.dtype).contiguous(),
+                                  up.to(opts.dtype).contiguous(),
+                                  alpha=float(k),
                                   kind=kind, fan_in_fan_out=fifo))
     exact = method == "exact"
     fro, sm, ratio = summarize(s, k) if exact else summarize(s[:-1], k, float(torch.linalg.vector_norm(s.double())))

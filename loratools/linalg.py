@@ -84,6 +84,11 @@ def select_rank(s: torch.Tensor, rank: Optional[int] = None, rule: Optional[str]
     return max(1, min(k, cap))
 
 
+def gram_dot(u1: torch.Tensor, d1: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor) -> float:
+    """<U1 D1, U2 D2>_F from r×r Gram matrices, without the dense products (use fp64 factors)."""
+    return float(((u1.t() @ u2) * (d1 @ d2.t())).sum())
+
+
 def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(up, down) = (U_k S_k^½, S_k^½ Vh_k): the singular values split on both sides for fp16 safety."""
     root = s[:k].clamp_min(0).sqrt()

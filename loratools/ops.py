@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what merge_ takes
+READ_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)  # floating dtypes loratools reads factors and weights in
 
 try:  # the extension registers torch.ops.loratools.* on import
     from . import _C  # noqa: F401
@@ -51,7 +52,8 @@ def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: S
     rows, cols = weight.shape
     for u, d in zip(ups, downs):
         if u.dim() != 2 or d.dim() != 2 or u.shape[0] != rows or d.shape[1] != cols or u.shape[1] != d.shape[0]:
-            raise ValueError(f"merge_: factors {tuple(u.shape)} @ {tuple(d.shape)} do not fit weight {tuple(weight.shape)}")
+            raise ValueError(f"merge_: factors {tuple(u.shape)} @ {tuple(d.shape)} "
+                             f"do not fit weight {tuple(weight.shape)}")
         if u.dtype not in FLOAT_DTYPES or d.dtype not in FLOAT_DTYPES:
             raise ValueError("merge_: factors must be fp32/bf16/fp16")
         if u.device != weight.device or d.device != weight.device:

@@ -13,7 +13,8 @@ from . import __version__
 KEY = "loratools"
 
 
-def stamp(metadata: Optional[Dict[str, str]], operation: str, inputs: Sequence[object] = (), **details) -> Dict[str, str]:
+def stamp(metadata: Optional[Dict[str, str]], operation: str, inputs: Sequence[object] = (),
+          **details) -> Dict[str, str]:
     """`metadata` plus a provenance record. Inputs are named by their last path component only,
     so local folder layouts do not leak into published files."""
     record = {"operation": operation, "version": __version__,

@@ -18,6 +18,7 @@ from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_output, check_output
 from .errors import LoraToolsError, NonFiniteError, UsageError
 from .formats import read_adapter, write_adapter
+from .ops import all_finite
 from .provenance import stamp
 from .linalg import effective_alpha, lowrank_svd, retained, select_rank, split_factors
 
@@ -69,7 +70,8 @@ def check_rank_options(rank: Optional[int], conv_rank: Optional[int], dynamic: O
         select_rank(torch.ones(2), rule=dynamic, param=param)
 
 
-def summarize(s: torch.Tensor, k: int, total_fro: Optional[float] = None) -> Tuple[float, Optional[float], Optional[float]]:
+def summarize(s: torch.Tensor, k: int,
+              total_fro: Optional[float] = None) -> Tuple[float, Optional[float], Optional[float]]:
     """(Frobenius retained, sum(σ) retained, σ_max/σ_k) for keeping the first k of the σ in `s`.
 
     `total_fro` is ΔW's true Frobenius norm when `s` holds only the leading singular values; then
@@ -83,33 +85,18 @@ def summarize(s: torch.Tensor, k: int, total_fro: Optional[float] = None) -> Tup
     return fro, sm, ratio
 
 
-def stored_factors(m: LoraModule) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(up [out, r], down [r, n]) in fp32 and in the stored orientation, with scale·up@down the
-    flattened update. A kohya Tucker core is folded into down (exact)."""
-    up, down = m.up.flatten(1).float(), m.down.float()
-    if m.mid is not None:  # ΔW[o,i,h,w] = Σ up[o,a] mid[a,b,h,w] down[b,i]
-        down = torch.einsum("abhw,bi->aihw", m.mid.float(), down.flatten(1))
-    return up, down.flatten(1)
-
-
-def _conv_down_shape(m: LoraModule) -> Tuple[int, ...]:
-    if m.mid is not None:
-        return (int(m.down.shape[1]),) + tuple(int(x) for x in m.mid.shape[2:])
-    return tuple(int(x) for x in m.down.shape[1:])
-
-
 def resize_module(m: LoraModule, rank: Optional[int] = None, dynamic: Optional[str] = None,
                   param: Optional[float] = None) -> Tuple[LoraModule, ModuleResize]:
     """The module at its new rank (same kind, dtype and scale) and what it kept."""
-    up, down = stored_factors(m)
-    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+    up, down = (t.float() for t in m.stored_factors())
+    if not (all_finite(up) and all_finite(down)):
         raise NonFiniteError(f"module {m.name} contains NaN or Inf; nothing was written")
     u, s, vh = lowrank_svd(up, down)
     k = select_rank(s, rank=rank, rule=dynamic, param=param, max_rank=m.rank)
     new_up, new_down = split_factors(u, s, vh, k)
     if m.kind == "conv":
         new_up = new_up.reshape(new_up.shape[0], k, 1, 1)
-        new_down = new_down.reshape((k,) + _conv_down_shape(m))
+        new_down = new_down.reshape((k,) + m.weight_shape[1:])
     dtype = m.down.dtype
     module = LoraModule(name=m.name, down=new_down.to(dtype).contiguous(), up=new_up.to(m.up.dtype).contiguous(),
                         alpha=effective_alpha(m.scale, k, m.use_rslora), kind=m.kind, use_rslora=m.use_rslora,

@@ -91,7 +91,7 @@ class SafetensorsFile:
         for name, entry in header.items():
             tensors[name] = self._entry(name, entry, data_size)
         spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-        for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise self._bad(f"tensors {n0} and {n1} overlap")
         return meta, tensors, 8 + n
@@ -103,7 +103,8 @@ class SafetensorsFile:
         if dt not in DTYPES:
             raise self._bad(f"tensor {name!r} has unknown dtype {dt!r}")
         shape, offs = entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
+        if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                  for x in shape):
             raise self._bad(f"tensor {name!r} has an invalid shape {shape!r}")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in offs)):
@@ -204,7 +205,8 @@ class StreamingWriter:
     def _expect(self, name: str, dtype: torch.dtype, shape) -> None:
         want_name, want_dtype, want_shape, _ = self._order[self._next]
         if name != want_name or dtype != want_dtype or tuple(shape) != want_shape:
-            raise ValueError(f"writer expected {want_name} {want_dtype} {want_shape}, got {name} {dtype} {tuple(shape)}")
+            raise ValueError(f"writer expected {want_name} {want_dtype} {want_shape}, "
+                             f"got {name} {dtype} {tuple(shape)}")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._expect(name, tensor.dtype, tensor.shape)

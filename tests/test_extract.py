@@ -246,7 +246,7 @@ def test_provenance_is_recorded_for_the_model_card(tmp_path):
     """extract and resize stamp how the adapter was made; push's model card reads it back."""
     from _tiny import save_base, tiny_llama
     from loratools import extract, read_adapter, resize
-    from loratools.push import provenance
+    from loratools.share import provenance
 
     base, tuned = tiny_llama(seed=0), tiny_llama(seed=0)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from _gguf import gguf, llama_cpp_logits, llama_permute, write_llama_gguf
 from _tiny import peft_adapter, run_cli, save_base, tiny_llama, ulp
@@ -134,7 +135,7 @@ def test_out_type_and_refusals(setup, tmp_path, capsys):
                        num_key_value_heads=2)
     peft_adapter(other, str(tmp_path / "other"), target_modules=["q_proj"])
     code, _, err = run_cli(capsys, "merge", root / "base-F32.gguf", tmp_path / "other", "-o", bad)
-    assert code == 1 and "does not fit" in err and not bad.exists()
+    assert code == 1 and "has shape (64, 64)" in err and not bad.exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporaries left
 
 
@@ -166,3 +167,29 @@ def test_llama_cpp_runs_our_merged_models(setup, tmp_path, capsys):
         assert code == 0, err
         got = llama_cpp_logits(str(out), TOKENS)
         torch.testing.assert_close(got, expected, atol=atol, rtol=0, msg=qtype)
+
+
+@pytest.mark.parametrize("prefix", ["lora_unet_", "lora_te_"])
+def test_kohya_named_llm_lora_merges_like_peft(setup, tmp_path, capsys, prefix):
+    """An LLM LoRA saved with kohya names (`<prefix>model_layers_0_self_attn_q_proj.lora_down.weight`,
+    per-module `.alpha`) resolves against the GGUF model's own module names and merges as PEFT does."""
+    root, model, _, _ = setup
+    peft_sd = load_file(str(root / "lora2" / "adapter_model.safetensors"))
+    kohya = {}
+    for key, t in peft_sd.items():
+        module, part = key[len("base_model.model."):].rsplit(".lora_", 1)
+        name = prefix + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = t
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)  # lora2: r=2, lora_alpha=4
+    save_file(kohya, str(tmp_path / "llm_kohya.safetensors"))
+    out = tmp_path / "merged.gguf"
+    code, _, err = run_cli(capsys, "merge", root / "base-F32.gguf", tmp_path / "llm_kohya.safetensors", "-o", out)
+    assert code == 0, err
+    _, ref = peft_reference(model, [root / "lora2"], [1.0])
+    _, to = read(out)
+    changed = [n for n in to if ".attn_q." in n or ".attn_k." in n]
+    assert len(changed) == 4
+    for name, t in to.items():
+        got = torch.from_numpy(np.array(t.data)).float()
+        torch.testing.assert_close(got, ref[name].reshape(got.shape), atol=1e-6, rtol=1e-5, msg=name)
+

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _tiny import peft_adapter, run_cli as run, save_base, tiny_llama
-from loratools import hub
+from loratools import refs, share
 from loratools.errors import HubError, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,19 +57,19 @@ ADAPTER = ["adapter_config.json", "adapter_model.safetensors"]
     ("hf://user/my.repo-2/lora.safetensors", "user/my.repo-2", None, "lora.safetensors"),
 ])
 def test_parse_ref(text, repo, rev, sub):
-    ref = hub.parse_ref(text)
+    ref = refs.parse_ref(text)
     assert (ref.repo_id, ref.revision, ref.subfolder) == (repo, rev, sub)
-    assert hub.parse_ref(hub.PREFIX + str(ref)) == ref  # str() round-trips, quoting odd revisions
+    assert refs.parse_ref(refs.PREFIX + str(ref)) == ref  # str() round-trips, quoting odd revisions
 
 
 def test_local_paths_are_not_refs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.makedirs("models/x")
     for text in ["models/x", "models/missing", "./user/repo", "/abs/user/repo", "single", "a/b@c@d", "a/../b"]:
-        assert hub.parse_ref(text) is None, text
-        assert hub.local_path(text) == text
+        assert refs.parse_ref(text) is None, text
+        assert share.local_path(text) == text
     with pytest.raises(UsageError):
-        hub.parse_ref("hf://just-a-name")
+        refs.parse_ref("hf://just-a-name")
 
 
 # ---- push and pull ---------------------------------------------------------------------------------
@@ -159,14 +159,14 @@ def test_hub_references_everywhere_and_only_needed_files(fake_hub, local, tmp_pa
 
 def test_single_file_repositories(fake_hub):
     fake_hub.commit("alice/style", {"style.safetensors": b"s" * 64, "README.md": b"hi", "sub/other.safetensors": b"o"})
-    path = hub.local_path("alice/style")
+    path = share.local_path("alice/style")
     assert path.endswith("style.safetensors") and open(path, "rb").read() == b"s" * 64
-    assert hub.local_path("alice/style/sub/other.safetensors").endswith("sub/other.safetensors")
+    assert share.local_path("alice/style/sub/other.safetensors").endswith("sub/other.safetensors")
     fake_hub.commit("alice/many", {"e1.safetensors": b"1", "e2.safetensors": b"2"})
     with pytest.raises(HubError, match="several .safetensors files; name one, e.g. alice/many/e1.safetensors"):
-        hub.local_path("alice/many")
+        share.local_path("alice/many")
     with pytest.raises(HubError, match="no LoRA adapter found"):
-        hub.local_path("alice/style/nothing-here")
+        share.local_path("alice/style/nothing-here")
 
 
 def test_dry_run_uploads_nothing(fake_hub, local, capsys):

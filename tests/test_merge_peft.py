@@ -196,3 +196,23 @@ def test_fan_in_fan_out_gpt2(tmp_path):
     ids = torch.randint(0, 80, (1, 9))
     with torch.no_grad():
         assert_close_rel(reloaded(ids).logits, pm(input_ids=ids).logits, 1e-5, "gpt2 logits")
+
+
+def test_locon_tucker_merge_matches_chained_convolutions(tmp_path):
+    """A kohya LoCon Tucker module (down 1x1, mid kxk, up 1x1) merges like its three chained convolutions."""
+    from loratools import LoraAdapter, LoraModule
+
+    torch.manual_seed(4)
+    net = TinyConvNet()
+    save_state_dict_folder(net, str(tmp_path / "base"))
+    down, mid, up = torch.randn(2, 3, 1, 1), torch.randn(2, 2, 3, 3), torch.randn(8, 2, 1, 1)
+    adapter = LoraAdapter(format="kohya")
+    adapter.add(LoraModule("conv1", down=down, up=up, alpha=1.0, kind="conv", mid=mid))
+    merge(tmp_path / "base", [adapter], tmp_path / "out", weights=[0.75])
+    merged = load_folder(tmp_path / "out")
+    x = torch.randn(2, 3, 7, 7)
+    conv = torch.nn.functional.conv2d
+    chained = conv(conv(conv(x, down), mid, padding=1), up)  # the dense reference, from torch's convolutions
+    want = conv(x, net.conv1.weight.detach(), padding=1) + 0.75 * (1.0 / 2) * chained
+    torch.testing.assert_close(conv(x, merged["conv1.weight"], padding=1), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(merged["conv2.weight"], net.conv2.weight.detach())

@@ -20,9 +20,8 @@ import os
 import sys
 from typing import Dict, List
 
+from . import MANIFEST_DIR, canonical
 from .ldm import ldm_unet_names, to_ldm
-
-MANIFEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "manifests")
 
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
               num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
@@ -72,7 +71,6 @@ def build_meta(cls_name: str, config: dict):
 def weight_shapes(model, comp: str) -> Dict[str, List[int]]:
     """`module name -> weight shape` for every weight a LoRA can target (2-D or more), with the
     canonical spelling of CLIP names whatever the installed transformers calls them."""
-    from . import canonical
     out = {}
     for name, p in model.named_parameters():
         if name.endswith(".weight") and p.dim() >= 2:

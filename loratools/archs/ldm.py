@@ -124,7 +124,8 @@ class LdmLayout:
     def __init__(self, arch: str, unet_config: dict, text_encoders: Dict[str, Tuple[str, str]]):
         self.arch = arch
         self.unet_table = ldm_unet_names(unet_config)
-        self.unet_table.update({"class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2"})
+        self.unet_table.update({"class_embedding.linear_1": "label_emb.0.0",
+                                "class_embedding.linear_2": "label_emb.0.2"})
         self.text_encoders = text_encoders
 
     @classmethod
@@ -146,7 +147,8 @@ class LdmLayout:
         for prefix, kind in (("cond_stage_model.transformer.", "hf"), ("cond_stage_model.model.", "openclip")):
             if any(k.startswith(prefix) for k in keys):
                 tes["text_encoder"] = (kind, prefix)
-        for i in sorted({int(m.group(1)) for k in keys for m in [re.match(r"conditioner\.embedders\.(\d+)\.", k)] if m}):
+        embedder = re.compile(r"conditioner\.embedders\.(\d+)\.")
+        for i in sorted({int(m.group(1)) for k in keys for m in [embedder.match(k)] if m}):
             if any(k.startswith(f"conditioner.embedders.{i}.transformer.") for k in keys):
                 tes["text_encoder"] = ("hf", f"conditioner.embedders.{i}.transformer.")
             elif any(k.startswith(f"conditioner.embedders.{i}.model.") for k in keys):

@@ -35,7 +35,8 @@ def parse_spec(spec: str):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE masks and randomized SVD.")
 @click.option("--svd", "svd_mode", type=click.Choice(SVD_MODES), default=None,
               help="How element-wise results are factored back to rank K (default randomized, 4 power iterations).")
-@click.option("--clamp", type=float, default=None, help="Clamp the factors at this quantile, as kohya does (e.g. 0.99).")
+@click.option("--clamp", type=float, default=None,
+              help="Clamp the factors at this quantile, as kohya does (e.g. 0.99).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype of the output factors (default: the first adapter's).")
 @click.option("--to", "to", type=click.Choice(sorted(FORMATS)), default=None,

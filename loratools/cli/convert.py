@@ -64,7 +64,7 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, o
     if fmt == "json":
         emit_json(report)
         return
-    rows = [[in_fmt, to, len(adapter), _ranks(adapter), report["names_from"] or "-"]]
+    rows = [[in_fmt, to, len(adapter), adapter.rank_range, report["names_from"] or "-"]]
     click.echo(table(rows, ["from", "to", "modules", "rank", "names from"]), err=True)
     if report["dropped_unmatched"]:
         click.echo(f"dropped {len(report['dropped_unmatched'])} unmatched module(s): "
@@ -73,10 +73,3 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, o
         click.echo(f"LyCORIS factored to LoRA: retained Frobenius fraction min {report['retained']['min']:.6f}, "
                    f"mean {report['retained']['mean']:.6f}", err=True)
     click.echo(f"wrote {output}", err=True)
-
-
-def _ranks(adapter) -> str:
-    ranks = adapter.ranks
-    if not ranks:
-        return "-"
-    return str(min(ranks)) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"

@@ -57,7 +57,8 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
             ckpt, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
             include=include, exclude=exclude, embeddings=embeddings, to=to,
             base_model_name=base_model_name or default_base_name(base),
-            dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite, progress=lambda _name: bar.update(1),
+            dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite,
+            progress=lambda _name: bar.update(1),
             fan_in_fan_out=fan_in_fan_out)
     if fmt == "json":
         emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
@@ -70,7 +71,8 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
     if not quiet:
         for reason, names in result.skipped.items():
             if reason.startswith("differs"):
-                click.echo(f"note: {len(names)} tensor(s) changed but were not extracted ({reason[len('differs but '):]}):"
+                why = reason[len('differs but '):]
+                click.echo(f"note: {len(names)} tensor(s) changed but were not extracted ({why}):"
                            f" {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}", err=True)
         click.echo(f"extracted {len(result.modules)} module(s) as {to}; average Frobenius norm retained "
                    f"{result.average_fro_retained:.4f}; wrote {output}", err=True)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .. import hub
-from .. import push as push_mod
+from .. import refs, share
 from ..merge import describe, merge as run_merge, open_base
 from .common import output_option, overwrite_option, progress_bar, quiet_option, table
 
@@ -38,21 +37,20 @@ def command(base, adapters, output, weights, dtype, out_type, dry_run, no_check_
     tensor at a time, keeps its shard layout, and copies its other files.
     """
     if push_to:
-        push_to = hub.check_repo_id(push_to)
-        hub.check_online(push_to)  # fail before merging, not after
+        push_to = refs.check_repo_id(push_to)
+        share.check_online(push_to)  # fail before merging, not after
     if dry_run:
-        ckpt, plan = describe(base, adapters, list(weights))
+        ckpt, plan = describe(base, adapters, list(weights), out_type)
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
-            rows.append([path, adapter.format, len(adapter), w, _rank_range(adapter), len(adapter.extra)])
+            rows.append([path, adapter.format, len(adapter), w, adapter.rank_range, len(adapter.extra)])
         click.echo(table(rows, ["adapter", "format", "modules", "weight", "rank", "extra tensors"]))
-        kind = getattr(ckpt, "kind", "") or "model folder"
-        click.echo(f"base: {ckpt.folder} ({kind}, {len(ckpt.shards)} shard(s), {len(ckpt.infos)} tensors); "
+        click.echo(f"base: {ckpt.describe()}; "
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
                    f"output {output} ({dtype or 'same dtypes'}); nothing written (dry run)")
         return
     ckpt = open_base(base)  # also resolves a Hub reference
-    with progress_bar(len(ckpt.infos), "merging", quiet) as bar:
+    with progress_bar(ckpt.num_tensors, "merging", quiet) as bar:
         plan = run_merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
                                progress=lambda _name: bar.update(1), out_type=out_type)
@@ -65,15 +63,7 @@ def command(base, adapters, output, weights, dtype, out_type, dry_run, no_check_
                    f"max {plan.quant_error[worst]:.3g} ({worst}), mean "
                    f"{sum(plan.quant_error.values()) / len(plan.quant_error):.3g}", err=True)
     if push_to:
-        card = push_mod.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
-        info = push_mod.execute(push_mod.plan_folder_push(output, push_to, card), private=private,
+        card = share.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
+        info = share.execute(share.plan_folder_push(output, push_to, card), private=private,
                                 commit_message=f"Upload merged model ({len(adapters)} adapter(s)) with loratools")
         click.echo(f"pushed {output} to {push_to}: {info.commit_url}", err=True)
-
-
-def _rank_range(adapter) -> str:
-    ranks = adapter.ranks
-    if not ranks:
-        return "-"
-    lo, hi = min(ranks), max(ranks)
-    return str(lo) if lo == hi else f"{lo}-{hi}"

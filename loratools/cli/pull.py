@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .. import hub
+from .. import share
 from .common import emit_json, format_option, overwrite_option, table
 
 
@@ -25,7 +25,7 @@ def command(repo_id, output, revision, overwrite, fmt):
     loratools pull someone/llama-lora@v2 -o ./llama-lora
     loratools pull someone/sdxl-loras/style.safetensors -o ./style
     """
-    got = hub.pull(repo_id, output, overwrite, revision=revision)
+    got = share.pull(repo_id, output, overwrite, revision=revision)
     a = got.adapter
     ranks = sorted(set(a.ranks))
     dtype = str(a.dtype()).replace("torch.", "")
@@ -35,8 +35,7 @@ def command(repo_id, output, revision, overwrite, fmt):
                    "modules": len(a), "ranks": ranks, "dtype": dtype, "base_model": a.base_model,
                    "extra_tensors": len(a.extra), "path": got.path, "files": files})
         return
-    rank = "-" if not ranks else (str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}")
     click.echo(table(list(files.items()), ["file", "bytes"]), err=True)
-    click.echo(f"{repo_id}: {a.format} adapter, {len(a)} module(s), rank {rank}, {dtype}"
+    click.echo(f"{repo_id}: {a.format} adapter, {len(a)} module(s), rank {a.rank_range}, {dtype}"
                f"{', base ' + a.base_model if a.base_model else ''}; commit {got.commit}", err=True)
     click.echo(got.path)

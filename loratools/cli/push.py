@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .. import hub
-from .. import push as push_mod
+from .. import refs, share
 from .common import emit_json, format_option, table
 
 
@@ -29,9 +28,9 @@ def command(adapter, repo_id, private, revision, commit_message, create_pr, base
     loratools push ./my-adapter me/my-adapter --revision v2 --commit-message "rank 16"
     loratools push ./my-adapter me/my-adapter --dry-run
     """
-    repo_id = hub.check_repo_id(repo_id)
-    plan = push_mod.plan_adapter_push(adapter, repo_id, revision=revision, base_model=base_model)
-    info = None if dry_run else push_mod.execute(plan, private=private, commit_message=commit_message,
+    repo_id = refs.check_repo_id(repo_id)
+    plan = share.plan_adapter_push(adapter, repo_id, revision=revision, base_model=base_model)
+    info = None if dry_run else share.execute(plan, private=private, commit_message=commit_message,
                                                  create_pr=create_pr)
     if fmt == "json":
         emit_json({"repo_id": repo_id, "revision": revision or "main", "dry_run": dry_run, **plan.summary,

@@ -1,32 +1,87 @@
-"""Adapter formats: detect, read and write. One module per format, each with
-`detect(path) -> bool`, `read(path, **options) -> LoraAdapter` and `write(adapter, tmp_path)`.
+"""Adapter formats: detect, read and write. One module per format, each ending in a `FORMAT`
+record (`record.Format`: name, detect, read, write or None, file or folder, its file names, its
+reader options); `FORMATS` below is the one registry that the CLI choices, the Hub download
+patterns (`fetch_adapter`) and push's file lists (`adapter_files`) read.
 Reader options (passed only to readers that take them): `base` (a model folder whose module
 names resolve flattened kohya names), `allow_unmatched`, `rank` (LyCORIS factoring rank)."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from typing import Dict, Optional
 
-from .. import safetensors_io
+from .. import refs, safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
-from ..hub import existing_path
-from ..errors import FormatError, LoraToolsError, UsageError
+from ..errors import FormatError, HubError, LoraToolsError, UsageError
+from ..validate import check_adapter, raise_errors
 from . import diffusers, gguf, kohya, lycoris, peft, peft_diffusion
+from .record import Format
 
-# name -> module; order is detection order. Single-file formats write a file, peft a folder.
-FORMATS: Dict[str, object] = {"gguf": gguf, "peft": peft, "peft_diffusion": peft_diffusion,
-                              "diffusers": diffusers, "lycoris": lycoris, "kohya": kohya}
-FOLDER_FORMATS = {"peft", "peft_diffusion"}
-WRITABLE = ("peft", "peft_diffusion", "diffusers", "kohya", "gguf")
+# name -> record; order is detection order
+FORMATS: Dict[str, Format] = {f.name: f for f in (gguf.FORMAT, peft.FORMAT, peft_diffusion.FORMAT, diffusers.FORMAT,
+                                                  lycoris.FORMAT, kohya.FORMAT)}
+WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
+
+
+def fetch_adapter(ref: refs.HubRef) -> str:
+    """Download only the adapter files a Hub reference names (the patterns come from the format
+    records): a folder format's files, a named single file, else the folder's one .safetensors (or .gguf) file."""
+    pre = ref.subfolder + "/" if ref.subfolder else ""
+    folder_formats = [f for f in FORMATS.values() if f.folder and f.files]
+    named_files = [f.files[0][0] for f in FORMATS.values() if not f.folder and f.files]
+    dirs = list(dict.fromkeys(pre + d for f in folder_formats for d in [""] + [s + "/" for s in f.subfolders]))
+    allow = [d + group[0] for f in folder_formats for d in dirs for group in f.files] + [pre + n for n in named_files]
+    snap = refs.snapshot(ref, list(dict.fromkeys(allow)))
+    folder = os.path.join(snap, *pre.split("/"))
+    found = False
+    for f in folder_formats:
+        for d in dirs:
+            if not os.path.isfile(os.path.join(snap, d, f.marker)):
+                continue
+            found = True
+            for group in f.files:  # e.g. an older PEFT adapter keeps its weights as a pickle
+                if len(group) > 1 and not os.path.isfile(os.path.join(snap, d, group[0])):
+                    refs.fetch_file(ref, d + group[1])
+    if found:
+        return folder
+    for name in named_files:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    listed = [f for f in refs.repo_files(ref, snap) if f.startswith(pre) and "/" not in f[len(pre):]]
+    for suffix in dict.fromkeys(f.suffix for f in FORMATS.values() if not f.folder):  # .safetensors, .gguf
+        files = [f for f in listed if f.endswith(suffix)]
+        if len(files) == 1:
+            return refs.fetch_file(ref, files[0])
+        if files:
+            shown = ", ".join(f"{ref.repo_id}/{f}" for f in sorted(files)[:4])
+            raise HubError(f"{ref}: several {suffix} files; name one, e.g. {shown}")
+    looked = ", ".join(dict.fromkeys([f.marker for f in folder_formats] + named_files))
+    raise HubError(f"{ref}: no LoRA adapter found (looked for {looked} or a single .safetensors or .gguf file)")
+
+
+def adapter_files(path: str, adapter: LoraAdapter) -> Dict[str, str]:
+    """The files that make up the adapter read from `path`, keyed by their name in the repository."""
+    if os.path.isfile(path):
+        return {os.path.basename(path): path}
+    fmt = FORMATS.get(adapter.format)
+    if fmt is not None and fmt.files:
+        out: Dict[str, str] = {}
+        for d in [""] + [s + "/" for s in fmt.subfolders]:
+            if not any(os.path.isfile(os.path.join(path, d, n)) for n in fmt.files[0]):
+                continue
+            for group in fmt.files:
+                name = next((n for n in group if os.path.isfile(os.path.join(path, d, n))), group[-1])
+                out[d + name] = os.path.join(path, d, name)
+        return out
+    return {f: os.path.join(path, f) for f in sorted(os.listdir(path))
+            if not f.startswith(".") and f != "README.md" and os.path.isfile(os.path.join(path, f))}
 
 
 def detect(path: str) -> str:
-    path = existing_path(path, kind="adapter")  # also a Hub reference
-    for name, module in FORMATS.items():
-        if module.detect(path):
+    path = refs.existing_path(path, fetch_adapter)  # also a Hub reference
+    for name, fmt in FORMATS.items():
+        if fmt.detect(path):
             return name
     if os.path.isfile(path) and path.endswith(".safetensors"):
         safetensors_io.SafetensorsFile(path).close()  # a broken file: say what is broken in it
@@ -39,36 +94,33 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
     `validate.check_adapter` finds errors in (NaN/Inf, broken factors, no modules)."""
     if isinstance(path, LoraAdapter):
         return path
-    path = existing_path(path, kind="adapter")
+    path = refs.existing_path(path, fetch_adapter)
     fmt = format or detect(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    reader = FORMATS[fmt].read
-    accepted = inspect.signature(reader).parameters
+    record = FORMATS[fmt]
     try:
-        adapter = reader(path, **{k: v for k, v in options.items() if v is not None and k in accepted})
+        adapter = record.read(path, **{k: v for k, v in options.items() if v is not None and k in record.options})
     except LoraToolsError as e:  # say which input a module-level error is about
         if path in str(e):
             raise
         raise type(e)(f"{path}: {e}") from None
     if check:
-        from ..validate import check_adapter, raise_errors
-
         raise_errors(check_adapter(adapter), path)
     return adapter
 
 
 def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, overwrite: bool = False,
-                  metadata: Optional[Dict[str, str]] = None, base=None) -> str:
+                  metadata: Optional[Dict[str, str]] = None, **options) -> str:
     """Write atomically: the output appears complete or not at all. Returns the path written.
-    `base` goes to writers that take it (GGUF: the model whose names and layout to use)."""
+    `options` not None go to writers that take them (`Format.write_options`; GGUF: `base`)."""
     fmt = format or adapter.format
     if fmt not in WRITABLE:
         raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(WRITABLE)}")
     if fmt != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
         adapter = dataclasses.replace(adapter, config={})
-    with atomic_output(path, overwrite=overwrite, directory=fmt in FOLDER_FORMATS) as tmp:
-        writer = FORMATS[fmt].write
-        extra = {"base": base} if "base" in inspect.signature(writer).parameters else {}
-        writer(adapter, tmp, metadata=metadata, **extra)
+    record = FORMATS[fmt]
+    with atomic_output(path, overwrite=overwrite, directory=record.folder) as tmp:
+        record.write(adapter, tmp, metadata=metadata,
+                     **{k: v for k, v in options.items() if v is not None and k in record.write_options})
     return os.path.abspath(os.fspath(path))

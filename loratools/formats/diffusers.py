@@ -21,6 +21,7 @@ from ..adapter import LoraAdapter, LoraModule
 from ..archs import COMPONENTS, canonical, flat_clip
 from ..errors import FormatError, IncompatibleError
 from . import _single, peft
+from .record import Format
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 WEIGHTS_BIN = "pytorch_lora_weights.bin"
@@ -181,3 +182,6 @@ def write(adapter: LoraAdapter, path: str, metadata: Optional[Dict[str, str]] = 
     meta.update(metadata or {})
     meta[META_KEY] = json.dumps(packed, indent=2, sort_keys=True)
     safetensors_io.save(path, tensors, meta)
+
+
+FORMAT = Format("diffusers", detect, read, write, folder=False, files=((WEIGHTS, WEIGHTS_BIN),))

@@ -19,8 +19,9 @@ import torch
 from ..adapter import LoraAdapter, LoraModule
 from ..archs.gguf_names import GgufArch, from_gguf_module, global_alpha, to_gguf_module
 from ..errors import FormatError, IncompatibleError, UsageError
-from ..hub import existing_path
-from ..gguf_io import is_gguf, metadata, new_writer, open_reader, from_torch, to_torch
+from ..checkpoint import model_path
+from ..gguf_io import from_torch, is_gguf, metadata, new_writer, open_reader, to_torch
+from .record import Format
 
 SUFFIXES = (".lora_a", ".lora_b")
 _EMBED = "token_embd"
@@ -34,7 +35,7 @@ def base_arch(base) -> GgufArch:
     """GgufArch from a base: a GGUF model file, a model folder, or its config.json."""
     if isinstance(base, GgufArch):
         return base
-    path = existing_path(base, kind="model")  # also a Hub reference
+    path = model_path(base)  # also a Hub reference
     if os.path.isfile(path) and is_gguf(path):
         reader = open_reader(path)
         return GgufArch.from_metadata(metadata(reader), {t.name for t in reader.tensors})
@@ -160,3 +161,7 @@ def _check(m: LoraModule) -> LoraModule:
         raise IncompatibleError(f"module {m.name}: llama.cpp cannot apply {why}; merge it into the base "
                                 "(`loratools merge`) instead")
     return m
+
+
+FORMAT = Format("gguf", detect, read, write, folder=False, suffix=".gguf", options=("base",),
+                write_options=("base",))

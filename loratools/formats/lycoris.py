@@ -22,6 +22,7 @@ from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, UsageError
 from ..linalg import exact_svd, retained, split_factors
 from . import _single, kohya
+from .record import Format
 
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -43,7 +44,8 @@ def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor
 def loha_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
     f = {k: v.float() for k, v in p.items()}
     if "hada_t1" in f:
-        m1, m2 = _tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]), _tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
+        m1 = _tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"])
+        m2 = _tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
     else:
         m1, m2 = f["hada_w1_a"] @ f["hada_w1_b"], f["hada_w2_a"] @ f["hada_w2_b"]
     scale = f["alpha"].item() / p["hada_w1_b"].shape[0] if "alpha" in f else 1.0
@@ -61,26 +63,43 @@ def lokr_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
         w2 = f["lokr_w2"]
     else:
         dim = p["lokr_w2_b"].shape[0]
-        w2 = _tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]) if "lokr_t2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+        if "lokr_t2" in f:
+            w2 = _tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+        else:
+            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
     scale = f["alpha"].item() / dim if "alpha" in f and dim else 1.0
     return torch.kron(w1, w2) * scale
 
 
-def _weight_shape(delta: torch.Tensor, name: str, nm, path: str) -> tuple:
+def native_rank_alpha(algo: str, p: Dict[str, torch.Tensor], factored: int, what: str) -> dict:
+    """The rank (LyCORIS `dim`) and alpha the file was trained with, as its scale uses them
+    (not those of the LoRA it is factored into): LoKr without a factored block has scale 1."""
+    if algo == "loha":
+        dim = int(p["hada_w1_b"].shape[0])
+    else:
+        dim = next((int(p[k].shape[0]) for k in ("lokr_w2_b", "lokr_w1_b") if k in p), None)
+    if dim is None:
+        return {"algorithm": algo, "rank": factored, "alpha": float(factored)}
+    alpha = _single.scalar(p["alpha"], what) if "alpha" in p else float(dim)
+    return {"algorithm": algo, "rank": dim, "alpha": alpha}
+
+
+def _weight_shape(delta: torch.Tensor, name: str, nm, path: str, lenient: bool = False) -> tuple:
     """The base weight's shape: ΔW's own when 4-D, else the known shape when it fits (a 2-D ΔW may
-    be a flattened conv), else 2-D for text encoders, which hold linear layers only."""
+    be a flattened conv), else 2-D for text encoders, which hold linear layers only. `lenient`
+    (reports): ΔW's own shape where nothing tells."""
     known = tuple(nm.shapes.get(name) or ())
     if delta.dim() == 4:
         return tuple(delta.shape)
     if known and math.prod(known) == delta.numel() and known[0] == delta.shape[0]:
         return known
-    if not name.startswith(("unet.", "transformer.")):
+    if lenient or not name.startswith(("unet.", "transformer.")):
         return tuple(delta.shape)
     why = f"it does not fit {known} in {nm.source}" if known else f"{nm.source} has no such module"
-    raise FormatError(f"{path}: {name}: cannot tell the weight shape of a {tuple(delta.shape)} update ({why}); "
-                      "pass --base with the diffusers model it was trained on")
+    raise FormatError(f"{path}: {name}: cannot tell the weight shape of a {tuple(delta.shape)} update ({why}; "
+                      "a base pipeline folder resolves it: `inspect --base`, `convert --base`)")
 
 
 def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dtype: torch.dtype,
@@ -102,7 +121,8 @@ def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dt
     return module, retained(s, k)[0]
 
 
-def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, rank: Optional[int] = None) -> LoraAdapter:
+def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, rank: Optional[int] = None,
+         keep_unmatched: bool = False) -> LoraAdapter:
     if rank is not None and rank < 1:
         raise UsageError("--rank must be at least 1")
     tensors, metadata = _single.load(path)
@@ -117,10 +137,11 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
     if unknown:
         raise FormatError(f"{path}: {len(unknown)} key(s) loratools cannot convert to LoRA (LyCORIS full, norm "
                           f"or OFT modules?): {', '.join(sorted(unknown)[:8])}")
-    mapping, unmatched, nm = kohya.resolve(list(groups), path, base, allow_unmatched)
+    mapping, unmatched, nm = kohya.resolve(list(groups), path, base, allow_unmatched, keep_unmatched)
     adapter = LoraAdapter(format="lycoris", metadata=metadata)
     kept: Dict[str, float] = {}
     algos: Dict[str, str] = {}
+    native: Dict[str, dict] = {}
     for lora_name in sorted(groups):
         if lora_name not in mapping:
             continue
@@ -137,7 +158,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
             delta = loha_delta(p) if algo == "loha" else lokr_delta(p)
         except (KeyError, RuntimeError) as e:
             raise FormatError(f"{path}: {lora_name}: incomplete or inconsistent {algo} tensors ({e})") from None
-        shape = _weight_shape(delta, name, nm, path)
+        shape = _weight_shape(delta, name, nm, path, lenient=keep_unmatched)
         dora = None
         if "dora_scale" in p:
             dora = kohya.build_module(name, lora_name, {"down": torch.zeros(1, 1), "up": torch.zeros(shape[0], 1),
@@ -146,9 +167,12 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
         module, kept[name] = factor(name, delta.reshape(shape), shape, rank, dtype, dora)
         adapter.add(module)
         algos[name] = algo
-    adapter.config = {"retained": kept, "algorithms": algos, "unmatched": sorted(unmatched), "names_from": nm.source}
+        native[name] = native_rank_alpha(algo, p, module.rank, f"{path}: {lora_name}.alpha")
+    adapter.config = {"retained": kept, "algorithms": algos, "native": native,
+                      **kohya.unresolved_config(unmatched, keep_unmatched),
+                      "names_from": nm.source}
     return adapter
 
 
-def write(adapter: LoraAdapter, path: str, metadata=None) -> None:
-    raise UsageError("loratools reads LyCORIS LoHa/LoKr but does not write them; write kohya, diffusers or peft")
+FORMAT = Format("lycoris", detect, read, None, folder=False,
+                options=("base", "allow_unmatched", "rank", "keep_unmatched"))

@@ -13,13 +13,15 @@ import math
 import os
 import re
 from collections import Counter
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .. import safetensors_io
+from . import _single
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, IncompatibleError, InputNotFoundError
+from .record import Format
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -107,13 +109,7 @@ def read_tensors(folder: str) -> tuple:
     if os.path.lexists(binp):
         if os.path.isdir(binp):
             raise FormatError(f"{binp}: is a directory, expected a file")
-        try:  # never full pickle: weights_only refuses arbitrary objects
-            sd = torch.load(binp, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise FormatError(f"{binp}: cannot be loaded safely ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise FormatError(f"{binp}: expected a dict of tensors")
-        return sd, {}
+        return _single.load_pickle(binp), {}
     raise InputNotFoundError(f"{folder}: no {WEIGHTS} or {WEIGHTS_BIN}")
 
 
@@ -245,6 +241,13 @@ def _targets_match(old, names) -> bool:
     return all(any(hit(n, t) for t in old) for n in names) and all(any(hit(n, t) for n in names) for t in old)
 
 
+def magnitude_shape(m: LoraModule) -> Tuple[int, ...]:
+    """PEFT's (and so diffusers') DoRA magnitude: [out] for linear layers, [1, out, 1, 1] for convs
+    (its weight norm keeps the conv's dims); read in either shape, written in this one."""
+    out = m.magnitude.numel()
+    return (1, out) + (1,) * (m.down.dim() - 2) if m.kind == "conv" else (out,)
+
+
 def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for m in adapter:
@@ -254,7 +257,7 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
         else:
             out[base + ".lora_A.weight"], out[base + ".lora_B.weight"] = m.down, m.up
         if m.magnitude is not None:
-            out[base + ".lora_magnitude_vector"] = m.magnitude
+            out[base + ".lora_magnitude_vector"] = m.magnitude.reshape(magnitude_shape(m))
     for name, t in adapter.extra.items():
         out[PREFIX + name] = t
     return {k: v.contiguous() for k, v in out.items()}
@@ -269,3 +272,6 @@ def write(adapter: LoraAdapter, folder: str, metadata: Optional[Dict[str, str]] 
     with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+FORMAT = Format("peft", detect, read, write, folder=True, files=((CONFIG,), (WEIGHTS, WEIGHTS_BIN)))

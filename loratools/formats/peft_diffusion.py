@@ -14,6 +14,7 @@ from ..archs import COMPONENTS, canonical, flat_clip
 from ..errors import FormatError
 from . import peft
 from .diffusers import split_components
+from .record import Format
 
 
 def _components(path: str) -> Dict[str, str]:
@@ -56,3 +57,7 @@ def write(adapter: LoraAdapter, folder: str, metadata: Optional[Dict[str, str]] 
             sub.extra = {flat_clip(prefix + k)[len(prefix):]: t for k, t in sub.extra.items()}
         os.makedirs(os.path.join(folder, comp))
         peft.write(sub, os.path.join(folder, comp), metadata=metadata)
+
+
+FORMAT = Format("peft_diffusion", detect, read, write, folder=True, files=peft.FORMAT.files,
+                subfolders=COMPONENTS)

@@ -1,10 +1,10 @@
 """Hugging Face Hub references: `user/repo`, `user/repo@revision`, `user/repo/subfolder`,
 `user/repo@revision/subfolder/file.safetensors`, and the explicit `hf://…` form of each.
 
-`local_path(ref, kind)` turns a reference into a local path with `snapshot_download`, fetching
-only what `kind` needs (`allow_patterns`) into the normal Hugging Face cache. It is called by
-`formats.read_adapter` / `formats.detect`, `Checkpoint` and `archs.base_modules` for any path that
-does not exist locally, so every command accepts Hub references.
+`existing_path(ref, fetch)` turns a reference into a local path: `fetch(HubRef)` downloads what the
+caller needs with `snapshot` (allow patterns), `fetch_file` and `repo_files` into the normal Hugging
+Face cache. This module knows no file names: formats pass the adapter patterns, model readers the
+model patterns, so every command accepts Hub references and nothing here depends on them.
 
 The settings huggingface_hub reads once at import (HF_ENDPOINT, HF_HOME / HF_HUB_CACHE,
 HF_HUB_OFFLINE) are read here at call time and passed explicitly, so a process that changes its
@@ -13,30 +13,20 @@ Failures become one-line `HubError`s; the token never appears in a message.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import re
-import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote
 
 from .errors import HubError, InputNotFoundError, LoraToolsError, UsageError
 
-if TYPE_CHECKING:  # only for annotations: importing the adapter model here would be circular-prone
-    from .adapter import LoraAdapter
-
 PREFIX = "hf://"
 # files a reference may name directly instead of a folder
 FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
-# a PEFT folder (PEFT's .bin fallback is fetched only when needed) and diffusers' default file name
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-# a model folder: config, weights, tokenizer, chat template, remote code; no .bin/.h5/.msgpack/onnx
-MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py")
 
 _NAME = r"[A-Za-z0-9][\w.-]*"
 _REF = re.compile(rf"(?P<repo>{_NAME}/{_NAME})"
@@ -86,7 +76,7 @@ def parse_ref(ref: str) -> Optional[HubRef]:
     return HubRef(m["repo"], unquote(rev) if rev else None, sub)
 
 
-def _settings() -> Tuple[Optional[str], Optional[str], bool]:
+def settings() -> Tuple[Optional[str], Optional[str], bool]:
     """(endpoint, cache_dir, offline) from the environment as it is now; None means the library default."""
     env = os.environ
     endpoint = (env.get("HF_ENDPOINT") or "").rstrip("/") or None
@@ -104,7 +94,7 @@ def _settings() -> Tuple[Optional[str], Optional[str], bool]:
 
 def endpoint_url() -> str:
     from huggingface_hub import constants
-    return _settings()[0] or constants.ENDPOINT
+    return settings()[0] or constants.ENDPOINT
 
 
 def _cause_chain(e: BaseException) -> Iterator[BaseException]:
@@ -146,9 +136,10 @@ def hub_errors(what: str, write: bool = False) -> Iterator[None]:
                 raise HubError(f"{what}: revision not found (check the branch, tag or commit)") from None
             if isinstance(e, E.RemoteEntryNotFoundError):
                 raise HubError(f"{what}: no such file or folder in the repository") from None
-            if isinstance(e, E.OfflineModeIsEnabled) or (isinstance(e, E.LocalEntryNotFoundError) and _settings()[2]):
+            if isinstance(e, E.OfflineModeIsEnabled) or (isinstance(e, E.LocalEntryNotFoundError) and settings()[2]):
                 raise HubError(f"{what}: HF_HUB_OFFLINE is set and it is not in the cache "
-                               f"({_settings()[1] or 'default cache'}); run once online or unset HF_HUB_OFFLINE") from None
+                               f"({settings()[1] or 'default cache'}); "
+                               "run once online or unset HF_HUB_OFFLINE") from None
             if isinstance(e, E.HfHubHTTPError) and e.response is not None:
                 status = e.response.status_code
                 if status == 401:
@@ -180,7 +171,7 @@ def snapshot(ref: HubRef, allow: Sequence[str], ignore: Sequence[str] = ()) -> s
     """snapshot_download of the files matching `allow`; returns the snapshot folder."""
     from huggingface_hub import snapshot_download
 
-    endpoint, cache_dir, offline = _settings()
+    endpoint, cache_dir, offline = settings()
     # its "No files matched allow_patterns" warning is expected (we try several layouts) and would
     # be a second line on stderr
     quiet = logging.getLogger("huggingface_hub._snapshot_download")
@@ -208,108 +199,54 @@ def _progress_class():
     return Bar
 
 
-def _repo_files(ref: HubRef, snap: str) -> List[str]:
+def repo_files(ref: HubRef, snap: str) -> List[str]:
     """The repository's file list at the snapshot's commit, from the tree listing snapshot_download cached."""
     commit = os.path.basename(snap)
     try:
         from huggingface_hub import get_cached_repo_tree
     except ImportError:  # huggingface_hub < 2: ask the Hub
         with hub_errors(str(ref)):
-            return api().list_repo_files(ref.repo_id, revision=commit)
+            from huggingface_hub import HfApi
+            return HfApi(endpoint=settings()[0]).list_repo_files(ref.repo_id, revision=commit)
     try:
-        return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=commit, cache_dir=_settings()[1])]
+        return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=commit, cache_dir=settings()[1])]
     except Exception:  # CachedRepoTreeNotFoundError: no listing was cached (e.g. an old cache)
         return []
 
 
-def _fetch_file(ref: HubRef, path_in_repo: str) -> str:
+def fetch_file(ref: HubRef, path_in_repo: str) -> str:
     local = os.path.join(snapshot(ref, [path_in_repo]), *path_in_repo.split("/"))
     if not os.path.isfile(local):
         raise HubError(f"{ref}: no file {path_in_repo} in the repository")
     return local
 
 
-def _resolve_adapter(ref: HubRef) -> str:
-    from .archs import COMPONENTS  # a diffusion pipeline's PEFT adapter: one PEFT folder per component
-
-    pre = ref.subfolder + "/" if ref.subfolder else ""
-    peft_dirs = [pre] + [f"{pre}{c}/" for c in COMPONENTS]
-    snap = snapshot(ref, [d + f for d in peft_dirs for f in PEFT_FILES] + [pre + DIFFUSERS_FILE])
-    folder = os.path.join(snap, *pre.split("/"))
-    found = [d for d in peft_dirs if os.path.isfile(os.path.join(snap, d, PEFT_FILES[0]))]
-    if found:
-        for d in found:  # an older PEFT adapter keeps its weights as a pickle
-            if not os.path.isfile(os.path.join(snap, d, PEFT_FILES[1])):
-                _fetch_file(ref, d + "adapter_model.bin")
-        return folder
-    if os.path.isfile(os.path.join(folder, DIFFUSERS_FILE)):
-        return os.path.join(folder, DIFFUSERS_FILE)
-    # a kohya / LyCORIS repository: one .safetensors file directly in the folder
-    files = [f for f in _repo_files(ref, snap) if f.startswith(pre) and "/" not in f[len(pre):]
-             and f.endswith(".safetensors")]
-    if len(files) == 1:
-        return _fetch_file(ref, files[0])
-    if files:
-        shown = ", ".join(f"{ref.repo_id}/{f}" for f in sorted(files)[:4])
-        raise HubError(f"{ref}: several .safetensors files; name one, e.g. {shown}")
-    raise HubError(f"{ref}: no LoRA adapter found (looked for adapter_config.json, pytorch_lora_weights.safetensors "
-                   "or a single .safetensors file)")
+Fetch = Callable[[HubRef], str]  # downloads what one kind of input needs; returns the local folder or file
 
 
-def _resolve_model(ref: HubRef) -> str:
-    pre = ref.subfolder + "/" if ref.subfolder else ""
-    snap = snapshot(ref, [pre + p for p in MODEL_FILES], ignore=[pre + "*/*"])
-    folder = os.path.join(snap, *pre.split("/"))
-    if os.path.isfile(os.path.join(folder, "model_index.json")):  # a diffusers pipeline
-        files = set(_repo_files(ref, snap))
-        wanted = [f for f in sorted(files) if _pipeline_file(f[len(pre):], files, pre)] if files else []
-        if wanted:
-            snapshot(ref, wanted)
-    if not os.path.isdir(folder):
-        raise HubError(f"{ref}: no such folder in the repository")
-    return folder
-
-
-def _pipeline_file(rel: str, files: set, pre: str) -> bool:
-    """Config and weights of the pipeline components LoRAs target (unet/, text_encoder*/, transformer/);
-    a precision variant (`x.fp16.safetensors`) only when there is no plain `x.safetensors`."""
-    from .archs import COMPONENTS
-
-    comp, _, name = rel.partition("/")
-    if comp not in COMPONENTS or "/" in name or not any(fnmatch.fnmatchcase(name, p) for p in MODEL_FILES):
-        return False
-    stem, _, ext = name.rpartition(".")
-    plain = stem.rpartition(".")[0] + "." + ext if "." in stem else None
-    return plain is None or f"{pre}{comp}/{plain}" not in files
-
-
-def local_path(ref, kind: str = "adapter") -> str:
-    """A local path for `ref`: itself when it is local (or not a Hub reference), else the downloaded
-    snapshot folder (or file). kind: 'adapter' (adapter files only) or 'model' (config, safetensors
-    weights, tokenizer; no .bin or nested folders). Integrators: call this before `open()`-ing a path
-    that a user gave, where `read_adapter` / `Checkpoint` are not used."""
+def local_path(ref, fetch: Fetch) -> str:
+    """A local path for `ref`: itself when it is local (or not a Hub reference), else what
+    `fetch` downloaded (a reference to a file is fetched as that one file)."""
     path = os.fspath(ref)
     parsed = parse_ref(path)
     if parsed is None:
         return path
-    if kind not in ("adapter", "model"):
-        raise ValueError(f"kind must be 'adapter' or 'model', not {kind!r}")
     try:
         if parsed.is_file:
-            return _fetch_file(parsed, parsed.subfolder)
-        return _resolve_adapter(parsed) if kind == "adapter" else _resolve_model(parsed)
+            return fetch_file(parsed, parsed.subfolder)
+        return fetch(parsed)
     except HubError as e:
         if path.startswith(PREFIX) or "repository not found" not in str(e):
             raise
         raise HubError(f"{e}; no local file or folder {path!r} either") from None
 
 
-def existing_path(ref, kind: str) -> str:
+def existing_path(ref, fetch: Fetch) -> str:
     """The local path `ref` names: itself when it exists, else the Hub download it refers to
     (user/repo[@rev][/sub], hf://…). Every command resolves its inputs through this one function."""
     path = os.fspath(ref)
     if not os.path.exists(path):
-        path = local_path(path, kind=kind)
+        path = local_path(path, fetch)
     if not os.path.exists(path):
         raise InputNotFoundError(f"{os.path.abspath(path)}: no such file or folder")
     return path
@@ -346,70 +283,3 @@ def check_repo_id(repo_id: str) -> str:
     except HFValidationError as e:
         raise UsageError(f"{repo_id!r} is not a repository id (use namespace/name): {str(e).splitlines()[0]}") from None
     return repo_id
-
-
-@dataclass
-class Pulled:
-    path: str  # the adapter's folder or file (in the cache, or in the output folder)
-    adapter: "LoraAdapter"
-    files: Dict[str, str]  # name -> local file
-    commit: Optional[str]
-
-
-def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None) -> Pulled:
-    """Download the adapter that Hub reference `ref` names (a HubRef or `user/repo[@rev][/sub]`,
-    always read as a Hub reference); with `output`, copy its files (real files, not cache symlinks)
-    into that folder, atomically."""
-    from .atomic import atomic_output, check_output
-    from .formats import read_adapter
-    from .push import adapter_files
-
-    if not isinstance(ref, HubRef):
-        text = os.fspath(ref)
-        ref = parse_ref(text if text.startswith(PREFIX) else PREFIX + text)
-    if revision:
-        if ref.revision:
-            raise UsageError("give the revision either as REPO_ID@REVISION or with --revision, not both")
-        ref = replace(ref, revision=revision)
-    if output is not None:
-        check_output(output, overwrite)
-    path = local_path(PREFIX + str(ref), kind="adapter")
-    adapter = read_adapter(path)
-    files = adapter_files(path, adapter)
-    commit = commit_of(path)
-    if output is None:
-        return Pulled(path, adapter, files, commit)
-    with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
-        for name, src in files.items():
-            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-            shutil.copyfile(src, os.path.join(tmp, name))
-    out = os.path.abspath(output)
-    files = {name: os.path.join(out, name) for name in files}
-    return Pulled(out if os.path.isdir(path) else next(iter(files.values())), adapter, files, commit)
-
-
-def check_online(what: str) -> None:
-    if _settings()[2]:
-        raise HubError(f"{what}: cannot push while HF_HUB_OFFLINE is set")
-
-
-def api(token=None):
-    from huggingface_hub import HfApi
-    return HfApi(endpoint=_settings()[0], token=token)
-
-
-def upload(folder_files: Dict[str, str], repo_id: str, card_text: str, private: bool = False,
-           revision: Optional[str] = None, commit_message: Optional[str] = None, create_pr: bool = False):
-    """Create the repository if needed and upload `{path_in_repo: local file}` + README.md in one commit."""
-    from huggingface_hub import CommitOperationAdd
-
-    check_online(repo_id)
-    hf = api()
-    with hub_errors(repo_id, write=True):
-        repo_id = hf.create_repo(repo_id, private=private or None, exist_ok=True).repo_id
-        if revision and revision != "main" and not create_pr:
-            hf.create_branch(repo_id, branch=revision, exist_ok=True)
-        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src) for p, src in folder_files.items()]
-        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
-        return hf.create_commit(repo_id, ops, commit_message=commit_message or "Upload with loratools",
-                                revision=revision, create_pr=create_pr)

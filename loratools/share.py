@@ -1,28 +1,34 @@
-"""Push adapters and merged models to the Hugging Face Hub, with a model card.
+"""Share on the Hugging Face Hub: pull adapters, push adapters and merged models with a model card.
+
+`pull` downloads only the adapter's files (the patterns come from the format registry) and can copy
+them out of the cache.
 
 The files go up exactly as they are on disk (a pushed adapter pulls back bit for bit), plus a
 README.md model card whose metadata says what the repository is: `base_model`, `library_name`
 (`peft` for PEFT adapters), tags `lora` and `base_model:adapter:<base>`, and how it was made.
 
-How an adapter was made is read from its safetensors metadata key `loratools` (PROVENANCE_KEY): a
+How an adapter was made is read from its safetensors metadata key `loratools` (provenance.KEY): a
 JSON object that blend / resize / extract write, e.g. {"operation": "blend", "method": "svd",
 "inputs": [...], "weights": [...], "rank": 16}; merged models get theirs from `merge --push`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
-import torch
-
-from . import hub
 from . import provenance as provenance_record
+from . import refs
 from .adapter import LoraAdapter
-from .errors import InputNotFoundError, NonFiniteError, UsageError
-
-PROVENANCE_KEY = provenance_record.KEY
+from .archs import COMPONENTS
+from .atomic import atomic_output, check_output
+from .checkpoint import fetch_model
+from .errors import HubError, InputNotFoundError, NonFiniteError, UsageError
+from .formats import adapter_files, fetch_adapter, read_adapter
+from .ops import all_finite
 
 
 @dataclass
@@ -49,29 +55,8 @@ def check_adapter(adapter: LoraAdapter, where: str) -> None:
         raise UsageError(f"{where}: the adapter has no modules; nothing to push")
     for m in adapter:
         for t in (m.down, m.up, m.magnitude, m.mid):
-            if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            if t is not None and t.is_floating_point() and not all_finite(t):
                 raise NonFiniteError(f"{where}: module {m.name} has NaN or Inf values; refusing to push it")
-
-
-def adapter_files(path: str, adapter: LoraAdapter) -> Dict[str, str]:
-    """The files that make up the adapter at `path`, keyed by their name in the repository."""
-    from .formats import diffusers, peft
-
-    def peft_files(prefix: str) -> Dict[str, str]:
-        weights = peft.WEIGHTS if os.path.isfile(os.path.join(path, prefix, peft.WEIGHTS)) else peft.WEIGHTS_BIN
-        return {prefix + name: os.path.join(path, prefix, name) for name in (peft.CONFIG, weights)}
-
-    if os.path.isfile(path):
-        return {os.path.basename(path): path}
-    if adapter.format == "peft":
-        return peft_files("")
-    if adapter.format == "peft_diffusion":  # one PEFT folder per pipeline component
-        return {k: v for comp in adapter.config.get("components", {}) for k, v in peft_files(comp + "/").items()}
-    if adapter.format == "diffusers":
-        name = diffusers.WEIGHTS if os.path.isfile(os.path.join(path, diffusers.WEIGHTS)) else diffusers.WEIGHTS_BIN
-        return {name: os.path.join(path, name)}
-    return {f: os.path.join(path, f) for f in sorted(os.listdir(path))
-            if not f.startswith(".") and f != "README.md" and os.path.isfile(os.path.join(path, f))}
 
 
 def _yaml_card(data, body: str) -> str:
@@ -91,14 +76,14 @@ def _made_with(info: Optional[dict]) -> str:
 def adapter_card(adapter: LoraAdapter, repo_id: str, base_model: Optional[str] = None) -> str:
     from huggingface_hub import ModelCardData
 
-    base = base_model or hub.hub_id(adapter.base_model)
+    base = base_model or refs.hub_id(adapter.base_model)
     info = provenance(adapter)
     tags = ["lora", "loratools"] + ([f"base_model:adapter:{base}"] if base else [])
     if info and info.get("operation"):
         tags.append(str(info["operation"]))
     data = ModelCardData(base_model=base, library_name="peft" if adapter.format == "peft" else None, tags=tags)
-    ranks = adapter.ranks
-    rank = "-" if not ranks else (str(ranks[0]) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}")
+    rank = adapter.rank_range
+    dtype = str(adapter.dtype()).replace("torch.", "")
     usage = (f"```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"{repo_id}\")\n```"
              if adapter.format == "peft" else f"```bash\nloratools pull {repo_id} -o adapter\n```")
     body = f"""
@@ -108,7 +93,7 @@ A LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''},
 
 | modules | rank | parameters | dtype | DoRA |
 |---|---|---|---|---|
-| {len(adapter)} | {rank} | {adapter.num_parameters():,} | {str(adapter.dtype()).replace('torch.', '')} | {'yes' if adapter.is_dora else 'no'} |
+| {len(adapter)} | {rank} | {adapter.num_parameters():,} | {dtype} | {'yes' if adapter.is_dora else 'no'} |
 
 {_made_with(info)}
 ## Use
@@ -130,7 +115,7 @@ def merged_card(repo_id: str, base: str, adapters: Sequence[str], weights: Seque
                 folder: str) -> str:
     from huggingface_hub import ModelCardData
 
-    base_id = hub.hub_id(base)
+    base_id = refs.hub_id(base)
     library = None
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
@@ -155,9 +140,7 @@ def plan_adapter_push(adapter_ref: str, repo_id: str, revision: Optional[str] = 
                       base_model: Optional[str] = None) -> PushPlan:
     """Read and check the adapter (local or on the Hub), list its files, write its card. No network
     unless the adapter itself is a Hub reference."""
-    from .formats import read_adapter
-
-    path = hub.local_path(adapter_ref, kind="adapter")
+    path = refs.local_path(adapter_ref, fetch_adapter)
     adapter = read_adapter(path)
     check_adapter(adapter, adapter_ref)
     files = adapter_files(path, adapter)
@@ -182,5 +165,80 @@ def plan_folder_push(folder: str, repo_id: str, card: str, revision: Optional[st
 def execute(plan: PushPlan, private: bool = False, commit_message: Optional[str] = None, create_pr: bool = False):
     """Upload the plan in one commit; returns huggingface_hub's CommitInfo."""
     message = commit_message or f"Upload {plan.kind} with loratools"
-    return hub.upload(plan.files, plan.repo_id, plan.card, private=private, revision=plan.revision,
+    return upload(plan.files, plan.repo_id, plan.card, private=private, revision=plan.revision,
                       commit_message=message, create_pr=create_pr)
+
+
+@dataclass
+class Pulled:
+    path: str  # the adapter's folder or file (in the cache, or in the output folder)
+    adapter: LoraAdapter
+    files: Dict[str, str]  # name -> local file
+    commit: Optional[str]
+
+
+def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None) -> Pulled:
+    """Download the adapter that Hub reference `ref` names (a refs.HubRef or `user/repo[@rev][/sub]`,
+    always read as a Hub reference); with `output`, copy its files (real files, not cache symlinks)
+    into that folder, atomically."""
+    if not isinstance(ref, refs.HubRef):
+        text = os.fspath(ref)
+        ref = refs.parse_ref(text if text.startswith(refs.PREFIX) else refs.PREFIX + text)
+    if revision:
+        if ref.revision:
+            raise UsageError("give the revision either as REPO_ID@REVISION or with --revision, not both")
+        ref = replace(ref, revision=revision)
+    if output is not None:
+        check_output(output, overwrite)
+    path = refs.local_path(refs.PREFIX + str(ref), fetch_adapter)
+    adapter = read_adapter(path)
+    files = adapter_files(path, adapter)
+    commit = refs.commit_of(path)
+    if output is None:
+        return Pulled(path, adapter, files, commit)
+    with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
+        for name, src in files.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            shutil.copyfile(src, os.path.join(tmp, name))
+    out = os.path.abspath(output)
+    files = {name: os.path.join(out, name) for name in files}
+    return Pulled(out if os.path.isdir(path) else next(iter(files.values())), adapter, files, commit)
+
+
+def check_online(what: str) -> None:
+    if refs.settings()[2]:
+        raise HubError(f"{what}: cannot push while HF_HUB_OFFLINE is set")
+
+
+def api(token=None):
+    from huggingface_hub import HfApi
+    return HfApi(endpoint=refs.settings()[0], token=token)
+
+
+def upload(folder_files: Dict[str, str], repo_id: str, card_text: str, private: bool = False,
+           revision: Optional[str] = None, commit_message: Optional[str] = None, create_pr: bool = False):
+    """Create the repository if needed and upload `{path_in_repo: local file}` + README.md in one commit."""
+    from huggingface_hub import CommitOperationAdd
+
+    check_online(repo_id)
+    hf = api()
+    with refs.hub_errors(repo_id, write=True):
+        repo_id = hf.create_repo(repo_id, private=private or None, exist_ok=True).repo_id
+        if revision and revision != "main" and not create_pr:
+            hf.create_branch(repo_id, branch=revision, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src) for p, src in folder_files.items()]
+        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
+        return hf.create_commit(repo_id, ops, commit_message=commit_message or "Upload with loratools",
+                                revision=revision, create_pr=create_pr)
+
+
+def local_path(ref, kind: str = "adapter") -> str:
+    """A local path for `ref`: itself when it is local (or not a Hub reference), else the downloaded
+    snapshot folder (or file). kind: 'adapter' (adapter files only) or 'model' (config, safetensors
+    weights, tokenizer; no .bin or nested folders). Integrators: call this before `open()`-ing a path
+    that a user gave, where `read_adapter` / `Checkpoint` are not used."""
+    if kind == "adapter":
+        return refs.local_path(ref, fetch_adapter)
+    if kind == "model":
+        return refs.local_path(ref, functools.partial(fetch_model, components=COMPONENTS))
+    raise ValueError(f"kind must be 'adapter' or 'model', not {kind!r}")

@@ -1,0 +1,164 @@
+"""What every base kind shares: the merge plan, the merged tensor and the output dtype rule.
+
+A `Base` (see `Base` below) is a model to merge into: a Hugging Face model folder, a diffusers
+pipeline folder or a single-file SD checkpoint, one class each in this package. `plan_merge`
+matches adapter modules to a base's weights through the protocol's `in` / `shape` / `dtype` and
+runs `validate`'s checks before anything is written; the base's `write` streams its tensors
+through `merge_tensor`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from .. import ops
+from ..adapter import LoraAdapter, LoraModule
+from ..errors import IncompatibleError, NonFiniteError, UsageError
+from ..validate import check_adapter, check_base, extra_target, raise_errors
+
+_FP32_MAX = torch.finfo(torch.float32).max
+Progress = Optional[Callable[[str], None]]
+
+
+@dataclass
+class Term:
+    module: LoraModule
+    weight: float  # the user's --weight; the module's own scale is applied on top
+
+    @property
+    def coeff(self) -> float:
+        return self.weight * self.module.scale
+
+
+@dataclass
+class MergePlan:
+    """What a merge will do: per base tensor, the LoRA terms and the replacement (extra) tensor."""
+
+    terms: Dict[str, List[Term]] = field(default_factory=dict)
+    replace: Dict[str, torch.Tensor] = field(default_factory=dict)
+    adapters: List[Tuple[LoraAdapter, float]] = field(default_factory=list)
+    # bases with storage types of their own (GGUF): tensor -> (its type, the type written), and the
+    # relative error that quantizing a merged tensor again added (filled in by `write`)
+    types: Dict[str, Tuple[str, str]] = field(default_factory=dict)
+    quant_error: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_modules(self) -> int:
+        return sum(len(t) for t in self.terms.values())
+
+
+class Base(Protocol):
+    """A model to merge into. `in` / `shape` / `dtype` speak of the parameter names adapters use
+    (`<module>.weight`); `plan` checks everything before `write` streams the merged model out."""
+
+    kind: str  # "model folder", "diffusers pipeline", "single-file sdxl checkpoint" …
+    folder: str  # the folder (or file) it was read from
+    num_tensors: int  # tensors `write` goes through (progress totals)
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> Tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+    # reader options a merge passes on when it reads adapters for this base (e.g. GGUF head counts)
+    adapter_options: Dict[str, object]
+
+    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> "MergePlan":
+        """`out_type`: a storage type of the base's own for merged tensors (GGUF: q8_0 …); others refuse it."""
+
+    def write(self, plan: "MergePlan", output: str, out_dtype: Optional[torch.dtype], overwrite: bool,
+              check_finite: bool, progress: Progress) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def refuse_out_type(base: Base, out_type: Optional[str]) -> None:
+    if out_type is not None:
+        raise UsageError(f"--out-type {out_type}: a {base.kind} has no storage types of its own (use --dtype)")
+
+
+def output_dtype(src: torch.dtype, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """--dtype converts the floating tensors a merge can handle; everything else keeps its dtype."""
+    return out_dtype if (out_dtype is not None and src in ops.FLOAT_DTYPES) else src
+
+
+def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
+    """Match every module to a base weight and run `validate`'s checks; raise before anything is written."""
+    plan = MergePlan(adapters=list(adapters))
+    for i, (adapter, weight) in enumerate(adapters):
+        where = f"adapter {i + 1} of {len(adapters)}" if len(adapters) > 1 else ""
+        raise_errors(check_adapter(adapter) + check_base(adapter, ckpt), where)
+        for m in adapter:
+            if m.is_dora and weight < 0:
+                raise UsageError(f"module {m.name}: a DoRA merge cannot be undone with a negative weight "
+                                 "(its magnitude replaces the row norms); keep the unmerged base instead")
+            if m.is_dora and m.kind == "embedding":
+                raise IncompatibleError(f"module {m.name}: DoRA on embeddings is not supported")
+            term = Term(m, float(weight))
+            if abs(term.coeff) > _FP32_MAX:
+                raise UsageError(f"module {m.name}: weight {weight:g} times the module's scale {m.scale:g} "
+                                 "is beyond float32's range")
+            plan.terms.setdefault(m.name + ".weight", []).append(term)
+        for name, tensor in adapter.extra.items():
+            plan.replace[extra_target(name)] = tensor
+    return plan
+
+
+def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """The merged tensor in `weight`'s dtype. Plain LoRA terms go through the fused kernel in one
+    pass; DoRA terms (which renormalise rows) are applied after, in order, in fp32."""
+    plain = [t for t in terms if not t.module.is_dora]
+    dora = [t for t in terms if t.module.is_dora]
+    rows = weight.shape[0]
+    if not dora:
+        w2 = weight.reshape(rows, -1)
+        ups, downs = zip(*(t.module.factors_2d() for t in plain)) if plain else ((), ())
+        ops.merge_(w2, list(ups), list(downs), [t.coeff for t in plain])
+        return weight
+    acc = weight.to(torch.float32, copy=True)
+    acc2 = acc.reshape(rows, -1)
+    for t in plain:
+        u, d = t.module.factors_2d()
+        ops.merge_(acc2, [u], [d], [t.coeff])
+    for t in dora:
+        acc = _dora_merge(acc, t)
+    return acc.to(weight.dtype)
+
+
+def _dora_merge(acc: torch.Tensor, term: Term) -> torch.Tensor:
+    """W' = m / ||W + ΔW||_row · (W + ΔW), the norm taken over each output channel (PEFT's merge)."""
+    m = term.module
+    v = acc.clone()
+    u, d = m.factors_2d()
+    ops.merge_(v.reshape(v.shape[0], -1), [u], [d], [term.coeff])
+    if m.fan_in_fan_out:  # stored [in, out]: output channels are columns
+        norm = torch.linalg.vector_norm(v, dim=0, keepdim=True)
+        return m.magnitude.float().reshape(1, -1) / norm * v
+    dims = tuple(range(1, v.dim()))
+    norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+    return m.magnitude.float().reshape(norm.shape) / norm * v
+
+
+def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]], replacement: Optional[torch.Tensor],
+                 target: torch.dtype, check_finite: bool = True) -> torch.Tensor:
+    """One merged tensor in dtype `target`: the replacement (if any) plus the terms. May modify `tensor`."""
+    if replacement is not None:  # never modify the adapter's own tensor in place
+        tensor = replacement.clone()
+    if terms:
+        # merge at the wider of the two dtypes, round once into the output dtype
+        work = torch.float32 if target != tensor.dtype else tensor.dtype
+        merged = apply_terms(tensor.to(work), terms).to(target)
+        if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
+            raise NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was "
+                                 "written (check the adapter and the weights)")
+        return merged
+    out = tensor.to(target)
+    if check_finite and out.dtype != tensor.dtype and not ops.all_finite(out) and ops.all_finite(tensor):
+        raise NonFiniteError(f"converting {name} to {target} overflowed to Inf; nothing was written "
+                             "(choose a wider --dtype)")
+    return out
