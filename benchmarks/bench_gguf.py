@@ -4,7 +4,7 @@ llama.cpp's own converter (convert_lora_to_gguf.py) needs a llama.cpp checkout, 
 the `gguf` package itself: export vs its writer writing the same LoRA tensors (no renaming, row
 reordering or folding); merge vs a plain copy of the GGUF file and vs the package's reader-to-writer
 copy of every tensor (what any GGUF rewrite costs at least). Each operation runs in a fresh process;
-memory is how far its peak RSS rises above the process's peak after its imports.
+memory is how far its peak RSS rises above its RSS after its imports (Linux: /proc/self/status).
 
     PYTHONPATH=. python benchmarks/bench_gguf.py [--hidden 1024] [--layers 4] [--rank 16]
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -29,11 +28,23 @@ def _child(fn_name, args, queue):
     import benchmarks.bench_gguf as me
     import loratools.merge  # noqa: F401
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss survives fork+exec (a spawned child starts at its parent's peak), so reset the
+    # kernel's high-water mark (clear_refs 5) and read VmHWM instead
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     t = time.perf_counter()
     getattr(me, fn_name)(*args)
     sec = time.perf_counter() - t
-    queue.put((sec, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, before / 1024))
+    queue.put((sec, (_status_kib("VmHWM") - before) / 1024, before / 1024))
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
 
 
 def measure(fn_name, *args):
@@ -145,7 +156,7 @@ def main():
 
         def row(label, fn, *a):
             sec, rss, floor = measure(fn, *a)
-            print(f"{label:44s} {sec:8.3f} {rss:9.1f}   (peak after imports {floor:.0f} MiB)")
+            print(f"{label:44s} {sec:8.3f} {rss:9.1f}   (RSS after imports {floor:.0f} MiB)")
 
         row("export: loratools convert --to gguf", "export_ours", adapter, base, os.path.join(root, "a.gguf"))
         row("export: gguf writer, tensors as they are", "export_plain", adapter, base, os.path.join(root, "p.gguf"))

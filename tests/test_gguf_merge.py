@@ -193,3 +193,24 @@ def test_kohya_named_llm_lora_merges_like_peft(setup, tmp_path, capsys, prefix):
         got = torch.from_numpy(np.array(t.data)).float()
         torch.testing.assert_close(got, ref[name].reshape(got.shape), atol=1e-6, rtol=1e-5, msg=name)
 
+
+def test_gguf_outputs_never_replace_inputs(setup, tmp_path, capsys):
+    """A .gguf output goes through the same checks as every output: never the base itself (also not
+    through a link, also not with --overwrite), never an existing file without --overwrite, no partial file."""
+    root, _, _, _ = setup
+    base = tmp_path / "base.gguf"
+    base.write_bytes((root / "base-F32.gguf").read_bytes())
+    before = base.read_bytes()
+    code, _, err = run_cli(capsys, "merge", base, root / "lora", "-o", base, "--overwrite")
+    assert code == 2 and "base file itself" in err
+    link = tmp_path / "link.gguf"
+    link.symlink_to(base)
+    code, _, err = run_cli(capsys, "merge", base, root / "lora", "-o", link, "--overwrite")
+    assert code == 2 and "base file itself" in err and link.is_symlink()
+    assert base.read_bytes() == before
+    taken = tmp_path / "taken.gguf"
+    taken.write_bytes(b"mine")
+    for args in (["merge", base, root / "lora"], ["convert", root / "lora", "--to", "gguf", "--base", base]):
+        code, _, err = run_cli(capsys, *args, "-o", taken)
+        assert code == 1 and "--overwrite" in err and taken.read_bytes() == b"mine"
+    assert sorted(os.listdir(tmp_path)) == ["base.gguf", "link.gguf", "taken.gguf"]  # no temporaries left
