@@ -214,3 +214,12 @@ def test_gguf_outputs_never_replace_inputs(setup, tmp_path, capsys):
         code, _, err = run_cli(capsys, *args, "-o", taken)
         assert code == 1 and "--overwrite" in err and taken.read_bytes() == b"mine"
     assert sorted(os.listdir(tmp_path)) == ["base.gguf", "link.gguf", "taken.gguf"]  # no temporaries left
+
+
+def test_out_type_and_dtype_each_for_their_own_bases(setup, tmp_path, capsys):
+    root, _, _, _ = setup
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "merge", root / "base", root / "lora", "--out-type", "q8_0", "-o", out)
+    assert code == 2 and "--out-type q8_0" in err and "--dtype" in err and not out.exists()
+    code, _, err = run_cli(capsys, "merge", root / "base-F32.gguf", root / "lora", "--dtype", "fp16", "-o", out)
+    assert code == 2 and "--out-type" in err and not out.exists()
