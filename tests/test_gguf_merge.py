@@ -202,11 +202,11 @@ def test_gguf_outputs_never_replace_inputs(setup, tmp_path, capsys):
     base.write_bytes((root / "base-F32.gguf").read_bytes())
     before = base.read_bytes()
     code, _, err = run_cli(capsys, "merge", base, root / "lora", "-o", base, "--overwrite")
-    assert code == 2 and "base file itself" in err
+    assert code == 2 and "itself" in err
     link = tmp_path / "link.gguf"
     link.symlink_to(base)
     code, _, err = run_cli(capsys, "merge", base, root / "lora", "-o", link, "--overwrite")
-    assert code == 2 and "base file itself" in err and link.is_symlink()
+    assert code == 2 and "itself" in err and link.is_symlink()
     assert base.read_bytes() == before
     taken = tmp_path / "taken.gguf"
     taken.write_bytes(b"mine")

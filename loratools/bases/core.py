@@ -43,6 +43,7 @@ class MergePlan:
     # relative error that quantizing a merged tensor again added (filled in by `write`)
     types: Dict[str, Tuple[str, str]] = field(default_factory=dict)
     quant_error: Dict[str, float] = field(default_factory=dict)
+    not_copied: List[str] = field(default_factory=list)  # files of the base left out of the output (why)
 
     @property
     def num_modules(self) -> int:

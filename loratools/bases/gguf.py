@@ -128,9 +128,6 @@ class GgufBase:
                 progress: Progress = None) -> Dict[str, float]:
         """Stream the file to `output` (atomically), tensors named in `out` through `transform` and
         written as their type there, the rest byte for byte. Returns the requantization errors."""
-        output = os.path.abspath(os.fspath(output))
-        if os.path.exists(output) and os.path.samefile(output, self.path):
-            raise UsageError("the output must not be the base file itself")
         errors: Dict[str, float] = {}
         with atomic_output(output, overwrite=overwrite, directory=False) as tmp:
             writer = new_writer(tmp, self.arch.arch)

@@ -62,6 +62,8 @@ def command(base, adapters, output, weights, dtype, out_type, dry_run, no_check_
         click.echo(f"requantized {len(plan.quant_error)} tensor(s) to {', '.join(types)}: relative error "
                    f"max {plan.quant_error[worst]:.3g} ({worst}), mean "
                    f"{sum(plan.quant_error.values()) / len(plan.quant_error):.3g}", err=True)
+    if plan.not_copied:
+        click.echo(f"warning: not copied from the base: {', '.join(plan.not_copied)}", err=True)
     if push_to:
         card = share.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
         info = share.execute(share.plan_folder_push(output, push_to, card), private=private,
