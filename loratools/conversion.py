@@ -136,5 +136,5 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
         retained={"min": min(kept.values()), "mean": sum(kept.values()) / len(kept), "per_module": kept}
         if kept else None, dry_run=dry_run or output is None, adapter=adapter)
     if output is not None and not dry_run:
-        report.output = write_adapter(adapter, output, format=opts.to, overwrite=overwrite)
+        report.output = write_adapter(adapter, output, format=opts.to, overwrite=overwrite, base=opts.base)
     return report

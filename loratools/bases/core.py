@@ -40,6 +40,10 @@ class MergePlan(Report):
     terms: Dict[str, List[Term]] = field(default_factory=dict)
     replace: Dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: List[Tuple[LoraAdapter, float]] = field(default_factory=list)
+    # bases with storage types of their own (GGUF): tensor -> (its type, the type written), and the
+    # relative error that quantizing a merged tensor again added (filled in by `write`)
+    types: Dict[str, Tuple[str, str]] = field(default_factory=dict)
+    quant_error: Dict[str, float] = field(default_factory=dict)
     not_copied: List[str] = field(default_factory=list)  # files of the base left out of the output (why)
 
     @property
@@ -67,12 +71,21 @@ class Base(Protocol):
 
     def read(self, name: str) -> torch.Tensor: ...
 
-    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> "MergePlan": ...
+    # reader options a merge passes on when it reads adapters for this base (e.g. GGUF head counts)
+    adapter_options: Dict[str, object]
+
+    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> "MergePlan":
+        """`out_type`: a storage type of the base's own for merged tensors (GGUF: q8_0 …); others refuse it."""
 
     def write(self, plan: "MergePlan", output: str, out_dtype: Optional[torch.dtype], overwrite: bool,
               check_finite: bool, progress: Progress) -> None: ...
 
     def describe(self) -> str: ...
+
+
+def refuse_out_type(base: Base, out_type: Optional[str]) -> None:
+    if out_type is not None:
+        raise UsageError(f"--out-type {out_type}: a {base.kind} has no storage types of its own (use --dtype)")
 
 
 def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:

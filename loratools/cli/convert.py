@@ -1,4 +1,4 @@
-"""`loratools convert IN -o OUT --to peft|peft_diffusion|kohya|diffusers`"""
+"""`loratools convert IN -o OUT --to peft|peft_diffusion|kohya|diffusers|gguf`"""
 from __future__ import annotations
 
 import click
@@ -18,7 +18,8 @@ from .common import dry_run_line, dry_run_option, emit_json, format_option, over
 @click.option("--from", "from_", type=click.Choice(list(FORMATS)), default=None, help="Input format (default: detect).")
 @click.option("--base", type=click.Path(), default=None,
               help="Diffusers model folder whose module names resolve kohya/LyCORIS names "
-                   "(default: the shipped SD 1.x / 2.x / SDXL manifests).")
+                   "(default: the shipped SD 1.x / 2.x / SDXL manifests). --to gguf / GGUF input: the LLM "
+                   "(folder, Hub reference, config.json or .gguf) whose llama.cpp names and layout to use.")
 @click.option("--rank", type=int, default=None,
               help="LyCORIS LoHa/LoKr only: rank to factor each ΔW at (default: its exact numerical rank).")
 @click.option("--allow-unmatched", is_flag=True, help="Drop kohya/LyCORIS modules no known module matches (listed).")
@@ -38,6 +39,7 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, d
       loratools convert peft_unet/ --component unet --to kohya -o my_lora.safetensors
       loratools convert sd_kohya.safetensors --to peft_diffusion -o peft_pipeline/
       loratools convert loha.safetensors --to kohya --rank 16 -o lora.safetensors
+      loratools convert peft_lora/ --to gguf --base Qwen/Qwen2.5-0.5B -o lora.gguf
     """
     rep = convert(source, output, to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
                   component=component, overwrite=overwrite, dry_run=dry_run)

@@ -16,6 +16,9 @@ from .common import (ADAPTERS_METAVAR, output_option, overwrite_option, progress
 @weight_option
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype of the output's floating tensors (default: keep each tensor's dtype).")
+@click.option("--out-type", default=None, metavar="TYPE",
+              help="GGUF bases: type of the merged tensors (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0; "
+                   "default: each tensor's own type, which must be one of these).")
 @click.option("--dry-run", is_flag=True, help="Print what would be merged and write nothing.")
 @click.option("--no-check-finite", is_flag=True, help="Skip the NaN/Inf check of merged weights.")
 @click.option("--push", "push_to", metavar="REPO_ID", default=None,
@@ -23,12 +26,15 @@ from .common import (ADAPTERS_METAVAR, output_option, overwrite_option, progress
 @click.option("--private", is_flag=True, help="With --push: create the repository as private.")
 @overwrite_option
 @quiet_option
-def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, push_to, private, overwrite, quiet):
+def command(base, adapters, output, weights, dtype, out_type, dry_run, no_check_finite, push_to, private, overwrite,
+            quiet):
     """Merge one or more LoRA ADAPTERS into the BASE model and write the merged model to OUTPUT.
 
     BASE is a model folder, a diffusers pipeline folder (model_index.json; adapter modules named
-    unet.…, text_encoder.…) or a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
-    one file). Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
+    unet.…, text_encoder.…), a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
+    one file) or a GGUF model for llama.cpp / Ollama (written as one .gguf; quantized tensors are
+    dequantized, merged and quantized again, with the error reported). Streams the checkpoint one
+    tensor at a time, keeps its shard layout, and copies its other files.
 
     \b
     Examples:
@@ -42,7 +48,7 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
         push_to = refs.check_repo_id(push_to)
         share.check_online(push_to)  # fail before merging, not after
     if dry_run:
-        ckpt, plan = describe(base, adapters, weights)
+        ckpt, plan = describe(base, adapters, weights, out_type)
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, adapter.rank_range, len(adapter.extra)])
@@ -55,9 +61,15 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
     with progress_bar(ckpt.num_tensors, "merging", quiet) as bar:
         plan = run_merge(ckpt, adapters, output, weights=weights, dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
-                               progress=lambda _name: bar.update(1))
+                               progress=lambda _name: bar.update(1), out_type=out_type)
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
                f"weight(s); wrote {output}", err=True)
+    if plan.quant_error:
+        worst = max(plan.quant_error, key=plan.quant_error.get)
+        types = sorted({out for _, out in plan.types.values()})
+        click.echo(f"requantized {len(plan.quant_error)} tensor(s) to {', '.join(types)}: relative error "
+                   f"max {plan.quant_error[worst]:.3g} ({worst}), mean "
+                   f"{sum(plan.quant_error.values()) / len(plan.quant_error):.3g}", err=True)
     if plan.not_copied:
         click.echo(f"warning: not copied from the base: {', '.join(plan.not_copied)}", err=True)
     if push_to:
