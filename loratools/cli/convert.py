@@ -37,7 +37,6 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, d
     Examples:
       loratools convert my_lora.safetensors --to diffusers -o pytorch_lora_weights.safetensors
       loratools convert peft_unet/ --component unet --to kohya -o my_lora.safetensors
-      loratools convert sd_kohya.safetensors --to peft_diffusion -o peft_pipeline/
       loratools convert loha.safetensors --to kohya --rank 16 -o lora.safetensors
       loratools convert peft_lora/ --to gguf --base Qwen/Qwen2.5-0.5B -o lora.gguf
     """
