@@ -12,7 +12,7 @@ import _formats_models as M
 from loratools.cli.main import main
 from loratools.errors import LoraToolsError
 from loratools.formats import detect, read_adapter
-from loratools.merge import merge
+from loratools.merging import merge
 
 lycoris = pytest.importorskip("lycoris")
 
@@ -132,31 +132,21 @@ def test_convert_to_lora_by_svd_with_retained_energy(case, base, tmp_path, capsy
 
 
 def test_transform_needs_the_base_to_be_factored(base, tmp_path, capsys):
-    unet = M.unet()
-    net = _wrap(unet, "diag-oft", {}, seed=4)
-    path = str(tmp_path / "oft.safetensors")
-    net.save_weights(path, torch.float32, None)
-    net.restore()
+    path = _saved("diag-oft", 4, str(tmp_path / "oft.safetensors"))
     out = str(tmp_path / "x.safetensors")
     assert main(["convert", path, "--to", "kohya", "-o", out]) != 0
     err = capsys.readouterr().err
     assert "OFT" in err and "--base" in err and "Traceback" not in err and not os.path.exists(out)
     assert main(["convert", path, "--to", "kohya", "--rank", "8", "-o", out]) != 0
     assert "--base" in capsys.readouterr().err and not os.path.exists(out)
-    net = _wrap(M.unet(), "full", {}, seed=4)  # a bias update LoRA cannot hold: refused, not dropped
-    net.save_weights(path, torch.float32, None)
-    net.restore()
+    _saved("full", 4, path)  # a bias update LoRA cannot hold: refused, not dropped
     assert main(["convert", path, "--to", "kohya", "--base", base, "--rank", "8", "-o", out]) != 0
     assert "bias" in capsys.readouterr().err and not os.path.exists(out)
 
 
 def test_inspect_names_each_algorithm(base, tmp_path, capsys):
     for algo, label in (("ia3", "ia3"), ("boft", "boft"), ("glora", "glora"), ("full", "full")):
-        unet = M.unet()
-        net = _wrap(unet, algo, {}, seed=5)
-        path = str(tmp_path / f"{algo}.safetensors")
-        net.save_weights(path, torch.float32, None)
-        net.restore()
+        path = _saved(algo, 5, str(tmp_path / f"{algo}.safetensors"))
         assert main(["inspect", path]) == 0
         assert label in capsys.readouterr().out
 
@@ -168,3 +158,31 @@ def test_inconsistent_lokr_is_an_input_error_not_an_internal_one(tmp_path):
                                  f"{key}.lokr_w2_b": torch.randn(3, 8)}, path)
     with pytest.raises(LoraToolsError, match="inconsistent lokr"):
         read_adapter(path)
+
+
+def test_glora_too_large_to_build_is_refused_before_it_is_built(tmp_path):
+    """GLoRA's b1·b2 is a full-size ΔW built from small factors: capped like LoHa/LoKr (safety's bound)."""
+    key = "lora_unet_" + LINEAR.replace(".", "_")
+    n = 100_000
+    path = str(tmp_path / "glora.safetensors")
+    safetensors.torch.save_file({f"{key}.a1.weight": torch.ones(n, 1), f"{key}.a2.weight": torch.ones(1, n),
+                                 f"{key}.b1.weight": torch.ones(n, 1), f"{key}.b2.weight": torch.ones(1, n)}, path)
+    with pytest.raises(LoraToolsError, match="10,000,000,000 elements"):
+        read_adapter(path)
+
+
+def _saved(algo, seed, path):
+    net = _wrap(M.unet(), algo, {}, seed=seed)
+    net.save_weights(path, torch.float32, None)
+    net.restore()
+    return path
+
+
+def test_dry_run_refuses_an_unfactored_transform_like_the_write(base, tmp_path, capsys):
+    path = _saved("ia3", 6, str(tmp_path / "ia3.safetensors"))
+    out = str(tmp_path / "o.safetensors")
+    for extra in ([], ["--dry-run"]):
+        assert main(["convert", path, "--to", "kohya", "-o", out, *extra]) == 1
+        err = capsys.readouterr().err
+        assert "--rank" in err and err.count("\n") == 1, err
+        assert not os.path.exists(out)

@@ -38,6 +38,8 @@ TRANSFORMS = {"diff": "full", "oft_blocks": "oft", "weight": "ia3", "a1.weight":
 OTHER = ("diff", "diff_b", "oft_blocks", "rescale", "weight", "on_input", "a1.weight", "a2.weight", "b1.weight",
          "b2.weight", "bm.weight")
 KNOWN = set(HADA) | set(LOKR) | set(PLAIN) | set(OTHER) | {"alpha"}
+# the largest ΔW built densely (fp32: 1 GiB); the biggest real layers (4096 x 14336 LLM MLPs) are ~2^26
+MAX_DELTA_ELEMENTS = 1 << 28
 
 
 def detect(path: str) -> bool:
@@ -71,6 +73,23 @@ def native_rank_alpha(algo: str, p: Dict[str, torch.Tensor], factored: int, what
         return {"algorithm": algo, "rank": factored, "alpha": float(factored)}
     alpha = _single.scalar(p["alpha"], what) if "alpha" in p else float(dim)
     return {"algorithm": algo, "rank": dim, "alpha": alpha}
+
+
+def _probe(build, p: Dict[str, torch.Tensor], algo: str, where: str) -> torch.Tensor:
+    """ΔW on the meta device: its shape, checked (and capped) before any memory is spent on it."""
+    try:
+        probe = build({k: v.to("meta") for k, v in p.items() if k != "alpha"})
+    except (KeyError, RuntimeError, IndexError) as e:
+        raise FormatError(f"{where}: incomplete or inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
+    _cap(tuple(probe.shape), algo, where)
+    return probe
+
+
+def _cap(shape: tuple, algo: str, where: str) -> None:
+    n = math.prod(d for d in shape if d)  # 0: a side only the base can tell, which bounds it itself
+    if n > MAX_DELTA_ELEMENTS:
+        raise FormatError(f"{where}: its {algo} update would be {shape} ({n:,} elements, "
+                          f"over the {MAX_DELTA_ELEMENTS:,} loratools builds); no real layer is that large")
 
 
 def _weight_shape(delta: torch.Tensor, name: str, nm, flat: Dict[str, str]) -> tuple:
@@ -207,14 +226,14 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
         if "alpha" in p:
             parts["alpha"] = p["alpha"]
         return kohya.build_module(name, lora_name, parts, path)
+    where = f"{path}: {lora_name}"
     if algo in ("loha", "lokr"):
+        build = lycoris_algos.loha_delta if algo == "loha" else lycoris_algos.lokr_delta
+        shape = _weight_shape(_probe(build, p, algo, where), name, nm, flat)
         try:
-            delta = lycoris_algos.loha_delta(p) if algo == "loha" else lycoris_algos.lokr_delta(p)
-        except RuntimeError as e:  # factors whose shapes do not multiply: the file is inconsistent
-            if "shape" not in str(e) and "size" not in str(e):
-                raise
-            raise FormatError(f"{path}: {lora_name}: inconsistent {algo} tensors ({e})") from None
-        shape = _weight_shape(delta, name, nm, flat)
+            delta = build(p)
+        except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
+            raise FormatError(f"{where}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
         dtype = next(v.dtype for k, v in p.items() if k != "alpha")
         module, retained[name] = factor(name, delta.reshape(shape), shape, None, dtype, None)
         if "dora_scale" in p:
@@ -226,7 +245,9 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
             module = dataclasses.replace(module, magnitude=mag)
         return module
     op = _transform(algo, p, lora_name, path)
-    return LoraModule(name=name, **placeholders(_transform_shape(algo, p, name, nm)), op=op)
+    shape = _transform_shape(algo, p, name, nm)
+    _cap(shape, algo, where)  # GLoRA's b1·b2 is built from small factors; the rest are W-sized
+    return LoraModule(name=name, **placeholders(shape), op=op)
 
 
 FORMAT = Format("lycoris", detect, read, None, folder=False,
