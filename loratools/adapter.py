@@ -229,3 +229,28 @@ def placeholders(shape: Tuple[int, ...]) -> dict:
     if len(shape) == 4:
         return dict(kind="conv", down=torch.zeros(1, *shape[1:]), up=torch.zeros(shape[0], 1, 1, 1))
     return dict(kind="linear", down=torch.zeros(1, shape[1]), up=torch.zeros(shape[0], 1))
+
+
+def common_alpha(modules) -> float:
+    """One alpha for loaders that scale every module by alpha / rank (llama.cpp; PEFT without
+    alpha_pattern): the most common `scale · rank`, so most modules keep their B unchanged."""
+    counts: Dict[float, int] = {}
+    for m in modules:
+        key = m.scale * m.rank
+        counts[key] = counts.get(key, 0) + 1
+    best = max(counts.items(), key=lambda kv: kv[1])[0] if counts else 1.0
+    return best if math.isfinite(best) and best > 0 else 1.0
+
+
+def fold_scales(adapter: LoraAdapter) -> LoraAdapter:
+    """The same updates with one alpha for every module (scale alpha / rank, no rsLoRA): the rest of
+    each module's scale is folded into its B (up) in fp64, one rounding to the stored dtype. ΔW and
+    DoRA (which normalises W + ΔW) are unchanged; no alpha_pattern is needed to hold the scales."""
+    alpha = common_alpha(adapter)
+    modules = {}
+    for name, m in adapter.modules.items():
+        fold = m.scale * m.rank / alpha
+        up = m.up if fold == 1.0 else (m.up.to(torch.float64) * fold).to(m.up.dtype)  # one rounding
+        modules[name] = dataclasses.replace(m, up=up, alpha=alpha, use_rslora=False)
+    config = {k: v for k, v in adapter.config.items() if k != "alpha_pattern"}
+    return dataclasses.replace(adapter, modules=modules, config=config)

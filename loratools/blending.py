@@ -23,7 +23,7 @@ from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .dtypes import parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, read_adapter, write_adapter
+from .formats import WRITABLE, check_uniform_scale, read_adapter, uniform, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, gram_dot, lowrank_svd, randomized_svd, split_factors
 from .report import Report
@@ -322,11 +322,13 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
           rank: Optional[int] = None, density: Optional[float] = None, majority_sign: Optional[str] = None,
           seed: int = 0, svd: Optional[str] = None, clamp: Optional[float] = None, dtype: Optional[str] = None,
           output: Optional[Union[str, os.PathLike]] = None, to: Optional[str] = None, overwrite: bool = False,
-          progress: Optional[Callable[[str], None]] = None) -> Tuple[LoraAdapter, BlendReport]:
+          progress: Optional[Callable[[str], None]] = None, uniform_scale: bool = False
+          ) -> Tuple[LoraAdapter, BlendReport]:
     """Blend `adapters` (paths or LoraAdapter objects) with `weights` (default 1 each) into one adapter.
 
     Returns the adapter and its report; with `output`, also writes it (in `to`, default the first
-    input's format). Raises before writing anything if an input or option is wrong.
+    input's format). `uniform_scale`: one alpha for all modules (PEFT output). Raises before writing
+    anything if an input or option is wrong.
     """
     _check_options(method, rank, density, majority_sign, svd, clamp)
     if not adapters:
@@ -340,6 +342,8 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
         raise UsageError(f"--seed must be between 0 and 2^63-1, got {seed}")
     if to is not None and to not in WRITABLE:
         raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
+    if uniform_scale and to is not None:
+        check_uniform_scale(to)
     if output is not None:
         check_output(output, overwrite)
     loaded = [(read_adapter(a), w) for a, w in zip(adapters, weights)]
@@ -367,6 +371,7 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
                      weights=weights, rank=rank, density=density, seed=seed, retained=report.totals().get("retained"))
     result = LoraAdapter(modules=modules, extra=extra, base_model=first.base_model, format=fmt,
                          config=_output_config(first, fmt, list(modules)), metadata=metadata)
+    result = uniform(result, fmt, uniform_scale)
     if output is not None:
         write_adapter(result, output, format=fmt, overwrite=overwrite, metadata=metadata)
     return result, report

@@ -10,7 +10,8 @@ from .adapter import LoraAdapter
 from .archs import COMPONENTS
 from .atomic import check_output
 from .errors import IncompatibleError, UsageError
-from .formats import FORMATS, WRITABLE, detect, output_is_folder, read_adapter, writable_format, write_adapter
+from .formats import (FORMATS, WRITABLE, check_uniform_scale, detect, output_is_folder, read_adapter, uniform,
+                      writable_format, write_adapter)
 from .inspection import adapter_bytes
 from .report import Report
 
@@ -27,6 +28,7 @@ class ConvertOptions:
     rank: Optional[int] = None
     allow_unmatched: bool = False
     component: Optional[str] = None
+    uniform_scale: bool = False
 
     def __post_init__(self):
         if self.to not in WRITABLE:
@@ -37,6 +39,8 @@ class ConvertOptions:
             raise UsageError(f"unknown component {self.component!r}: use one of {', '.join(COMPONENTS)}")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.uniform_scale:
+            check_uniform_scale(self.to)
 
 
 @dataclass(repr=False)
@@ -111,11 +115,13 @@ def _for_target(adapter: LoraAdapter, opts: ConvertOptions) -> LoraAdapter:
 
 def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to: str, from_: Optional[str] = None,
             base: Optional[str] = None, rank: Optional[int] = None, allow_unmatched: bool = False,
-            component: Optional[str] = None, overwrite: bool = False, dry_run: bool = False) -> ConvertReport:
+            component: Optional[str] = None, overwrite: bool = False, dry_run: bool = False,
+            uniform_scale: bool = False) -> ConvertReport:
     """Read `source` (a path, Hub reference or LoraAdapter) and write it to `output` in format `to`.
-    With `dry_run` (or no `output`), check everything and write nothing. Returns a ConvertReport."""
+    With `dry_run` (or no `output`), check everything and write nothing. `uniform_scale`: one alpha
+    for all modules, the rest of each scale folded into B (PEFT output). Returns a ConvertReport."""
     opts = ConvertOptions(to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
-                          component=component)
+                          component=component, uniform_scale=uniform_scale)
     if output is not None:
         output_is_folder(output, opts.to)
         if not dry_run:
@@ -128,7 +134,7 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
     adapter = read_adapter(source, format=in_fmt, base=opts.base, allow_unmatched=opts.allow_unmatched or None,
                            rank=opts.rank)
     read_config = adapter.config
-    adapter = _for_target(adapter, opts)
+    adapter = uniform(_for_target(adapter, opts), opts.to, opts.uniform_scale)
     writable_format(adapter, opts.to)  # a dry run refuses what the write would (e.g. an unfactored OFT)
     kept = read_config.get("retained")
     report = ConvertReport(

@@ -24,7 +24,7 @@ from .atomic import check_output
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, write_adapter
+from .formats import WRITABLE, check_uniform_scale, uniform, write_adapter
 from .provenance import stamp
 from .report import Report
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
@@ -169,13 +169,14 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
             embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
             dtype: str = "fp32", svd: str = "auto", power_iters: int = 4, component: Optional[str] = None,
             overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
-            fan_in_fan_out: Optional[bool] = None) -> ExtractResult:
+            fan_in_fan_out: Optional[bool] = None, uniform_scale: bool = False) -> ExtractResult:
     """Factor `tuned − base` into a LoRA for every 2-D (and conv) weight whose largest absolute
     difference exceeds `min_diff`. `include` / `exclude`: regexes searched in the module name.
     Embeddings and lm_head only with `embeddings=True` (or when an `include` regex names them).
     `component` (unet, text_encoder …) prefixes the module names, as kohya and diffusers files need.
     `fan_in_fan_out`: the linear weights are stored [in, out] (GPT-2's Conv1D); None reads it from
-    the base's config.json (model_type gpt2 / openai-gpt)."""
+    the base's config.json (model_type gpt2 / openai-gpt). `uniform_scale`: one alpha for all modules
+    (PEFT output)."""
     if rank is None:
         raise UsageError("extract needs --rank (with --dynamic: the cap)")
     check_rank_options(rank, conv_rank, dynamic, param)
@@ -185,6 +186,8 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
         raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
     if min_diff < 0 or power_iters < 0:
         raise UsageError("--min-diff and --power-iters must not be negative")
+    if uniform_scale:
+        check_uniform_scale(to)
     out_dtype = parse_dtype(dtype)
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
     if output is not None:
@@ -240,6 +243,7 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
     result.adapter.metadata = stamp(result.adapter.metadata, "extract",
                                     [default_base_name(base), default_base_name(tuned)], rank=rank,
                                     conv_rank=conv_rank, dynamic=dynamic, param=param, svd=svd)
+    result.adapter = uniform(result.adapter, to, uniform_scale)
     if output is not None:
         result.output = write_adapter(result.adapter, output, format=to, overwrite=overwrite,
                                       metadata=result.adapter.metadata)

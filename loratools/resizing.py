@@ -18,7 +18,7 @@ from . import paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_outputs, check_output
 from .errors import LoraToolsError, NonFiniteError, UsageError
-from .formats import output_is_folder, read_adapter, writable_format, write_into
+from .formats import check_uniform_scale, output_is_folder, read_adapter, uniform, writable_format, write_into
 from .ops import all_finite
 from .provenance import stamp
 from .report import Report
@@ -119,13 +119,14 @@ def resize_module(m: LoraModule, rank: Optional[int] = None, dynamic: Optional[s
 def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union[str, os.PathLike]] = None,
            rank: Optional[int] = None, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
            param: Optional[float] = None, overwrite: bool = False,
-           progress: Optional[Callable[[str], None]] = None, plot: Optional[Union[str, os.PathLike]] = None
-           ) -> ResizeResult:
+           progress: Optional[Callable[[str], None]] = None, plot: Optional[Union[str, os.PathLike]] = None,
+           uniform_scale: bool = False) -> ResizeResult:
     """Resize every module of `adapter` (a path or a LoraAdapter) and, if `output` is given, write
     it in the adapter's own format. Fixed: `rank` (`conv_rank` for conv modules, default `rank`).
     Dynamic: `dynamic` in sv_ratio / sv_fro / sv_cumulative with `param`, `rank` as the cap.
     Never above a module's old rank, never below 1. `plot`: also draw the spectra into this PNG;
-    the adapter and the plot are written together or not at all."""
+    the adapter and the plot are written together or not at all. `uniform_scale`: one alpha for all
+    modules (PEFT output)."""
     check_rank_options(rank, conv_rank, dynamic, param)
     if plot is not None and output is None:
         raise UsageError("plot needs an output")
@@ -138,6 +139,8 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
     src = read_adapter(adapter)
     if not len(src):
         raise UsageError("the adapter has no LoRA modules to resize")
+    if uniform_scale:
+        check_uniform_scale(src.format)
     conv_rank = rank if conv_rank is None else conv_rank
     modules: Dict[str, LoraModule] = {}
     reports: List[ModuleResize] = []
@@ -156,6 +159,7 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
                      dynamic=dynamic, param=param)
     out = LoraAdapter(modules=modules, extra=dict(src.extra), base_model=src.base_model, format=src.format,
                       config=config, metadata=metadata)
+    out = uniform(out, src.format, uniform_scale)
     result = ResizeResult(out, reports)
     if output is not None:
         fmt = writable_format(out, src.format)

@@ -7,7 +7,8 @@ from ..blending import METHODS, SIGN_METHODS, SVD_MODES, blend as run_blend
 from ..formats import WRITABLE, detect, output_is_folder as check_output_kind, read_adapter
 from ..inspection import adapter_bytes
 from .common import (ADAPTERS_METAVAR, dry_run_line, dry_run_option, emit_json, format_option, output_option,
-                     overwrite_option, progress_bar, quiet_option, table, weight_option, weighted_adapters)
+                     overwrite_option, progress_bar, quiet_option, table, uniform_scale_option, weight_option,
+                     weighted_adapters)
 
 
 @click.command("blend")
@@ -31,12 +32,13 @@ from .common import (ADAPTERS_METAVAR, dry_run_line, dry_run_option, emit_json, 
 @click.option("--to", "to", type=click.Choice(WRITABLE), default=None,
               help="Output format (default: the first adapter's).")
 @output_option
+@uniform_scale_option
 @dry_run_option
 @overwrite_option
 @format_option
 @quiet_option
 def command(adapters, weights, method, rank, density, majority_sign, seed, svd_mode, clamp, dtype, to, output,
-            dry_run, overwrite, fmt, quiet):
+            dry_run, overwrite, fmt, quiet, uniform_scale):
     """Blend several LoRA ADAPTERS (each optionally weighted as PATH:WEIGHT, weights may be negative)
     into one adapter written to OUTPUT, and report per module the Frobenius norm retained.
 
@@ -53,7 +55,7 @@ def command(adapters, weights, method, rank, density, majority_sign, seed, svd_m
         result, report = run_blend(paths, weights, method=method, rank=rank, density=density,
                               majority_sign=majority_sign, seed=seed, svd=svd_mode, clamp=clamp,
                               dtype=dtype, output=None if dry_run else output, to=to, overwrite=overwrite,
-                              progress=lambda _name: bar.update(1))
+                              progress=lambda _name: bar.update(1), uniform_scale=uniform_scale)
     if fmt == "json":
         emit_json(dict(report.to_dict(), output=output))
         return

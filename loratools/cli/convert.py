@@ -6,7 +6,8 @@ import click
 from ..archs import COMPONENTS
 from ..conversion import convert
 from ..formats import FORMATS, WRITABLE
-from .common import dry_run_line, dry_run_option, emit_json, format_option, overwrite_option, quiet_option, size, table
+from .common import (dry_run_line, dry_run_option, emit_json, format_option, overwrite_option, quiet_option, size,
+                     table, uniform_scale_option)
 
 
 @click.command("convert")
@@ -27,11 +28,13 @@ from .common import dry_run_line, dry_run_option, emit_json, format_option, over
 @click.option("--component", type=click.Choice(COMPONENTS), default=None,
               help="Which pipeline component an adapter of one model (e.g. a PEFT UNet LoRA) belongs to; "
                    "with --to peft, the one component of a pipeline adapter to keep.")
+@uniform_scale_option
 @dry_run_option
 @overwrite_option
 @format_option
 @quiet_option
-def command(source, output, to, from_, base, rank, allow_unmatched, component, dry_run, overwrite, fmt, quiet):
+def command(source, output, to, from_, base, rank, allow_unmatched, component, dry_run, overwrite, fmt, quiet,
+            uniform_scale):
     """Convert the LoRA adapter SOURCE to another format, exactly where the target can hold it.
 
     \b
@@ -42,7 +45,7 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, d
       loratools convert peft_lora/ --to gguf --base Qwen/Qwen2.5-0.5B -o lora.gguf
     """
     rep = convert(source, output, to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
-                  component=component, overwrite=overwrite, dry_run=dry_run)
+                  component=component, overwrite=overwrite, dry_run=dry_run, uniform_scale=uniform_scale)
     if fmt == "json":
         emit_json(dict(rep.to_dict(), output=output))
         return

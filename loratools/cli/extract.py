@@ -9,7 +9,8 @@ from ..checkpoint import Checkpoint
 from ..formats import WRITABLE
 from ..extraction import default_base_name, SVD_METHODS, extract
 from ..resizing import check_rank_options
-from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
+from .common import (emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table,
+                     uniform_scale_option)
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 
 
@@ -38,11 +39,12 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.option("--power-iters", type=int, default=4, show_default=True, help="Power iterations of the randomized SVD.")
 @click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
               help="Linear weights are stored [in, out] (GPT-2's Conv1D). Default: from the base's config.json.")
+@uniform_scale_option
 @format_option
 @overwrite_option
 @quiet_option
 def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, include, exclude, embeddings, to,
-            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, fmt, overwrite, quiet):
+            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, fmt, overwrite, quiet, uniform_scale):
     """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
     weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. Example:
 
@@ -60,7 +62,7 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
             base_model_name=base_model_name or default_base_name(base),
             dtype=dtype, svd=svd, power_iters=power_iters, component=component, overwrite=overwrite,
             progress=lambda _name: bar.update(1),
-            fan_in_fan_out=fan_in_fan_out)
+            fan_in_fan_out=fan_in_fan_out, uniform_scale=uniform_scale)
     if fmt == "json":
         emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
                    "modules": [dict(m.as_dict(), svd=result.methods[m.name]) for m in result.modules],

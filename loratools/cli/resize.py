@@ -10,7 +10,7 @@ from ..resizing import check_rank_options, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from ..checks import check_names
 from .common import (dry_run_line, dry_run_option, emit_json, format_option, output_option, overwrite_option,
-                     progress_bar, quiet_option, table)
+                     progress_bar, quiet_option, table, uniform_scale_option)
 
 rank_option = click.option("--rank", type=int, default=None,
                            help="New rank (with --dynamic: the cap). Never above a module's old rank.")
@@ -43,11 +43,12 @@ REPORT_HEADERS = ["module", "kind", "old rank", "new rank", "fro retained", "sum
 @param_option
 @click.option("--plot", type=click.Path(), default=None,
               help="Also draw the singular-value spectra and the chosen cuts into this PNG (needs matplotlib).")
+@uniform_scale_option
 @dry_run_option
 @format_option
 @overwrite_option
 @quiet_option
-def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, fmt, overwrite, quiet):
+def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, fmt, overwrite, quiet, uniform_scale):
     """Resize ADAPTER's rank and write it to OUTPUT in the same format.
 
     Each module becomes the best rank-k approximation of its update (SVD through the factors,
@@ -71,7 +72,7 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, fmt
     with progress_bar(len(src), "resizing", quiet) as bar:
         result = resize(src, None if dry_run else output, rank=rank, conv_rank=conv_rank, dynamic=dynamic,
                         param=param, overwrite=overwrite, progress=lambda _name: bar.update(1),
-                        plot=None if dry_run else plot or None)
+                        plot=None if dry_run else plot or None, uniform_scale=uniform_scale)
     old = sum(m.old_rank for m in result.modules)
     new = sum(m.new_rank for m in result.modules)
     summary = (f"resized {len(result.modules)} module(s) ({result.adapter.format}): total rank {old} -> {new}; "

@@ -11,7 +11,7 @@ import os
 from typing import Dict, Optional
 
 from .. import paths, refs, safetensors_io
-from ..adapter import LoraAdapter
+from ..adapter import LoraAdapter, fold_scales
 from ..atomic import atomic_output
 from ..errors import FormatError, HubError, IncompatibleError, LoraToolsError, UsageError
 from ..checks import check_adapter, raise_errors
@@ -124,6 +124,23 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
     if check:
         raise_errors(check_adapter(adapter), path)
     return adapter
+
+# formats whose loaders scale every module by one alpha / rank (GGUF always folds the rest into B)
+ONE_ALPHA = ("peft", "peft_diffusion", "gguf")
+
+
+def check_uniform_scale(fmt: str) -> None:
+    if fmt not in ONE_ALPHA:
+        raise UsageError(f"--uniform-scale applies to PEFT output (--to peft / peft_diffusion); {fmt} files "
+                         "store each module's own alpha")
+
+
+def uniform(adapter: LoraAdapter, fmt: str, on: bool) -> LoraAdapter:
+    """`adapter` with every module's scale folded into B under one alpha when `on` (`--uniform-scale`)."""
+    if not on:
+        return adapter
+    check_uniform_scale(fmt)
+    return fold_scales(adapter)
 
 
 @paths.guarded
