@@ -18,6 +18,7 @@ from .archs.family import adapter_family
 from .checks import Finding, check_adapter, check_names
 from .dtypes import dtype_name
 from .formats import read_adapter
+from .loaders import compatibility
 from .report import Report
 
 
@@ -179,6 +180,7 @@ def report(adapter: LoraAdapter, path: Optional[str] = None, norms: bool = True)
         "kinds": dict(Counter(r["kind"] for r in rows)),
         "targets": dict(sorted(Counter(target_kind(r["name"]) for r in rows).items())),
         "extra": {k: list(t.shape) for k, t in adapter.extra.items()},
+        "loads_in": compatibility(adapter),
         # transforms of the base weight (OFT, IA³ …) have no ΔW of their own
         "delta_norm_total": math.sqrt(sum(r["delta_norm"] ** 2 for r in rows if r["delta_norm"] is not None))
         if norms else None,
