@@ -14,9 +14,9 @@ format_option = click.option("--format", "fmt", type=click.Choice(["table", "jso
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 
 
-def progress_bar(total: int, desc: str, quiet: bool):
+def progress_bar(total: int, desc: str, quiet: bool, unit: str = "tensor"):
     """A tqdm bar on stderr (hidden when quiet or when stderr is not a terminal)."""
-    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=quiet or None, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=quiet or None, leave=False)
 
 
 def emit_json(obj) -> None:

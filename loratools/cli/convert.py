@@ -8,6 +8,7 @@ import click
 from ..archs import COMPONENTS
 from ..errors import UsageError
 from ..formats import FORMATS, WRITABLE, detect, read_adapter, write_adapter
+from .batch import batched, stem
 from .common import emit_json, format_option, overwrite_option, table
 
 
@@ -71,3 +72,11 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, o
         click.echo(f"LyCORIS factored to LoRA: retained Frobenius fraction min {report['retained']['min']:.6f}, "
                    f"mean {report['retained']['mean']:.6f}", err=True)
     click.echo(f"wrote {output}", err=True)
+
+
+def _out_name(path: str, params: dict) -> str:
+    """One output per input: a folder for a folder format, else a .safetensors file."""
+    return stem(path) + ("" if FORMATS[params["to"]].folder else ".safetensors")
+
+
+command = batched(command, output_name="output", out_name=_out_name)

@@ -9,6 +9,7 @@ import click
 from ..formats import read_adapter
 from ..inspection import report
 from ..validate import check_adapter, check_names
+from .batch import batched
 from .common import emit_json, table
 
 
@@ -29,7 +30,7 @@ def _json_safe(obj):
     return obj
 
 
-def _size(n) -> str:
+def size_text(n) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -89,7 +90,7 @@ def render(rep: dict, modules: bool) -> str:
         f"DoRA        {'yes' if rep['dora'] else 'no'}",
         "dtype       " + ", ".join(f"{k} ({v} modules/tensors)" for k, v in rep["dtypes"].items()),
         f"parameters  {rep['parameters']:,} ({rep['lora_parameters']:,} in LoRA factors)",
-        f"bytes       {_size(rep['bytes'])} of tensors, {_size(rep['disk_bytes'])} on disk",
+        f"bytes       {size_text(rep['bytes'])} of tensors, {size_text(rep['disk_bytes'])} on disk",
         f"|ΔW| total  {_fmt(rep['delta_norm_total'])}",
     ]
     if rep["extra"]:
@@ -134,3 +135,6 @@ def command(adapter, fmt, summary, base):
         emit_json(_json_safe(rep))
     else:
         click.echo(render(rep, modules=not summary))
+
+
+command = batched(command)

@@ -21,6 +21,7 @@ COMMANDS = {
     "pull": "pull",
     "push": "push",
     "resize": "resize", "extract": "extract",
+    "ls": "ls", "compat": "compat",
 }
 
 

@@ -8,6 +8,7 @@ from ..formats import read_adapter
 from ..resize import check_rank_options, plot_spectra, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from ..validate import check_names
+from .batch import batched, same_name
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
 
 rank_option = click.option("--rank", type=int, default=None,
@@ -79,3 +80,6 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, fmt, overwri
         click.echo(table(report_rows(result.modules), REPORT_HEADERS), err=True)
     if not quiet:
         click.echo(summary, err=True)
+
+
+command = batched(command, output_name="output", out_name=same_name, single_only=("plot",))

@@ -7,6 +7,7 @@ from ..errors import LoraToolsError
 from ..formats import read_adapter
 from ..bases import open_base
 from ..validate import MAX_DELTA_RATIO, check_names, check_patterns, validate
+from .batch import batched
 from .common import emit_json
 
 
@@ -56,3 +57,6 @@ def command(adapter, base, no_norms, strict, fmt):
                                + (" (--strict fails on warnings)" if not errors else ""))
     note = f", {warnings} warning(s)" if warnings else ""
     click.echo(f"{adapter}: ok ({len(lora)} module(s) checked{against}{note})", err=True)
+
+
+command = batched(command, prefix_lines=True)
