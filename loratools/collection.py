@@ -56,6 +56,15 @@ def walk(root: str, max_entries: int = MAX_ENTRIES) -> List[str]:
     return found
 
 
+def _through_link(pattern: str, match: str) -> bool:
+    """Does `match` lie in a symlinked folder below the pattern's fixed part (`**` follows links)?"""
+    fixed = pattern[:_GLOB.search(pattern).start()]
+    root = os.path.dirname(fixed) if not fixed.endswith(os.sep) else fixed.rstrip(os.sep)
+    rel = os.path.relpath(os.path.dirname(match), root or ".")
+    parts = [] if rel == "." else rel.split(os.sep)
+    return any(os.path.islink(os.path.join(root, *parts[:i + 1])) for i in range(len(parts)))
+
+
 def expand(paths: Iterable[str], max_entries: int = MAX_ENTRIES) -> List[Entry]:
     """Every adapter the arguments name: a file or adapter folder as it is, other folders searched
     recursively, globs expanded (also `**`), Hub references kept for the reader to fetch.
@@ -66,7 +75,7 @@ def expand(paths: Iterable[str], max_entries: int = MAX_ENTRIES) -> List[Entry]:
         if os.path.exists(arg):
             matches = [arg]
         elif _GLOB.search(arg):
-            matches = sorted(glob.glob(arg, recursive=True))
+            matches = [m for m in sorted(glob.glob(arg, recursive=True)) if not _through_link(arg, m)]
             if not matches:
                 out.append(Entry(arg, "no file or folder matches this pattern"))
         elif refs.parse_ref(arg) is not None:
