@@ -33,7 +33,14 @@ class Entry:
 
 
 def is_adapter_folder(path: str) -> bool:
-    return os.path.isdir(path) and any(f.folder and f.detect(path) for f in FORMATS.values())
+    """A folder format's folder, or one that holds one of its files (even a broken one: it is one
+    adapter with a problem, not a collection)."""
+    if not os.path.isdir(path):
+        return False
+    folders = [f for f in FORMATS.values() if f.folder]
+    return any(f.detect(path) for f in folders) or any(
+        os.path.lexists(os.path.join(path, d, name)) for f in folders for group in f.files for name in group
+        for d in ("",) + tuple(f.subfolders))
 
 
 def walk(root: str, max_entries: int = MAX_ENTRIES) -> List[str]:

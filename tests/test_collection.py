@@ -175,7 +175,7 @@ def test_compat_agrees_with_peft(llama_world, capsys, monkeypatch):
     monkeypatch.setattr(safetensors_io.SafetensorsFile, "read", lambda self, n, s=None: reads.append(n))
     code, out, err = run_cli(capsys, "compat", adapters, "--base", root / "base", "--format", "json")
     monkeypatch.undo()
-    assert code == 0, err
+    assert code == 1 and "2 of 4 adapter(s) do not fit" in err, err
     assert reads == []  # headers only, adapter and base
     fits = {os.path.basename(f["path"]): f for f in json.loads(out)["adapters"]}
     assert set(fits) == {"fits", "mlp", "wrong_shape", "gpt2"}
@@ -184,7 +184,9 @@ def test_compat_agrees_with_peft(llama_world, capsys, monkeypatch):
     assert fits["wrong_shape"]["problem"] and "shape" in fits["wrong_shape"]["problem"]
     assert fits["fits"]["matched"] == fits["fits"]["modules"] == 4
     code, out, err = run_cli(capsys, "compat", adapters / "fits", adapters / "gpt2", "--base", root / "base")
-    assert code == 0 and "1 of 2 adapter(s) fit" in err
+    assert code == 1 and "1 of 2 adapter(s) do not fit" in err and "gpt2" in out
+    code, out, err = run_cli(capsys, "compat", adapters / "fits", "--base", root / "base")
+    assert code == 0 and "all 1 adapter(s) fit" in err
 
 
 def test_batch_convert_matches_single_runs(coll, tmp_path, capsys):

@@ -5,6 +5,7 @@ import click
 
 from ..bases import open_base
 from ..collection import MAX_ENTRIES, compat, expand
+from ..errors import IncompatibleError
 from .common import emit_json, table
 
 
@@ -19,7 +20,7 @@ from .common import emit_json, table
 def command(adapters, base, fmt, max_entries):
     """Say which of ADAPTERS (files, folders searched recursively, globs) fit BASE: every module
     names a weight of the base whose shape its update has. Reads headers only, on both sides.
-    Exit 0 always when the listing could be made; scripts read the `fits` column. Examples:
+    Exits 1 when any adapter does not fit (each is listed with its first problem). Examples:
 
     \b
       loratools compat loras/ --base sd15.safetensors
@@ -29,7 +30,10 @@ def command(adapters, base, fmt, max_entries):
     fits = [compat(e, model) for e in expand(adapters, max_entries)]
     if fmt == "json":
         emit_json({"base": base, "adapters": [f.as_dict() for f in fits]})
-        return
-    rows = [[f.path, "yes" if f.fits else "no", f"{f.matched}/{f.modules}", f.problem or ""] for f in fits]
-    click.echo(table(rows, ["adapter", "fits", "modules", "problem"]))
-    click.echo(f"{sum(f.fits for f in fits)} of {len(fits)} adapter(s) fit {base}", err=True)
+    else:
+        rows = [[f.path, "yes" if f.fits else "no", f"{f.matched}/{f.modules}", f.problem or ""] for f in fits]
+        click.echo(table(rows, ["adapter", "fits", "modules", "problem"]))
+    bad = sum(not f.fits for f in fits)
+    if bad:
+        raise IncompatibleError(f"{bad} of {len(fits)} adapter(s) do not fit {base} (listed above)")
+    click.echo(f"all {len(fits)} adapter(s) fit {base}", err=True)
