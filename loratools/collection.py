@@ -109,8 +109,9 @@ def collection_inputs(paths: Iterable[str]) -> Optional[List[Entry]]:
     paths = list(paths)
     if len(paths) == 1:
         p = paths[0]
-        single = (os.path.isfile(p) or is_adapter_folder(p)
-                  or (not os.path.exists(p) and not _GLOB.search(p)))
+        # anything but a folder (a file, a device, a FIFO: the command says what is wrong with it)
+        single = (os.path.lexists(p) and not os.path.isdir(p)) or is_adapter_folder(p) or (
+            not os.path.exists(p) and not _GLOB.search(p))
         if single:
             return None
     return expand(paths)
