@@ -46,9 +46,9 @@ def weighted_adapters(specs: Sequence[str], weights: Sequence[float]) -> Tuple[L
     return list(paths), list(weights) or [1.0] * len(paths)
 
 
-def progress_bar(total: int, desc: str, quiet: bool):
+def progress_bar(total: int, desc: str, quiet: bool, unit: str = "tensor"):
     """A tqdm bar on stderr (hidden when quiet or when stderr is not a terminal)."""
-    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=quiet or None, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=quiet or None, leave=False)
 
 
 def size(n) -> str:

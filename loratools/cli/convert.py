@@ -7,6 +7,7 @@ from ..archs import COMPONENTS
 from ..conversion import convert
 from ..formats import FORMATS, WRITABLE
 from .common import dry_run_line, dry_run_option, emit_json, format_option, overwrite_option, quiet_option, size, table
+from .batch import batched, stem
 
 
 @click.command("convert")
@@ -58,3 +59,11 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, d
         click.echo(dry_run_line(output, to, rep.bytes, rep.bytes), err=True)
     else:
         click.echo(f"wrote {output}", err=True)
+
+
+def _out_name(path: str, params: dict) -> str:
+    """One output per input: a folder for a folder format, else a .safetensors file."""
+    return stem(path) + ("" if FORMATS[params["to"]].folder else ".safetensors")
+
+
+command = batched(command, output_name="output", out_name=_out_name)

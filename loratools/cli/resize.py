@@ -11,6 +11,7 @@ from ..linalg import RANK_RULES
 from ..checks import check_names
 from .common import (dry_run_line, dry_run_option, emit_json, format_option, output_option, overwrite_option,
                      progress_bar, quiet_option, table)
+from .batch import batched, same_name
 
 rank_option = click.option("--rank", type=int, default=None,
                            help="New rank (with --dynamic: the cap). Never above a module's old rank.")
@@ -87,3 +88,6 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, fmt
                    err=True)
     elif not quiet:
         click.echo(summary, err=True)
+
+
+command = batched(command, output_name="output", out_name=same_name, single_only=("plot",))
