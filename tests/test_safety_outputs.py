@@ -194,3 +194,19 @@ def test_no_replace_rename_with_and_without_renameat2(tmp_path, monkeypatch, nat
         assert os.path.isdir(out) == directory
         (shutil.rmtree if directory else os.unlink)(tmp_path / "gone")
     assert sorted(os.listdir(tmp_path)) == ["out-False", "out-True"]
+
+
+def test_overwrite_replaces_pipeline_adapter_folders(tmp_path):
+    """A peft_diffusion output holds its adapters in component subfolders: still a model folder."""
+    out = tmp_path / "pipe_lora"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "adapter_config.json").write_text("{}")
+    with atomic_output(out, overwrite=True) as tmp:
+        open(os.path.join(tmp, "new"), "w").close()
+    assert os.listdir(out) == ["new"]
+    (tmp_path / "photos" / "2024").mkdir(parents=True)
+    (tmp_path / "photos" / "2024" / "a.jpg").write_bytes(b"jpg")
+    with pytest.raises(OutputExistsError, match="holds no model"):
+        with atomic_output(tmp_path / "photos", overwrite=True):
+            pass
+    assert (tmp_path / "photos" / "2024" / "a.jpg").read_bytes() == b"jpg"
