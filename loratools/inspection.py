@@ -4,6 +4,7 @@ Named `inspection` so it does not shadow the standard library's `inspect`.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -13,6 +14,7 @@ import torch
 
 from .adapter import LoraAdapter, LoraModule
 from .linalg import gram_dot
+from .archs.family import adapter_family
 
 
 def delta_norm(m: LoraModule) -> float:
@@ -54,16 +56,65 @@ def _number(x: float):
 
 
 def module_rows(adapter: LoraAdapter, norms: bool = True) -> List[dict]:
+    """One row per module. LyCORIS LoHa/LoKr modules show the rank (`dim`) and alpha of the file,
+    not those of the exact LoRA they were factored into (which `factored_rank` gives)."""
+    native = adapter.config.get("native", {}) if adapter.format == "lycoris" else {}
     rows = []
     for m in adapter:
+        own = native.get(m.name, {})
+        rank, alpha = own.get("rank", m.rank), own.get("alpha", m.alpha_value)
         rows.append({
-            "name": m.name, "kind": m.kind, "weight_shape": list(m.weight_shape), "rank": m.rank,
-            "alpha": _number(m.alpha_value), "scale": m.scale, "dtype": _dtype(m.down),
+            "name": m.name, "kind": m.kind, "weight_shape": list(m.weight_shape), "rank": rank,
+            "alpha": _number(alpha), "scale": alpha / rank if own else m.scale, "dtype": _dtype(m.down),
+            "algorithm": own.get("algorithm", "lora"), "factored_rank": m.rank,
             "dora": m.is_dora, "tucker": m.mid is not None, "parameters": m.down.numel() + m.up.numel()
             + sum(t.numel() for t in (m.magnitude, m.mid) if t is not None),
             "bytes": module_bytes(m), "delta_norm": delta_norm(m) if norms else None,
         })
     return rows
+
+
+def _json_value(text: Optional[str]):
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def _tags(metadata: Dict[str, str]) -> Optional[dict]:
+    """kohya's `ss_tag_frequency` ({dataset folder: {tag: count}}) summed over folders."""
+    freq = _json_value(metadata.get("ss_tag_frequency"))
+    if not isinstance(freq, dict):
+        return None
+    counts: Counter = Counter()
+    for tags in freq.values():
+        if isinstance(tags, dict):
+            counts.update({str(k).strip(): v for k, v in tags.items() if isinstance(v, (int, float))})
+    return {"datasets": len(freq), "distinct": len(counts), "top": counts.most_common(10)}
+
+
+# summary field -> the metadata keys that hold it (kohya sd-scripts ss_*, then the modelspec standard)
+TRAINING_KEYS = {
+    "base_model_version": ("ss_base_model_version", "modelspec.architecture"),
+    "base_model": ("ss_sd_model_name",), "network_module": ("ss_network_module",),
+    "network_dim": ("ss_network_dim",), "network_alpha": ("ss_network_alpha",), "network_args": ("ss_network_args",),
+    "resolution": ("ss_resolution", "modelspec.resolution"), "epoch": ("ss_epoch",), "epochs": ("ss_num_epochs",),
+    "steps": ("ss_steps", "ss_max_train_steps"), "images": ("ss_num_train_images",),
+    "learning_rate": ("ss_learning_rate",), "optimizer": ("ss_optimizer",), "title": ("modelspec.title",),
+}
+
+
+def training_summary(metadata: Dict[str, str]) -> Optional[dict]:
+    """What kohya/A1111/Civitai users look for first in a LoRA's training metadata; None if it has none."""
+    out = {}
+    for field, keys in TRAINING_KEYS.items():
+        value = next((metadata[k] for k in keys if metadata.get(k) not in (None, "", "None")), None)
+        if value is not None:
+            out[field] = value
+    tags = _tags(metadata)
+    if tags:
+        out["tags"] = tags
+    return out or None
 
 
 def disk_bytes(path: Optional[str]) -> Optional[int]:
@@ -77,12 +128,17 @@ def disk_bytes(path: Optional[str]) -> Optional[int]:
 def report(adapter: LoraAdapter, path: Optional[str] = None, norms: bool = True) -> dict:
     """Everything `loratools inspect` shows, as plain JSON-able data."""
     rows = module_rows(adapter, norms)
+    family = adapter_family(adapter)
     dtypes = Counter(r["dtype"] for r in rows)
     dtypes.update(_dtype(t) for t in adapter.extra.values())
     module_params = sum(r["parameters"] for r in rows)
     extra_params = sum(t.numel() for t in adapter.extra.values())
     return {
         "path": path, "format": adapter.format, "base_model": adapter.base_model,
+        "family": dict(zip(("name", "evidence"), family)) if family else None,
+        "training": training_summary(adapter.metadata),
+        "algorithms": dict(Counter(r["algorithm"] for r in rows)),
+        "unresolved": list(adapter.config.get("unresolved", [])),
         "modules": len(rows),
         "rank": _spread({r["name"]: r["rank"] for r in rows}),
         "alpha": _spread({r["name"]: r["alpha"] for r in rows}),

@@ -14,11 +14,12 @@ from typing import List, Optional, Sequence, Type
 import torch
 
 from .adapter import LoraAdapter, LoraModule
+from .archs.family import mismatch
 from .checkpoint import Checkpoint
-from .inspection import delta_norm
 from .ops import READ_FLOAT_DTYPES as _FLOATS, all_finite
-from .safetensors_io import SafetensorsFile, ScratchBuffer
 from .errors import (FormatError, IncompatibleError, LoraToolsError, NonFiniteError, ShapeMismatchError)
+from .inspection import delta_norm
+from .safetensors_io import SafetensorsFile, ScratchBuffer
 
 MAX_SCALE = 16.0  # alpha/r above this is rare in practice (usual: 0.01 .. 4)
 MAX_DELTA_RATIO = 1.0  # an update larger than the weight it changes is almost always a mistake
@@ -26,7 +27,8 @@ MAX_DELTA_RATIO = 1.0  # an update larger than the weight it changes is almost a
 
 @dataclass
 class Finding:
-    code: str  # non-finite, structure, dtype, empty, absent, shape, base-dtype, scale, delta-norm
+    code: str  # non-finite, structure, dtype, empty, absent, shape, base-dtype, scale, delta-norm, family,
+    # unresolved, pattern
     message: str  # one line, names the module
     severity: str = "error"  # or "warning"
     module: Optional[str] = None
@@ -94,13 +96,48 @@ def check_adapter(adapter: LoraAdapter) -> List[Finding]:
     return out
 
 
+def check_names(adapter: LoraAdapter) -> List[Finding]:
+    """One warning for kohya/LyCORIS names that no known module has (kept as they are in the file)."""
+    names = adapter.config.get("unresolved") or []
+    if not names:
+        return []
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [Finding("unresolved", f"{len(names)} module name(s) match no module of {adapter.config.get('names_from')} "
+                    f"and are shown as they are in the file: {shown}", "warning")]
+
+
+def check_patterns(adapter: LoraAdapter) -> List[Finding]:
+    """PEFT's alpha_pattern/rank_pattern: GGUF converters (llama.cpp's convert_lora_to_gguf.py) write
+    one lora_alpha for every module and never read them, so per-module scales convert wrongly."""
+    configs = [adapter.config] + [c for c in (adapter.config.get("components") or {}).values() if isinstance(c, dict)]
+    out: List[Finding] = []
+    for key, what in (("alpha_pattern", "alpha"), ("rank_pattern", "rank")):
+        patterns = sorted({p for c in configs for p in (c.get(key) or {})})
+        if patterns:
+            out.append(Finding("pattern", f"{key} gives module(s) matching {', '.join(patterns[:4])} their own {what}; "
+                               "GGUF converters (llama.cpp convert_lora_to_gguf.py) ignore it and use one lora_alpha",
+                               "warning"))
+    return out
+
+
 def extra_target(name: str) -> str:
     """PEFT saves a resized embedding as `<module>.base_layer.weight`: it replaces `<module>.weight`."""
     return name.replace(".base_layer.", ".")
 
 
 def check_base(adapter: LoraAdapter, ckpt) -> List[Finding]:
-    """Does every module and extra tensor fit a weight of the base `Checkpoint` (headers only)?"""
+    """Does every module and extra tensor fit a weight of the base (a `Checkpoint` or a diffusion
+    base: anything with `in`, `shape` and `dtype`; headers only)? Where modules do not fit and the
+    adapter's family differs from the base's, the first finding names both."""
+    out = _fit_findings(adapter, ckpt)
+    if out:
+        named = mismatch(adapter, getattr(ckpt, "family", None), getattr(ckpt, "noun", "model"))
+        if named:
+            out.insert(0, Finding("family", named, exc=IncompatibleError))
+    return out
+
+
+def _fit_findings(adapter: LoraAdapter, ckpt) -> List[Finding]:
     out: List[Finding] = []
     for m in adapter:
         target = m.name + ".weight"
@@ -130,12 +167,7 @@ def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_R
     fits = {m.name + ".weight": m for m in adapter
             if m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)
             and ckpt.dtype(m.name + ".weight") in _FLOATS}  # the rest are check_base's findings
-    norms, scratch = {}, ScratchBuffer()  # one shard open at a time, one reused read buffer
-    for shard in ckpt.shards:
-        with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
-            for name in f.keys():
-                if name in fits:  # fp32 accumulation is plenty for a 1x threshold
-                    norms[name] = float(torch.linalg.vector_norm(f.read(name, scratch), dtype=torch.float32))
+    norms = _weight_norms(ckpt, fits)
     out: List[Finding] = []
     for target, m in fits.items():
         w = norms[target]
@@ -147,11 +179,27 @@ def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_R
     return out
 
 
+def _weight_norms(ckpt, targets) -> dict:
+    """‖W‖ of each target; fp32 accumulation is plenty for a 1x threshold."""
+    if not isinstance(ckpt, Checkpoint):  # a diffusion base reads its virtual weights itself
+        return {t: float(torch.linalg.vector_norm(ckpt.read(t), dtype=torch.float32)) for t in targets}
+    norms, scratch = {}, ScratchBuffer()  # one shard open at a time, one reused read buffer
+    for shard in ckpt.shards:
+        with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
+            for name in f.keys():
+                if name in targets:
+                    norms[name] = float(torch.linalg.vector_norm(f.read(name, scratch), dtype=torch.float32))
+    return norms
+
+
 def validate(adapter: LoraAdapter, base=None, norms: bool = True) -> List[Finding]:
-    """All findings for `adapter`, and against `base` (a path or Checkpoint) when given."""
+    """All findings for `adapter`, and against `base` when given: a model folder path or any base
+    object `bases.open_base` returns (Checkpoint, diffusers pipeline, single-file SD checkpoint)."""
     findings = check_adapter(adapter)
     if base is not None:
-        ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
+        ckpt = Checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
+        if hasattr(ckpt, "fit"):  # a diffusion base takes linear factors on 1x1 convs (and back), as merge does
+            adapter = ckpt.fit(adapter)
         findings += check_base(adapter, ckpt)
         if norms:
             findings += check_delta_norms(adapter, ckpt)

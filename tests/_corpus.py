@@ -233,7 +233,7 @@ def single_file_cases():
         "kohya_tucker_core_wrong_shape": ("unreadable", kohya(lora_down__weight=torch.randn(4, 320, 1, 1),
                                                               lora_up__weight=torch.randn(320, 4, 1, 1),
                                                               lora_mid__weight=torch.randn(3, 5, 3, 3))),
-        "kohya_unknown_module": ("unreadable", lambda d, g: _rename(kohya()(d, g), KOHYA, "lora_unet_no_such_block")),
+        "kohya_unknown_module": ("unresolved", lambda d, g: _rename(kohya()(d, g), KOHYA, "lora_unet_no_such_block")),
         "kohya_stray_key": ("unreadable", kohya(lora_gate__weight=torch.randn(4))),
         "kohya_truncated": ("unreadable", truncated),
         "kohya_malicious_pickle": ("unreadable", pickled),

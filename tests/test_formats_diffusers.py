@@ -123,6 +123,25 @@ def test_dora_survives_diffusers_and_kohya(tmp_path):
         assert torch.equal(m.magnitude, adapter.modules[name].magnitude.reshape(-1))
 
 
+def test_conv_dora_from_kohya_loads_in_diffusers_and_peft(tmp_path):
+    """kohya keeps conv magnitudes as [out, 1, 1, 1] (read as [out]); PEFT and diffusers want [1, out, 1, 1]."""
+    from peft import PeftModel
+    models = M.peft_pipeline_lora(str(tmp_path / "peft"), use_dora=True)
+    kohya = write_adapter(read_adapter(str(tmp_path / "peft")), str(tmp_path / "k.safetensors"), format="kohya")
+    adapter = read_adapter(kohya)
+    conv = adapter.modules["unet.down_blocks.0.resnets.0.conv1"]
+    assert conv.kind == "conv" and conv.magnitude.dim() == 1  # the shape kohya's dora_scale gives
+    path = write_adapter(adapter, str(tmp_path / "dora.safetensors"), format="diffusers")
+    assert _tensors(path)["unet.down_blocks.0.resnets.0.conv1.lora_magnitude_vector"].shape == (1, 32, 1, 1)
+    pipe = M.pipeline()
+    pipe.load_lora_weights(path)
+    torch.testing.assert_close(M.unet_out(pipe.unet), M.unet_out(models["unet"]), rtol=1e-4, atol=1e-4)
+    folder = write_adapter(adapter, str(tmp_path / "pd"), format="peft_diffusion")
+    pm = PeftModel.from_pretrained(M.unet(), os.path.join(folder, "unet"))
+    torch.testing.assert_close(M.unet_out(pm), M.unet_out(models["unet"]), rtol=1e-4, atol=1e-4)
+    assert read_adapter(path).modules[conv.name].magnitude.shape == (1, 32, 1, 1)  # and read back as written
+
+
 def test_bare_names_need_a_component(tmp_path):
     from peft import get_peft_model
     pm = get_peft_model(M.unet(), M.lora_config(["to_q"]))

@@ -173,3 +173,21 @@ def test_kohya_refuses_what_it_cannot_hold(tmp_path):
     with pytest.raises(IncompatibleError, match="--component"):
         write_adapter(bare, str(tmp_path / "b.safetensors"), format="kohya")
     assert not os.listdir(tmp_path)
+
+
+def test_text_encoder_names_are_written_in_sd_scripts_form(lora, tmp_path):
+    """LyCORIS under transformers 5 writes `lora_te_encoder_layers_…` (no `text_model`), which ComfyUI
+    drops; kohya output always uses sd-scripts' `lora_te_text_model_encoder_layers_…`. Oracle: diffusers'
+    kohya loader gives the PEFT text encoder's outputs from what we write."""
+    _, models, _, canonical = lora
+    tensors, meta = safetensors_io.load(canonical)
+    flat = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in tensors.items()}
+    assert any(k.startswith("lora_te_encoder_layers_") for k in flat)
+    safetensors_io.save(str(tmp_path / "flat.safetensors"), flat, meta)
+    out = str(tmp_path / "again.safetensors")
+    assert main(["convert", str(tmp_path / "flat.safetensors"), "--to", "kohya", "-o", out]) == 0
+    again = safetensors_io.load(out)[0]
+    assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    pipe = M.pipeline()
+    pipe.load_lora_weights(out)
+    torch.testing.assert_close(M.te_out(pipe.text_encoder), M.te_out(models["text_encoder"]), rtol=1e-5, atol=1e-5)

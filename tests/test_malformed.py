@@ -6,6 +6,8 @@ Each input is built at test time and has a level that says which commands must r
   suspicious       `validate` only (well-formed but unusual: huge or zero scale)
   suspicious-base  `validate --base` only (an update larger than the base weight)
   base-mismatch    commands that take a base (adapter for another model)
+  unresolved       commands that need real module names (a kohya name no known model has): not
+                   `inspect`, `resize` nor `validate` without --base (a warning: fails with --strict)
   bad-base         commands given this as the BASE
 A run must exit non-zero with exactly one line on stderr, `loratools: error: …` (a known error,
 not the catch-all for unexpected exceptions), no traceback,
@@ -27,19 +29,22 @@ from benchmarks._models import make_llama, make_peft_adapter
 from loratools.cli.main import COMMANDS, main
 
 # command -> [(argument template, levels of adapter inputs it must refuse)]; {IN} is the malformed input
-ALL = {"unreadable", "invalid", "suspicious", "suspicious-base", "base-mismatch"}
+ALL = {"unreadable", "invalid", "suspicious", "suspicious-base", "base-mismatch", "unresolved"}
 WRITES = {"unreadable", "invalid"}
+NAMED = WRITES | {"unresolved"}  # commands that need real module names
 TEMPLATES = {
-    "merge": [("merge {BASE} {IN} -o {OUT}", {"unreadable", "invalid", "base-mismatch"}),
+    "merge": [("merge {BASE} {IN} -o {OUT}", {"unreadable", "invalid", "base-mismatch", "unresolved"}),
               ("merge {IN} {GOOD} -o {OUT}", {"bad-base"})],
-    "validate": [("validate {IN}", {"unreadable", "invalid", "suspicious"}),
-                 ("validate {IN} --base {BASE}", ALL),
+    "validate": [("validate {IN}", WRITES),  # warnings alone do not fail validate
+                 ("validate {IN} --strict", {"unreadable", "invalid", "suspicious", "unresolved"}),
+                 ("validate {IN} --base {BASE}", ALL - {"suspicious", "suspicious-base"}),
+                 ("validate {IN} --base {BASE} --strict", ALL),
                  ("validate {GOOD} --base {IN}", {"bad-base"})],
     "inspect": [("inspect {IN}", {"unreadable"})],
-    "blend": [("blend {IN} {GOOD} -o {OUT} --method cat", WRITES)],
+    "blend": [("blend {IN} {GOOD} -o {OUT} --method cat", NAMED)],
     "resize": [("resize {IN} -o {OUT} --rank 2", WRITES)],
-    "convert": [("convert {IN} -o {OUT} --to peft", WRITES)],
-    "push": [("push {IN} alice/corpus --dry-run", WRITES)],
+    "convert": [("convert {IN} -o {OUT} --to peft", NAMED)],
+    "push": [("push {IN} alice/corpus --dry-run", NAMED)],
     "extract": [("extract {IN} {BASE} -o {OUT} --rank 2", {"bad-base"}),  # a broken model as BASE or TUNED
                 ("extract {BASE} {IN} -o {OUT} --rank 2", {"bad-base"})],
     "pull": [],  # takes a Hub reference, not a local input: see test_pull_refuses_malformed_adapters
@@ -130,7 +135,8 @@ def _params():
                 names = sorted(n for n, lv in adapter_levels.items() if lv in levels)
             for name in names:
                 params.append(pytest.param(command, template, name, id=f"{template.split()[0]}"
-                                           f"{'-base' if '--base' in template else ''}-{name}"))
+                                           f"{'-base' if '--base' in template else ''}"
+                                           f"{'-strict' if '--strict' in template else ''}-{name}"))
     return params
 
 
@@ -149,7 +155,7 @@ def test_malformed_input_is_refused(capsys, root, command, template, name):
 
 
 @pytest.mark.parametrize("name", ["nan_in_A", "huge_alpha", "update_larger_than_weight", "other_architecture",
-                                  "kohya_nan_up", "kohya_huge_alpha", "diffusers_inf_A"])
+                                  "kohya_nan_up", "kohya_huge_alpha", "diffusers_inf_A", "kohya_unknown_module"])
 def test_clean_reading_commands_accept_what_they_should(capsys, root, name):
     """The levels are not vacuous: inspect reads an adapter with NaN; merge takes a suspicious one."""
     capsys.readouterr()

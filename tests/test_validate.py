@@ -79,8 +79,12 @@ def test_suspicious_scales_are_warnings(setup, tmp_path, capsys):
     cfg = json.loads(cfg_path.read_text())
     cfg["alpha_pattern"] = {"q_proj": 400, "v_proj": -8}
     cfg_path.write_text(json.dumps(cfg))
-    code, out, err = run(capsys, "validate", tmp_path / "big")
-    assert code == 1 and "0 error(s), 4 warning(s)" in err
+    code, out, err = run(capsys, "validate", tmp_path / "big")  # warnings alone: listed, exit 0, no "error:"
+    assert code == 0 and "error" not in out + err and err.strip().endswith("ok (4 module(s) checked, 5 warning(s))")
+    assert out.splitlines()[0].startswith("warning: alpha_pattern gives module(s) matching q_proj, v_proj their own "
+                                          "alpha; GGUF converters")
+    code, out, err = run(capsys, "validate", tmp_path / "big", "--strict")
+    assert code == 1 and "0 error(s), 5 warning(s)" in err and "--strict fails on warnings" in err
     assert sum("scale alpha/r = 100 (alpha 400, rank 4) is unusually large" in x for x in out.splitlines()) == 2
     assert sum("negative alpha -8 flips" in x for x in out.splitlines()) == 2
     # warnings do not stop a merge; validate's errors do
@@ -90,7 +94,8 @@ def test_suspicious_scales_are_warnings(setup, tmp_path, capsys):
 def test_update_larger_than_weight_is_flagged_with_base(setup, tmp_path, capsys):
     edit(setup / "a", tmp_path / "huge", lambda sd: sd[b_key(sd)].mul_(1e4))
     code, out, _ = run(capsys, "validate", tmp_path / "huge", "--base", setup / "base")
-    assert code == 1 and out.count("warning: ") == 1 and "the base weight's" in out
+    assert code == 0 and out.count("warning: ") == 1 and "the base weight's" in out
+    assert run(capsys, "validate", tmp_path / "huge", "--base", setup / "base", "--strict")[0] == 1
     code, out, _ = run(capsys, "validate", tmp_path / "huge", "--base", setup / "base", "--no-norms")
     assert code == 0
 
@@ -164,3 +169,13 @@ def test_merge_output_unchanged_by_validation(setup, tmp_path):
     out = load_folder(tmp_path / "m")
     for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
         torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_rank_and_alpha_patterns_warn_for_gguf(setup, tmp_path, capsys):
+    model = tiny_llama()
+    peft_adapter(model, str(tmp_path / "p"), rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+    code, out, _ = run(capsys, "validate", tmp_path / "p")
+    lines = [x for x in out.splitlines() if "GGUF converters" in x]
+    assert code == 0 and len(lines) == 2 and "rank_pattern gives module(s) matching v_proj their own rank" in lines[1]
+    assert run(capsys, "validate", tmp_path / "p", "--strict")[0] == 1
+    assert "GGUF" not in run(capsys, "validate", setup / "a")[1]  # one alpha for all: nothing to say

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..adapter import LoraAdapter, LoraModule
+from ..archs.family import mismatch
 from ..errors import IncompatibleError
 from .core import MergePlan, merge_tensor, output_dtype, plan_merge
 
@@ -32,6 +33,8 @@ class DiffusionBase:
     kind = ""
     folder = ""
     components: Sequence[str] = ()
+    family: Optional[str] = None  # SD 1.x, SDXL … (archs.family), when known
+    noun = "checkpoint"  # how a family mismatch names this base: "SDXL LoRA, SD 1.x checkpoint"
     shards: List[str] = []
     infos: Dict[str, object] = {}
 
@@ -64,18 +67,33 @@ class DiffusionBase:
     def dtype(self, name: str) -> torch.dtype:
         return self.real_dtype(self.locate(name).real)
 
+    def read(self, name: str) -> torch.Tensor:
+        """The base weight a virtual name stands for (a view of one real tensor)."""
+        loc = self.locate(name)
+        t = self.read_real(loc.real)
+        if loc.part is not None:
+            t = t.narrow(0, loc.part * (t.shape[0] // 3), t.shape[0] // 3)
+        return t.t() if loc.transpose else t
+
+    def read_real(self, real: Real) -> torch.Tensor:
+        raise NotImplementedError
+
     def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
         """Check every module names a component, fit 1×1 conv/linear layouts, then plan_merge."""
         unknown = [m.name for a, _ in adapters for m in a if m.name.partition(".")[0] not in self.components]
         unknown += [n for a, _ in adapters for n in a.extra if n.partition(".")[0] not in self.components]
         if unknown:
+            for a, _ in adapters:
+                named = mismatch(a, self.family, self.noun)
+                if named:
+                    raise IncompatibleError(named)
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             raise IncompatibleError(
                 f"{len(unknown)} adapter module(s) name no component of this {self.kind} "
                 f"(it has {', '.join(self.components)}; names must start with one, e.g. unet.…): {shown}")
-        return plan_merge(self, [(self._fit(a), w) for a, w in adapters])
+        return plan_merge(self, [(self.fit(a), w) for a, w in adapters])
 
-    def _fit(self, adapter: LoraAdapter) -> LoraAdapter:
+    def fit(self, adapter: LoraAdapter) -> LoraAdapter:
         modules = {}
         for name, m in adapter.modules.items():
             target = name + ".weight"

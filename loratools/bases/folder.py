@@ -29,6 +29,9 @@ class ModelFolderBase:
     def dtype(self, name: str) -> torch.dtype:
         return self.ckpt.dtype(name)
 
+    def read(self, name: str) -> torch.Tensor:
+        return self.ckpt.read(name)
+
     def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
         return plan_merge(self.ckpt, adapters)
 

@@ -7,6 +7,7 @@ import os
 from typing import Dict, List, Optional
 
 from .. import paths
+from ..archs.family import pipeline_family
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, copy_other_files, rewrite
 from ..errors import FormatError
@@ -17,6 +18,7 @@ class PipelineBase(DiffusionBase):
     """A diffusers pipeline folder: model_index.json and one folder per component."""
 
     kind = "diffusers pipeline"
+    noun = "pipeline"
 
     def __init__(self, folder: str):
         self.folder = os.path.abspath(folder)
@@ -35,6 +37,7 @@ class PipelineBase(DiffusionBase):
             raise FormatError(f"{self.folder}: a pipeline folder (model_index.json) without any component "
                               "holding .safetensors weights")
         self.components = list(self.ckpts)
+        self.family = pipeline_family(self.folder, self.components)
         self.shards = [f"{c}/{s}" for c, ck in self.ckpts.items() for s in ck.shards]
         self.infos = {f"{c}/{n}": i for c, ck in self.ckpts.items() for n, i in ck.infos.items()}
 
@@ -62,6 +65,9 @@ class PipelineBase(DiffusionBase):
 
     def real_dtype(self, real):
         return self.ckpts[real[0]].dtype(real[1])
+
+    def read_real(self, real):
+        return self.ckpts[real[0]].read(real[1])
 
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
         writer_args = self._writer_args(plan, out_dtype, check_finite)

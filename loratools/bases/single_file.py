@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..archs.family import LDM_ARCHS
 from ..archs.ldm import LdmLayout
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, rewrite_file
@@ -19,6 +20,7 @@ class SingleFileBase(DiffusionBase):
         self.path = os.path.join(self.ckpt.folder, self.ckpt.shards[0])
         self.layout = LdmLayout.from_keys(self.ckpt.infos, where=self.path)
         self.kind = f"single-file {self.layout.arch} checkpoint"
+        self.family = LDM_ARCHS.get(self.layout.arch)
         self.components = ["unet"] + list(self.layout.text_encoders)
         self.folder, self.shards, self.infos = self.path, list(self.ckpt.shards), self.ckpt.infos
 
@@ -38,6 +40,9 @@ class SingleFileBase(DiffusionBase):
 
     def real_dtype(self, real):
         return self.ckpt.dtype(real[1])
+
+    def read_real(self, real):
+        return self.ckpt.read(real[1])
 
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
         writer_args = self._writer_args(plan, out_dtype, check_finite)

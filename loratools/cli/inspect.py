@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+from typing import List, Optional
 
 import click
 
 from ..formats import read_adapter
 from ..inspection import report
-from ..validate import check_adapter
+from ..validate import check_adapter, check_names
 from .common import emit_json, table
 
 
@@ -49,11 +50,36 @@ def _spread_line(spread: dict) -> str:
     return line
 
 
+def _training_lines(t: Optional[dict]) -> List[str]:
+    if not t:
+        return []
+    net = " ".join(x for x in (t.get("network_module"), t.get("network_dim") and f"dim {t['network_dim']}",
+                                t.get("network_alpha") and f"alpha {t['network_alpha']}") if x)
+    parts = [net, t.get("network_args") and f"args {t['network_args']}",
+             t.get("base_model_version") and f"base {t['base_model_version']}"
+             + (f" ({t['base_model']})" if t.get("base_model") else ""),
+             t.get("resolution") and f"resolution {t['resolution']}",
+             t.get("epoch") and f"epoch {t['epoch']}" + (f"/{t['epochs']}" if t.get("epochs") else ""),
+             t.get("steps") and f"steps {t['steps']}", t.get("images") and f"{t['images']} images",
+             t.get("learning_rate") and f"lr {t['learning_rate']}"]
+    lines = ["training    " + ", ".join(p for p in parts if p)]
+    tags = t.get("tags")
+    if tags:
+        top = ", ".join(f"{k} {_fmt(v)}" for k, v in tags["top"])
+        lines.append(f"tags        {top} ({tags['distinct']} distinct tag(s) in {tags['datasets']} dataset folder(s))")
+    return lines
+
+
 def render(rep: dict, modules: bool) -> str:
+    fam = rep["family"]
+    algos = rep["algorithms"]
     lines = [
         f"adapter     {rep['path']}",
-        f"format      {rep['format']}",
+        f"format      {rep['format']}" + ("  (" + ", ".join(f"{k} {v}" for k, v in algos.items()) + ")"
+                                          if set(algos) - {"lora"} else ""),
         f"base model  {rep['base_model'] or '-'}",
+        f"family      {fam['name']} (from {fam['evidence']})" if fam else "family      -",
+        *_training_lines(rep["training"]),
         f"modules     {rep['modules']}  kinds: " + ", ".join(f"{k} {v}" for k, v in rep["kinds"].items()),
         "targets     " + (", ".join(f"{k} {v}" for k, v in rep["targets"].items()) or "-"),
         f"rank        {_spread_line(rep['rank'])}",
@@ -82,13 +108,24 @@ def render(rep: dict, modules: bool) -> str:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="A readable table or JSON (both on stdout).")
 @click.option("--summary", is_flag=True, help="Leave out the per-module table.")
-def command(adapter, fmt, summary):
-    """Show what ADAPTER holds: format, base model, modules, ranks and alphas (and where they
-    differ), scales, dtypes, parameters and bytes, target modules, and ‖ΔW‖ per module.
+@click.option("--base", type=click.Path(), default=None,
+              help="Diffusers pipeline (or component) folder to resolve kohya/LyCORIS module names and shapes with "
+                   "(default: the shipped SD 1.x/2.x/SDXL name lists; unknown names are shown as they are).")
+def command(adapter, fmt, summary, base):
+    """Show what ADAPTER holds: format, detected model family (SD 1.x/2.x, SDXL, Flux …), kohya
+    training metadata (network, dim/alpha, resolution, epochs/steps, dataset tags), base model,
+    modules, ranks and alphas (and where they differ), scales, dtypes, parameters and bytes,
+    target modules, and ‖ΔW‖ per module. Examples:
 
-    Reads the adapter only; it never needs the base model.
+    
+      loratools inspect my_lora.safetensors --summary
+      loratools inspect flux_lora.safetensors --format json
+      loratools inspect loha.safetensors --base sdxl_pipeline/
     """
-    lora = read_adapter(adapter, check=False)  # show even a broken adapter; list its problems
+    # show even a broken adapter and list its problems; names no known model has are shown as they are
+    lora = read_adapter(adapter, check=False, base=base, keep_unmatched=True)
+    for f in check_names(lora):
+        click.echo(f"warning: {f.message}", err=True)
     rep = report(lora, path=adapter)
     rep["problems"] = [f.as_dict() for f in check_adapter(lora)]
     if fmt == "json":

@@ -7,6 +7,7 @@ from ..atomic import check_output
 from ..formats import read_adapter
 from ..resize import check_rank_options, require_matplotlib, resize
 from ..linalg import RANK_RULES
+from ..validate import check_names
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
 
 rank_option = click.option("--rank", type=int, default=None,
@@ -59,7 +60,9 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, fmt, overwri
     for path in (output, plot):
         if path:
             check_output(path, overwrite)
-    src = read_adapter(adapter)
+    src = read_adapter(adapter, keep_unmatched=True)  # kohya names are written back as they were read
+    for f in check_names(src):
+        click.echo(f"warning: {f.message}", err=True)
     with progress_bar(len(src), "resizing", quiet) as bar:
         result = resize(src, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
                         overwrite=overwrite, progress=lambda _name: bar.update(1), plot=plot or None)

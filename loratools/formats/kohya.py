@@ -19,7 +19,7 @@ import torch
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
-from ..archs import KOHYA_PREFIXES, resolve_kohya, split_kohya
+from ..archs import KOHYA_PREFIXES, canonical, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
 from . import _single
 from .record import Format
@@ -59,15 +59,24 @@ def group(tensors: Dict[str, torch.Tensor], path: str) -> Tuple[Dict[str, Dict[s
     return groups, other
 
 
-def resolve(names: List[str], path: str, base: Optional[str], allow_unmatched: bool):
-    """kohya name -> real name, or an error that lists the names no known module has."""
+def resolve(names: List[str], path: str, base: Optional[str], allow_unmatched: bool, keep_unmatched: bool = False):
+    """kohya name -> real name, or an error that lists the names no known module has.
+    With `keep_unmatched` (inspect, validate, resize) those names are kept as they are instead."""
     mapping, unmatched, nm = resolve_kohya(names, base)
-    if unmatched and not allow_unmatched:
+    if keep_unmatched:
+        mapping.update({n: n for n in unmatched})
+    elif unmatched and not allow_unmatched:
         shown = ", ".join(sorted(unmatched)[:8]) + (" …" if len(unmatched) > 8 else "")
-        hint = "check --base" if base else "pass --base with the diffusers model it was trained on"
-        raise FormatError(f"{path}: {len(unmatched)} module name(s) match no module of {nm.source}: {shown}; "
-                          f"{hint}, or --allow-unmatched to drop them")
+        # no option names here: commands differ in what they take (`convert --base/--allow-unmatched`)
+        hint = "is it for this base?" if base else "an adapter for a model family loratools has no name list for?"
+        raise FormatError(f"{path}: {len(unmatched)} module name(s) match no module of {nm.source}: {shown} ({hint} "
+                          "`loratools inspect` shows them; `convert --base` resolves them from a pipeline folder)")
     return mapping, unmatched, nm
+
+
+def unresolved_config(unmatched: List[str], kept: bool) -> dict:
+    """Names no known module has: dropped ("unmatched") or kept as they are in the file ("unresolved")."""
+    return {"unmatched": [] if kept else sorted(unmatched), "unresolved": sorted(unmatched) if kept else []}
 
 
 def build_module(name: str, lora_name: str, parts: Dict[str, torch.Tensor], path: str) -> LoraModule:
@@ -91,14 +100,15 @@ def build_module(name: str, lora_name: str, parts: Dict[str, torch.Tensor], path
     return LoraModule(name=name, down=down, up=up, alpha=alpha, kind=kind, magnitude=magnitude, mid=mid)
 
 
-def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False) -> LoraAdapter:
+def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
+         keep_unmatched: bool = False) -> LoraAdapter:
     tensors, metadata = _single.load(path)
     groups, other = group(tensors, path)
     if other:
         raise FormatError(f"{path}: {len(other)} key(s) that are no kohya LoRA tensor: {', '.join(sorted(other)[:8])}")
     if not groups:
         raise FormatError(f"{path}: no LoRA modules")
-    mapping, unmatched, nm = resolve(list(groups), path, base, allow_unmatched)
+    mapping, unmatched, nm = resolve(list(groups), path, base, allow_unmatched, keep_unmatched)
     adapter = LoraAdapter(format="kohya", metadata=metadata)
     keys, alpha_dtypes, dora_shapes = {}, {}, {}
     for lora_name in sorted(groups):
@@ -116,7 +126,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False) -
         if "dora" in parts:
             dora_shapes[name] = list(parts["dora"].shape)
     adapter.config = {"keys": keys, "alpha_dtypes": alpha_dtypes, "dora_shapes": dora_shapes,
-                      "unmatched": sorted(unmatched), "names_from": nm.source}
+                      **unresolved_config(unmatched, keep_unmatched), "names_from": nm.source}
     return adapter
 
 
@@ -126,10 +136,13 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
     comps = {m.name.split(".", 1)[0] for m in adapter}
     out: Dict[str, str] = {}
     for m in adapter:
+        comp, _, rest = canonical(m.name).partition(".")
         if m.name in read_keys:
-            out[m.name] = read_keys[m.name]
+            ln = read_keys[m.name]
+            if comp.startswith("text_encoder") and rest:  # sd-scripts' `text_model_…` spelling: ComfyUI maps only it
+                ln = ln[: len(ln) - len(split_kohya(ln)[1])] + rest.replace(".", "_")
+            out[m.name] = ln
             continue
-        comp, _, rest = m.name.partition(".")
         if comp not in WRITE_PREFIXES or not rest:
             why = ("kohya names Flux/SD3 transformers by their original checkpoint names, which loratools does "
                    "not map; write diffusers or peft instead" if comp == "transformer" else
@@ -236,4 +249,4 @@ def write(adapter: LoraAdapter, path: str, metadata: Optional[Dict[str, str]] = 
 __all__ = ["detect", "read", "write", "KOHYA_PREFIXES"]
 
 
-FORMAT = Format("kohya", detect, read, write, folder=False, options=("base", "allow_unmatched"))
+FORMAT = Format("kohya", detect, read, write, folder=False, options=("base", "allow_unmatched", "keep_unmatched"))

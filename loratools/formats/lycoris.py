@@ -87,19 +87,33 @@ def _probe(build, p: Dict[str, torch.Tensor], algo: str, where: str) -> torch.Te
     return probe
 
 
-def _weight_shape(delta: torch.Tensor, name: str, nm, path: str) -> tuple:
+def native_rank_alpha(algo: str, p: Dict[str, torch.Tensor], factored: int, what: str) -> dict:
+    """The rank (LyCORIS `dim`) and alpha the file was trained with, as its scale uses them
+    (not those of the LoRA it is factored into): LoKr without a factored block has scale 1."""
+    if algo == "loha":
+        dim = int(p["hada_w1_b"].shape[0])
+    else:
+        dim = next((int(p[k].shape[0]) for k in ("lokr_w2_b", "lokr_w1_b") if k in p), None)
+    if dim is None:
+        return {"algorithm": algo, "rank": factored, "alpha": float(factored)}
+    alpha = _single.scalar(p["alpha"], what) if "alpha" in p else float(dim)
+    return {"algorithm": algo, "rank": dim, "alpha": alpha}
+
+
+def _weight_shape(delta: torch.Tensor, name: str, nm, path: str, lenient: bool = False) -> tuple:
     """The base weight's shape: ΔW's own when 4-D, else the known shape when it fits (a 2-D ΔW may
-    be a flattened conv), else 2-D for text encoders, which hold linear layers only."""
+    be a flattened conv), else 2-D for text encoders, which hold linear layers only. `lenient`
+    (reports): ΔW's own shape where nothing tells."""
     known = tuple(nm.shapes.get(name) or ())
     if delta.dim() == 4:
         return tuple(delta.shape)
     if known and math.prod(known) == delta.numel() and known[0] == delta.shape[0]:
         return known
-    if not name.startswith(("unet.", "transformer.")):
+    if lenient or not name.startswith(("unet.", "transformer.")):
         return tuple(delta.shape)
     why = f"it does not fit {known} in {nm.source}" if known else f"{nm.source} has no such module"
-    raise FormatError(f"{path}: {name}: cannot tell the weight shape of a {tuple(delta.shape)} update ({why}); "
-                      "pass --base with the diffusers model it was trained on")
+    raise FormatError(f"{path}: {name}: cannot tell the weight shape of a {tuple(delta.shape)} update ({why}; "
+                      "a base pipeline folder resolves it: `inspect --base`, `convert --base`)")
 
 
 def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dtype: torch.dtype,
@@ -121,8 +135,8 @@ def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dt
     return module, retained(s, k)[0]
 
 
-def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
-         rank: Optional[int] = None) -> LoraAdapter:
+def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, rank: Optional[int] = None,
+         keep_unmatched: bool = False) -> LoraAdapter:
     if rank is not None and rank < 1:
         raise UsageError("--rank must be at least 1")
     tensors, metadata = _single.load(path)
@@ -137,10 +151,11 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
     if unknown:
         raise FormatError(f"{path}: {len(unknown)} key(s) loratools cannot convert to LoRA (LyCORIS full, norm "
                           f"or OFT modules?): {', '.join(sorted(unknown)[:8])}")
-    mapping, unmatched, nm = kohya.resolve(list(groups), path, base, allow_unmatched)
+    mapping, unmatched, nm = kohya.resolve(list(groups), path, base, allow_unmatched, keep_unmatched)
     adapter = LoraAdapter(format="lycoris", metadata=metadata)
     kept: Dict[str, float] = {}
     algos: Dict[str, str] = {}
+    native: Dict[str, dict] = {}
     for lora_name in sorted(groups):
         if lora_name not in mapping:
             continue
@@ -154,7 +169,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
             continue
         algo = "loha" if "hada_w1_a" in p else "lokr"
         build = loha_delta if algo == "loha" else lokr_delta
-        shape = _weight_shape(_probe(build, p, algo, f"{path}: {lora_name}"), name, nm, path)
+        shape = _weight_shape(_probe(build, p, algo, f"{path}: {lora_name}"), name, nm, path, lenient=keep_unmatched)
         try:
             delta = build(p)
         except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
@@ -167,8 +182,12 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
         module, kept[name] = factor(name, delta.reshape(shape), shape, rank, dtype, dora)
         adapter.add(module)
         algos[name] = algo
-    adapter.config = {"retained": kept, "algorithms": algos, "unmatched": sorted(unmatched), "names_from": nm.source}
+        native[name] = native_rank_alpha(algo, p, module.rank, f"{path}: {lora_name}.alpha")
+    adapter.config = {"retained": kept, "algorithms": algos, "native": native,
+                      **kohya.unresolved_config(unmatched, keep_unmatched),
+                      "names_from": nm.source}
     return adapter
 
 
-FORMAT = Format("lycoris", detect, read, None, folder=False, options=("base", "allow_unmatched", "rank"))
+FORMAT = Format("lycoris", detect, read, None, folder=False,
+                options=("base", "allow_unmatched", "rank", "keep_unmatched"))

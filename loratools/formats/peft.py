@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections import Counter
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -250,6 +250,13 @@ def _targets_match(old, names) -> bool:
     return all(any(hit(n, t) for t in old) for n in names) and all(any(hit(n, t) for n in names) for t in old)
 
 
+def magnitude_shape(m: LoraModule) -> Tuple[int, ...]:
+    """PEFT's (and so diffusers') DoRA magnitude: [out] for linear layers, [1, out, 1, 1] for convs
+    (its weight norm keeps the conv's dims); read in either shape, written in this one."""
+    out = m.magnitude.numel()
+    return (1, out) + (1,) * (m.down.dim() - 2) if m.kind == "conv" else (out,)
+
+
 def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for m in adapter:
@@ -259,7 +266,7 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
         else:
             out[base + ".lora_A.weight"], out[base + ".lora_B.weight"] = m.down, m.up
         if m.magnitude is not None:
-            out[base + ".lora_magnitude_vector"] = m.magnitude
+            out[base + ".lora_magnitude_vector"] = m.magnitude.reshape(magnitude_shape(m))
     for name, t in adapter.extra.items():
         out[PREFIX + name] = t
     return {k: v.contiguous() for k, v in out.items()}

@@ -1,0 +1,90 @@
+"""Which model family (SD 1.x, SD 2.x, SDXL, Flux, SD3 …) an adapter or a base belongs to.
+
+An adapter says it in its metadata (kohya `ss_base_model_version`, `ss_v2`, `modelspec.architecture`)
+or shows it in its names (a second text encoder is SDXL; `double_blocks` is Flux) and shapes (the
+UNet's cross-attention width: 768 for SD 1.x's CLIP-L, 1024 for SD 2.x's OpenCLIP-H, 2048 for SDXL).
+Used to name an architecture mismatch instead of listing the modules it breaks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Optional, Tuple
+
+SD1, SD2, SDXL, SDXL_REFINER, FLUX, SD3 = "SD 1.x", "SD 2.x", "SDXL", "SDXL refiner", "Flux", "SD3"
+# LdmLayout.arch -> family
+LDM_ARCHS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
+# diffusers pipeline class -> family (SD 1.x and 2.x share a class: the UNet's width tells them apart)
+PIPELINES = {"StableDiffusionXLPipeline": SDXL, "StableDiffusionXLImg2ImgPipeline": SDXL, "FluxPipeline": FLUX,
+             "StableDiffusion3Pipeline": SD3}
+CROSS_ATTENTION = {768: SD1, 1024: SD2, 2048: SDXL}
+# substrings of sd-scripts' ss_base_model_version / modelspec.architecture, most specific first
+_VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("sd3", SD3),
+                  ("stable-diffusion-3", SD3), ("v3", SD3), ("v2", SD2), ("sd2", SD2), ("v1", SD1), ("sd1", SD1))
+# module name fragments (real or still flattened kohya names) that only one family has
+_NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
+               ("joint_blocks", SD3), ("context_block", SD3), ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
+
+
+def _from_version(text: str) -> Optional[str]:
+    text = text.lower()
+    return next((fam for word, fam in _VERSION_WORDS if word in text), None)
+
+
+def from_metadata(metadata: Dict[str, str]) -> Optional[Tuple[str, str]]:
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        fam = _from_version(metadata.get(key) or "")
+        if fam:
+            return fam, f"metadata {key}={metadata[key]}"
+    if str(metadata.get("ss_v2", "")).lower() == "true":
+        return SD2, "metadata ss_v2=True"
+    return None
+
+
+def from_modules(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]]:
+    """From module names and the weight shapes they update (`name` -> shape)."""
+    for name in shapes:
+        for mark, fam in _NAME_MARKS:
+            if mark in name:
+                return fam, f"module {name}"
+    for name, shape in shapes.items():  # cross-attention keys/values read the text encoder's width
+        if ("attn2.to_k" in name or "attn2_to_k" in name) and len(shape) == 2 and shape[1] in CROSS_ATTENTION:
+            return CROSS_ATTENTION[shape[1]], f"cross-attention width {shape[1]} ({name})"
+    return None
+
+
+def adapter_family(adapter) -> Optional[Tuple[str, str]]:
+    """(family, evidence) of a LoraAdapter, or None when nothing tells."""
+    return from_metadata(adapter.metadata) or from_modules({m.name: m.weight_shape for m in adapter})
+
+
+def pipeline_family(folder: str, components: Iterable[str]) -> Optional[str]:
+    """Family of a diffusers pipeline folder from model_index.json and the UNet's config."""
+    index = _json(os.path.join(folder, "model_index.json"))
+    fam = PIPELINES.get(str(index.get("_class_name", "")))
+    if fam:
+        return fam
+    comps = set(components)
+    if "unet" in comps and "text_encoder_2" in comps:
+        return SDXL if "text_encoder" in comps else SDXL_REFINER
+    width = _json(os.path.join(folder, "unet", "config.json")).get("cross_attention_dim")
+    if index.get("_class_name") == "StableDiffusionPipeline":  # SD 2.x reads OpenCLIP-H's 1024 wide states
+        return SD2 if width == 1024 else SD1
+    return CROSS_ATTENTION.get(width) if isinstance(width, int) else None
+
+
+def _json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def mismatch(adapter, base_family: Optional[str], base_kind: str) -> Optional[str]:
+    """"SDXL LoRA, SD 1.x checkpoint" when both families are known and differ, else None."""
+    fam = adapter_family(adapter)
+    if fam is None or base_family is None or fam[0] == base_family:
+        return None
+    return f"{fam[0]} LoRA, {base_family} {base_kind} (the adapter was made for another model; {fam[1]})"
