@@ -210,3 +210,21 @@ def test_overwrite_replaces_pipeline_adapter_folders(tmp_path):
         with atomic_output(tmp_path / "photos", overwrite=True):
             pass
     assert (tmp_path / "photos" / "2024" / "a.jpg").read_bytes() == b"jpg"
+
+
+def test_concurrent_cli_merges_one_wins(proj, tmp_path):
+    """Three `loratools merge` processes on one OUT: exactly one writes it; the others fail in one
+    line (at the start or at the rename) and leave nothing behind."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "OUT"
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), HF_HUB_OFFLINE="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "loratools", "merge", str(proj / "base"), str(proj / "lora"),
+                               "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1, 1], results
+    for code, err in results:
+        if code:
+            assert err.count("\n") == 1 and ("appeared while" in err or "already exists" in err), err
+    assert os.listdir(tmp_path) == ["OUT"] and "model.safetensors" in os.listdir(out)
