@@ -11,8 +11,7 @@ from typing import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what merge_ takes
-READ_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)  # floating dtypes loratools reads factors and weights in
+from .dtypes import FLOATS, MERGE_FLOATS  # what merge_ takes: one home for the dtype sets
 
 try:  # the extension registers torch.ops.loratools.* on import
     from . import _C  # noqa: F401
@@ -42,7 +41,7 @@ def _warn_fallback() -> None:
 
 
 def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor],
-                     coeffs: Sequence[float], dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+                     coeffs: Sequence[float], dtypes: Sequence[torch.dtype] = MERGE_FLOATS) -> None:
     if weight.dim() != 2:
         raise ValueError(f"merge_: weight must be 2-D, got {weight.dim()}-D")
     if weight.dtype not in dtypes:
@@ -81,7 +80,7 @@ def merge_(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[to
     if not ups:
         return weight
     if weight.dtype == torch.float64:
-        check_merge_args(weight, ups, downs, coeffs, READ_FLOAT_DTYPES)
+        check_merge_args(weight, ups, downs, coeffs, FLOATS)
         for u, d, c in zip(ups, downs, coeffs):
             weight.addmm_(u.to(torch.float64), d.to(torch.float64), alpha=float(c))
         return weight

@@ -13,7 +13,7 @@ import torch
 
 from _tiny import peft_adapter, run_cli, save_base, tiny_llama
 from loratools import safetensors_io
-from loratools.merge import merge
+from loratools.merging import merge
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float64, torch.float32])

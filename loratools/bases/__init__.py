@@ -10,12 +10,12 @@ from ..archs import COMPONENTS
 from ..archs.ldm import is_ldm_checkpoint
 from ..checkpoint import Checkpoint, model_path
 from ..safetensors_io import SafetensorsFile
-from .core import Base, MergePlan, Term, merge_tensor, output_dtype, plan_merge
+from .core import Base, MergePlan, Term, merge_tensor, plan_merge
 from .folder import ModelFolderBase
 from .pipeline import PipelineBase
 from .single_file import SingleFileBase
 
-__all__ = ["Base", "MergePlan", "Term", "merge_tensor", "output_dtype", "plan_merge", "open_base",
+__all__ = ["Base", "MergePlan", "Term", "merge_tensor", "plan_merge", "open_base",
            "ModelFolderBase", "PipelineBase", "SingleFileBase"]
 
 

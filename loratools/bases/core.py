@@ -1,4 +1,4 @@
-"""What every base kind shares: the merge plan, the merged tensor and the output dtype rule.
+"""What every base kind shares: the merge plan, the merged tensor.
 
 A `Base` (see `Base` below) is a model to merge into: a Hugging Face model folder, a diffusers
 pipeline folder or a single-file SD checkpoint, one class each in this package. `plan_merge`
@@ -16,7 +16,8 @@ import torch
 from .. import ops
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import IncompatibleError, NonFiniteError, UsageError
-from ..validate import check_adapter, check_base, extra_target, raise_errors
+from ..report import Report
+from ..checks import check_adapter, check_base, extra_target, raise_errors
 
 _FP32_MAX = torch.finfo(torch.float32).max
 Progress = Optional[Callable[[str], None]]
@@ -32,8 +33,8 @@ class Term:
         return self.weight * self.module.scale
 
 
-@dataclass
-class MergePlan:
+@dataclass(repr=False)
+class MergePlan(Report):
     """What a merge will do: per base tensor, the LoRA terms and the replacement (extra) tensor."""
 
     terms: Dict[str, List[Term]] = field(default_factory=dict)
@@ -44,6 +45,10 @@ class MergePlan:
     @property
     def num_modules(self) -> int:
         return sum(len(t) for t in self.terms.values())
+
+    def summary(self) -> dict:
+        return {"adapters": len(self.adapters), "weights": [w for _, w in self.adapters],
+                "modules": self.num_modules, "merged": len(self.terms), "replaced": len(self.replace)}
 
 
 class Base(Protocol):
@@ -68,11 +73,6 @@ class Base(Protocol):
               check_finite: bool, progress: Progress) -> None: ...
 
     def describe(self) -> str: ...
-
-
-def output_dtype(src: torch.dtype, out_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """--dtype converts the floating tensors a merge can handle; everything else keeps its dtype."""
-    return out_dtype if (out_dtype is not None and src in ops.FLOAT_DTYPES) else src
 
 
 def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:

@@ -15,7 +15,8 @@ import torch
 from ..adapter import LoraAdapter, LoraModule
 from ..archs.family import mismatch
 from ..errors import IncompatibleError
-from .core import MergePlan, merge_tensor, output_dtype, plan_merge
+from ..dtypes import output_dtype
+from .core import MergePlan, merge_tensor, plan_merge
 
 Real = Tuple[Optional[str], str]  # (pipeline component or None for a single file, tensor name)
 

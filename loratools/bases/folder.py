@@ -9,7 +9,8 @@ import torch
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, rewrite
-from .core import MergePlan, Progress, merge_tensor, output_dtype, plan_merge
+from ..dtypes import output_dtype
+from .core import MergePlan, Progress, merge_tensor, plan_merge
 
 
 class ModelFolderBase:

@@ -4,16 +4,16 @@ from __future__ import annotations
 import click
 
 from .. import refs, share
-from ..merge import describe, merge as run_merge, open_base
-from .common import output_option, overwrite_option, progress_bar, quiet_option, table
+from ..merging import describe, merge as run_merge, open_base
+from .common import (ADAPTERS_METAVAR, output_option, overwrite_option, progress_bar, quiet_option, table,
+                     weight_option, weighted_adapters)
 
 
 @click.command("merge")
 @click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, metavar=ADAPTERS_METAVAR)
 @output_option
-@click.option("-w", "--weight", "weights", multiple=True, type=float,
-              help="Weight per adapter, in order (default 1). Negative subtracts: --weight -1 undoes a merge.")
+@weight_option
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype of the output's floating tensors (default: keep each tensor's dtype).")
 @click.option("--dry-run", is_flag=True, help="Print what would be merged and write nothing.")
@@ -29,12 +29,20 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
     BASE is a model folder, a diffusers pipeline folder (model_index.json; adapter modules named
     unet.…, text_encoder.…) or a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
     one file). Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
+
+    \b
+    Examples:
+      loratools merge base_model/ style/:0.7 task/ -o merged/
+      loratools merge merged/ style/ -w -1 -o base_again/          # undo a merge
+      loratools merge sd15.safetensors lora.safetensors:0.8 -o sd15-lora.safetensors --dtype fp16
+      loratools merge ./sdxl-pipeline a.safetensors b/ --dry-run -o out/
     """
+    adapters, weights = weighted_adapters(adapters, weights)
     if push_to:
         push_to = refs.check_repo_id(push_to)
         share.check_online(push_to)  # fail before merging, not after
     if dry_run:
-        ckpt, plan = describe(base, adapters, list(weights))
+        ckpt, plan = describe(base, adapters, weights)
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, adapter.rank_range, len(adapter.extra)])
@@ -45,7 +53,7 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
         return
     ckpt = open_base(base)  # also resolves a Hub reference
     with progress_bar(ckpt.num_tensors, "merging", quiet) as bar:
-        plan = run_merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
+        plan = run_merge(ckpt, adapters, output, weights=weights, dtype=dtype, overwrite=overwrite,
                                check_finite=not no_check_finite,
                                progress=lambda _name: bar.update(1))
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
@@ -53,7 +61,7 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
     if plan.not_copied:
         click.echo(f"warning: not copied from the base: {', '.join(plan.not_copied)}", err=True)
     if push_to:
-        card = share.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
+        card = share.merged_card(push_to, base, adapters, weights, output)
         info = share.execute(share.plan_folder_push(output, push_to, card), private=private,
                                 commit_message=f"Upload merged model ({len(adapters)} adapter(s)) with loratools")
         click.echo(f"pushed {output} to {push_to}: {info.commit_url}", err=True)

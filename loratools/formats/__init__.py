@@ -14,7 +14,7 @@ from .. import paths, refs, safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..errors import FormatError, HubError, LoraToolsError, UsageError
-from ..validate import check_adapter, raise_errors
+from ..checks import check_adapter, raise_errors
 from . import diffusers, kohya, lycoris, peft, peft_diffusion
 from .record import Format
 
@@ -22,6 +22,22 @@ from .record import Format
 FORMATS: Dict[str, Format] = {f.name: f for f in (peft.FORMAT, peft_diffusion.FORMAT, diffusers.FORMAT,
                                                   lycoris.FORMAT, kohya.FORMAT)}
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
+
+
+def output_is_folder(path, fmt: str) -> bool:
+    """What `-o` asks for: a `.safetensors` suffix is one file, a trailing `/` or no suffix a
+    folder. Raises UsageError, with the reason, when format `fmt` cannot be written that way
+    (a one-file format with named files, e.g. diffusers, also writes a folder holding that file)."""
+    text = os.fspath(path)
+    record = FORMATS[fmt]
+    if text.endswith(("/", os.sep)) or not os.path.splitext(os.path.basename(text))[1]:
+        if record.folder or record.files:
+            return True
+        raise UsageError(f"{text}: {fmt} is one .safetensors file, not a folder: give -o NAME.safetensors")
+    if record.folder:
+        raise UsageError(f"{text}: {fmt} is a folder (adapter_config.json + adapter_model.safetensors), not one "
+                         f"file: give -o without the {os.path.splitext(text)[1]} suffix")
+    return False
 
 
 def fetch_adapter(ref: refs.HubRef) -> str:
@@ -114,8 +130,9 @@ def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, over
                   metadata: Optional[Dict[str, str]] = None) -> str:
     """Write atomically: the output appears complete or not at all. Returns the path written."""
     fmt = writable_format(adapter, format)
-    with atomic_output(path, overwrite=overwrite, directory=FORMATS[fmt].folder) as tmp:
-        write_into(adapter, tmp, fmt, metadata)
+    folder = output_is_folder(path, fmt)
+    with atomic_output(path, overwrite=overwrite, directory=folder) as tmp:
+        write_into(adapter, tmp, fmt, metadata, folder)
     return os.path.abspath(os.fspath(path))
 
 
@@ -126,8 +143,14 @@ def writable_format(adapter: LoraAdapter, format: Optional[str]) -> str:
     return fmt
 
 
-def write_into(adapter: LoraAdapter, tmp: str, format: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write `adapter` to the temporary path `tmp` (a folder for folder formats), not atomically."""
+def write_into(adapter: LoraAdapter, tmp: str, format: str, metadata: Optional[Dict[str, str]] = None,
+               folder: Optional[bool] = None) -> None:
+    """Write `adapter` to the temporary path `tmp` (a folder when `folder`, by default for folder
+    formats), not atomically."""
+    folder = FORMATS[format].folder if folder is None else folder
     if format != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
         adapter = dataclasses.replace(adapter, config={})
-    FORMATS[format].write(adapter, tmp, metadata=metadata)
+    record = FORMATS[format]
+    # a one-file format asked for as a folder writes its file under the name its loaders look for
+    target = os.path.join(tmp, record.marker) if folder and not record.folder else tmp
+    record.write(adapter, target, metadata=metadata)

@@ -75,18 +75,6 @@ def lokr_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.kron(w1, w2) * scale
 
 
-def _probe(build, p: Dict[str, torch.Tensor], algo: str, where: str) -> torch.Tensor:
-    """ΔW on the meta device: its shape, checked (and capped) before any memory is spent on it."""
-    try:
-        probe = build({k: v.to("meta") for k, v in p.items() if k != "alpha"})
-    except (KeyError, RuntimeError, IndexError) as e:
-        raise FormatError(f"{where}: incomplete or inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
-    if probe.numel() > MAX_DELTA_ELEMENTS:
-        raise FormatError(f"{where}: its {algo} update would be {tuple(probe.shape)} ({probe.numel():,} elements, "
-                          f"over the {MAX_DELTA_ELEMENTS:,} loratools builds); no real layer is that large")
-    return probe
-
-
 def native_rank_alpha(algo: str, p: Dict[str, torch.Tensor], factored: int, what: str) -> dict:
     """The rank (LyCORIS `dim`) and alpha the file was trained with, as its scale uses them
     (not those of the LoRA it is factored into): LoKr without a factored block has scale 1."""
@@ -98,6 +86,18 @@ def native_rank_alpha(algo: str, p: Dict[str, torch.Tensor], factored: int, what
         return {"algorithm": algo, "rank": factored, "alpha": float(factored)}
     alpha = _single.scalar(p["alpha"], what) if "alpha" in p else float(dim)
     return {"algorithm": algo, "rank": dim, "alpha": alpha}
+
+
+def _probe(build, p: Dict[str, torch.Tensor], algo: str, where: str) -> torch.Tensor:
+    """ΔW on the meta device: its shape, checked (and capped) before any memory is spent on it."""
+    try:
+        probe = build({k: v.to("meta") for k, v in p.items() if k != "alpha"})
+    except (KeyError, RuntimeError, IndexError) as e:
+        raise FormatError(f"{where}: incomplete or inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
+    if probe.numel() > MAX_DELTA_ELEMENTS:
+        raise FormatError(f"{where}: its {algo} update would be {tuple(probe.shape)} ({probe.numel():,} elements, "
+                          f"over the {MAX_DELTA_ELEMENTS:,} loratools builds); no real layer is that large")
+    return probe
 
 
 def _weight_shape(delta: torch.Tensor, name: str, nm, path: str, lenient: bool = False) -> tuple:

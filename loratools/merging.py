@@ -10,29 +10,17 @@ import math
 import os
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-import torch
 
 from . import paths
 from .adapter import LoraAdapter
 from .atomic import check_output
 from .bases import Base, MergePlan, open_base
 from .checkpoint import Checkpoint
+from .dtypes import parse_dtype
 from .errors import UsageError
 from .formats import read_adapter
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
 AdapterLike = Union[str, os.PathLike, LoraAdapter]
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise UsageError(f"unknown dtype {name!r}: use fp32, bf16 or fp16") from None
 
 
 def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -> List[Tuple[LoraAdapter, float]]:
