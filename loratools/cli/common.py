@@ -62,7 +62,8 @@ def size(n) -> str:
 
 
 def dry_run_line(output, fmt: str, in_bytes: int, out_bytes: int) -> str:
-    """What a dry run would have written; peak memory is the inputs and the result held at once."""
+    """What a dry run would have written; peak memory is `in_bytes` (the inputs, or what the operation
+    holds at its largest step) and the result held at once."""
     return (f"would write {output} ({fmt}, {size(out_bytes)} of tensors; peak memory about "
             f"{size(in_bytes + out_bytes)}); nothing written (dry run)")
 
