@@ -24,7 +24,7 @@ from .atomic import check_output
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, write_adapter
+from .formats import WRITABLE, output_is_folder, write_adapter
 from .provenance import stamp
 from .report import Report
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
@@ -228,6 +228,7 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
     inc, exc = compile_patterns(include, "--include"), compile_patterns(exclude, "--exclude")
     if output is not None:
         check_output(output, overwrite)
+        output_is_folder(output, to)  # refuse -o's kind before the work, not after it
     cb, ct = open_pair(base, tuned)
     config = {"task_type": _task_type(cb.folder)} if to == "peft" else {}
     result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or default_base_name(base),
