@@ -24,7 +24,7 @@ from .atomic import check_output
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, output_is_folder, write_adapter
+from .formats import WRITABLE, WRITABLE_ALONE, output_is_folder, write_adapter
 from .provenance import stamp
 from .report import Report
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
@@ -168,8 +168,9 @@ def check_options(rank, conv_rank, dynamic, param, svd, to, min_diff, power_iter
     check_rank_options(rank, conv_rank, dynamic, param)
     if svd not in SVD_METHODS:
         raise UsageError(f"unknown --svd {svd!r}: use one of {', '.join(SVD_METHODS)}")
-    if to not in WRITABLE:
-        raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
+    if to not in WRITABLE_ALONE:
+        hint = ("; extract to peft, then `loratools convert --to gguf --base MODEL`" if to in WRITABLE else "")
+        raise UsageError(f"cannot write format {to!r} here: use one of {', '.join(WRITABLE_ALONE)}{hint}")
     if min_diff < 0 or power_iters < 0:
         raise UsageError("--min-diff and --power-iters must not be negative")
 

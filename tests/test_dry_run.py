@@ -142,3 +142,23 @@ def test_pull_dry_run_lists_the_files_without_downloading(fake_hub, tmp_path, ca
     assert code == 0, err
     assert sorted(json.loads(out)["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(fake_hub.downloads()) == ["alice/lora/adapter_config.json", "alice/lora/adapter_model.safetensors"]
+
+
+def test_extract_and_blend_offer_only_what_they_can_write(pair, tmp_path, capsys):
+    from loratools.errors import UsageError
+
+    root, b, t = pair
+    for cmd in (["extract", b, t, "--rank", "4"], ["blend", b, t]):
+        code, _, err = run(capsys, *cmd, "-o", tmp_path / "x.gguf", "--to", "gguf", "--dry-run")
+        assert code == 2 and err.count("\n") == 1 and "'gguf' is not one of" in err
+    with pytest.raises(UsageError, match="convert --to gguf --base MODEL"):
+        extract(b, t, tmp_path / "x.gguf", rank=4, to="gguf")
+    assert os.listdir(tmp_path) == []
+
+
+def test_push_quiet_prints_one_line(fake_hub, tmp_path, capsys):
+    peft_adapter(tiny_llama(), str(tmp_path / "a"))
+    code, out, err = run(capsys, "push", tmp_path / "a", "alice/lora", "--dry-run", "-q")
+    assert code == 0 and out == "" and err.count("\n") == 1 and "nothing uploaded (dry run)" in err
+    code, _, err = run(capsys, "push", tmp_path / "a", "alice/lora", "--dry-run")
+    assert code == 0 and "--- README.md ---" in err and "adapter_model.safetensors" in err

@@ -6,11 +6,11 @@ import click
 from ..atomic import check_output
 from ..archs import COMPONENTS
 from ..checkpoint import Checkpoint
-from ..formats import WRITABLE
+from ..formats import WRITABLE_ALONE
 from ..extraction import default_base_name, SVD_METHODS, extract
 from ..extraction_plan import plan_extract
 from ..resizing import check_rank_options
-from .common import (dry_run_line, dry_run_option, emit_json, format_option, output_option, overwrite_option,
+from .common import (adapter_output_option, dry_run_line, dry_run_option, emit_json, format_option, overwrite_option,
                      progress_bar, quiet_option, size, table)
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 
@@ -18,7 +18,7 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.command("extract")
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
-@output_option
+@adapter_output_option
 @click.option("--rank", type=int, required=True, help="Rank of every module (with --dynamic: the cap).")
 @conv_rank_option
 @dynamic_option
@@ -28,7 +28,8 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.option("--include", multiple=True, help="Only modules whose name matches this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip modules whose name matches this regex (repeatable).")
 @click.option("--embeddings", is_flag=True, help="Also extract embeddings and lm_head (skipped by default).")
-@click.option("--to", "to", type=click.Choice(WRITABLE), default="peft", show_default=True, help="Output format.")
+@click.option("--to", "to", type=click.Choice(WRITABLE_ALONE), default="peft", show_default=True,
+              help="Output format (for GGUF: extract to peft, then `convert --to gguf --base MODEL`).")
 @click.option("--component", type=click.Choice(COMPONENTS), default=None,
               help="Prefix module names with a pipeline component (kohya / diffusers output of a unet/ folder).")
 @click.option("--base-model-name", default=None,

@@ -7,7 +7,7 @@ import click
 
 from .. import share
 from ..dtypes import dtype_name
-from .common import dry_run_option, emit_json, format_option, overwrite_option, quiet_option, size, table
+from .common import emit_json, format_option, overwrite_option, size, table
 
 
 @click.command("pull")
@@ -15,10 +15,10 @@ from .common import dry_run_option, emit_json, format_option, overwrite_option, 
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Copy the adapter's files into this folder (default: leave them in the Hugging Face cache).")
 @click.option("--revision", default=None, help="Branch, tag or commit (same as REPO_ID@REVISION).")
-@dry_run_option
+@click.option("--dry-run", is_flag=True, help="List the files REPO_ID resolves to and their sizes; download nothing.")
 @overwrite_option
 @format_option
-@quiet_option
+@click.option("-q", "--quiet", is_flag=True, help="No file table and no summary line (the path is still printed).")
 def command(repo_id, output, revision, dry_run, overwrite, fmt, quiet):
     """Download the LoRA adapter in REPO_ID (user/repo[@revision][/subfolder or /file.safetensors]),
     detect its format and say what it is. Only the adapter's files are fetched. Prints the local path.

@@ -22,6 +22,8 @@ from .record import Format
 FORMATS: Dict[str, Format] = {f.name: f for f in (gguf.FORMAT, peft.FORMAT, peft_diffusion.FORMAT, diffusers.FORMAT,
                                                   lycoris.FORMAT, kohya.FORMAT)}
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
+# what can be written without a base model (GGUF needs one for llama.cpp's names and layout)
+WRITABLE_ALONE = tuple(name for name in WRITABLE if "base" not in FORMATS[name].write_options)
 
 
 def output_is_folder(path, fmt: str) -> bool:
