@@ -9,7 +9,7 @@ from ..inspection import adapter_bytes
 from ..resizing import check_rank_options, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from ..checks import check_names
-from .common import (dry_run_line, dry_run_option, emit_json, format_option, output_option, overwrite_option,
+from .common import (dry_run_line, dry_run_option, emit_json, format_option, adapter_output_option, overwrite_option,
                      progress_bar, quiet_option, table)
 from .batch import batched, same_name
 
@@ -37,7 +37,7 @@ REPORT_HEADERS = ["module", "kind", "old rank", "new rank", "fro retained", "sum
 
 @click.command("resize")
 @click.argument("adapter", type=click.Path())
-@output_option
+@adapter_output_option
 @rank_option
 @conv_rank_option
 @dynamic_option
