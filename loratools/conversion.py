@@ -8,6 +8,7 @@ from typing import List, Optional, Union
 
 from .adapter import LoraAdapter
 from .archs import COMPONENTS
+from . import paths
 from .atomic import check_output
 from .errors import IncompatibleError, UsageError
 from .formats import (FORMATS, WRITABLE, check_uniform_scale, detect, output_is_folder, read_adapter, uniform,
@@ -113,6 +114,7 @@ def _for_target(adapter: LoraAdapter, opts: ConvertOptions) -> LoraAdapter:
     return adapter
 
 
+@paths.guarded
 def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to: str, from_: Optional[str] = None,
             base: Optional[str] = None, rank: Optional[int] = None, allow_unmatched: bool = False,
             component: Optional[str] = None, overwrite: bool = False, dry_run: bool = False,

@@ -24,7 +24,7 @@ from .atomic import check_output
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, check_uniform_scale, uniform, write_adapter
+from .formats import WRITABLE, WRITABLE_ALONE, check_uniform_scale, output_is_folder, uniform, write_adapter
 from .provenance import stamp
 from .report import Report
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
@@ -81,6 +81,11 @@ def is_embedding(module: str) -> bool:
     return bool(_EMBEDDING.search(module))
 
 
+def uses_exact_svd(n: int, cap: int, dynamic: Optional[str], svd: str) -> bool:
+    """Whether a difference with min(rows, cols) = n is factored by the exact SVD (else randomized)."""
+    return svd == "exact" or (svd == "auto" and (dynamic == "sv_cumulative" or 4 * (cap + OVERSAMPLE) >= n))
+
+
 def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = None, param: Optional[float] = None,
                       svd: str = "auto", power_iters: int = 4
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, str]:
@@ -91,7 +96,7 @@ def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = Non
     diff = diff.float()
     n = min(diff.shape)
     cap = min(cap, n)
-    exact = svd == "exact" or (svd == "auto" and (dynamic == "sv_cumulative" or 4 * (cap + OVERSAMPLE) >= n))
+    exact = uses_exact_svd(n, cap, dynamic, svd)
     if dynamic == "sv_cumulative" and not exact:
         raise UsageError("sv_cumulative needs every singular value: use --svd exact or auto")
     if exact:
@@ -157,7 +162,50 @@ def _task_type(folder: str) -> Optional[str]:
     return None
 
 
-def _compile(patterns, option: str) -> List[UserPattern]:
+def check_options(rank, conv_rank, dynamic, param, svd, to, min_diff, power_iters) -> None:
+    if rank is None:
+        raise UsageError("extract needs --rank (with --dynamic: the cap)")
+    check_rank_options(rank, conv_rank, dynamic, param)
+    if svd not in SVD_METHODS:
+        raise UsageError(f"unknown --svd {svd!r}: use one of {', '.join(SVD_METHODS)}")
+    if to not in WRITABLE_ALONE:
+        hint = ("; extract to peft, then `loratools convert --to gguf --base MODEL`" if to in WRITABLE else "")
+        raise UsageError(f"cannot write format {to!r} here: use one of {', '.join(WRITABLE_ALONE)}{hint}")
+    if min_diff < 0 or power_iters < 0:
+        raise UsageError("--min-diff and --power-iters must not be negative")
+
+
+def open_pair(base, tuned) -> Tuple[Checkpoint, Checkpoint]:
+    """Both checkpoints, indexed from their headers, checked to be of one architecture."""
+    cb = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    ct = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    if cb.folder == ct.folder and cb.shards == ct.shards:
+        raise UsageError("base and tuned are the same checkpoint")
+    _check_pair(cb, ct)
+    return cb, ct
+
+
+def skip_reason(ckpt: Checkpoint, name: str, inc, exc, embeddings: bool) -> Optional[str]:
+    """None if tensor `name` is a candidate for extraction, else why not (from its header alone)."""
+    module = name[: -len(".weight")]
+    if not name.endswith(".weight") or len(ckpt.shape(name)) not in (2, 4) or ckpt.dtype(name) not in FLOATS:
+        return "not a 2-D or conv weight"
+    if exc and any(p.search(module) for p in exc):
+        return "excluded"
+    if inc and not any(p.search(module) for p in inc):
+        return "not included"
+    if is_embedding(module) and not embeddings and not inc:
+        return "embedding (use --embeddings)"
+    return None
+
+
+def module_kind(module: str, ndim: int) -> str:
+    if ndim == 4:
+        return "conv"
+    return "embedding" if is_embedding(module) and not _OUTPUT_EMBEDDING.search(module) else "linear"
+
+
+def compile_patterns(patterns, option: str) -> List[UserPattern]:
     return [UserPattern(p, option, UsageError) for p in patterns or ()]
 
 
@@ -177,26 +225,15 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
     `fan_in_fan_out`: the linear weights are stored [in, out] (GPT-2's Conv1D); None reads it from
     the base's config.json (model_type gpt2 / openai-gpt). `uniform_scale`: one alpha for all modules
     (PEFT output)."""
-    if rank is None:
-        raise UsageError("extract needs --rank (with --dynamic: the cap)")
-    check_rank_options(rank, conv_rank, dynamic, param)
-    if svd not in SVD_METHODS:
-        raise UsageError(f"unknown --svd {svd!r}: use one of {', '.join(SVD_METHODS)}")
-    if to not in WRITABLE:
-        raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
-    if min_diff < 0 or power_iters < 0:
-        raise UsageError("--min-diff and --power-iters must not be negative")
+    check_options(rank, conv_rank, dynamic, param, svd, to, min_diff, power_iters)
     if uniform_scale:
         check_uniform_scale(to)
     out_dtype = parse_dtype(dtype)
-    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    inc, exc = compile_patterns(include, "--include"), compile_patterns(exclude, "--exclude")
     if output is not None:
         check_output(output, overwrite)
-    cb = base if isinstance(base, Checkpoint) else Checkpoint(base)
-    ct = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
-    if cb.folder == ct.folder and cb.shards == ct.shards:
-        raise UsageError("base and tuned are the same checkpoint")
-    _check_pair(cb, ct)
+        output_is_folder(output, to)  # refuse -o's kind before the work, not after it
+    cb, ct = open_pair(base, tuned)
     config = {"task_type": _task_type(cb.folder)} if to == "peft" else {}
     result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or default_base_name(base),
                                        config=config), [])
@@ -204,19 +241,6 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
         fan_in_fan_out = _model_config(cb.folder).get("model_type") in _CONV1D_MODEL_TYPES
     opts = _Options(rank, rank if conv_rank is None else conv_rank, dynamic, param, min_diff, svd, power_iters,
                     out_dtype or torch.float32, f"{component}." if component else "", bool(fan_in_fan_out))
-
-    def wanted(name: str) -> Optional[str]:
-        """None if the tensor is a candidate, else why not."""
-        module = name[: -len(".weight")]
-        if not name.endswith(".weight") or len(cb.shape(name)) not in (2, 4) or cb.dtype(name) not in FLOATS:
-            return "not a 2-D or conv weight"
-        if exc and any(p.search(module) for p in exc):
-            return "excluded"
-        if inc and not any(p.search(module) for p in inc):
-            return "not included"
-        if is_embedding(module) and not embeddings and not inc:
-            return "embedding (use --embeddings)"
-        return None
 
     with ExitStack() as stack:
         tuned_files: Dict[str, SafetensorsFile] = {}
@@ -230,7 +254,7 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
         for shard in cb.shards:
             with SafetensorsFile(os.path.join(cb.folder, shard)) as fb:
                 for name in fb.keys():
-                    why = wanted(name)
+                    why = skip_reason(cb, name, inc, exc, embeddings)
                     if why in ("excluded", "not included"):
                         result.skip(why, name)
                     else:
@@ -266,8 +290,7 @@ def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torc
         return
     module = name[: -len(".weight")]
     conv = diff.dim() == 4
-    kind = "conv" if conv else ("embedding" if is_embedding(module) and not _OUTPUT_EMBEDDING.search(module)
-                                else "linear")
+    kind = module_kind(module, diff.dim())
     fifo = kind == "linear" and opts.fan_in_fan_out
     # PEFT stores an embedding's LoRA transposed: ΔW.T = B @ A with A [r, num_embeddings];
     # a Conv1D weight is [in, out], so its update is (B @ A).T as well

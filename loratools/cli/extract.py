@@ -6,18 +6,19 @@ import click
 from ..atomic import check_output
 from ..archs import COMPONENTS
 from ..checkpoint import Checkpoint
-from ..formats import WRITABLE
+from ..formats import WRITABLE_ALONE, check_uniform_scale
 from ..extraction import default_base_name, SVD_METHODS, extract
+from ..extraction_plan import plan_extract
 from ..resizing import check_rank_options
-from .common import (emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table,
-                     uniform_scale_option)
+from .common import (adapter_output_option, dry_run_line, dry_run_option, emit_json, format_option, overwrite_option,
+                     progress_bar, quiet_option, size, table, uniform_scale_option)
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 
 
 @click.command("extract")
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
-@output_option
+@adapter_output_option
 @click.option("--rank", type=int, required=True, help="Rank of every module (with --dynamic: the cap).")
 @conv_rank_option
 @dynamic_option
@@ -27,7 +28,8 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.option("--include", multiple=True, help="Only modules whose name matches this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip modules whose name matches this regex (repeatable).")
 @click.option("--embeddings", is_flag=True, help="Also extract embeddings and lm_head (skipped by default).")
-@click.option("--to", "to", type=click.Choice(WRITABLE), default="peft", show_default=True, help="Output format.")
+@click.option("--to", "to", type=click.Choice(WRITABLE_ALONE), default="peft", show_default=True,
+              help="Output format (for GGUF: extract to peft, then `convert --to gguf --base MODEL`).")
 @click.option("--component", type=click.Choice(COMPONENTS), default=None,
               help="Prefix module names with a pipeline component (kohya / diffusers output of a unet/ folder).")
 @click.option("--base-model-name", default=None,
@@ -40,19 +42,31 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
               help="Linear weights are stored [in, out] (GPT-2's Conv1D). Default: from the base's config.json.")
 @uniform_scale_option
+@dry_run_option
 @format_option
 @overwrite_option
 @quiet_option
 def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, include, exclude, embeddings, to,
-            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, fmt, overwrite, quiet, uniform_scale):
+            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, dry_run, fmt, overwrite, quiet,
+            uniform_scale):
     """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
-    weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. Example:
+    weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. With --dry-run,
+    plan from the checkpoints' headers alone (no tensor data is read).
 
     \b
+    Examples:
       loratools extract base_model/ finetuned/ -o extracted/ --rank 32
-      loratools extract base_model/ finetuned/ -o dyn/ --rank 64 --dynamic sv_fro --param 0.9 --to kohya
+      loratools extract base_model/ finetuned/ -o dyn.safetensors --rank 64 --dynamic sv_fro --param 0.9 --to kohya
+      loratools extract base_model/ finetuned/ -o extracted/ --rank 32 --dry-run
     """
     check_rank_options(rank, conv_rank, dynamic, param)
+    if uniform_scale:  # the dry run refuses it as the run would
+        check_uniform_scale(to)
+    if dry_run:
+        plan = plan_extract(base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
+                            min_diff=min_diff, include=include, exclude=exclude, embeddings=embeddings, to=to,
+                            dtype=dtype, svd=svd, power_iters=power_iters, component=component)
+        return show_plan(plan, dynamic, fmt, quiet)
     check_output(output, overwrite)
     ckpt = Checkpoint(base)  # opened once here (a Hub reference is resolved once) for the bar's total
     with progress_bar(len(ckpt.infos), "extracting", quiet) as bar:
@@ -79,3 +93,18 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
                            f" {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}", err=True)
         click.echo(f"extracted {len(result.modules)} module(s) as {to}; average Frobenius norm retained "
                    f"{result.average_fro_retained:.4f}; wrote {output}", err=True)
+
+
+def show_plan(plan, dynamic, fmt: str, quiet: bool) -> None:
+    """A dry run's report: the candidate modules with their ranks, then what would be written."""
+    if fmt == "json":
+        emit_json(plan.to_dict())
+        return
+    if not quiet:
+        bound = "≤ " if dynamic else ""
+        rows = [[m.name, m.kind, "x".join(map(str, m.shape)), f"{bound}{m.rank}", m.svd, size(m.bytes)]
+                for m in plan.modules]
+        click.echo(table(rows, ["module", "kind", "shape", "rank", "svd", "bytes"]), err=True)
+        click.echo(f"{len(plan.modules)} candidate module(s); sizes are upper bounds: a weight that did not change "
+                   "is skipped when the extraction runs", err=True)
+    click.echo(dry_run_line(plan.output, plan.format, plan.work_bytes, plan.out_bytes), err=True)
