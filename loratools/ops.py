@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what merge_ takes
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # base weights merged in fp32, rounded once back
 READ_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)  # floating dtypes loratools reads factors and weights in
 
 try:  # the extension registers torch.ops.loratools.* on import

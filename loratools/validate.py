@@ -16,7 +16,7 @@ import torch
 from .adapter import LoraAdapter, LoraModule
 from .archs.family import mismatch
 from .checkpoint import Checkpoint
-from .ops import READ_FLOAT_DTYPES as _FLOATS, all_finite
+from .ops import FP8_DTYPES, READ_FLOAT_DTYPES as _FLOATS, all_finite
 from .errors import (FormatError, IncompatibleError, LoraToolsError, NonFiniteError, ShapeMismatchError)
 from .inspection import delta_norm
 from .safetensors_io import SafetensorsFile, ScratchBuffer
@@ -145,7 +145,7 @@ def _fit_findings(adapter: LoraAdapter, ckpt) -> List[Finding]:
             out.append(Finding("shape", f"module {m.name}: the adapter's update has shape {tuple(m.weight_shape)} "
                                f"but the base weight {target} has shape {tuple(ckpt.shape(target))} "
                                "(adapter for another model?)", module=m.name, exc=ShapeMismatchError))
-        elif ckpt.dtype(target) not in _FLOATS:
+        elif ckpt.dtype(target) not in _FLOATS + FP8_DTYPES:
             out.append(Finding("base-dtype", f"module {m.name}: base weight dtype {ckpt.dtype(target)} cannot be "
                                "merged into", module=m.name, exc=IncompatibleError))
     for name, tensor in adapter.extra.items():

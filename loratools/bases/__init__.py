@@ -1,22 +1,23 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint). `open_base` picks the kind.
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
 import os
 
-from ..archs import COMPONENTS
+from ..archs import COMPONENTS, flux
 from ..archs.ldm import is_ldm_checkpoint
 from ..checkpoint import Checkpoint, model_path
 from ..safetensors_io import SafetensorsFile
 from .core import Base, MergePlan, Term, merge_tensor, output_dtype, plan_merge
+from .flux_file import FluxFileBase
 from .folder import ModelFolderBase
 from .pipeline import PipelineBase
 from .single_file import SingleFileBase
 
 __all__ = ["Base", "MergePlan", "Term", "merge_tensor", "output_dtype", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase"]
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase"]
 
 
 def open_base(base) -> Base:
@@ -32,4 +33,6 @@ def open_base(base) -> Base:
         with SafetensorsFile(path) as f:
             if is_ldm_checkpoint(f.tensors):
                 return SingleFileBase(path)
+            if flux.checkpoint_prefix(f.tensors) is not None:
+                return FluxFileBase(path)
     return ModelFolderBase(Checkpoint(path))

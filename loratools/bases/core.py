@@ -137,8 +137,8 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
     if replacement is not None:  # never modify the adapter's own tensor in place
         tensor = replacement.clone()
     if terms:
-        # merge at the wider of the two dtypes, round once into the output dtype
-        work = torch.float32 if target != tensor.dtype else tensor.dtype
+        # merge at the wider of the two dtypes (fp32 for fp8), round once into the output dtype
+        work = torch.float32 if target != tensor.dtype or tensor.dtype not in ops.FLOAT_DTYPES else tensor.dtype
         merged = apply_terms(tensor.to(work), terms).to(target)
         if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
             raise NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was "

@@ -15,12 +15,12 @@ from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..errors import FormatError, HubError, LoraToolsError, UsageError
 from ..validate import check_adapter, raise_errors
-from . import diffusers, kohya, lycoris, peft, peft_diffusion
+from . import comfyui, diffusers, kohya, lycoris, peft, peft_diffusion
 from .record import Format
 
 # name -> record; order is detection order
-FORMATS: Dict[str, Format] = {f.name: f for f in (peft.FORMAT, peft_diffusion.FORMAT, diffusers.FORMAT,
-                                                  lycoris.FORMAT, kohya.FORMAT)}
+FORMATS: Dict[str, Format] = {f.name: f for f in (peft.FORMAT, peft_diffusion.FORMAT, comfyui.FORMAT,
+                                                  diffusers.FORMAT, lycoris.FORMAT, kohya.FORMAT)}
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
 
 
