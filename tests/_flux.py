@@ -75,3 +75,42 @@ def _patched_kohya_converter():
 def diffusers_kohya(sd: dict) -> dict:
     """diffusers' own reading of a kohya Flux state dict (alpha folded into A and B)."""
     return _patched_kohya_converter()({k: v.clone() for k, v in sd.items()})
+
+
+_NORMS = {("double_blocks", "img_attn.norm.query_norm.scale"): "attn.norm_q.weight",
+          ("double_blocks", "img_attn.norm.key_norm.scale"): "attn.norm_k.weight",
+          ("double_blocks", "txt_attn.norm.query_norm.scale"): "attn.norm_added_q.weight",
+          ("double_blocks", "txt_attn.norm.key_norm.scale"): "attn.norm_added_k.weight",
+          ("single_blocks", "norm.query_norm.scale"): "attn.norm_q.weight",
+          ("single_blocks", "norm.key_norm.scale"): "attn.norm_k.weight"}
+
+
+def bfl_state_dict(sd: dict) -> dict:
+    """The original (BFL) checkpoint of a diffusers Flux transformer state dict: fused rows, swapped
+    final adaLN. Checked against diffusers' single-file converter in the tests."""
+    from loratools.archs import flux
+    out = {}
+    for name, fused in ((n, flux.lookup(n)) for n in flux.original_names(CONFIG["num_layers"],
+                                                                          CONFIG["num_single_layers"], True)):
+        for param in ("weight", "bias"):
+            t = torch.cat([sd[f"{p}.{param}"] for p in fused.parts])
+            if fused.swap:
+                h = t.shape[0] // 2
+                t = torch.cat([t[h:], t[:h]])
+            out[f"{name}.{param}"] = t
+    for (blocks, leaf), diff in _NORMS.items():
+        n = CONFIG["num_layers"] if blocks == "double_blocks" else CONFIG["num_single_layers"]
+        prefix = "transformer_blocks" if blocks == "double_blocks" else "single_transformer_blocks"
+        for i in range(n):
+            out[f"{blocks}.{i}.{leaf}"] = sd[f"{prefix}.{i}.{diff}"]
+    return out
+
+
+def diffusers_from_bfl(sd: dict) -> dict:
+    """diffusers' single-file converter (its inner_dim 3072 substituted)."""
+    from diffusers.loaders import single_file_utils as sfu
+    src = textwrap.dedent(inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers))
+    src = src.replace("inner_dim = 3072", f"inner_dim = {DIM}")
+    ns = dict(vars(sfu))
+    exec(compile(src, sfu.__file__, "exec"), ns)
+    return ns["convert_flux_transformer_checkpoint_to_diffusers"]({k: v.clone() for k, v in sd.items()})

@@ -31,8 +31,8 @@ def open_base(base) -> Base:
         return PipelineBase(path)
     if os.path.isfile(path) and path.endswith(".safetensors"):
         with SafetensorsFile(path) as f:
+            if flux.checkpoint_prefix(f.tensors) is not None:  # before LDM: ComfyUI uses its prefix too
+                return FluxFileBase(path)
             if is_ldm_checkpoint(f.tensors):
                 return SingleFileBase(path)
-            if flux.checkpoint_prefix(f.tensors) is not None:
-                return FluxFileBase(path)
     return ModelFolderBase(Checkpoint(path))
