@@ -8,6 +8,7 @@ converts itself (DESIGN.md): those modules are checked against the dense math.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -157,19 +158,11 @@ def pipeline_folder(tmp_path_factory):
 
 def _fused_by_diffusers(comps, lora_dir):
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, tokenizer=None, tokenizer_2=None,
-                        **{c: type(m).from_pretrained(_save(m)) for c, m in comps.items()})
+                        **{c: copy.deepcopy(m) for c, m in comps.items()})
     pipe.load_lora_weights(lora_dir)
     pipe.fuse_lora(components=["transformer", "text_encoder"])
     pipe.unload_lora_weights()
     return {c: {k: v.detach().clone() for k, v in getattr(pipe, c).state_dict().items()} for c in comps}
-
-
-def _save(model, _cache={}):
-    import tempfile
-    if id(model) not in _cache:
-        _cache[id(model)] = tempfile.mkdtemp()
-        model.save_pretrained(_cache[id(model)])
-    return _cache[id(model)]
 
 
 def test_merge_pipeline_matches_fuse_lora(pipeline_folder, tmp_path):
@@ -225,3 +218,28 @@ def test_scaled_fp8_is_refused(tmp_path):
     with pytest.raises(IncompatibleError, match="scaled-fp8"):
         merge(str(base), [path], str(tmp_path / "o.safetensors"))
     assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+def test_kohya_flux_text_encoders_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for ln, shape in (("lora_unet_double_blocks_0_img_attn_qkv", (48, 16)),
+                      ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", (768, 768)),
+                      ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", (4096, 4096))):
+        sd[ln + ".lora_down.weight"] = torch.randn(2, shape[1], generator=g)
+        sd[ln + ".lora_up.weight"] = torch.randn(shape[0], 2, generator=g)
+        sd[ln + ".alpha"] = torch.tensor(1.0)
+    path = tmp_path / "te.safetensors"
+    safetensors_io.save(str(path), sd, {})
+    adapter = read_adapter(str(path))
+    assert {m.name for m in adapter} == {
+        "transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_k",
+        "transformer.transformer_blocks.0.attn.to_v", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q"}
+    for fmt in ("kohya", "comfyui"):
+        out = write_adapter(adapter, tmp_path / f"o.{fmt}.safetensors", format=fmt)
+        again = write_adapter(read_adapter(out), tmp_path / f"k.{fmt}.safetensors", format="kohya")
+        got, _ = safetensors_io.load(again)
+        assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+    keys = set(safetensors_io.load(str(tmp_path / "o.comfyui.safetensors"))[0])
+    assert "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight" in keys

@@ -253,7 +253,8 @@ def from_original(original: str, m: LoraModule) -> List[LoraModule]:
 
 
 # single-file Flux checkpoints and ComfyUI LoRAs: the text encoders' key prefixes -> pipeline component
-TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.t5xxl.transformer.": "text_encoder_2"}
+TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": "text_encoder",
+                 "text_encoders.t5xxl.transformer.": "text_encoder_2"}
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "")  # ComfyUI-saved, BFL-released
 # scaled-fp8 checkpoints keep a per-tensor scale beside the fp8 weight (ComfyUI `scaled_fp8`, `weight_scale`)
 SCALED_FP8_MARKS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".input_scale", ".scale_input")

@@ -1,6 +1,7 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1). `open_base` picks the kind.
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint),
+`FluxFileBase` (single-file Flux.1). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
