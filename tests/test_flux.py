@@ -243,3 +243,14 @@ def test_kohya_flux_text_encoders_round_trip(tmp_path):
         assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
     keys = set(safetensors_io.load(str(tmp_path / "o.comfyui.safetensors"))[0])
     assert "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight" in keys
+
+
+def test_inspect_shows_flux_and_the_resolved_modules(tmp_path, capsys):
+    from tests._tiny import run_cli
+    path, _ = _kohya_file(tmp_path)
+    code, out, err = run_cli(capsys, "inspect", path, "--format", "json")
+    rep = json.loads(out)
+    assert code == 0 and err == "" and rep["unresolved"] == []
+    assert rep["family"] == {"name": FLUX, "evidence": "metadata ss_base_model_version=flux1"}
+    names = json.dumps(rep)
+    assert "transformer.single_transformer_blocks.1.proj_mlp" in names and "lora_unet_" not in names
