@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import paths
+from .patterns import UserPattern
 from .adapter import LoraAdapter, LoraModule
 from .atomic import check_output
 from .checkpoint import Checkpoint
@@ -115,7 +117,7 @@ def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
 
 def _model_config(folder: str) -> dict:
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        with paths.open_input(os.path.join(folder, "config.json"), "r", encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -146,13 +148,11 @@ def _task_type(folder: str) -> Optional[str]:
     return None
 
 
-def _compile(patterns, option: str) -> List[re.Pattern]:
-    try:
-        return [re.compile(p) for p in patterns or ()]
-    except re.error as e:
-        raise UsageError(f"{option}: invalid regular expression ({e})") from None
+def _compile(patterns, option: str) -> List[UserPattern]:
+    return [UserPattern(p, option, UsageError) for p in patterns or ()]
 
 
+@paths.guarded
 def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.PathLike, Checkpoint],
             output: Optional[Union[str, os.PathLike]] = None,
             rank: int = 16, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,

@@ -12,6 +12,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import paths
 from .adapter import LoraAdapter
 from .atomic import check_output
 from .bases import Base, MergePlan, open_base
@@ -47,6 +48,7 @@ def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -
     return [(read_adapter(a, check=False), float(w)) for a, w in zip(adapters, weights)]
 
 
+@paths.guarded
 def merge(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[AdapterLike],
           output: Union[str, os.PathLike], weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None,
           overwrite: bool = False, check_finite: bool = True,

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
+from . import paths
 from . import provenance as provenance_record
 from . import refs
 from .adapter import LoraAdapter
@@ -118,7 +119,7 @@ def merged_card(repo_id: str, base: str, adapters: Sequence[str], weights: Seque
     base_id = refs.hub_id(base)
     library = None
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        with paths.open_input(os.path.join(folder, "config.json"), "r", encoding="utf-8") as f:
             library = "transformers" if json.load(f).get("architectures") else None
     except (OSError, ValueError):
         pass
@@ -177,6 +178,7 @@ class Pulled:
     commit: Optional[str]
 
 
+@paths.guarded
 def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None) -> Pulled:
     """Download the adapter that Hub reference `ref` names (a refs.HubRef or `user/repo[@rev][/sub]`,
     always read as a Hub reference); with `output`, copy its files (real files, not cache symlinks)

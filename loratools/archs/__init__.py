@@ -13,6 +13,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from .. import paths
 from ..checkpoint import Checkpoint, model_path
 from ..errors import FormatError
 from .ldm import ldm_unet_names, to_ldm
@@ -128,7 +129,7 @@ def base_modules(path: str) -> Tuple[Dict[str, Shape], Dict[str, str]]:
 
 def _read_json(path: str) -> Optional[dict]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with paths.open_input(path, "r", encoding="utf-8") as f:
             data = json.load(f)
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):

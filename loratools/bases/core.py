@@ -39,6 +39,7 @@ class MergePlan:
     terms: Dict[str, List[Term]] = field(default_factory=dict)
     replace: Dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: List[Tuple[LoraAdapter, float]] = field(default_factory=list)
+    not_copied: List[str] = field(default_factory=list)  # files of the base left out of the output (why)
 
     @property
     def num_modules(self) -> int:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 
 import click
 
 from .. import __version__
+from .. import paths
 from ..errors import LoraToolsError
 
 # command name -> module in loratools.cli that defines a click command called `command`
@@ -42,6 +44,9 @@ def cli():
     """Merge, blend, resize, extract, convert and inspect LoRA adapters."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _debug() -> bool:
     return os.environ.get("LORATOOLS_DEBUG", "") not in ("", "0")
 
@@ -52,11 +57,20 @@ def _raise_interrupt(signum, frame):
 
 def main(argv=None) -> int:
     """Entry point: runs the group and maps failures to a one-line message and an exit code."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up temporary outputs on SIGTERM too
+    # clean up temporary outputs on SIGTERM too; the previous handler is back once the command is over,
+    # so a SIGTERM during interpreter shutdown does not raise KeyboardInterrupt into its teardown
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv) -> int:
     try:
         # not cli.main(): it turns KeyboardInterrupt into Abort after printing a blank line
         args = sys.argv[1:] if argv is None else list(argv)
-        with cli.make_context("loratools", args) as ctx:
+        with cli.make_context("loratools", args) as ctx, paths.command_scope():
             cli.invoke(ctx)
         return 0
     except click.exceptions.Exit as e:
@@ -67,7 +81,7 @@ def main(argv=None) -> int:
             return e.exit_code
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""
-        click.echo(f"loratools: error: {' '.join(e.format_message().split())}{hint}", err=True)
+        _error(f"{' '.join(e.format_message().split())}{hint}")
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("loratools: aborted", err=True)
@@ -78,22 +92,26 @@ def main(argv=None) -> int:
     except LoraToolsError as e:
         if _debug():
             raise
-        click.echo(f"loratools: error: {e}", err=True)
+        _error(str(e))
         return e.exit_code
     except OSError as e:  # disk full, permission denied …: which file and why, on one line
         if _debug():
             raise
         where = f"{e.filename}: " if e.filename else ""
         why = e.strerror or (str(e).splitlines() or [e.__class__.__name__])[0]
-        click.echo(f"loratools: error: {where}{why}", err=True)
+        _error(f"{where}{why}")
         return 1
     except Exception as e:  # an unexpected failure still gets one line
         if _debug():
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"loratools: error: {e.__class__.__name__}: {msg} "
-                   "(set LORATOOLS_DEBUG=1 for a traceback)", err=True)
+        _error(f"{e.__class__.__name__}: {msg} (set LORATOOLS_DEBUG=1 for a traceback)")
         return 1
+
+
+def _error(message: str) -> None:
+    """`loratools: error: …` on exactly one line: control characters (a path with a newline) escaped."""
+    click.echo("loratools: error: " + _CONTROL.sub(lambda m: repr(m.group())[1:-1], message), err=True)
 
 
 def run() -> None:

@@ -50,6 +50,8 @@ def command(base, adapters, output, weights, dtype, dry_run, no_check_finite, pu
                                progress=lambda _name: bar.update(1))
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
                f"weight(s); wrote {output}", err=True)
+    if plan.not_copied:
+        click.echo(f"warning: not copied from the base: {', '.join(plan.not_copied)}", err=True)
     if push_to:
         card = share.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
         info = share.execute(share.plan_folder_push(output, push_to, card), private=private,

@@ -5,7 +5,7 @@ import click
 
 from ..atomic import check_output
 from ..formats import read_adapter
-from ..resize import check_rank_options, plot_spectra, require_matplotlib, resize
+from ..resize import check_rank_options, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from ..validate import check_names
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
@@ -55,18 +55,17 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, fmt, overwri
       loratools resize adapter/ -o adapter-dyn/ --dynamic sv_fro --param 0.9 --rank 64
     """
     check_rank_options(rank, conv_rank, dynamic, param)
-    check_output(output, overwrite)
     if plot:
         require_matplotlib()
-        check_output(plot, overwrite)
+    for path in (output, plot):
+        if path:
+            check_output(path, overwrite)
     src = read_adapter(adapter, keep_unmatched=True)  # kohya names are written back as they were read
     for f in check_names(src):
         click.echo(f"warning: {f.message}", err=True)
     with progress_bar(len(src), "resizing", quiet) as bar:
         result = resize(src, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
-                                   overwrite=overwrite, progress=lambda _name: bar.update(1))
-    if plot:
-        plot_spectra(result.modules, plot, overwrite=overwrite)
+                        overwrite=overwrite, progress=lambda _name: bar.update(1), plot=plot or None)
     old = sum(m.old_rank for m in result.modules)
     new = sum(m.new_rank for m in result.modules)
     summary = (f"resized {len(result.modules)} module(s) ({result.adapter.format}): total rank {old} -> {new}; "

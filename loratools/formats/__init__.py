@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Dict, Optional
 
-from .. import refs, safetensors_io
+from .. import paths, refs, safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..errors import FormatError, HubError, LoraToolsError, UsageError
@@ -109,15 +109,25 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
     return adapter
 
 
+@paths.guarded
 def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, overwrite: bool = False,
                   metadata: Optional[Dict[str, str]] = None) -> str:
     """Write atomically: the output appears complete or not at all. Returns the path written."""
+    fmt = writable_format(adapter, format)
+    with atomic_output(path, overwrite=overwrite, directory=FORMATS[fmt].folder) as tmp:
+        write_into(adapter, tmp, fmt, metadata)
+    return os.path.abspath(os.fspath(path))
+
+
+def writable_format(adapter: LoraAdapter, format: Optional[str]) -> str:
     fmt = format or adapter.format
     if fmt not in WRITABLE:
         raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(WRITABLE)}")
-    if fmt != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
+    return fmt
+
+
+def write_into(adapter: LoraAdapter, tmp: str, format: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write `adapter` to the temporary path `tmp` (a folder for folder formats), not atomically."""
+    if format != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
         adapter = dataclasses.replace(adapter, config={})
-    record = FORMATS[fmt]
-    with atomic_output(path, overwrite=overwrite, directory=record.folder) as tmp:
-        record.write(adapter, tmp, metadata=metadata)
-    return os.path.abspath(os.fspath(path))
+    FORMATS[format].write(adapter, tmp, metadata=metadata)
