@@ -13,18 +13,18 @@ from typing import Optional
 
 from ..archs import flux
 from ..archs.family import FLUX
-from ..atomic import atomic_output
-from ..checkpoint import Checkpoint, rewrite_file
-from ..errors import FormatError, IncompatibleError, UsageError
-from .diffusion import DiffusionBase, Loc
+from ..checkpoint import Checkpoint
+from ..errors import FormatError, IncompatibleError
+from .diffusion import Loc
+from .single_file import SingleFileBase
 
 
-class FluxFileBase(DiffusionBase):
+class FluxFileBase(SingleFileBase):
     """A single-file Flux.1 checkpoint (transformer, and the text encoders when ComfyUI bundled them)."""
 
     family = FLUX
 
-    def __init__(self, path: str):
+    def __init__(self, path: str):  # reads, writes and shapes as SingleFileBase; names and fit are Flux's
         self.ckpt = Checkpoint(path)
         self.path = os.path.join(self.ckpt.folder, self.ckpt.shards[0])
         prefix = flux.checkpoint_prefix(self.ckpt.infos)
@@ -70,19 +70,3 @@ class FluxFileBase(DiffusionBase):
         modules = {m.name: m for m in rest}
         modules.update({m.name: m for m in fused.values()})
         return super().fit(dataclasses.replace(adapter, modules=modules))
-
-    def real_shape(self, real):
-        return self.ckpt.shape(real[1])
-
-    def real_dtype(self, real):
-        return self.ckpt.dtype(real[1])
-
-    def read_real(self, real):
-        return self.ckpt.read(real[1])
-
-    def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
-        if os.path.abspath(output) == self.path:
-            raise UsageError("the output must not be the base file itself")
-        writer_args = self._writer_args(plan, out_dtype, check_finite)
-        with atomic_output(output, overwrite=overwrite, directory=False) as tmp:
-            rewrite_file(self.path, tmp, on_tensor=progress, **writer_args(None))
