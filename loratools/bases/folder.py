@@ -9,11 +9,13 @@ import torch
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, rewrite
-from .core import MergePlan, Progress, merge_tensor, output_dtype, plan_merge
+from ..dtypes import output_dtype
+from .core import MergePlan, Progress, merge_tensor, plan_merge, refuse_out_type
 
 
 class ModelFolderBase:
     kind = "model folder"
+    adapter_options: dict = {}
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -32,7 +34,8 @@ class ModelFolderBase:
     def read(self, name: str) -> torch.Tensor:
         return self.ckpt.read(name)
 
-    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
+    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> MergePlan:
+        refuse_out_type(self, out_type)
         return plan_merge(self.ckpt, adapters)
 
     def write(self, plan: MergePlan, output: str, out_dtype: Optional[torch.dtype], overwrite: bool,

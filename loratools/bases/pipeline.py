@@ -41,13 +41,13 @@ class PipelineBase(DiffusionBase):
         self.shards = [f"{c}/{s}" for c, ck in self.ckpts.items() for s in ck.shards]
         self.infos = {f"{c}/{n}": i for c, ck in self.ckpts.items() for n, i in ck.infos.items()}
 
-    def plan(self, adapters):
+    def plan(self, adapters, out_type=None):
         comps = {m.name.partition(".")[0] for a, _ in adapters for m in a}
         bad = sorted(comps & set(self.no_safetensors))
         if bad:
             raise FormatError(f"{self.folder}: component(s) {', '.join(bad)} hold only .bin/.pt weights; loratools "
                               "merges safetensors (re-save with `save_pretrained(..., safe_serialization=True)`)")
-        return super().plan(adapters)
+        return super().plan(adapters, out_type)
 
     def locate(self, name: str) -> Optional[Loc]:
         comp, _, rest = name.partition(".")

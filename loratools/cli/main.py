@@ -8,6 +8,7 @@ import signal
 import sys
 
 import click
+from click.shell_completion import CompletionItem, shell_complete
 
 from .. import __version__
 from .. import paths
@@ -17,25 +18,50 @@ from ..errors import LoraToolsError
 COMMANDS = {
     "merge": "merge",
     "blend": "blend",
+    "resize": "resize",
+    "extract": "extract",
     "convert": "convert",
     "inspect": "inspect",
     "validate": "validate",
     "pull": "pull",
     "push": "push",
-    "resize": "resize", "extract": "extract",
 }
+# one line per command, so `loratools --help` and completion list them without importing them (and torch)
+SUMMARIES = {
+    "merge": "Merge LoRA adapters into a base model, folder or SD checkpoint.",
+    "blend": "Blend several adapters into one (cat, svd, linear, ties, dare …).",
+    "resize": "Change an adapter's rank (fixed or dynamic), in the same format.",
+    "extract": "Extract a LoRA from a fine-tuned model and its base.",
+    "convert": "Convert an adapter between PEFT, kohya, diffusers and LyCORIS.",
+    "inspect": "Show what an adapter holds: format, modules, ranks, alphas, sizes.",
+    "validate": "Check an adapter (and its fit to a base) for errors.",
+    "pull": "Download an adapter from the Hugging Face Hub.",
+    "push": "Upload an adapter to the Hugging Face Hub with a model card.",
+}
+COMPLETE_VAR = "_LORATOOLS_COMPLETE"  # `_LORATOOLS_COMPLETE=bash_source loratools` prints the bash script
 
 
 class LazyGroup(click.Group):
-    """Imports a command's module only when it runs, so `loratools --help` stays fast."""
+    """Imports a command's module only when it runs (or its own help or completion is asked for),
+    so `loratools --help`, `--version` and command-name completion never import torch."""
 
     def list_commands(self, ctx):
-        return sorted(COMMANDS)
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        return importlib.import_module(f"loratools.cli.{COMMANDS[name]}").command
+        command = importlib.import_module(f"loratools.cli.{COMMANDS[name]}").command
+        command.short_help = command.short_help or SUMMARIES[name]
+        return command
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, SUMMARIES[name]) for name in COMMANDS])
+
+    def shell_complete(self, ctx, incomplete):
+        names = [CompletionItem(name, help=SUMMARIES[name]) for name in COMMANDS if name.startswith(incomplete)]
+        return names + click.Command.shell_complete(self, ctx, incomplete)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,6 +96,13 @@ def _main(argv) -> int:
     try:
         # not cli.main(): it turns KeyboardInterrupt into Abort after printing a blank line
         args = sys.argv[1:] if argv is None else list(argv)
+        instruction = os.environ.get(COMPLETE_VAR)
+        if instruction:  # click's own completion hook, which cli.main() would run
+            code = shell_complete(cli, {}, "loratools", COMPLETE_VAR, instruction)
+            if code:
+                click.echo(f"loratools: error: {COMPLETE_VAR}={instruction}: use bash_source, zsh_source or "
+                           "fish_source", err=True)
+            return code
         with cli.make_context("loratools", args) as ctx, paths.command_scope():
             cli.invoke(ctx)
         return 0

@@ -21,11 +21,12 @@ from . import blend_dense, paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
+from .dtypes import parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import FORMATS, read_adapter, write_adapter
+from .formats import WRITABLE, read_adapter, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, gram_dot, lowrank_svd, randomized_svd, split_factors
-from .merge import parse_dtype
+from .report import Report
 from .ops import all_finite
 
 METHODS = ("cat", "svd", "linear") + DENSE_METHODS
@@ -57,8 +58,8 @@ class ModuleReport:
                 "error": self.error, "rel_error": self.rel_error}
 
 
-@dataclass
-class BlendReport:
+@dataclass(repr=False)
+class BlendReport(Report):
     method: str
     weights: List[float]
     modules: List[ModuleReport] = field(default_factory=list)
@@ -71,6 +72,11 @@ class BlendReport:
                 "rank_out": sum(m.rank_out for m in self.modules), "norm_target": t2 ** 0.5,
                 "norm_out": o2 ** 0.5, "retained": (o2 / t2) ** 0.5 if t2 > 0 else 1.0,
                 "error": e2 ** 0.5, "rel_error": (e2 / t2) ** 0.5 if t2 > 0 else 0.0}
+
+    def summary(self) -> dict:
+        t = self.totals()
+        return {"method": self.method, "weights": self.weights, "modules": t["modules"], "rank_out": t["rank_out"],
+                "retained": t["retained"]}
 
     def to_dict(self) -> dict:
         return {"method": self.method, "weights": self.weights,
@@ -332,8 +338,8 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
         raise UsageError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
     if not 0 <= int(seed) < 1 << 63:
         raise UsageError(f"--seed must be between 0 and 2^63-1, got {seed}")
-    if to is not None and to not in FORMATS:
-        raise UsageError(f"unknown output format {to!r}: use one of {', '.join(FORMATS)}")
+    if to is not None and to not in WRITABLE:
+        raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
     if output is not None:
         check_output(output, overwrite)
     loaded = [(read_adapter(a), w) for a, w in zip(adapters, weights)]

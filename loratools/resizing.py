@@ -18,9 +18,10 @@ from . import paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_outputs, check_output
 from .errors import LoraToolsError, NonFiniteError, UsageError
-from .formats import FORMATS, read_adapter, writable_format, write_into
+from .formats import output_is_folder, read_adapter, writable_format, write_into
 from .ops import all_finite
 from .provenance import stamp
+from .report import Report
 from .linalg import effective_alpha, lowrank_svd, retained, select_rank, split_factors
 
 # metadata that describes the old ranks or the old bytes; the format's writer fills in new values
@@ -45,8 +46,8 @@ class ModuleResize:
                 "fro_retained": self.fro_retained, "sum_retained": self.sum_retained, "sv_ratio": self.sv_ratio}
 
 
-@dataclass
-class ResizeResult:
+@dataclass(repr=False)
+class ResizeResult(Report):
     adapter: LoraAdapter
     modules: List[ModuleResize]
     output: Optional[str] = None
@@ -54,6 +55,14 @@ class ResizeResult:
     @property
     def average_fro_retained(self) -> float:
         return sum(m.fro_retained for m in self.modules) / len(self.modules) if self.modules else 1.0
+
+    def summary(self) -> dict:
+        return {"format": self.adapter.format, "modules": len(self.modules),
+                "rank_in": sum(m.old_rank for m in self.modules), "rank_out": sum(m.new_rank for m in self.modules),
+                "average_fro_retained": self.average_fro_retained, "output": self.output}
+
+    def to_dict(self) -> dict:
+        return dict(self.summary(), modules=[m.as_dict() for m in self.modules])
 
 
 def check_rank_options(rank: Optional[int], conv_rank: Optional[int], dynamic: Optional[str],
@@ -149,9 +158,11 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
                       config=config, metadata=metadata)
     result = ResizeResult(out, reports)
     if output is not None:
-        targets = [(output, FORMATS[src.format].folder)] + ([(plot, False)] if plot is not None else [])
+        fmt = writable_format(out, src.format)
+        folder = output_is_folder(output, fmt)
+        targets = [(output, folder)] + ([(plot, False)] if plot is not None else [])
         with atomic_outputs(targets, overwrite) as tmps:
-            write_into(out, tmps[0], writable_format(out, src.format), metadata)
+            write_into(out, tmps[0], fmt, metadata, folder)
             if plot is not None:
                 draw_spectra(reports, tmps[1])
         result.output = os.path.abspath(os.fspath(output))
