@@ -19,6 +19,7 @@ import torch
 
 from ..adapter import LoraModule
 from ..errors import IncompatibleError
+from .family import FLUX, from_metadata, from_transformer_shapes
 
 COMPONENT = "transformer"
 _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -198,6 +199,15 @@ def fuse(parts: Sequence[Optional[LoraModule]], fused: Fused, sizes: Sequence[in
         mag = None if mag is None else _swap(mag)
     return LoraModule(name=name, down=down, up=up.contiguous(), alpha=alpha, kind="linear", use_rslora=rslora,
                       magnitude=mag)
+
+
+def other_family(adapter) -> Optional[str]:
+    """Why the adapter's transformer is no Flux.1 one ("SD3 LoRA (evidence)"), or None. SD3 shares diffusers'
+    `transformer_blocks.N.attn.to_q` names, so those alone must not be renamed into Flux's original ones."""
+    fam = from_metadata(adapter.metadata) or from_transformer_shapes({m.name: m.weight_shape for m in adapter})
+    if fam is None or fam[0] == FLUX or not any(m.name.startswith(COMPONENT + ".") for m in adapter):
+        return None
+    return f"{fam[0]} LoRA ({fam[1]})"
 
 
 def is_flux_module(name: str) -> bool:

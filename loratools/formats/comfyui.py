@@ -96,6 +96,10 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     if adapter.extra:
         raise IncompatibleError(f"original-names LoRA files cannot hold full tensors "
                                 f"({', '.join(sorted(adapter.extra)[:4])}); write peft instead")
+    other = flux.other_family(adapter)
+    if other:
+        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1 transformers only; "
+                                "write diffusers or peft")
     fused, rest = flux.to_original(list(adapter))
     dtypes = adapter.config.get("alpha_dtypes", {})
     items = [(DIFFUSION + original, f"transformer.{original}", m) for original, m in fused.items()]

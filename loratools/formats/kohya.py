@@ -206,8 +206,8 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
             out[m.name] = ln
             continue
         if comp not in WRITE_PREFIXES or not rest:
-            why = ("kohya names Flux/SD3 transformers by their original checkpoint names, which loratools does "
-                   "not map; write diffusers or peft instead" if comp == "transformer" else
+            why = ("kohya names DiT transformers by their original checkpoint names, which loratools maps for "
+                   "Flux.1 only (not SD3 yet); write diffusers or peft instead" if comp == "transformer" else
                    "its modules are one model's: write peft, or first name the component with "
                    "`loratools convert ADAPTER --component unet --to kohya`")
             raise IncompatibleError(f"module {m.name}: kohya needs a pipeline component prefix "
@@ -230,7 +230,7 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
                                 "write peft instead")
     alpha_dtypes = adapter.config.get("alpha_dtypes", {})
     dora_shapes = adapter.config.get("dora_shapes", {})
-    if any(flux.is_flux_module(m.name) for m in adapter):
+    if any(flux.is_flux_module(m.name) for m in adapter) and flux.other_family(adapter) is None:
         items = flux_items(adapter)
     else:
         names = kohya_names(adapter)
