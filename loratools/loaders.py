@@ -11,6 +11,8 @@ of their loaders, restated here (not their code):
   with LoRA, LoHa, LoKr, GLoRA or full (diff) tensors; diffusers names only where its map lists
   them, which spells UNet attention projections `…attn1.processor.to_q` — a plain
   `…attn1.to_q` key matches nothing and is skipped with a warning, not loaded.
+- ComfyUI-form files (original checkpoint names, `diffusion_model.…`): ComfyUI loads them all;
+  diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones.
 - A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file.
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
@@ -72,6 +74,9 @@ def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool,
         return False, "load_lora_weights takes one file: convert --to diffusers"
     if adapter.format == "diffusers":
         return True, "its own names"
+    if adapter.format == "comfyui":
+        t5 = [n for n in adapter.modules if n.startswith("text_encoder_2.")]
+        return (False, f"it drops the {len(t5)} T5 module(s)") if t5 else (True, "original names, converted on load")
     if adapter.format in ("kohya", "lycoris") and algos <= {"lora"}:
         lost = _lost_alphas(adapter)
         if lost:
@@ -97,6 +102,8 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
             return False, (f"{skipped} of {len(adapter)} modules (UNet attention to_q/k/v/out) are skipped: its map "
                            "spells them .processor.to_q; convert --to kohya")
         return True, "diffusers names its map lists"
+    if adapter.format == "comfyui":
+        return True, "original checkpoint names"
     return False, "ComfyUI loads one file: convert --to kohya"
 
 

@@ -11,6 +11,8 @@ import torch
 
 import _formats_models as M
 from _tiny import peft_adapter, run_cli, tiny_llama
+from tests import _flux
+from loratools import safetensors_io
 from loratools.formats import read_adapter, write_adapter
 from loratools.inspection import inspect
 
@@ -90,3 +92,11 @@ def test_llm_adapter_and_llama_cpp(tmp_path, capsys):
     peft_adapter(tiny_llama(), str(tmp_path / "d"), use_dora=True)
     assert not _loads(str(tmp_path / "d"))["llama.cpp converter"]
     assert os.path.isdir(tmp_path / "u")
+
+
+def test_flux_comfyui_file(tmp_path):
+    src = str(tmp_path / "k.safetensors")
+    safetensors_io.save(src, _flux.kohya_lora(_flux.transformer()), {"ss_base_model_version": "flux1"})
+    out = write_adapter(read_adapter(src), str(tmp_path / "c.safetensors"), format="comfyui")
+    loads = _loads(out)
+    assert loads["ComfyUI"] and loads["diffusers"] and not loads["PEFT"] and not loads["llama.cpp converter"]

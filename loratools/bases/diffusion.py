@@ -15,7 +15,7 @@ import torch
 from ..adapter import LoraAdapter
 from ..archs.family import mismatch
 from ..errors import IncompatibleError
-from ..dtypes import output_dtype
+from ..dtypes import MERGE_FLOATS, output_dtype
 from .core import MergePlan, merge_tensor, plan_merge, refuse_out_type
 
 Real = Tuple[Optional[str], str]  # (pipeline component or None for a single file, tensor name)
@@ -94,7 +94,12 @@ class DiffusionBase:
             raise IncompatibleError(
                 f"{len(unknown)} adapter module(s) name no component of this {self.kind} "
                 f"(it has {', '.join(self.components)}; names must start with one, e.g. unet.…): {shown}")
-        return plan_merge(self, adapters)
+        return plan_merge(self, [(self.fit(a), w) for a, w in adapters])
+
+    def fit(self, adapter: LoraAdapter) -> LoraAdapter:
+        """The adapter in this base's module names (a layout's own hook); plan_merge then fits each
+        module's factors to the weight's shape (`adapter.fit_adapter`)."""
+        return adapter
 
     def _writer_args(self, plan: MergePlan, out_dtype: Optional[torch.dtype], check_finite: bool):
         """Per component (None for a single file): the writer's transform, dtype_of and unchanged."""
@@ -116,7 +121,8 @@ class DiffusionBase:
                 parts = groups.get((comp, key))
                 if not parts:  # converted (and checked for overflow) like the LLM path does
                     return merge_tensor(key, tensor, None, None, target, check_finite)
-                work_dtype = torch.float32 if target != tensor.dtype else tensor.dtype
+                same = target == tensor.dtype and tensor.dtype in MERGE_FLOATS  # fp8: work in fp32
+                work_dtype = tensor.dtype if same else torch.float32
                 work = tensor.to(work_dtype)
                 for name, loc in parts:
                     view = work
