@@ -14,7 +14,7 @@ import torch
 
 from .adapter import LoraAdapter
 from .atomic import check_output
-from .bases import Base, MergePlan, open_base
+from .bases import Base, MergePlan, QuantizedBase, open_base
 from .checkpoint import Checkpoint
 from .errors import UsageError
 from .formats import read_adapter
@@ -50,12 +50,13 @@ def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]]) -
 def merge(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[AdapterLike],
           output: Union[str, os.PathLike], weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None,
           overwrite: bool = False, check_finite: bool = True,
-          progress: Optional[Callable[[str], None]] = None) -> MergePlan:
+          progress: Optional[Callable[[str], None]] = None, requantize: bool = False) -> MergePlan:
     """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the base at `base` (model
     folder, diffusers pipeline folder or single-file SD checkpoint) and write the result to `output`.
-    Returns the plan that was carried out."""
+    A quantized base (bitsandbytes, FP8) is written dequantized (default bf16), or with `requantize`
+    in its own format. Returns the plan that was carried out."""
     out_dtype = parse_dtype(dtype)
-    model = open_base(base)
+    model = _open(base, requantize)
     check_output(output, overwrite)
     plan = model.plan(_load(adapters, weights))  # every check before anything is written
     model.write(plan, output, out_dtype, overwrite, check_finite, progress)
@@ -63,7 +64,16 @@ def merge(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[Ad
 
 
 def describe(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[AdapterLike],
-             weights: Optional[Sequence[float]] = None) -> Tuple[Base, MergePlan]:
+             weights: Optional[Sequence[float]] = None, requantize: bool = False) -> Tuple[Base, MergePlan]:
     """Plan a merge without writing anything (for --dry-run). Returns (base, plan)."""
-    model = open_base(base)
+    model = _open(base, requantize)
     return model, model.plan(_load(adapters, weights))
+
+
+def _open(base, requantize: bool) -> Base:
+    model = open_base(base)
+    if requantize:
+        if not isinstance(model, QuantizedBase):
+            raise UsageError(f"--requantize needs a quantized base; {model.describe()} is not quantized")
+        model.requantize = True
+    return model

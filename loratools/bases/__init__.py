@@ -1,6 +1,7 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint). `open_base` picks the kind.
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `QuantizedBase` (bitsandbytes 4-bit/8-bit
+or FP8 model folder). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from ..safetensors_io import SafetensorsFile
 from .core import Base, MergePlan, Term, merge_tensor, output_dtype, plan_merge
 from .folder import ModelFolderBase
 from .pipeline import PipelineBase
+from .quantized import QuantizedBase, is_quantized, read_config
 from .single_file import SingleFileBase
 
 __all__ = ["Base", "MergePlan", "Term", "merge_tensor", "output_dtype", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase"]
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "QuantizedBase"]
 
 
 def open_base(base) -> Base:
@@ -32,4 +34,8 @@ def open_base(base) -> Base:
         with SafetensorsFile(path) as f:
             if is_ldm_checkpoint(f.tensors):
                 return SingleFileBase(path)
-    return ModelFolderBase(Checkpoint(path))
+    ckpt = Checkpoint(path)
+    config = read_config(path) if os.path.isdir(path) else None
+    if is_quantized(ckpt, config):
+        return QuantizedBase(ckpt, config)
+    return ModelFolderBase(ckpt)

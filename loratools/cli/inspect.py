@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional
 
 import click
 
-from ..formats import read_adapter
+from ..bases import open_base
+from ..errors import FormatError
+from ..formats import detect, read_adapter
 from ..inspection import report
 from ..validate import check_adapter, check_names
 from .common import emit_json, table
@@ -103,6 +106,19 @@ def render(rep: dict, modules: bool) -> str:
     return "\n".join(lines)
 
 
+def _refuse_model_folder(path: str) -> None:
+    """A model folder (config.json + weights, e.g. a quantized base) given as the adapter: say what it is."""
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
+        return
+    try:
+        detect(path)
+        return
+    except FormatError:
+        pass
+    raise FormatError(f"{path}: a base model, not an adapter: {open_base(path).describe()}; "
+                      "give it as --base to validate or merge")
+
+
 @click.command("inspect")
 @click.argument("adapter", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
@@ -122,6 +138,7 @@ def command(adapter, fmt, summary, base):
       loratools inspect flux_lora.safetensors --format json
       loratools inspect loha.safetensors --base sdxl_pipeline/
     """
+    _refuse_model_folder(adapter)
     # show even a broken adapter and list its problems; names no known model has are shown as they are
     lora = read_adapter(adapter, check=False, base=base, keep_unmatched=True)
     for f in check_names(lora):
