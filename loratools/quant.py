@@ -12,7 +12,7 @@ Schemes, as transformers saves them:
   (`<module>.SCB`), `<module>.weight_format`; W = q · SCB / 127.
 - FP8 (`fp8`): float8 `W` with `W_scale_inv` (transformers' fine-grained FP8, DeepSeek-V3 style) or
   `W_scale` (compressed-tensors, fbgemm): one scale per tensor, per row, or per block of the last
-  two dimensions; W = q · scale.
+  two dimensions; W = q · scale. Without a scale (ComfyUI-style fp8 casts) W = q.
 """
 from __future__ import annotations
 
@@ -94,10 +94,10 @@ def find_weights(infos: Dict[str, object], config: Optional[dict],
             out[name] = QuantWeight(name, "bnb-int8", parts, tuple(info.shape), torch.float16)
         elif info.dtype in FP8_DTYPES:
             scale = next((name + s for s in ("_scale_inv", "_scale") if name + s in infos), None)
-            if scale is None:
-                raise FormatError(f"{name}: an FP8 tensor without {name}_scale_inv or {name}_scale")
-            block = _fp8_block(name, tuple(info.shape), tuple(infos[scale].shape), qc.get("weight_block_size"))
-            out[name] = QuantWeight(name, "fp8", {"data": name, "scale": scale}, tuple(info.shape), torch.bfloat16,
+            parts = {"data": name, "scale": scale} if scale else {"data": name}  # no scale: a plain cast
+            sshape = tuple(infos[scale].shape) if scale else ()
+            block = _fp8_block(name, tuple(info.shape), sshape, qc.get("weight_block_size"))
+            out[name] = QuantWeight(name, "fp8", parts, tuple(info.shape), torch.bfloat16,
                                     {"block": block, "qdtype": info.dtype})
     return out
 
@@ -166,7 +166,7 @@ def dequantize(qw: QuantWeight, t: Dict[str, torch.Tensor]) -> torch.Tensor:
     if qw.scheme == "bnb-int8":
         return t["data"].float() * t["scb"].float().view(-1, 1) * INT8_SCALE
     if qw.scheme == "fp8":
-        return t["data"].float() * _expand(t["scale"].float(), qw)
+        return t["data"].float() * _expand(t["scale"].float(), qw) if "scale" in t else t["data"].float()
     n = math.prod(qw.shape)
     packed = t["data"].contiguous().view(torch.uint8).reshape(-1)
     if packed.numel() * 2 < n:
@@ -235,10 +235,13 @@ def quantize(qw: QuantWeight, w: torch.Tensor, like: Dict[str, torch.Tensor]) ->
 
 
 def _quantize_fp8(qw: QuantWeight, w: torch.Tensor, like: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    qdtype, sdtype = qw.state["qdtype"], like["scale"].dtype
+    qdtype = qw.state["qdtype"]
+    qmax = torch.finfo(qdtype).max
+    if "scale" not in like:
+        return {"data": torch.clamp(w, -qmax, qmax).to(qdtype)}
+    sdtype = like["scale"].dtype
     if not sdtype.is_floating_point or sdtype in FP8_DTYPES:
         raise IncompatibleError(f"{qw.name}: requantizing with {sdtype} scales is not supported; write bf16 instead")
-    qmax = torch.finfo(qdtype).max
     block = qw.state["block"]
     if block is None:
         amax = w.abs().amax()

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
 from _tiny import load_folder, peft_adapter, run_cli as run, save_base, tiny_llama
+from loratools import read_adapter
 from loratools.bases import QuantizedBase, open_base
 
 SIZES = dict(hidden_size=40, intermediate_size=56)
@@ -235,3 +236,20 @@ def test_fp8_dequantize_merge_requantize(models, tmp_path, capsys, block):
         assert err_rel < 0.05, (name, err_rel)
         if not any(t in name for t in TARGETS):
             assert torch.equal(out[name].view(torch.uint8), raw[name].view(torch.uint8))
+
+
+def test_fp8_without_scales_is_a_cast(models, tmp_path, capsys):
+    """fp8 weights stored without scales (ComfyUI-style casts) are read as they are and merged."""
+    tensors = {k: (v.to(torch.float8_e4m3fn) if k.endswith("proj.weight") else v)
+               for k, v in load_folder(models / "base").items()}
+    os.makedirs(tmp_path / "cast")
+    save_file(tensors, str(tmp_path / "cast" / "model.safetensors"))
+    base = open_base(str(tmp_path / "cast" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert isinstance(base, QuantizedBase) and torch.equal(base.read(name), tensors[name].float())
+    code, _, err = run(capsys, "merge", tmp_path / "cast" / "model.safetensors", models / "lora", "-o", tmp_path / "m",
+                       "--dtype", "fp32")
+    assert code == 0, err
+    delta = load_folder(tmp_path / "m")[name] - tensors[name].float()
+    lora = read_adapter(str(models / "lora")).modules["model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(delta, lora.dense_delta(), rtol=1e-4, atol=1e-6)
