@@ -96,7 +96,7 @@ def find_adapter(folder: str) -> str:
 def errors_vs_exact(adapters, output) -> tuple:
     """(relative error of `output` against Σ w_i s_i B_i A_i, the optimal rank-16 relative error)."""
     from loratools import read_adapter
-    from loratools.blend import _gram_norm, _Source, _target
+    from loratools.blending import _gram_norm, _Source, _target
     from loratools.linalg import lowrank_svd
 
     inputs = [read_adapter(a) for a in adapters]

@@ -128,7 +128,7 @@ def kohya_resize_module(m, configs):
 
 
 def bench_resize(args):
-    from loratools.resize import resize_module
+    from loratools.resizing import resize_module
 
     adapter = sdxl_lora()
     mods = list(adapter)
@@ -201,7 +201,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "errors": errs}))
 
 OURS_EXTRACT = r"""
 import sys, json, time, torch
-from loratools.extract import extract
+from loratools.extraction import extract
 base, tuned, layers, rank, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 t0 = time.perf_counter()
 inc = [r"^model\.layers\.(%s)\." % "|".join(map(str, range(layers)))] if layers >= 0 else None

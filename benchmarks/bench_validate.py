@@ -3,7 +3,7 @@
 1. The checks `merge` now runs before writing (`check_adapter` + `check_base`: NaN/Inf, structure,
    scales, fit to the base headers) next to the merge itself: their share of a merge.
 2. `validate --base` with norms (reads every targeted base weight once) next to the merge.
-3. `inspection.delta_norm` (two r×r Gram products) next to the dense norm of s·B@A that a
+3. `LoraModule.delta_norm` (two r×r Gram products) next to the dense norm of s·B@A that a
    naive inspector computes, over every module of the adapter.
 
 A Llama-style bf16 model (default ~1 GB: hidden 2048, 8 layers) and a rank-16 PEFT adapter on
@@ -27,8 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._models import make_llama, make_peft_adapter  # noqa: E402
 from loratools import merge, read_adapter  # noqa: E402
 from loratools.checkpoint import Checkpoint  # noqa: E402
-from loratools.inspection import delta_norm  # noqa: E402
-from loratools.validate import check_adapter, check_base, check_delta_norms  # noqa: E402
+from loratools.checks import check_adapter, check_base, check_delta_norms  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*loratools._C is not built.*")
 
@@ -76,7 +75,7 @@ def main() -> None:
     print(f"validate --base norms            {t_norms:8.3f} s   = {t_norms / t_merge:.2f}x the merge")
 
     mods = list(adapter)
-    t_gram = best(lambda: [delta_norm(m) for m in mods], args.repeat)
+    t_gram = best(lambda: [m.delta_norm() for m in mods], args.repeat)
 
     def dense():
         return [float(torch.linalg.vector_norm(m.dense_delta(torch.float32))) for m in mods]
@@ -88,7 +87,7 @@ def main() -> None:
         return max(abs(a - b) / b for a, b in zip(values, exact))
 
     print(f"|dW| all modules, Gram (ours)    {t_gram * 1000:8.1f} ms  max relative error vs fp64 dense "
-          f"{worst([delta_norm(m) for m in mods]):.1e}")
+          f"{worst([m.delta_norm() for m in mods]):.1e}")
     print(f"|dW| all modules, dense fp32 B@A {t_dense * 1000:8.1f} ms  max relative error vs fp64 dense "
           f"{worst(dense()):.1e}  -> ours is {t_dense / t_gram:.0f}x faster")
     if not args.workdir:

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .errors import FormatError, ShapeMismatchError
+from .linalg import gram_dot
 
 KINDS = ("linear", "conv", "embedding")
 
@@ -102,6 +103,12 @@ class LoraModule:
         if self.mid is not None:
             down = torch.einsum("abhw,bi->aihw", self.mid.to(fold_dtype), down.flatten(1).to(fold_dtype))
         return self.up.flatten(1), down.flatten(1)
+
+    def delta_norm(self) -> float:
+        """‖ΔW‖_F without the dense matrix: ‖s·U D‖² = s²·Σ (UᵀU) ⊙ (D Dᵀ), two r×r products."""
+        u, d = (t.to(torch.float64) for t in self.factors_2d(fold_dtype=torch.float64))
+        sq = gram_dot(u, d, u, d)
+        return abs(self.scale) * math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else float("nan")
 
     def factors_2d(self, fold_dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
         """(U, D) with `W.reshape(rows, -1) += scale · U @ D` in the base weight's layout.

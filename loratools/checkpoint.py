@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import refs, safetensors_io
+from . import paths, refs, safetensors_io
 from .errors import FormatError, HubError
 from .safetensors_io import SafetensorsFile, TensorInfo
 
@@ -67,7 +67,8 @@ class Checkpoint:
         path = os.path.abspath(model_path(path))  # also a Hub reference
         self.index_file: Optional[str] = None
         self.index: Optional[dict] = None
-        if os.path.isfile(path):
+        self.single_file = os.path.isfile(path)
+        if self.single_file:
             if not path.endswith(".safetensors"):
                 raise FormatError(f"{path}: expected a .safetensors file or a model folder")
             self.folder, self.shards = os.path.dirname(path), [os.path.basename(path)]
@@ -83,6 +84,8 @@ class Checkpoint:
                         raise FormatError(f"{self.folder}: tensor {name} appears in two shards")
                     self.infos[name], self.shard_of[name] = info, shard
         if self.index is not None:
+            if not isinstance(self.index.get("metadata") or {}, dict):
+                raise FormatError(f"{self.index_file}: its metadata is not a JSON object")
             mapped = self.index.get("weight_map", {})
             if set(mapped) != set(self.infos) or any(self.shard_of[k] != v for k, v in mapped.items()):
                 raise FormatError(f"{self.index_file}: weight_map disagrees with the shard files")
@@ -94,7 +97,7 @@ class Checkpoint:
         if indexes:
             self.index_file = indexes[0]
             try:
-                with open(self.index_file, encoding="utf-8") as f:
+                with paths.open_input(self.index_file, "r", encoding="utf-8") as f:
                     self.index = json.load(f)
                 shards = sorted(set(self.index["weight_map"].values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
@@ -136,16 +139,57 @@ class Checkpoint:
             return f.read(name)
 
 
-def copy_other_files(src_folder: str, dst_folder: str, skip: List[str]) -> None:
-    """Copy config, tokenizer and everything else that is not a weight file."""
-    for entry in sorted(os.listdir(src_folder)):
-        if entry in skip or entry.startswith("."):
+# weights in other formats that a merge does not touch: copied, they would hand out the unmerged
+# model (`from_pretrained(out, use_safetensors=False)`, `--push`); never copied, listed instead
+UNMERGED_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "*.bin.index.json", "*.pth", "*.pt", "*.ckpt", "*.onnx",
+                    "*.onnx_data", "*.onnx.data", "*.gguf", "*.msgpack", "*.msgpack.index.json", "*.h5",
+                    "*.h5.index.json", "*.tflite", "*.mlmodel", "*.engine", "*.plan")
+UNMERGED_FOLDERS = ("original", "onnx", "openvino", "coreml", "tensorrt", "gguf")
+
+
+def copy_other_files(src_folder: str, dst_folder: str, skip: List[str], nested_weights: bool = False) -> List[str]:
+    """Copy config, tokenizer and everything else that is not a weight file. Returns what was
+    deliberately not copied, one `name (why)` each: weights in other formats (unmerged), symbolic
+    links that lead out of the folder (they could pull in any file on the machine, e.g. a secret
+    that `--push` would upload) and anything that is not a regular file or folder (a FIFO or
+    device would block or never end). Links inside the folder are copied as what they point to.
+    `nested_weights`: subfolders hold weights of untouched components (a pipeline's vae/): keep them."""
+    roots = [os.path.realpath(src_folder)]
+    if refs.commit_of(src_folder):  # a Hub snapshot: its files are links into the repository's blobs/
+        parts = os.path.abspath(src_folder).split(os.sep)
+        at = len(parts) - 1 - parts[::-1].index("snapshots")
+        roots.append(os.path.realpath(os.sep.join(parts[:at] + ["blobs"])))
+    left_out: List[str] = []
+    _copy_tree(src_folder, dst_folder, roots, "", set(skip), left_out, nested_weights)
+    return left_out
+
+
+def _copy_tree(src: str, dst: str, roots: List[str], rel: str, skip: set, left_out: List[str],
+               nested_weights: bool) -> None:
+    for entry in sorted(os.listdir(src)):
+        name = rel + entry
+        if entry.startswith(".") or (not rel and entry in skip):
             continue
-        s, d = os.path.join(src_folder, entry), os.path.join(dst_folder, entry)
+        s, d = os.path.join(src, entry), os.path.join(dst, entry)
+        if os.path.islink(s):
+            target = os.path.realpath(s)
+            if not any(os.path.commonpath([root, target]) == root for root in roots):
+                left_out.append(f"{name} (a link out of the folder, to {target})")
+                continue
         if os.path.isdir(s):
-            shutil.copytree(s, d, symlinks=False)
+            if not rel and entry in UNMERGED_FOLDERS:
+                left_out.append(f"{name}/ (weights that were not merged)")
+                continue
+            os.makedirs(d, exist_ok=True)
+            _copy_tree(s, d, roots, name + "/", skip, left_out, nested_weights)
+        elif (not rel or not nested_weights) and any(fnmatch.fnmatchcase(entry, p) for p in UNMERGED_WEIGHTS):
+            left_out.append(f"{name} (weights that were not merged)")
+        elif not paths.is_regular(s):
+            left_out.append(f"{name} (not a regular file)")
         else:
-            shutil.copy2(s, d)
+            with paths.open_input(s) as fin, open(d, "wb") as fout:  # never blocks on a swapped-in FIFO
+                shutil.copyfileobj(fin, fout)
+            shutil.copystat(s, d)
 
 
 class _PipelinedWriter:
@@ -258,14 +302,15 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
             out_dtype: Callable[[str], torch.dtype],
             on_tensor: Optional[Callable[[str], None]] = None,
             copy_others: bool = True,
-            unchanged: Optional[Callable[[str], bool]] = None) -> None:
+            unchanged: Optional[Callable[[str], bool]] = None) -> List[str]:
     """Write `transform(name, tensor)` for every tensor into `dst_folder`, shard by shard.
 
     `out_dtype(name)` must say up front what dtype each output tensor will have, so the
     header can be written before the data. `on_tensor` is called after each tensor (progress).
     Tensors for which `unchanged(name)` is true (and whose dtype stays) are copied byte for byte
     without being read into memory. The tensor handed to `transform` lives in a reused buffer:
-    it is valid only until `transform` returns (copy it to keep it).
+    it is valid only until `transform` returns (copy it to keep it). Returns what
+    `copy_other_files` left out.
     """
     total = 0
     scratch = safetensors_io.ScratchBuffer()
@@ -278,5 +323,6 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
         with open(os.path.join(dst_folder, os.path.basename(ckpt.index_file)), "w", encoding="utf-8") as fh:
             json.dump(index, fh, indent=2)
             fh.write("\n")
-    if copy_others:
-        copy_other_files(ckpt.folder, dst_folder, ckpt.weight_files)
+    if copy_others and not ckpt.single_file:  # a lone file's siblings are not part of the model
+        return copy_other_files(ckpt.folder, dst_folder, ckpt.weight_files)
+    return []

@@ -8,20 +8,19 @@ import json
 import math
 import os
 from collections import Counter
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from .adapter import LoraAdapter, LoraModule
-from .linalg import gram_dot
 from .archs.family import adapter_family
-
-
-def delta_norm(m: LoraModule) -> float:
-    """‖ΔW‖_F without the dense matrix: ‖s·U D‖² = s²·Σ (UᵀU) ⊙ (D Dᵀ), two r×r products."""
-    u, d = (t.to(torch.float64) for t in m.factors_2d(fold_dtype=torch.float64))
-    sq = gram_dot(u, d, u, d)
-    return abs(m.scale) * math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else float("nan")
+from .bases import open_base
+from .checks import Finding, check_adapter, check_names
+from .dtypes import dtype_name
+from .errors import FormatError
+from .formats import detect, read_adapter
+from .report import Report
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -33,13 +32,18 @@ def module_bytes(m: LoraModule) -> int:
     return sum(tensor_bytes(t) for t in parts if t is not None)
 
 
+def adapter_bytes(adapter: LoraAdapter) -> int:
+    """Bytes of every tensor the adapter holds (its size on disk, less headers)."""
+    return sum(module_bytes(m) for m in adapter) + sum(tensor_bytes(t) for t in adapter.extra.values())
+
+
 def target_kind(name: str) -> str:
     """The last component of a module name (q_proj, to_k, conv1 …): what a target_modules list names."""
     return name.rsplit(".", 1)[-1]
 
 
 def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
+    return dtype_name(t.dtype)
 
 
 def _spread(values: Dict[str, float]) -> dict:
@@ -69,7 +73,7 @@ def module_rows(adapter: LoraAdapter, norms: bool = True) -> List[dict]:
             "algorithm": own.get("algorithm", "lora"), "factored_rank": m.rank,
             "dora": m.is_dora, "tucker": m.mid is not None, "parameters": m.down.numel() + m.up.numel()
             + sum(t.numel() for t in (m.magnitude, m.mid) if t is not None),
-            "bytes": module_bytes(m), "delta_norm": delta_norm(m) if norms else None,
+            "bytes": module_bytes(m), "delta_norm": m.delta_norm() if norms else None,
         })
     return rows
 
@@ -107,10 +111,10 @@ TRAINING_KEYS = {
 def training_summary(metadata: Dict[str, str]) -> Optional[dict]:
     """What kohya/A1111/Civitai users look for first in a LoRA's training metadata; None if it has none."""
     out = {}
-    for field, keys in TRAINING_KEYS.items():
+    for what, keys in TRAINING_KEYS.items():
         value = next((metadata[k] for k in keys if metadata.get(k) not in (None, "", "None")), None)
         if value is not None:
-            out[field] = value
+            out[what] = value
     tags = _tags(metadata)
     if tags:
         out["tags"] = tags
@@ -123,6 +127,45 @@ def disk_bytes(path: Optional[str]) -> Optional[int]:
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+@dataclass(repr=False)
+class InspectReport(Report):
+    data: dict  # what `report` returns, with `problems` (check_adapter's findings)
+    warnings: List[Finding] = field(default_factory=list)  # module names no known model has
+
+    def summary(self) -> dict:
+        d = self.data
+        return {"path": d["path"], "format": d["format"], "modules": d["modules"], "rank": d["rank"]["common"],
+                "family": (d["family"] or {}).get("name"), "problems": len(d["problems"])}
+
+    def to_dict(self) -> dict:
+        return self.data
+
+
+def inspect(adapter: Union[str, os.PathLike, LoraAdapter], base: Optional[str] = None,
+            norms: bool = True) -> InspectReport:
+    """What `adapter` (a path, Hub reference or LoraAdapter) holds; never refuses a broken one: its
+    problems are listed in the report. `base` (a diffusers folder) resolves kohya/LyCORIS names."""
+    if not isinstance(adapter, LoraAdapter):
+        _refuse_model_folder(os.fspath(adapter))
+    lora = read_adapter(adapter, check=False, base=base, keep_unmatched=True)
+    data = report(lora, path=None if isinstance(adapter, LoraAdapter) else os.fspath(adapter), norms=norms)
+    data["problems"] = [f.as_dict() for f in check_adapter(lora)]
+    return InspectReport(data, check_names(lora))
+
+
+def _refuse_model_folder(path: str) -> None:
+    """A model folder (config.json + weights, e.g. a quantized base) given as the adapter: say what it is."""
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
+        return
+    try:
+        detect(path)
+        return
+    except FormatError:
+        pass
+    raise FormatError(f"{path}: a base model, not an adapter: {open_base(path).describe()}; "
+                      "give it as --base to validate or merge")
 
 
 def report(adapter: LoraAdapter, path: Optional[str] = None, norms: bool = True) -> dict:

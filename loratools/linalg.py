@@ -10,9 +10,18 @@ from typing import Optional, Tuple
 
 import torch
 
-from .errors import UsageError
+from .errors import NonFiniteError, UsageError
 
 RANK_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+def _svd(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD; a matrix that overflowed to Inf/NaN (e.g. from huge weights) is a NonFiniteError."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        raise NonFiniteError("an update overflowed float32 (NaN or Inf) before its SVD: are the weights or scales "
+                             "that large? nothing was written") from None
 
 
 def lowrank_svd(up: torch.Tensor, down: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -21,7 +30,7 @@ def lowrank_svd(up: torch.Tensor, down: torch.Tensor) -> Tuple[torch.Tensor, tor
     qb, rb = torch.linalg.qr(up)          # up = qb rb, qb [out, R]
     qa, ra = torch.linalg.qr(down.t())    # down.T = qa ra, qa [in, R]
     # thin SVD: with full_matrices the small factors get extra columns with no singular value
-    u, s, vh = torch.linalg.svd(rb @ ra.t(), full_matrices=False)
+    u, s, vh = _svd(rb @ ra.t())
     return qb @ u, s, vh @ qa.t()
 
 
@@ -38,12 +47,12 @@ def randomized_svd(matrix: torch.Tensor, rank: int, oversample: int = 10, n_iter
     for _ in range(n_iter):
         z, _ = torch.linalg.qr(m.t() @ q)
         q, _ = torch.linalg.qr(m @ z)
-    u_small, s, vh = torch.linalg.svd(q.t() @ m, full_matrices=False)
+    u_small, s, vh = _svd(q.t() @ m)
     return q @ u_small, s, vh
 
 
 def exact_svd(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.linalg.svd(matrix.float(), full_matrices=False)
+    return _svd(matrix.float())
 
 
 def select_rank(s: torch.Tensor, rank: Optional[int] = None, rule: Optional[str] = None,

@@ -11,8 +11,7 @@ from typing import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what merge_ takes
-READ_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)  # floating dtypes loratools reads factors and weights in
+from .dtypes import MERGE_FLOATS  # what merge_ takes: one home for the dtype sets
 
 try:  # the extension registers torch.ops.loratools.* on import
     from . import _C  # noqa: F401
@@ -45,7 +44,7 @@ def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: S
                      coeffs: Sequence[float]) -> None:
     if weight.dim() != 2:
         raise ValueError(f"merge_: weight must be 2-D, got {weight.dim()}-D")
-    if weight.dtype not in FLOAT_DTYPES:
+    if weight.dtype not in MERGE_FLOATS:
         raise ValueError(f"merge_: weight dtype {weight.dtype} is not fp32/bf16/fp16")
     if not (len(ups) == len(downs) == len(coeffs)):
         raise ValueError("merge_: ups, downs and coeffs must have the same length")
@@ -54,7 +53,7 @@ def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: S
         if u.dim() != 2 or d.dim() != 2 or u.shape[0] != rows or d.shape[1] != cols or u.shape[1] != d.shape[0]:
             raise ValueError(f"merge_: factors {tuple(u.shape)} @ {tuple(d.shape)} "
                              f"do not fit weight {tuple(weight.shape)}")
-        if u.dtype not in FLOAT_DTYPES or d.dtype not in FLOAT_DTYPES:
+        if u.dtype not in MERGE_FLOATS or d.dtype not in MERGE_FLOATS:
             raise ValueError("merge_: factors must be fp32/bf16/fp16")
         if u.device != weight.device or d.device != weight.device:
             raise ValueError("merge_: factors must be on the weight's device")

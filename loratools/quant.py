@@ -23,12 +23,12 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
+from .dtypes import FP8
 from .errors import FormatError, IncompatibleError
 
 QS_PREFIX = ".quant_state.bitsandbytes__"
 BNB4_PARTS = {"absmax": ".absmax", "quant_map": ".quant_map", "nested_absmax": ".nested_absmax",
               "nested_quant_map": ".nested_quant_map"}
-FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
 INT8_SCALE = 7.874015718698502e-3  # bitsandbytes multiplies by this float instead of dividing by 127
 # quantization_config.quant_method values with no dequantization here: say so instead of misreading them
 UNSUPPORTED = {"gptq": "GPTQ", "awq": "AWQ", "aqlm": "AQLM", "hqq": "HQQ", "eetq": "EETQ", "quanto": "Quanto",
@@ -92,7 +92,7 @@ def find_weights(infos: Dict[str, object], config: Optional[dict],
             if module + ".weight_format" in infos:
                 parts["format"] = module + ".weight_format"
             out[name] = QuantWeight(name, "bnb-int8", parts, tuple(info.shape), torch.float16)
-        elif info.dtype in FP8_DTYPES:
+        elif info.dtype in FP8:
             scale = next((name + s for s in ("_scale_inv", "_scale") if name + s in infos), None)
             parts = {"data": name, "scale": scale} if scale else {"data": name}  # no scale: a plain cast
             sshape = tuple(infos[scale].shape) if scale else ()
@@ -240,7 +240,7 @@ def _quantize_fp8(qw: QuantWeight, w: torch.Tensor, like: Dict[str, torch.Tensor
     if "scale" not in like:
         return {"data": torch.clamp(w, -qmax, qmax).to(qdtype)}
     sdtype = like["scale"].dtype
-    if not sdtype.is_floating_point or sdtype in FP8_DTYPES:
+    if not sdtype.is_floating_point or sdtype in FP8:
         raise IncompatibleError(f"{qw.name}: requantizing with {sdtype} scales is not supported; write bf16 instead")
     block = qw.state["block"]
     if block is None:

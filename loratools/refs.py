@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote
 
+from . import paths
 from .errors import HubError, InputNotFoundError, LoraToolsError, UsageError
 
 PREFIX = "hf://"
@@ -41,6 +42,13 @@ class HubRef:
     revision: Optional[str] = None
     subfolder: str = ""
 
+    def __post_init__(self):
+        # huggingface_hub joins both into cache paths (refs/<revision>, snapshots/<commit>/<subfolder>)
+        if self.revision is not None:
+            _check_part(self.revision, "revision", self.repo_id, extra="~^:?*[")
+        if self.subfolder:
+            _check_part(self.subfolder, "subfolder", self.repo_id)
+
     @property
     def is_file(self) -> bool:
         return self.subfolder.lower().endswith(FILE_SUFFIXES)
@@ -51,6 +59,17 @@ class HubRef:
             rev = quote(rev, safe="")
         rev = f"@{rev}" if rev else ""
         return f"{self.repo_id}{rev}" + (f"/{self.subfolder}" if self.subfolder else "")
+
+
+def _check_part(value: str, what: str, repo_id: str, extra: str = "") -> None:
+    """UsageError for a revision or subfolder that could name a path outside the repository (a `..`
+    or empty segment, a leading or trailing `/`, a backslash) or holds control characters."""
+    bad = (not value or len(value) > 1000 or value.startswith("/") or value.endswith("/")
+           or any(seg in ("", ".", "..") for seg in value.split("/"))
+           or any(c in value for c in "\\" + extra) or any(ord(c) < 32 or ord(c) == 127 for c in value))
+    if bad:
+        raise UsageError(f"{repo_id}: invalid {what} {value!r} (no '..' or empty parts, no leading or trailing '/', "
+                         "no control characters)")
 
 
 def parse_ref(ref: str) -> Optional[HubRef]:
@@ -70,8 +89,6 @@ def parse_ref(ref: str) -> Optional[HubRef]:
             raise UsageError(f"{ref}: not a Hub reference (use hf://user/repo[@revision][/subfolder])")
         return None
     sub = m["sub"] or ""
-    if any(part in ("", ".", "..") for part in sub.split("/")) and sub:
-        raise UsageError(f"{ref}: invalid subfolder {sub!r}")
     rev = m["rev"] or m["rev2"]
     return HubRef(m["repo"], unquote(rev) if rev else None, sub)
 
@@ -249,6 +266,7 @@ def existing_path(ref, fetch: Fetch) -> str:
         path = local_path(path, fetch)
     if not os.path.exists(path):
         raise InputNotFoundError(f"{os.path.abspath(path)}: no such file or folder")
+    paths.note_input(path)  # outputs are checked against it (paths.check_output)
     return path
 
 

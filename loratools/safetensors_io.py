@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from . import paths
 from .errors import FormatError, InputNotFoundError
 
 DTYPES: Dict[str, torch.dtype] = {
@@ -27,6 +28,9 @@ DTYPES: Dict[str, torch.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+# entries a header may list: each non-empty tensor needs at least one byte of data, and real files
+# hold few empty ones; the largest real shards list ~10^5 tensors. Checked before the JSON is parsed.
+MAX_TENSORS, MAX_EMPTY = 500_000, 4096
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -55,7 +59,7 @@ class SafetensorsFile:
         if os.path.isdir(self.path):
             raise FormatError(f"{self.path}: is a directory, expected a .safetensors file")
         try:
-            self._f = open(self.path, "rb")
+            self._f = paths.open_input(self.path, "rb")
         except FileNotFoundError:
             raise InputNotFoundError(f"{self.path}: no such file") from None
         except OSError as e:
@@ -77,6 +81,9 @@ class SafetensorsFile:
         if n > min(size - 8, MAX_HEADER):
             raise self._bad(f"header length {n} exceeds the file ({size} bytes)")
         raw = self._f.read(n)
+        listed, data_size = raw.count(b'"data_offsets"'), size - 8 - n
+        if listed > min(MAX_TENSORS, data_size + MAX_EMPTY):
+            raise self._bad(f"the header lists {listed:,} tensors for {data_size:,} bytes of data")
         try:
             header = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, absurd numbers or nesting
@@ -86,7 +93,6 @@ class SafetensorsFile:
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise self._bad("__metadata__ must map strings to strings")
-        data_size = size - 8 - n
         tensors: Dict[str, TensorInfo] = {}
         for name, entry in header.items():
             tensors[name] = self._entry(name, entry, data_size)
@@ -106,6 +112,8 @@ class SafetensorsFile:
         if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                                                   for x in shape):
             raise self._bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if math.prod(x for x in shape if x) >= 1 << 62:  # torch's sizes are int64, even with a 0 dim
+            raise self._bad(f"tensor {name!r} has an impossible shape {shape!r}")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in offs)):
             raise self._bad(f"tensor {name!r} has invalid data_offsets {offs!r}")

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
+from . import paths
 from . import provenance as provenance_record
 from . import refs
 from .adapter import LoraAdapter
@@ -39,10 +40,11 @@ class PushPlan:
     kind: str  # "adapter" or "model"
     revision: Optional[str] = None
     summary: Dict[str, object] = field(default_factory=dict)
+    card_source: str = "(model card, generated)"
 
     def rows(self) -> List[List[object]]:
         return [[p, os.path.getsize(src), src] for p, src in sorted(self.files.items())] + \
-               [["README.md", len(self.card.encode("utf-8")), "(model card, generated)"]]
+               [["README.md", len(self.card.encode("utf-8")), self.card_source]]
 
 
 def provenance(adapter: LoraAdapter) -> Optional[dict]:
@@ -118,7 +120,7 @@ def merged_card(repo_id: str, base: str, adapters: Sequence[str], weights: Seque
     base_id = refs.hub_id(base)
     library = None
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        with paths.open_input(os.path.join(folder, "config.json"), "r", encoding="utf-8") as f:
             library = "transformers" if json.load(f).get("architectures") else None
     except (OSError, ValueError):
         pass
@@ -136,16 +138,41 @@ Merged with [loratools](https://github.com/loratools/loratools).
     return _yaml_card(data, body)
 
 
+CARD_MODES = ("merge", "replace")
+
+
+def keep_readme(card: str, readme: str) -> str:
+    """The user's README text with the generated card's metadata merged into its YAML block (the
+    user's own non-empty values win; tags are joined)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    ours, theirs = ModelCard(card), ModelCard(readme, ignore_metadata_errors=True)
+    mine, yours = ours.data.to_dict(), theirs.data.to_dict()
+    merged = {**mine, **{k: v for k, v in yours.items() if v not in (None, "", [], {})}}  # blanks (PEFT's stub)
+    tags = list(dict.fromkeys(list(mine.get("tags") or []) + list(yours.get("tags") or [])))
+    if tags:
+        merged["tags"] = tags
+    return _yaml_card(ModelCardData(**merged), theirs.text)
+
+
 def plan_adapter_push(adapter_ref: str, repo_id: str, revision: Optional[str] = None,
-                      base_model: Optional[str] = None) -> PushPlan:
+                      base_model: Optional[str] = None, card: str = "merge") -> PushPlan:
     """Read and check the adapter (local or on the Hub), list its files, write its card. No network
-    unless the adapter itself is a Hub reference."""
+    unless the adapter itself is a Hub reference. card: "merge" keeps the adapter folder's own
+    README.md (with the generated metadata merged into it), "replace" writes the generated card."""
+    if card not in CARD_MODES:
+        raise UsageError(f"unknown card mode {card!r}: use one of {', '.join(CARD_MODES)}")
     path = refs.local_path(adapter_ref, fetch_adapter)
     adapter = read_adapter(path)
     check_adapter(adapter, adapter_ref)
     files = adapter_files(path, adapter)
     summary = {"format": adapter.format, "modules": len(adapter), "ranks": sorted(set(adapter.ranks))}
-    return PushPlan(repo_id, files, adapter_card(adapter, repo_id, base_model), "adapter", revision, summary)
+    text, source = adapter_card(adapter, repo_id, base_model), "(model card, generated)"
+    readme = os.path.join(path, "README.md")
+    if card == "merge" and os.path.isdir(path) and os.path.isfile(readme):
+        with open(readme, encoding="utf-8") as f:
+            text, source = keep_readme(text, f.read()), "(your README.md + generated metadata)"
+    return PushPlan(repo_id, files, text, "adapter", revision, summary, source)
 
 
 def plan_folder_push(folder: str, repo_id: str, card: str, revision: Optional[str] = None) -> PushPlan:
@@ -177,6 +204,7 @@ class Pulled:
     commit: Optional[str]
 
 
+@paths.guarded
 def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None) -> Pulled:
     """Download the adapter that Hub reference `ref` names (a refs.HubRef or `user/repo[@rev][/sub]`,
     always read as a Hub reference); with `output`, copy its files (real files, not cache symlinks)

@@ -123,6 +123,8 @@ def adapter_cases():
         "st_negative_dimension": ("unreadable", st({"a": entry("F32", [-2], 0, 8)}, b"\0" * 8)),
         "st_metadata_not_strings": ("unreadable", st({"__metadata__": {"a": 1}, "a": ok}, b"\0" * 8)),
         "st_entry_not_object": ("unreadable", st({"a": 5}, b"")),
+        "st_dim_2_63_with_a_zero_dim": ("unreadable", st({"a": entry("F32", [2**63, 0], 0, 0), "b": ok}, b"\0" * 8)),
+        "st_dims_overflow_int64": ("unreadable", st({"a": entry("F32", [0, 2**40, 2**40], 0, 0), "b": ok}, b"\0" * 8)),
         # -- the factors
         "rank_mismatch": ("unreadable", peft(lambda g: g.with_(**{B: r32(32, 3)}))),
         "factors_1d": ("unreadable", peft(lambda g: g.with_(**{A: r32(128), B: r32(32)}))),
@@ -148,6 +150,10 @@ def adapter_cases():
         "config_bad_pattern_regex": ("unreadable", peft(config=lambda g: g.cfg(rank_pattern={"(": 2}))),
         "config_pattern_a_list": ("unreadable", peft(config=lambda g: g.cfg(alpha_pattern=["q_proj"]))),
         "config_not_lora": ("unreadable", peft(config=lambda g: g.cfg(peft_type="PREFIX_TUNING"))),
+        "config_alpha_10e400": ("unreadable", peft(config=lambda g: g.cfg(lora_alpha=10**400))),
+        "config_rank_pattern_10e400": ("unreadable", peft(config=lambda g: g.cfg(rank_pattern={"q_proj": 10**400}))),
+        "config_alpha_pattern_10e400": ("unreadable", peft(config=lambda g: g.cfg(alpha_pattern={"q_proj": 10**400}))),
+        "config_target_modules_bad_regex": ("unreadable", peft(config=lambda g: g.cfg(target_modules="("))),
         "missing_config": ("unreadable", lambda d, g: write_peft(d, tensors=g.tensors)),
         "missing_weights": ("unreadable", lambda d, g: write_peft(d, config=g.config)),
         "weights_a_directory": ("unreadable", special(lambda d, g: (write_peft(d, config=g.config),
@@ -239,6 +245,10 @@ def single_file_cases():
         "diffusers_metadata_bad_alpha": ("unreadable", diffusers({"lora_adapter_metadata": '{"unet.lora_alpha": "x"}'})),
         "diffusers_metadata_bad_pattern": ("unreadable", diffusers({"lora_adapter_metadata":
                                                                     '{"unet.alpha_pattern": {"[": 2}}'})),
+        "diffusers_metadata_alpha_10e400": ("unreadable", diffusers({"lora_adapter_metadata":
+                                                                     '{"unet.lora_alpha": 1' + "0" * 400 + "}"})),
+        "diffusers_metadata_r_10e400": ("unreadable", diffusers({"lora_adapter_metadata":
+                                                                 '{"unet.r": 1' + "0" * 400 + "}"})),
         "diffusers_inf_A": ("invalid", diffusers(lora_A__weight=torch.full((4, 320), float("inf")))),
     }
 
@@ -317,6 +327,7 @@ def base_cases():
         "base_index_names_missing_shard": from_good(edit_index(lambda i: i["weight_map"].update(x="model-9.safetensors"))),
         "base_index_disagrees": from_good(edit_index(lambda i: i["weight_map"].pop(Q + ".weight"))),
         "base_index_shard_not_a_string": from_good(edit_index(lambda i: i["weight_map"].update({Q + ".weight": 7}))),
+        "base_index_metadata_a_list": from_good(edit_index(lambda i: i.update(metadata=[1]))),
         "base_integer_weights": from_good(int_weights),
         "base_tensor_in_two_shards": from_good(duplicate),
         "base_several_files_no_index": from_good(lambda d: os.remove(os.path.join(d, "model.safetensors.index.json"))),

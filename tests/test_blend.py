@@ -11,7 +11,7 @@ import torch
 
 from _tiny import assert_close_rel
 from loratools import LoraAdapter, LoraModule, read_adapter, write_adapter
-from loratools.blend import blend, quantile
+from loratools.blending import blend, quantile
 from loratools.cli.main import main
 from loratools.errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 
@@ -221,7 +221,7 @@ def test_cli_weights_report_and_errors(three_peft, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("loratools: error:") and len(err.strip().splitlines()) == 1
     assert open(tmp_path / "o" / "adapter_model.safetensors", "rb").read() == before
-    assert main(args + ["--method", "cat", "--overwrite"]) == 0
+    assert main(args[:-1] + ["--method", "cat", "--overwrite"]) == 0  # without -q: the report table
     assert "TOTAL" in capsys.readouterr().err
     assert main(["blend", f"{paths[0]}:x", "-o", str(tmp_path / "p")]) == 2
     assert main(["blend", paths[0], "--method", "ties", "-o", str(tmp_path / "p")]) == 2

@@ -9,7 +9,7 @@ import torch
 
 from _tiny import assert_close_rel, load_folder, peft_adapter, save_base, tiny_llama
 from loratools import merge
-from loratools.blend import blend
+from loratools.blending import blend
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

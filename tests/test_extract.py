@@ -15,7 +15,7 @@ from torch import nn
 from loratools import read_adapter
 from loratools.cli.main import main
 from loratools.errors import IncompatibleError, ShapeMismatchError, UsageError
-from loratools.extract import extract
+from loratools.extraction import extract
 
 warnings.filterwarnings("ignore", message=".*loratools._C is not built.*")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -290,7 +290,7 @@ def test_gpt2_conv1d_extract_matches_peft(tmp_path, flag):
 
 
 def test_default_base_name_keeps_hub_references(tmp_path):
-    from loratools.extract import default_base_name
+    from loratools.extraction import default_base_name
 
     assert default_base_name("someone/llama@v2") == "someone/llama@v2"  # not turned into a local path
     os.makedirs(tmp_path / "base")

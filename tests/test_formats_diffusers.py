@@ -45,7 +45,7 @@ def test_round_trips_through_every_format_are_bit_exact(lora):
     d, models, adapter = lora
     src = adapter
     for i, fmt in enumerate(["diffusers", "kohya", "peft_diffusion", "diffusers"]):
-        out = write_adapter(src, str(d / f"rt{i}_{fmt}"), format=fmt)
+        out = write_adapter(src, str(d / f"rt{i}_{fmt}{'.safetensors' if fmt == 'kohya' else ''}"), format=fmt)
         src = read_adapter(out)
         assert src.format == fmt and set(src.modules) == set(adapter.modules)
         for name, m in src.modules.items():

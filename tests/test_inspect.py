@@ -11,7 +11,7 @@ import torch
 from _tiny import TinyConvNet, peft_adapter, tiny_llama
 from loratools import read_adapter
 from loratools.cli.main import main
-from loratools.inspection import delta_norm, report
+from loratools.inspection import report
 
 peft = pytest.importorskip("peft")
 
@@ -79,7 +79,7 @@ def test_conv_and_tucker_norms(tmp_path):
     up, mid, down = torch.randn(6, 3, 1, 1), torch.randn(3, 3, 3, 3), torch.randn(3, 5, 1, 1)
     m = LoraModule("t", down=down, up=up, alpha=2.0, kind="conv", mid=mid)
     dense = torch.einsum("oa,abhw,bi->oihw", up.flatten(1).double(), mid.double(), down.flatten(1).double()) * (2 / 3)
-    assert delta_norm(m) == pytest.approx(torch.linalg.vector_norm(dense).item(), rel=1e-6)
+    assert m.delta_norm() == pytest.approx(torch.linalg.vector_norm(dense).item(), rel=1e-6)
 
 
 def test_cli_table_and_json(model, tmp_path, capsys):

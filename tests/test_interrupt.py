@@ -127,6 +127,8 @@ def _start_full_disk(root, base, adapter):
     os.makedirs(out)
     with open(os.path.join(out, "keep.txt"), "w") as f:
         f.write("previous output")
+    with open(os.path.join(out, "config.json"), "w") as f:  # a model folder: --overwrite may replace it
+        f.write("{}")
     hashes = tree_hash(base), tree_hash(adapter), tree_hash(out)
     proc = start_merge(base, adapter, out, extra=["--overwrite"], preexec_fn=_limit_file_size(3 << 20))
     return {"folder": folder, "out": out, "proc": proc, "tmp": None, "before": hashes}
@@ -171,10 +173,12 @@ def test_exception_half_way_removes_temporary_and_restores(tmp_path):
     assert os.listdir(tmp_path) == []
     os.makedirs(target)
     (target / "old").write_text("old")
+    (target / "config.json").write_text("{}")  # a model folder: --overwrite may replace it
     with pytest.raises(KeyboardInterrupt):
         with atomic_output(target, overwrite=True) as tmp:
             raise KeyboardInterrupt
     assert os.listdir(tmp_path) == ["out"] and (target / "old").read_text() == "old"
+    assert sorted(os.listdir(target)) == ["config.json", "old"]
 
 
 def _dead_pid() -> int:

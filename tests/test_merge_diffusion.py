@@ -24,7 +24,7 @@ from loratools import LoraAdapter, LoraModule, merge, safetensors_io, write_adap
 from loratools.archs.ldm import LdmLayout
 from loratools.checkpoint import Checkpoint
 from loratools.cli.main import main
-from loratools.merge import describe
+from loratools.merging import describe
 from loratools.errors import IncompatibleError, NonFiniteError, OutputExistsError, ShapeMismatchError
 
 pytestmark = pytest.mark.filterwarnings("ignore:loratools._C is not built:RuntimeWarning")

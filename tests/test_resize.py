@@ -17,7 +17,7 @@ from loratools.adapter import LoraAdapter, LoraModule
 from loratools.cli.main import main
 from loratools.errors import NonFiniteError, UsageError
 from loratools.linalg import select_rank
-from loratools.resize import resize, resize_module
+from loratools.resizing import resize, resize_module
 
 warnings.filterwarnings("ignore", message=".*loratools._C is not built.*")
 

@@ -13,7 +13,7 @@ from _tiny import foreign_adapters, load_folder, peft_adapter, run_cli as run, s
 from loratools import merge, read_adapter
 from loratools.adapter import LoraAdapter, LoraModule
 from loratools.errors import IncompatibleError, NonFiniteError, ShapeMismatchError
-from loratools.validate import check_adapter, raise_errors, validate
+from loratools.checks import check_adapter, check_all, raise_errors
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_merge_runs_the_same_checks_on_adapter_objects(setup, tmp_path):
         with pytest.raises(exc, match=msg):
             merge(setup / "base", [adapter], tmp_path / "out")
         assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path) == []
-        assert any(f.severity == "error" for f in validate(adapter))
+        assert any(f.severity == "error" for f in check_all(adapter))
 
 
 def test_non_finite_result_from_finite_factors(setup, tmp_path, capsys):
@@ -142,7 +142,7 @@ def test_non_finite_result_from_finite_factors(setup, tmp_path, capsys):
 
 def test_raise_errors_groups_absent_modules(setup):
     from loratools.checkpoint import Checkpoint
-    from loratools.validate import check_base
+    from loratools.checks import check_base
 
     adapter = read_adapter(setup / "gpt2")
     findings = check_base(adapter, Checkpoint(setup / "base"))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from _tiny import run_cli as run
 from loratools import write_adapter
-from loratools.merge import open_base
+from loratools.bases import open_base
 from test_merge_diffusion import Case, build_single_file, from_single_file, _text_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:loratools._C is not built:RuntimeWarning")

@@ -13,8 +13,10 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from .. import paths
 from ..checkpoint import Checkpoint, model_path
 from ..errors import FormatError
+from .gguf_names import GgufArch
 from .ldm import ldm_unet_names, to_ldm
 
 MANIFEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "manifests")
@@ -85,6 +87,16 @@ class NameMap:
         return cls(f"the {arch} manifest", modules, aliases)
 
     @classmethod
+    def for_llm(cls, arch: GgufArch) -> "NameMap":
+        """A decoder LLM (a GGUF base): one model, no pipeline components, so a kohya-named LLM LoRA
+        (`lora_unet_model_layers_0_self_attn_q_proj`, `lora_te_…`) resolves under any kohya prefix."""
+        nm = cls(f"the {arch.arch} GGUF model", {})
+        for name in arch.name_map():
+            for comp in set(KOHYA_PREFIXES.values()):
+                nm._add(comp, name, name)
+        return nm
+
+    @classmethod
     def from_base(cls, path: str) -> "NameMap":
         modules, aliases = base_modules(path)
         return cls(f"base {path}", modules, aliases)
@@ -128,7 +140,7 @@ def base_modules(path: str) -> Tuple[Dict[str, Shape], Dict[str, str]]:
 
 def _read_json(path: str) -> Optional[dict]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with paths.open_input(path, "r", encoding="utf-8") as f:
             data = json.load(f)
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
@@ -152,7 +164,10 @@ def resolve_kohya(lora_names: Iterable[str], base: Optional[str] = None
     Ambiguous names (two real modules flatten alike) raise FormatError.
     """
     names = list(lora_names)
-    maps = [NameMap.from_base(base)] if base else [NameMap.from_manifest(a) for a in ARCHS]
+    if isinstance(base, GgufArch):  # merging into a GGUF model: its module names
+        maps = [NameMap.for_llm(base)]
+    else:
+        maps = [NameMap.from_base(base)] if base else [NameMap.from_manifest(a) for a in ARCHS]
     best = None
     for nm in maps:
         mapping, unmatched, ambiguous = {}, [], []

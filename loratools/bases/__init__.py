@@ -1,7 +1,7 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `QuantizedBase` (bitsandbytes 4-bit/8-bit
-or FP8 model folder). `open_base` picks the kind.
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `GgufBase` (a llama.cpp / Ollama GGUF model),
+`QuantizedBase` (bitsandbytes 4-bit/8-bit or FP8 model folder). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from ..archs import COMPONENTS
 from ..archs.ldm import is_ldm_checkpoint
 from ..checkpoint import Checkpoint, model_path
 from ..safetensors_io import SafetensorsFile
-from .core import Base, MergePlan, Term, merge_tensor, output_dtype, plan_merge
+from .core import Base, MergePlan, Term, merge_tensor, plan_merge
 from .folder import ModelFolderBase
+from .gguf import GgufBase, open_gguf_base
 from .pipeline import PipelineBase
 from .quantized import QuantizedBase, is_quantized, read_config
 from .single_file import SingleFileBase
 
-__all__ = ["Base", "MergePlan", "Term", "merge_tensor", "output_dtype", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase", "QuantizedBase"]
+__all__ = ["Base", "MergePlan", "Term", "merge_tensor", "plan_merge", "open_base",
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "GgufBase", "QuantizedBase"]
 
 
 def open_base(base) -> Base:
@@ -28,6 +29,9 @@ def open_base(base) -> Base:
     if not isinstance(base, (str, os.PathLike)):
         return base
     path = model_path(base, COMPONENTS)  # also a Hub reference
+    gguf = open_gguf_base(path)
+    if gguf is not None:
+        return gguf
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
         return PipelineBase(path)
     if os.path.isfile(path) and path.endswith(".safetensors"):

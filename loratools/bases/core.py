@@ -1,4 +1,4 @@
-"""What every base kind shares: the merge plan, the merged tensor and the output dtype rule.
+"""What every base kind shares: the merge plan, the merged tensor.
 
 A `Base` (see `Base` below) is a model to merge into: a Hugging Face model folder, a diffusers
 pipeline folder or a single-file SD checkpoint, one class each in this package. `plan_merge`
@@ -16,7 +16,8 @@ import torch
 from .. import ops
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import IncompatibleError, NonFiniteError, UsageError
-from ..validate import check_adapter, check_base, extra_target, raise_errors
+from ..report import Report
+from ..checks import check_adapter, check_base, extra_target, raise_errors
 
 _FP32_MAX = torch.finfo(torch.float32).max
 Progress = Optional[Callable[[str], None]]
@@ -32,17 +33,26 @@ class Term:
         return self.weight * self.module.scale
 
 
-@dataclass
-class MergePlan:
+@dataclass(repr=False)
+class MergePlan(Report):
     """What a merge will do: per base tensor, the LoRA terms and the replacement (extra) tensor."""
 
     terms: Dict[str, List[Term]] = field(default_factory=dict)
     replace: Dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: List[Tuple[LoraAdapter, float]] = field(default_factory=list)
+    # bases with storage types of their own (GGUF): tensor -> (its type, the type written), and the
+    # relative error that quantizing a merged tensor again added (filled in by `write`)
+    types: Dict[str, Tuple[str, str]] = field(default_factory=dict)
+    quant_error: Dict[str, float] = field(default_factory=dict)
+    not_copied: List[str] = field(default_factory=list)  # files of the base left out of the output (why)
 
     @property
     def num_modules(self) -> int:
         return sum(len(t) for t in self.terms.values())
+
+    def summary(self) -> dict:
+        return {"adapters": len(self.adapters), "weights": [w for _, w in self.adapters],
+                "modules": self.num_modules, "merged": len(self.terms), "replaced": len(self.replace)}
 
 
 class Base(Protocol):
@@ -61,7 +71,11 @@ class Base(Protocol):
 
     def read(self, name: str) -> torch.Tensor: ...
 
-    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> "MergePlan": ...
+    # reader options a merge passes on when it reads adapters for this base (e.g. GGUF head counts)
+    adapter_options: Dict[str, object]
+
+    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> "MergePlan":
+        """`out_type`: a storage type of the base's own for merged tensors (GGUF: q8_0 …); others refuse it."""
 
     def write(self, plan: "MergePlan", output: str, out_dtype: Optional[torch.dtype], overwrite: bool,
               check_finite: bool, progress: Progress) -> None: ...
@@ -69,9 +83,9 @@ class Base(Protocol):
     def describe(self) -> str: ...
 
 
-def output_dtype(src: torch.dtype, out_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """--dtype converts the floating tensors a merge can handle; everything else keeps its dtype."""
-    return out_dtype if (out_dtype is not None and src in ops.FLOAT_DTYPES) else src
+def refuse_out_type(base: Base, out_type: Optional[str]) -> None:
+    if out_type is not None:
+        raise UsageError(f"--out-type {out_type}: a {base.kind} has no storage types of its own (use --dtype)")
 
 
 def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:

@@ -15,7 +15,8 @@ import torch
 from ..adapter import LoraAdapter, LoraModule
 from ..archs.family import mismatch
 from ..errors import IncompatibleError
-from .core import MergePlan, merge_tensor, output_dtype, plan_merge
+from ..dtypes import output_dtype
+from .core import MergePlan, merge_tensor, plan_merge, refuse_out_type
 
 Real = Tuple[Optional[str], str]  # (pipeline component or None for a single file, tensor name)
 
@@ -37,6 +38,7 @@ class DiffusionBase:
     noun = "checkpoint"  # how a family mismatch names this base: "SDXL LoRA, SD 1.x checkpoint"
     shards: List[str] = []
     infos: Dict[str, object] = {}
+    adapter_options: Dict[str, object] = {}
 
     @property
     def num_tensors(self) -> int:
@@ -78,8 +80,9 @@ class DiffusionBase:
     def read_real(self, real: Real) -> torch.Tensor:
         raise NotImplementedError
 
-    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
+    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> MergePlan:
         """Check every module names a component, fit 1×1 conv/linear layouts, then plan_merge."""
+        refuse_out_type(self, out_type)
         unknown = [m.name for a, _ in adapters for m in a if m.name.partition(".")[0] not in self.components]
         unknown += [n for a, _ in adapters for n in a.extra if n.partition(".")[0] not in self.components]
         if unknown:

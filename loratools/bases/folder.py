@@ -2,7 +2,6 @@
 or one plain `.safetensors` file of such weights: parameter names are the file's own."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -10,12 +9,13 @@ import torch
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, rewrite
-from ..errors import UsageError
-from .core import MergePlan, Progress, merge_tensor, output_dtype, plan_merge
+from ..dtypes import output_dtype
+from .core import MergePlan, Progress, merge_tensor, plan_merge, refuse_out_type
 
 
 class ModelFolderBase:
     kind = "model folder"
+    adapter_options: dict = {}
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -34,13 +34,12 @@ class ModelFolderBase:
     def read(self, name: str) -> torch.Tensor:
         return self.ckpt.read(name)
 
-    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
+    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> MergePlan:
+        refuse_out_type(self, out_type)
         return plan_merge(self.ckpt, adapters)
 
     def write(self, plan: MergePlan, output: str, out_dtype: Optional[torch.dtype], overwrite: bool,
               check_finite: bool, progress: Progress) -> None:
-        if os.path.abspath(output) == self.folder:
-            raise UsageError("the output must not be the base folder itself")
         ckpt = self.ckpt
 
         def dtype_of(name: str) -> torch.dtype:
@@ -51,8 +50,8 @@ class ModelFolderBase:
                                 check_finite)
 
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
-            rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
-                    unchanged=lambda n: n not in plan.terms and n not in plan.replace)
+            plan.not_copied = rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
+                                      unchanged=lambda n: n not in plan.terms and n not in plan.replace)
 
     def describe(self) -> str:
         return f"{self.folder} ({self.kind}, {len(self.ckpt.shards)} shard(s), {self.num_tensors} tensors)"

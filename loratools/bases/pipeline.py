@@ -6,10 +6,11 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from .. import paths
 from ..archs.family import pipeline_family
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, copy_other_files, rewrite
-from ..errors import FormatError, UsageError
+from ..errors import FormatError
 from .diffusion import DiffusionBase, Loc
 
 
@@ -40,13 +41,13 @@ class PipelineBase(DiffusionBase):
         self.shards = [f"{c}/{s}" for c, ck in self.ckpts.items() for s in ck.shards]
         self.infos = {f"{c}/{n}": i for c, ck in self.ckpts.items() for n, i in ck.infos.items()}
 
-    def plan(self, adapters):
+    def plan(self, adapters, out_type=None):
         comps = {m.name.partition(".")[0] for a, _ in adapters for m in a}
         bad = sorted(comps & set(self.no_safetensors))
         if bad:
             raise FormatError(f"{self.folder}: component(s) {', '.join(bad)} hold only .bin/.pt weights; loratools "
                               "merges safetensors (re-save with `save_pretrained(..., safe_serialization=True)`)")
-        return super().plan(adapters)
+        return super().plan(adapters, out_type)
 
     def locate(self, name: str) -> Optional[Loc]:
         comp, _, rest = name.partition(".")
@@ -69,19 +70,18 @@ class PipelineBase(DiffusionBase):
         return self.ckpts[real[0]].read(real[1])
 
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
-        if os.path.abspath(output) == self.folder:
-            raise UsageError("the output must not be the base folder itself")
         writer_args = self._writer_args(plan, out_dtype, check_finite)
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
             for comp, ck in self.ckpts.items():
                 os.makedirs(os.path.join(tmp, comp))
-                rewrite(ck, os.path.join(tmp, comp), on_tensor=progress, **writer_args(comp))
-            copy_other_files(self.folder, tmp, skip=list(self.ckpts))
+                left_out = rewrite(ck, os.path.join(tmp, comp), on_tensor=progress, **writer_args(comp))
+                plan.not_copied += [f"{comp}/{entry}" for entry in left_out]
+            plan.not_copied += copy_other_files(self.folder, tmp, skip=list(self.ckpts), nested_weights=True)
 
 
 def read_model_index(folder: str) -> dict:
     try:
-        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        with paths.open_input(os.path.join(folder, "model_index.json"), "r", encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise FormatError(f"{folder}/model_index.json: unreadable ({e.__class__.__name__})") from None

@@ -5,7 +5,7 @@ quantized weight under its own name, in its logical shape, dequantized exactly (
 tensors and without `quantization_config` in config.json, so plain `from_pretrained` loads it and
 GGUF converters read it; or, with `requantize`, the merged weights quantized again into the same
 layout (unmerged weights are copied byte for byte), with the error of each requantized weight in
-`requant_errors`. One shard open and one dequantized weight in memory at a time.
+the plan's `quant_error` (as for GGUF). One shard open and one dequantized weight in memory at a time.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from .. import quant
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, copy_other_files
+from ..dtypes import FP8, dtype_name, output_dtype
 from ..errors import FormatError, UsageError
 from ..safetensors_io import SafetensorsFile, StreamingWriter
-from .core import MergePlan, Progress, merge_tensor, output_dtype, plan_merge
+from .core import MergePlan, Progress, merge_tensor, plan_merge
 
 CONFIG = "config.json"
 DEFAULT_DTYPE = torch.bfloat16
@@ -43,11 +44,13 @@ def is_quantized(ckpt: Checkpoint, config: Optional[dict]) -> bool:
     """config.json names a quantization, or the tensors carry quantization parts."""
     if quant.quant_method(config) is not None:
         return True
-    return any(n.endswith(".SCB") or quant.QS_PREFIX in n or i.dtype in quant.FP8_DTYPES
+    return any(n.endswith(".SCB") or quant.QS_PREFIX in n or i.dtype in FP8
                for n, i in ckpt.infos.items())
 
 
 class QuantizedBase:
+    adapter_options: dict = {}
+
     def __init__(self, ckpt: Checkpoint, config: Optional[dict] = None, requantize: bool = False):
         self.ckpt, self.folder = ckpt, ckpt.folder
         self.config = config if config is not None else read_config(ckpt.folder)
@@ -56,7 +59,6 @@ class QuantizedBase:
         self.part_of = {p: qw for qw in self.weights.values() for p in qw.parts.values()}
         self.num_tensors = len(ckpt.infos)
         self.requantize = requantize
-        self.requant_errors: Dict[str, float] = {}  # ‖deq(q(W')) − W'‖ / ‖W'‖ per requantized weight
         self.kind = f"quantized model folder ({quant.describe(self.weights.values())})"
 
     def __contains__(self, name: str) -> bool:
@@ -76,7 +78,10 @@ class QuantizedBase:
         qw = self.weights.get(name)
         return quant.dequantize(qw, self.parts(qw)) if qw is not None else self.ckpt.read(name)
 
-    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
+    def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> MergePlan:
+        if out_type is not None:
+            raise UsageError(f"--out-type {out_type} is for GGUF bases: a {self.kind} is written plain "
+                             "(--dtype) or in its own format (--requantize)")
         return plan_merge(self, adapters)
 
     def describe(self) -> str:
@@ -87,11 +92,8 @@ class QuantizedBase:
 
     def write(self, plan: MergePlan, output: str, out_dtype: Optional[torch.dtype], overwrite: bool,
               check_finite: bool, progress: Progress) -> None:
-        if os.path.abspath(output) == self.folder:
-            raise UsageError("the output must not be the base folder itself")
         if out_dtype is None and not self.requantize:
             out_dtype = DEFAULT_DTYPE
-        self.requant_errors = {}
         pending: Dict[str, torch.Tensor] = {}  # requantized parts not yet written
         weight_map: Dict[str, str] = {}
         total = 0
@@ -113,7 +115,7 @@ class QuantizedBase:
                     if progress:
                         progress(name)
             skip = list(self.ckpt.weight_files) + [CONFIG]
-            copy_other_files(self.folder, tmp, skip)
+            plan.not_copied = copy_other_files(self.folder, tmp, skip)
             if self.ckpt.index is not None:
                 index = dict(self.ckpt.index, weight_map=weight_map)
                 index["metadata"] = dict(index.get("metadata") or {}, total_size=total)
@@ -156,7 +158,9 @@ class QuantizedBase:
             merged = merge_tensor(qw.name, quant.dequantize(qw, like), terms, repl, torch.float32, check_finite)
             new = quant.quantize(qw, merged, like)
             back = quant.dequantize(qw, new)
-            self.requant_errors[qw.name] = float((back - merged).norm() / merged.norm().clamp(min=1e-30))
+            # ‖deq(q(W')) − W'‖ / ‖W'‖, reported like GGUF's requantization
+            plan.quant_error[qw.name] = float((back - merged).norm() / merged.norm().clamp(min=1e-30))
+            plan.types[qw.name] = (qw.scheme, qw.scheme)
             pending.update({qw.parts[role]: t for role, t in new.items()})
         writer.write(name, pending.pop(name))
 
@@ -165,9 +169,9 @@ class QuantizedBase:
         if not self.requantize:
             config.pop("quantization_config", None)
             key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
-            config[key] = str(out_dtype).replace("torch.", "")
+            config[key] = dtype_name(out_dtype)
         elif out_dtype is not None:
-            config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(out_dtype).replace("torch.", "")
+            config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name(out_dtype)
         return config
 
 

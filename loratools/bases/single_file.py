@@ -8,7 +8,7 @@ from ..archs.family import LDM_ARCHS
 from ..archs.ldm import LdmLayout
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, rewrite_file
-from ..errors import FormatError, UsageError
+from ..errors import FormatError
 from .diffusion import DiffusionBase, Loc
 
 
@@ -45,8 +45,6 @@ class SingleFileBase(DiffusionBase):
         return self.ckpt.read(real[1])
 
     def write(self, plan, output, out_dtype, overwrite, check_finite, progress):
-        if os.path.abspath(output) == self.path:
-            raise UsageError("the output must not be the base file itself")
         writer_args = self._writer_args(plan, out_dtype, check_finite)
         with atomic_output(output, overwrite=overwrite, directory=False) as tmp:
             rewrite_file(self.path, tmp, on_tensor=progress, **writer_args(None))

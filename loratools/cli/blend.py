@@ -1,29 +1,18 @@
 """`loratools blend ADAPTER[:WEIGHT] ... --method M [--rank K] -o OUT`"""
 from __future__ import annotations
 
-import os
-
 import click
 
-from ..blend import METHODS, SIGN_METHODS, SVD_MODES, blend as run_blend
-from ..errors import UsageError
-from ..formats import FORMATS
-from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
-
-
-def parse_spec(spec: str):
-    """`path[:weight]`: a trailing `:number` is a weight unless the whole string is an existing path."""
-    if os.path.exists(spec) or ":" not in spec:
-        return spec, 1.0
-    path, _, tail = spec.rpartition(":")
-    try:
-        return path, float(tail)
-    except ValueError:
-        raise UsageError(f"{spec}: expected ADAPTER or ADAPTER:WEIGHT with a number as WEIGHT") from None
+from ..blending import METHODS, SIGN_METHODS, SVD_MODES, blend as run_blend
+from ..formats import WRITABLE, detect, output_is_folder as check_output_kind, read_adapter
+from ..inspection import adapter_bytes
+from .common import (ADAPTERS_METAVAR, dry_run_line, dry_run_option, emit_json, format_option, output_option,
+                     overwrite_option, progress_bar, quiet_option, table, weight_option, weighted_adapters)
 
 
 @click.command("blend")
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.argument("adapters", nargs=-1, required=True, metavar=ADAPTERS_METAVAR)
+@weight_option
 @click.option("-m", "--method", type=click.Choice(METHODS), default="svd", show_default=True,
               help="cat: exact, rank Σr. svd: best rank-K of the exact weighted sum. linear: PEFT/kohya factor "
                    "averaging (approximate). ties, dare_linear, dare_ties, magnitude_prune: element-wise on ΔW.")
@@ -39,21 +28,31 @@ def parse_spec(spec: str):
               help="Clamp the factors at this quantile, as kohya does (e.g. 0.99).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype of the output factors (default: the first adapter's).")
-@click.option("--to", "to", type=click.Choice(sorted(FORMATS)), default=None,
+@click.option("--to", "to", type=click.Choice(WRITABLE), default=None,
               help="Output format (default: the first adapter's).")
 @output_option
+@dry_run_option
 @overwrite_option
 @format_option
 @quiet_option
-def command(adapters, method, rank, density, majority_sign, seed, svd_mode, clamp, dtype, to, output, overwrite,
-            fmt, quiet):
+def command(adapters, weights, method, rank, density, majority_sign, seed, svd_mode, clamp, dtype, to, output,
+            dry_run, overwrite, fmt, quiet):
     """Blend several LoRA ADAPTERS (each optionally weighted as PATH:WEIGHT, weights may be negative)
-    into one adapter written to OUTPUT, and report per module the Frobenius norm retained."""
-    paths, weights = zip(*(parse_spec(a) for a in adapters))
+    into one adapter written to OUTPUT, and report per module the Frobenius norm retained.
+
+    \b
+    Examples:
+      loratools blend style/:0.7 subject/:0.3 -m cat -o blended/
+      loratools blend a/ b/ c/ -w 0.5 -w 0.3 -w -0.2 -m svd --rank 16 -o blended/
+      loratools blend a.safetensors b.safetensors -m ties --density 0.5 --rank 16 -o ab.safetensors
+    """
+    paths, weights = weighted_adapters(adapters, weights)
+    if dry_run:
+        check_output_kind(output, to or detect(paths[0]))
     with progress_bar(None, f"blending ({method})", quiet) as bar:
-        _, report = run_blend(list(paths), list(weights), method=method, rank=rank, density=density,
+        result, report = run_blend(paths, weights, method=method, rank=rank, density=density,
                               majority_sign=majority_sign, seed=seed, svd=svd_mode, clamp=clamp,
-                              dtype=dtype, output=output, to=to, overwrite=overwrite,
+                              dtype=dtype, output=None if dry_run else output, to=to, overwrite=overwrite,
                               progress=lambda _name: bar.update(1))
     if fmt == "json":
         emit_json(dict(report.to_dict(), output=output))
@@ -63,5 +62,10 @@ def command(adapters, method, rank, density, majority_sign, seed, svd_mode, clam
     t = report.totals()
     rows.append(["TOTAL", t["rank_in"], t["rank_out"], f"{t['norm_target']:.4g}", f"{t['retained']:.4f}",
                  f"{t['rel_error']:.2e}"])
-    click.echo(table(rows, ["module", "ranks in", "rank out", "‖target‖", "retained", "rel. error"]), err=True)
+    if not quiet:
+        click.echo(table(rows, ["module", "ranks in", "rank out", "‖target‖", "retained", "rel. error"]), err=True)
+    if dry_run:
+        click.echo(dry_run_line(output, result.format, sum(adapter_bytes(read_adapter(p)) for p in paths),
+                                adapter_bytes(result)), err=True)
+        return
     click.echo(f"blended {len(paths)} adapter(s) with {method} into {t['modules']} module(s); wrote {output}", err=True)

@@ -2,21 +2,69 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from typing import List, Sequence, Tuple
 
 import click
 from tqdm import tqdm
+
+from ..errors import UsageError
 
 output_option = click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the result.")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="Report as a table on stderr or JSON on stdout.")
-quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
+dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would be written and write nothing.")
+weight_option = click.option("-w", "--weight", "weights", multiple=True, type=float,
+                             help="Weight per adapter, in order (default 1; same as ADAPTER:W). Negative subtracts.")
+ADAPTERS_METAVAR = "ADAPTER[:WEIGHT]..."
+
+
+def split_weight(spec: str) -> Tuple[str, float | None]:
+    """`path[:weight]`: a trailing `:number` is a weight unless the whole string is an existing path."""
+    path, _, tail = spec.rpartition(":")
+    if os.path.exists(spec) or ":" not in spec or "/" in tail:  # `hf://user/repo` has no weight
+        return spec, None
+    try:
+        return path, float(tail)
+    except ValueError:
+        raise UsageError(f"{spec}: expected ADAPTER or ADAPTER:WEIGHT with a number as WEIGHT") from None
+
+
+def weighted_adapters(specs: Sequence[str], weights: Sequence[float]) -> Tuple[List[str], List[float]]:
+    """(paths, weights) from ADAPTER[:WEIGHT] arguments and/or -w options (one form, not both)."""
+    paths, inline = zip(*(split_weight(s) for s in specs))
+    given = [w for w in inline if w is not None]
+    if given and weights:
+        raise UsageError("give weights as ADAPTER:WEIGHT or with -w, not both")
+    if given:
+        return list(paths), [1.0 if w is None else w for w in inline]
+    if weights and len(weights) != len(paths):
+        raise UsageError(f"{len(weights)} -w value(s) for {len(paths)} adapter(s): give one per adapter, in order")
+    return list(paths), list(weights) or [1.0] * len(paths)
 
 
 def progress_bar(total: int, desc: str, quiet: bool):
     """A tqdm bar on stderr (hidden when quiet or when stderr is not a terminal)."""
     return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=quiet or None, leave=False)
+
+
+def size(n) -> str:
+    """Bytes for people: '512 B', '3.2 MiB'."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def dry_run_line(output, fmt: str, in_bytes: int, out_bytes: int) -> str:
+    """What a dry run would have written; peak memory is the inputs and the result held at once."""
+    return (f"would write {output} ({fmt}, {size(out_bytes)} of tensors; peak memory about "
+            f"{size(in_bytes + out_bytes)}); nothing written (dry run)")
 
 
 def emit_json(obj) -> None:

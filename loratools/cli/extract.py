@@ -7,8 +7,8 @@ from ..atomic import check_output
 from ..archs import COMPONENTS
 from ..checkpoint import Checkpoint
 from ..formats import WRITABLE
-from ..extract import default_base_name, SVD_METHODS, extract
-from ..resize import check_rank_options
+from ..extraction import default_base_name, SVD_METHODS, extract
+from ..resizing import check_rank_options
 from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 
@@ -48,6 +48,7 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
 
     \b
       loratools extract base_model/ finetuned/ -o extracted/ --rank 32
+      loratools extract base_model/ finetuned/ -o dyn/ --rank 64 --dynamic sv_fro --param 0.9 --to kohya
     """
     check_rank_options(rank, conv_rank, dynamic, param)
     check_output(output, overwrite)
@@ -57,14 +58,14 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
             ckpt, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
             include=include, exclude=exclude, embeddings=embeddings, to=to,
             base_model_name=base_model_name or default_base_name(base),
-            dtype=dtype, svd=svd, n_iter=power_iters, component=component, overwrite=overwrite,
+            dtype=dtype, svd=svd, power_iters=power_iters, component=component, overwrite=overwrite,
             progress=lambda _name: bar.update(1),
             fan_in_fan_out=fan_in_fan_out)
     if fmt == "json":
         emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
                    "modules": [dict(m.as_dict(), svd=result.methods[m.name]) for m in result.modules],
                    "skipped": result.skipped})
-    else:
+    elif not quiet:
         rows = [r[:2] + r[3:] + [result.methods[m.name]] for r, m in zip(report_rows(result.modules), result.modules)]
         headers = REPORT_HEADERS[:2] + REPORT_HEADERS[3:] + ["svd"]
         click.echo(table(rows, headers), err=True)

@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import List, Optional
 
 import click
 
-from ..bases import open_base
-from ..errors import FormatError
-from ..formats import detect, read_adapter
-from ..inspection import report
-from ..validate import check_adapter, check_names
-from .common import emit_json, table
+from ..inspection import inspect
+from .common import emit_json, size, table
 
 
 def _fmt(x) -> str:
@@ -30,15 +25,6 @@ def _json_safe(obj):
     if isinstance(obj, list):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _size(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def _spread_line(spread: dict) -> str:
@@ -92,7 +78,7 @@ def render(rep: dict, modules: bool) -> str:
         f"DoRA        {'yes' if rep['dora'] else 'no'}",
         "dtype       " + ", ".join(f"{k} ({v} modules/tensors)" for k, v in rep["dtypes"].items()),
         f"parameters  {rep['parameters']:,} ({rep['lora_parameters']:,} in LoRA factors)",
-        f"bytes       {_size(rep['bytes'])} of tensors, {_size(rep['disk_bytes'])} on disk",
+        f"bytes       {size(rep['bytes'])} of tensors, {size(rep['disk_bytes'])} on disk",
         f"|ΔW| total  {_fmt(rep['delta_norm_total'])}",
     ]
     if rep["extra"]:
@@ -104,19 +90,6 @@ def render(rep: dict, modules: bool) -> str:
                  _fmt(r["scale"]), r["dtype"], r["parameters"], _fmt(r["delta_norm"])] for r in rep["module_list"]]
         lines += ["", table(rows, ["module", "kind", "weight", "rank", "alpha", "scale", "dtype", "params", "|ΔW|"])]
     return "\n".join(lines)
-
-
-def _refuse_model_folder(path: str) -> None:
-    """A model folder (config.json + weights, e.g. a quantized base) given as the adapter: say what it is."""
-    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
-        return
-    try:
-        detect(path)
-        return
-    except FormatError:
-        pass
-    raise FormatError(f"{path}: a base model, not an adapter: {open_base(path).describe()}; "
-                      "give it as --base to validate or merge")
 
 
 @click.command("inspect")
@@ -131,20 +104,20 @@ def command(adapter, fmt, summary, base):
     """Show what ADAPTER holds: format, detected model family (SD 1.x/2.x, SDXL, Flux …), kohya
     training metadata (network, dim/alpha, resolution, epochs/steps, dataset tags), base model,
     modules, ranks and alphas (and where they differ), scales, dtypes, parameters and bytes,
-    target modules, and ‖ΔW‖ per module. Examples:
+    target modules, and ‖ΔW‖ per module.
 
-    
+    Reads the adapter only; it never needs the base model (--base only names LyCORIS/kohya modules).
+
+    \b
+    Examples:
       loratools inspect my_lora.safetensors --summary
-      loratools inspect flux_lora.safetensors --format json
+      loratools inspect someone/llama-lora --format json
       loratools inspect loha.safetensors --base sdxl_pipeline/
     """
-    _refuse_model_folder(adapter)
-    # show even a broken adapter and list its problems; names no known model has are shown as they are
-    lora = read_adapter(adapter, check=False, base=base, keep_unmatched=True)
-    for f in check_names(lora):
+    result = inspect(adapter, base=base)
+    for f in result.warnings:
         click.echo(f"warning: {f.message}", err=True)
-    rep = report(lora, path=adapter)
-    rep["problems"] = [f.as_dict() for f in check_adapter(lora)]
+    rep = result.to_dict()
     if fmt == "json":
         if summary:
             rep.pop("module_list")

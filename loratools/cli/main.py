@@ -3,43 +3,74 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 
 import click
+from click.shell_completion import CompletionItem, shell_complete
 
 from .. import __version__
+from .. import paths
 from ..errors import LoraToolsError
 
 # command name -> module in loratools.cli that defines a click command called `command`
 COMMANDS = {
     "merge": "merge",
     "blend": "blend",
+    "resize": "resize",
+    "extract": "extract",
     "convert": "convert",
     "inspect": "inspect",
     "validate": "validate",
     "pull": "pull",
     "push": "push",
-    "resize": "resize", "extract": "extract",
 }
+# one line per command, so `loratools --help` and completion list them without importing them (and torch)
+SUMMARIES = {
+    "merge": "Merge LoRA adapters into a base model, folder or SD checkpoint.",
+    "blend": "Blend several adapters into one (cat, svd, linear, ties, dare …).",
+    "resize": "Change an adapter's rank (fixed or dynamic), in the same format.",
+    "extract": "Extract a LoRA from a fine-tuned model and its base.",
+    "convert": "Convert an adapter between PEFT, kohya, diffusers and LyCORIS.",
+    "inspect": "Show what an adapter holds: format, modules, ranks, alphas, sizes.",
+    "validate": "Check an adapter (and its fit to a base) for errors.",
+    "pull": "Download an adapter from the Hugging Face Hub.",
+    "push": "Upload an adapter to the Hugging Face Hub with a model card.",
+}
+COMPLETE_VAR = "_LORATOOLS_COMPLETE"  # `_LORATOOLS_COMPLETE=bash_source loratools` prints the bash script
 
 
 class LazyGroup(click.Group):
-    """Imports a command's module only when it runs, so `loratools --help` stays fast."""
+    """Imports a command's module only when it runs (or its own help or completion is asked for),
+    so `loratools --help`, `--version` and command-name completion never import torch."""
 
     def list_commands(self, ctx):
-        return sorted(COMMANDS)
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        return importlib.import_module(f"loratools.cli.{COMMANDS[name]}").command
+        command = importlib.import_module(f"loratools.cli.{COMMANDS[name]}").command
+        command.short_help = command.short_help or SUMMARIES[name]
+        return command
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, SUMMARIES[name]) for name in COMMANDS])
+
+    def shell_complete(self, ctx, incomplete):
+        names = [CompletionItem(name, help=SUMMARIES[name]) for name in COMMANDS if name.startswith(incomplete)]
+        return names + click.Command.shell_complete(self, ctx, incomplete)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="loratools")
 def cli():
     """Merge, blend, resize, extract, convert and inspect LoRA adapters."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _debug() -> bool:
@@ -52,11 +83,27 @@ def _raise_interrupt(signum, frame):
 
 def main(argv=None) -> int:
     """Entry point: runs the group and maps failures to a one-line message and an exit code."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up temporary outputs on SIGTERM too
+    # clean up temporary outputs on SIGTERM too; the previous handler is back once the command is over,
+    # so a SIGTERM during interpreter shutdown does not raise KeyboardInterrupt into its teardown
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv) -> int:
     try:
         # not cli.main(): it turns KeyboardInterrupt into Abort after printing a blank line
         args = sys.argv[1:] if argv is None else list(argv)
-        with cli.make_context("loratools", args) as ctx:
+        instruction = os.environ.get(COMPLETE_VAR)
+        if instruction:  # click's own completion hook, which cli.main() would run
+            code = shell_complete(cli, {}, "loratools", COMPLETE_VAR, instruction)
+            if code:
+                click.echo(f"loratools: error: {COMPLETE_VAR}={instruction}: use bash_source, zsh_source or "
+                           "fish_source", err=True)
+            return code
+        with cli.make_context("loratools", args) as ctx, paths.command_scope():
             cli.invoke(ctx)
         return 0
     except click.exceptions.Exit as e:
@@ -67,7 +114,7 @@ def main(argv=None) -> int:
             return e.exit_code
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""
-        click.echo(f"loratools: error: {' '.join(e.format_message().split())}{hint}", err=True)
+        _error(f"{' '.join(e.format_message().split())}{hint}")
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("loratools: aborted", err=True)
@@ -78,22 +125,26 @@ def main(argv=None) -> int:
     except LoraToolsError as e:
         if _debug():
             raise
-        click.echo(f"loratools: error: {e}", err=True)
+        _error(str(e))
         return e.exit_code
     except OSError as e:  # disk full, permission denied …: which file and why, on one line
         if _debug():
             raise
         where = f"{e.filename}: " if e.filename else ""
         why = e.strerror or (str(e).splitlines() or [e.__class__.__name__])[0]
-        click.echo(f"loratools: error: {where}{why}", err=True)
+        _error(f"{where}{why}")
         return 1
     except Exception as e:  # an unexpected failure still gets one line
         if _debug():
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"loratools: error: {e.__class__.__name__}: {msg} "
-                   "(set LORATOOLS_DEBUG=1 for a traceback)", err=True)
+        _error(f"{e.__class__.__name__}: {msg} (set LORATOOLS_DEBUG=1 for a traceback)")
         return 1
+
+
+def _error(message: str) -> None:
+    """`loratools: error: …` on exactly one line: control characters (a path with a newline) escaped."""
+    click.echo("loratools: error: " + _CONTROL.sub(lambda m: repr(m.group())[1:-1], message), err=True)
 
 
 def run() -> None:

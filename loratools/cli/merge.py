@@ -5,19 +5,22 @@ import click
 
 from .. import refs, share
 from ..bases import QuantizedBase
-from ..merge import describe, merge as run_merge, open_base
-from .common import output_option, overwrite_option, progress_bar, quiet_option, table
+from ..merging import describe, merge as run_merge, open_base
+from .common import (ADAPTERS_METAVAR, output_option, overwrite_option, progress_bar, quiet_option, table,
+                     weight_option, weighted_adapters)
 
 
 @click.command("merge")
 @click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, metavar=ADAPTERS_METAVAR)
 @output_option
-@click.option("-w", "--weight", "weights", multiple=True, type=float,
-              help="Weight per adapter, in order (default 1). Negative subtracts: --weight -1 undoes a merge.")
+@weight_option
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype of the output's floating tensors (default: keep each tensor's dtype; "
                    "bf16 for a dequantized quantized base).")
+@click.option("--out-type", default=None, metavar="TYPE",
+              help="GGUF bases: type of the merged tensors (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0; "
+                   "default: each tensor's own type, which must be one of these).")
 @click.option("--requantize", is_flag=True,
               help="Quantized base (bitsandbytes 4-bit/8-bit, FP8): write the merged weights quantized again in the "
                    "base's format and report the error (default: a plain checkpoint, bf16 unless --dtype).")
@@ -28,19 +31,31 @@ from .common import output_option, overwrite_option, progress_bar, quiet_option,
 @click.option("--private", is_flag=True, help="With --push: create the repository as private.")
 @overwrite_option
 @quiet_option
-def command(base, adapters, output, weights, dtype, requantize, dry_run, no_check_finite, push_to, private, overwrite,
-            quiet):
+def command(base, adapters, output, weights, dtype, out_type, requantize, dry_run, no_check_finite, push_to, private,
+            overwrite, quiet):
     """Merge one or more LoRA ADAPTERS into the BASE model and write the merged model to OUTPUT.
 
     BASE is a model folder, a diffusers pipeline folder (model_index.json; adapter modules named
-    unet.…, text_encoder.…) or a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
-    one file). Streams the checkpoint one tensor at a time, keeps its shard layout, and copies its other files.
+    unet.…, text_encoder.…), a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
+    one file) or a GGUF model for llama.cpp / Ollama (written as one .gguf; quantized tensors are
+    dequantized, merged and quantized again, with the error reported). A bitsandbytes 4-bit/8-bit
+    or FP8 model folder is written dequantized (bf16 unless --dtype), or with --requantize in its
+    own format. Streams the checkpoint one
+    tensor at a time, keeps its shard layout, and copies its other files.
+
+    \b
+    Examples:
+      loratools merge base_model/ style/:0.7 task/ -o merged/
+      loratools merge merged/ style/ -w -1 -o base_again/          # undo a merge
+      loratools merge sd15.safetensors lora.safetensors:0.8 -o sd15-lora.safetensors --dtype fp16
+      loratools merge ./sdxl-pipeline a.safetensors b/ --dry-run -o out/
     """
+    adapters, weights = weighted_adapters(adapters, weights)
     if push_to:
         push_to = refs.check_repo_id(push_to)
         share.check_online(push_to)  # fail before merging, not after
     if dry_run:
-        ckpt, plan = describe(base, adapters, list(weights), requantize=requantize)
+        ckpt, plan = describe(base, adapters, weights, out_type, requantize=requantize)
         default = "bf16" if isinstance(ckpt, QuantizedBase) and not requantize else "same dtypes"
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
@@ -52,18 +67,21 @@ def command(base, adapters, output, weights, dtype, requantize, dry_run, no_chec
         return
     ckpt = open_base(base)  # also resolves a Hub reference
     with progress_bar(ckpt.num_tensors, "merging", quiet) as bar:
-        plan = run_merge(ckpt, adapters, output, weights=list(weights), dtype=dtype, overwrite=overwrite,
+        plan = run_merge(ckpt, adapters, output, weights=weights, dtype=dtype, overwrite=overwrite,
                          check_finite=not no_check_finite, progress=lambda _name: bar.update(1),
-                         requantize=requantize)
-    errors = getattr(ckpt, "requant_errors", None)
-    if errors:
-        worst = max(errors, key=errors.get)
-        click.echo(f"requantized {len(errors)} merged weight(s): relative error mean "
-                   f"{sum(errors.values()) / len(errors):.3g}, max {errors[worst]:.3g} ({worst})", err=True)
+                         out_type=out_type, requantize=requantize)
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
                f"weight(s); wrote {output}", err=True)
+    if plan.quant_error:
+        worst = max(plan.quant_error, key=plan.quant_error.get)
+        types = sorted({out for _, out in plan.types.values()})
+        click.echo(f"requantized {len(plan.quant_error)} tensor(s) to {', '.join(types)}: relative error "
+                   f"max {plan.quant_error[worst]:.3g} ({worst}), mean "
+                   f"{sum(plan.quant_error.values()) / len(plan.quant_error):.3g}", err=True)
+    if plan.not_copied:
+        click.echo(f"warning: not copied from the base: {', '.join(plan.not_copied)}", err=True)
     if push_to:
-        card = share.merged_card(push_to, base, adapters, list(weights) or [1.0] * len(adapters), output)
+        card = share.merged_card(push_to, base, adapters, weights, output)
         info = share.execute(share.plan_folder_push(output, push_to, card), private=private,
                                 commit_message=f"Upload merged model ({len(adapters)} adapter(s)) with loratools")
         click.echo(f"pushed {output} to {push_to}: {info.commit_url}", err=True)

@@ -6,6 +6,7 @@ import os
 import click
 
 from .. import share
+from ..dtypes import dtype_name
 from .common import emit_json, format_option, overwrite_option, table
 
 
@@ -28,7 +29,7 @@ def command(repo_id, output, revision, overwrite, fmt):
     got = share.pull(repo_id, output, overwrite, revision=revision)
     a = got.adapter
     ranks = sorted(set(a.ranks))
-    dtype = str(a.dtype()).replace("torch.", "")
+    dtype = dtype_name(a.dtype())
     files = {n: os.path.getsize(f) for n, f in got.files.items()}
     if fmt == "json":
         emit_json({"repo": repo_id, "revision": revision, "commit": got.commit, "format": a.format,

@@ -16,9 +16,12 @@ from .common import emit_json, format_option, table
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--base-model", default=None, help="Hub id of the base model for the model card "
                                                   "(default: the adapter's own base_model_name_or_path).")
+@click.option("--card", type=click.Choice(["merge", "replace"]), default="merge", show_default=True,
+              help="merge: keep the folder's own README.md and add the generated metadata to it; replace: "
+                   "upload the generated card instead.")
 @click.option("--dry-run", is_flag=True, help="List the files and print the model card; upload nothing.")
 @format_option
-def command(adapter, repo_id, private, revision, commit_message, create_pr, base_model, dry_run, fmt):
+def command(adapter, repo_id, private, revision, commit_message, create_pr, base_model, card, dry_run, fmt):
     """Validate ADAPTER (a path or a Hub reference) and upload it with a model card to REPO_ID, in one commit.
 
     Creates the repository if needed. Uses HF_TOKEN (or the token saved by `hf auth login`) and HF_ENDPOINT.
@@ -29,7 +32,7 @@ def command(adapter, repo_id, private, revision, commit_message, create_pr, base
     loratools push ./my-adapter me/my-adapter --dry-run
     """
     repo_id = refs.check_repo_id(repo_id)
-    plan = share.plan_adapter_push(adapter, repo_id, revision=revision, base_model=base_model)
+    plan = share.plan_adapter_push(adapter, repo_id, revision=revision, base_model=base_model, card=card)
     info = None if dry_run else share.execute(plan, private=private, commit_message=commit_message,
                                                  create_pr=create_pr)
     if fmt == "json":

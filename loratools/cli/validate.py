@@ -4,9 +4,8 @@ from __future__ import annotations
 import click
 
 from ..errors import LoraToolsError
-from ..formats import read_adapter
-from ..bases import open_base
-from ..validate import MAX_DELTA_RATIO, check_names, check_patterns, validate
+from ..checks import MAX_DELTA_RATIO
+from ..validation import validate
 from .common import emit_json
 
 
@@ -29,30 +28,25 @@ def command(adapter, base, no_norms, strict, fmt):
     """Check ADAPTER for NaN/Inf values, broken factors (A/B rank mismatch, wrong dimensions),
     suspicious scales and, with --base, modules that are absent from the base or do not fit its
     weights. Exits 1 on errors (what `merge` would refuse) and 0 otherwise; warnings are listed
-    and fail only with --strict. Examples:
+    and fail only with --strict; `merge` runs the same checks before it writes.
 
     \b
+    Examples:
       loratools validate my_lora.safetensors
-      loratools validate lora.safetensors --base sd15.safetensors && loratools merge sd15.safetensors …
-      loratools validate adapter/ --base model/ --strict --format json
+      loratools validate adapter/ --base base_model/ && loratools merge base_model/ adapter/ -o merged/
+      loratools validate lora.safetensors --base sd15.safetensors --strict --format json
     """
-    # list every problem instead of stopping at the first; unknown kohya names are a warning here
-    lora = read_adapter(adapter, check=False, keep_unmatched=True)
-    findings = check_names(lora) + check_patterns(lora)
-    findings += validate(lora, base=open_base(base) if base else None, norms=not no_norms)
-    errors = sum(f.severity == "error" for f in findings)
-    warnings = len(findings) - errors
-    failed = errors > 0 or (strict and warnings > 0)
+    rep = validate(adapter, base=base, norms=not no_norms, strict=strict)
+    findings, errors, warnings = rep.findings, rep.errors, rep.warnings
     if fmt == "json":
-        emit_json({"adapter": adapter, "base": base, "modules": len(lora), "ok": not failed, "errors": errors,
-                   "warnings": warnings, "findings": [f.as_dict() for f in findings]})
+        emit_json(rep.to_dict())
     else:
         for f in findings:
             click.echo(f"{f.severity}: {f.message}")
     against = f" against {base}" if base else ""
-    if failed:
+    if not rep.ok:
         raise ValidationFailed(f"{adapter}: {len(findings)} problem(s) ({errors} error(s), {warnings} warning(s))"
                                f"{against}"
                                + (" (--strict fails on warnings)" if not errors else ""))
     note = f", {warnings} warning(s)" if warnings else ""
-    click.echo(f"{adapter}: ok ({len(lora)} module(s) checked{against}{note})", err=True)
+    click.echo(f"{adapter}: ok ({rep.modules} module(s) checked{against}{note})", err=True)

@@ -10,23 +10,39 @@ import dataclasses
 import os
 from typing import Dict, Optional
 
-from .. import refs, safetensors_io
+from .. import paths, refs, safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..errors import FormatError, HubError, LoraToolsError, UsageError
-from ..validate import check_adapter, raise_errors
-from . import diffusers, kohya, lycoris, peft, peft_diffusion
+from ..checks import check_adapter, raise_errors
+from . import diffusers, gguf, kohya, lycoris, peft, peft_diffusion
 from .record import Format
 
 # name -> record; order is detection order
-FORMATS: Dict[str, Format] = {f.name: f for f in (peft.FORMAT, peft_diffusion.FORMAT, diffusers.FORMAT,
+FORMATS: Dict[str, Format] = {f.name: f for f in (gguf.FORMAT, peft.FORMAT, peft_diffusion.FORMAT, diffusers.FORMAT,
                                                   lycoris.FORMAT, kohya.FORMAT)}
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
 
 
+def output_is_folder(path, fmt: str) -> bool:
+    """What `-o` asks for: a `.safetensors` suffix is one file, a trailing `/` or no suffix a
+    folder. Raises UsageError, with the reason, when format `fmt` cannot be written that way
+    (a one-file format with named files, e.g. diffusers, also writes a folder holding that file)."""
+    text = os.fspath(path)
+    record = FORMATS[fmt]
+    if text.endswith(("/", os.sep)) or not os.path.splitext(os.path.basename(text))[1]:
+        if record.folder or record.files:
+            return True
+        raise UsageError(f"{text}: {fmt} is one .safetensors file, not a folder: give -o NAME.safetensors")
+    if record.folder:
+        raise UsageError(f"{text}: {fmt} is a folder (adapter_config.json + adapter_model.safetensors), not one "
+                         f"file: give -o without the {os.path.splitext(text)[1]} suffix")
+    return False
+
+
 def fetch_adapter(ref: refs.HubRef) -> str:
     """Download only the adapter files a Hub reference names (the patterns come from the format
-    records): a folder format's files, a named single file, else the folder's one .safetensors file."""
+    records): a folder format's files, a named single file, else the folder's one .safetensors (or .gguf) file."""
     pre = ref.subfolder + "/" if ref.subfolder else ""
     folder_formats = [f for f in FORMATS.values() if f.folder and f.files]
     named_files = [f.files[0][0] for f in FORMATS.values() if not f.folder and f.files]
@@ -48,15 +64,16 @@ def fetch_adapter(ref: refs.HubRef) -> str:
     for name in named_files:
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    files = [f for f in refs.repo_files(ref, snap) if f.startswith(pre) and "/" not in f[len(pre):]
-             and f.endswith(".safetensors")]
-    if len(files) == 1:
-        return refs.fetch_file(ref, files[0])
-    if files:
-        shown = ", ".join(f"{ref.repo_id}/{f}" for f in sorted(files)[:4])
-        raise HubError(f"{ref}: several .safetensors files; name one, e.g. {shown}")
+    listed = [f for f in refs.repo_files(ref, snap) if f.startswith(pre) and "/" not in f[len(pre):]]
+    for suffix in dict.fromkeys(f.suffix for f in FORMATS.values() if not f.folder):  # .safetensors, .gguf
+        files = [f for f in listed if f.endswith(suffix)]
+        if len(files) == 1:
+            return refs.fetch_file(ref, files[0])
+        if files:
+            shown = ", ".join(f"{ref.repo_id}/{f}" for f in sorted(files)[:4])
+            raise HubError(f"{ref}: several {suffix} files; name one, e.g. {shown}")
     looked = ", ".join(dict.fromkeys([f.marker for f in folder_formats] + named_files))
-    raise HubError(f"{ref}: no LoRA adapter found (looked for {looked} or a single .safetensors file)")
+    raise HubError(f"{ref}: no LoRA adapter found (looked for {looked} or a single .safetensors or .gguf file)")
 
 
 def adapter_files(path: str, adapter: LoraAdapter) -> Dict[str, str]:
@@ -109,15 +126,34 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
     return adapter
 
 
+@paths.guarded
 def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, overwrite: bool = False,
-                  metadata: Optional[Dict[str, str]] = None) -> str:
-    """Write atomically: the output appears complete or not at all. Returns the path written."""
+                  metadata: Optional[Dict[str, str]] = None, **options) -> str:
+    """Write atomically: the output appears complete or not at all. Returns the path written.
+    `options` not None go to writers that take them (`Format.write_options`; GGUF: `base`)."""
+    fmt = writable_format(adapter, format)
+    folder = output_is_folder(path, fmt)
+    with atomic_output(path, overwrite=overwrite, directory=folder) as tmp:
+        write_into(adapter, tmp, fmt, metadata, folder, **options)
+    return os.path.abspath(os.fspath(path))
+
+
+def writable_format(adapter: LoraAdapter, format: Optional[str]) -> str:
     fmt = format or adapter.format
     if fmt not in WRITABLE:
         raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(WRITABLE)}")
-    if fmt != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
+    return fmt
+
+
+def write_into(adapter: LoraAdapter, tmp: str, format: str, metadata: Optional[Dict[str, str]] = None,
+               folder: Optional[bool] = None, **options) -> None:
+    """Write `adapter` to the temporary path `tmp` (a folder when `folder`, by default for folder
+    formats), not atomically."""
+    folder = FORMATS[format].folder if folder is None else folder
+    if format != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
         adapter = dataclasses.replace(adapter, config={})
-    record = FORMATS[fmt]
-    with atomic_output(path, overwrite=overwrite, directory=record.folder) as tmp:
-        record.write(adapter, tmp, metadata=metadata)
-    return os.path.abspath(os.fspath(path))
+    record = FORMATS[format]
+    # a one-file format asked for as a folder writes its file under the name its loaders look for
+    target = os.path.join(tmp, record.marker) if folder and not record.folder else tmp
+    record.write(adapter, target, metadata=metadata,
+                 **{k: v for k, v in options.items() if v is not None and k in record.write_options})

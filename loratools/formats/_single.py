@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import safetensors_io
+from .. import pickled, safetensors_io
 from ..errors import FormatError, InputNotFoundError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -38,22 +38,8 @@ def load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file")
     if path.endswith(PICKLE_SUFFIXES):
-        return load_pickle(path), {}
+        return pickled.load_state_dict(path), {}
     return safetensors_io.load(path)
-
-
-def load_pickle(path: str) -> Dict[str, torch.Tensor]:
-    """A pickled dict of tensors, never as full pickle: weights_only refuses arbitrary objects."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FormatError(f"{path}: cannot be loaded safely ({e.__class__.__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise FormatError(f"{path}: expected a dict of tensors")
-    return dict(sd)
 
 
 def scalar(t: torch.Tensor, what: str) -> float:

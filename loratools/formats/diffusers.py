@@ -148,7 +148,9 @@ def split_components(adapter: LoraAdapter, fmt: str) -> Dict[str, LoraAdapter]:
         comp, local = _split_component(m.name)
         if comp is None:
             raise IncompatibleError(f"module {m.name}: {fmt} needs a pipeline component prefix "
-                                    f"({', '.join(COMPONENTS)}); convert with --component unet (or text_encoder …)")
+                                    f"({', '.join(COMPONENTS)}); its modules are one model's: write peft, or first "
+                                    "name the component with `loratools convert ADAPTER --component unet --to "
+                                    f"{fmt}`")
         sub = out.setdefault(comp, LoraAdapter(format="peft", base_model=adapter.base_model,
                                                config=dict(configs.get(comp, {}))))
         if comp in flat:

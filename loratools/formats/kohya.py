@@ -146,7 +146,8 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
         if comp not in WRITE_PREFIXES or not rest:
             why = ("kohya names Flux/SD3 transformers by their original checkpoint names, which loratools does "
                    "not map; write diffusers or peft instead" if comp == "transformer" else
-                   "convert with --component unet (or text_encoder …) to say which model it belongs to")
+                   "its modules are one model's: write peft, or first name the component with "
+                   "`loratools convert ADAPTER --component unet --to kohya`")
             raise IncompatibleError(f"module {m.name}: kohya needs a pipeline component prefix "
                                     f"({', '.join(WRITE_PREFIXES)}); {why}")
         prefix = WRITE_PREFIXES[comp]

@@ -28,6 +28,8 @@ HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 PLAIN = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "dora_scale": "dora"}
 KNOWN = set(HADA) | set(LOKR) | set(PLAIN) | {"alpha"}
+# the largest ΔW built densely (fp32: 1 GiB); the biggest real layers (4096 x 14336 LLM MLPs) are ~2^26
+MAX_DELTA_ELEMENTS = 1 << 28
 
 
 def detect(path: str) -> bool:
@@ -84,6 +86,18 @@ def native_rank_alpha(algo: str, p: Dict[str, torch.Tensor], factored: int, what
         return {"algorithm": algo, "rank": factored, "alpha": float(factored)}
     alpha = _single.scalar(p["alpha"], what) if "alpha" in p else float(dim)
     return {"algorithm": algo, "rank": dim, "alpha": alpha}
+
+
+def _probe(build, p: Dict[str, torch.Tensor], algo: str, where: str) -> torch.Tensor:
+    """ΔW on the meta device: its shape, checked (and capped) before any memory is spent on it."""
+    try:
+        probe = build({k: v.to("meta") for k, v in p.items() if k != "alpha"})
+    except (KeyError, RuntimeError, IndexError) as e:
+        raise FormatError(f"{where}: incomplete or inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
+    if probe.numel() > MAX_DELTA_ELEMENTS:
+        raise FormatError(f"{where}: its {algo} update would be {tuple(probe.shape)} ({probe.numel():,} elements, "
+                          f"over the {MAX_DELTA_ELEMENTS:,} loratools builds); no real layer is that large")
+    return probe
 
 
 def _weight_shape(delta: torch.Tensor, name: str, nm, path: str, lenient: bool = False) -> tuple:
@@ -154,11 +168,12 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
             algos[name] = "lora"
             continue
         algo = "loha" if "hada_w1_a" in p else "lokr"
+        build = loha_delta if algo == "loha" else lokr_delta
+        shape = _weight_shape(_probe(build, p, algo, f"{path}: {lora_name}"), name, nm, path, lenient=keep_unmatched)
         try:
-            delta = loha_delta(p) if algo == "loha" else lokr_delta(p)
-        except (KeyError, RuntimeError) as e:
-            raise FormatError(f"{path}: {lora_name}: incomplete or inconsistent {algo} tensors ({e})") from None
-        shape = _weight_shape(delta, name, nm, path, lenient=keep_unmatched)
+            delta = build(p)
+        except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
+            raise FormatError(f"{path}: {lora_name}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
         dora = None
         if "dora_scale" in p:
             dora = kohya.build_module(name, lora_name, {"down": torch.zeros(1, 1), "up": torch.zeros(shape[0], 1),

@@ -18,7 +18,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import safetensors_io
-from . import _single
+from .. import paths, pickled
+from .. import patterns as patterns_
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, IncompatibleError, InputNotFoundError
 from .record import Format
@@ -41,7 +42,7 @@ def detect(path: str) -> bool:
 def pattern_value(patterns: Dict[str, object], name: str, default):
     """PEFT's get_pattern_key: the first pattern key that matches the module name wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if patterns_.key_matches(key, name):
             return value
     return default
 
@@ -49,7 +50,7 @@ def pattern_value(patterns: Dict[str, object], name: str, default):
 def read_config(folder: str) -> dict:
     path = os.path.join(folder, CONFIG)
     try:
-        with open(path, encoding="utf-8") as f:
+        with paths.open_input(path, "r", encoding="utf-8") as f:
             config = json.load(f)
     except FileNotFoundError:
         raise InputNotFoundError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)") from None
@@ -69,7 +70,12 @@ def read_config(folder: str) -> dict:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an integer beyond float's range (10**400)
+        return False
 
 
 def check_config(config: dict, path: str) -> None:
@@ -77,7 +83,8 @@ def check_config(config: dict, path: str) -> None:
     def bad(field, why):
         return FormatError(f"{path}: {field} {why}")
 
-    if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] > 0):
+    if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool)
+                              and 0 < config["r"] < 1 << 31):
         raise bad("r", f"must be a positive integer, got {config['r']!r}")
     if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
         raise bad("lora_alpha", f"must be a finite number, got {config['lora_alpha']!r}")
@@ -90,10 +97,11 @@ def check_config(config: dict, path: str) -> None:
         for key, value in patterns.items():
             if not _is_number(value) or (field == "rank_pattern" and (value != int(value) or value <= 0)):
                 raise bad(field, f"has an invalid value {value!r} for {key!r}")
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise bad(field, f"key {key!r} is not a valid pattern ({e})") from None
+            if not isinstance(key, str):
+                raise bad(field, f"has a key that is not a string: {key!r}")
+            patterns_.peft_key(key, f"{CONFIG}: {field}")  # refuses an invalid pattern
+    if isinstance(config.get("target_modules"), str):
+        patterns_.UserPattern(config["target_modules"], f"{CONFIG}: target_modules")  # refuses an invalid one
     for field in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if config.get(field) is not None and not isinstance(config[field], bool):
             raise bad(field, f"must be true or false, got {config[field]!r}")
@@ -109,7 +117,7 @@ def read_tensors(folder: str) -> tuple:
     if os.path.lexists(binp):
         if os.path.isdir(binp):
             raise FormatError(f"{binp}: is a directory, expected a file")
-        return _single.load_pickle(binp), {}
+        return pickled.load_state_dict(binp), {}
     raise InputNotFoundError(f"{folder}: no {WEIGHTS} or {WEIGHTS_BIN}")
 
 
@@ -228,7 +236,7 @@ def _patterns(mods, value_of, default, old_patterns: dict) -> dict:
 def _pattern_key(old_patterns: dict, name: str) -> str:
     """Reuse the key a read config used for this module, else the exact, escaped module name."""
     for key in old_patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if patterns_.key_matches(key, name):
             return key
     return re.escape(name)
 
@@ -236,7 +244,8 @@ def _pattern_key(old_patterns: dict, name: str) -> str:
 def _targets_match(old, names) -> bool:
     """Every module is targeted and every target names a module (PEFT's suffix rule)."""
     if isinstance(old, str):
-        return all(re.fullmatch(old, n) for n in names)
+        target = patterns_.UserPattern(old, f"{CONFIG}: target_modules")
+        return all(target.fullmatch(n) for n in names)
     hit = lambda n, t: n == t or n.endswith("." + t)  # noqa: E731
     return all(any(hit(n, t) for t in old) for n in names) and all(any(hit(n, t) for n in names) for t in old)
 

@@ -18,8 +18,10 @@ class Format:
     # the files it is made of, each as (preferred name, fallbacks …); the first group marks it.
     # Empty: any one .safetensors file.
     files: Tuple[Tuple[str, ...], ...] = ()
+    suffix: str = ".safetensors"  # a file format's extension (Hub downloads look for it)
     subfolders: Tuple[str, ...] = ()  # it keeps its files in these subfolders (pipeline components)
     options: Tuple[str, ...] = ()  # reader options it takes: base, allow_unmatched, rank
+    write_options: Tuple[str, ...] = ()  # writer options it takes: base (GGUF: the model's names and layout)
 
     @property
     def marker(self) -> Optional[str]:

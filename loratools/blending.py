@@ -17,15 +17,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import blend_dense
+from . import blend_dense, paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
+from .dtypes import parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import FORMATS, read_adapter, write_adapter
+from .formats import WRITABLE, read_adapter, write_adapter
 from .provenance import stamp
-from .linalg import gram_dot, lowrank_svd, randomized_svd, split_factors
-from .merge import parse_dtype
+from .linalg import exact_svd, gram_dot, lowrank_svd, randomized_svd, split_factors
+from .report import Report
 from .ops import all_finite
 
 METHODS = ("cat", "svd", "linear") + DENSE_METHODS
@@ -57,8 +58,8 @@ class ModuleReport:
                 "error": self.error, "rel_error": self.rel_error}
 
 
-@dataclass
-class BlendReport:
+@dataclass(repr=False)
+class BlendReport(Report):
     method: str
     weights: List[float]
     modules: List[ModuleReport] = field(default_factory=list)
@@ -71,6 +72,11 @@ class BlendReport:
                 "rank_out": sum(m.rank_out for m in self.modules), "norm_target": t2 ** 0.5,
                 "norm_out": o2 ** 0.5, "retained": (o2 / t2) ** 0.5 if t2 > 0 else 1.0,
                 "error": e2 ** 0.5, "rel_error": (e2 / t2) ** 0.5 if t2 > 0 else 0.0}
+
+    def summary(self) -> dict:
+        t = self.totals()
+        return {"method": self.method, "weights": self.weights, "modules": t["modules"], "rank_out": t["rank_out"],
+                "retained": t["retained"]}
 
     def to_dict(self) -> dict:
         return {"method": self.method, "weights": self.weights,
@@ -192,6 +198,12 @@ def _linear(sources: Sequence[_Source], name: str) -> Tuple[torch.Tensor, torch.
     return up, down
 
 
+def _check_finite(name: str, *tensors: torch.Tensor) -> None:
+    if not all(all_finite(t) for t in tensors):
+        raise NonFiniteError(f"module {name}: the weighted update overflows float32 (are the weights that large?); "
+                             "nothing was written")
+
+
 def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], opts: dict,
                   dtype: torch.dtype) -> Tuple[LoraModule, ModuleReport]:
     method, rank, clamp = opts["method"], opts["rank"], opts["clamp"]
@@ -202,9 +214,10 @@ def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], op
         tasks = [blend_dense.Task(*s.module.factors_2d(), s.module.scale, s.weight) for s in sources]
         seeds = [blend_dense.dare_seed(opts["seed"], name, i) for i in opts["indices"]]
         target = blend_dense.combine(tasks, rows, cols, method, opts["density"], opts["majority_sign"], seeds)
+        _check_finite(name, target)
         k = min(rank, rows, cols)
         if opts["svd"] == "exact":
-            u, s, vh = torch.linalg.svd(target, full_matrices=False)
+            u, s, vh = exact_svd(target)
         else:
             u, s, vh = randomized_svd(target, k, oversample=OVERSAMPLE, n_iter=POWER_ITERS, seed=opts["seed"])
         out = _module(template, *_finish(u, s, vh, k, clamp), dtype)
@@ -214,6 +227,7 @@ def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], op
         error = blend_dense.residual_norm(target, up, down)
         return out, ModuleReport(name, n_inputs, out.rank, norm_target, _gram_norm([up], [down]), error)
     tu, td = _target(sources)
+    _check_finite(name, tu, td)
     if method == "linear":
         out = _module(template, *_linear(sources, name), dtype, native=True)
     else:
@@ -303,6 +317,7 @@ def _output_config(first: LoraAdapter, fmt: str, names: List[str]) -> dict:
     return config
 
 
+@paths.guarded
 def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = None, method: str = "svd",
           rank: Optional[int] = None, density: Optional[float] = None, majority_sign: Optional[str] = None,
           seed: int = 0, svd: Optional[str] = None, clamp: Optional[float] = None, dtype: Optional[str] = None,
@@ -319,8 +334,12 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
     weights = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)")
-    if to is not None and to not in FORMATS:
-        raise UsageError(f"unknown output format {to!r}: use one of {', '.join(FORMATS)}")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
+    if not 0 <= int(seed) < 1 << 63:
+        raise UsageError(f"--seed must be between 0 and 2^63-1, got {seed}")
+    if to is not None and to not in WRITABLE:
+        raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
     if output is not None:
         check_output(output, overwrite)
     loaded = [(read_adapter(a), w) for a, w in zip(adapters, weights)]

@@ -14,12 +14,14 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import paths
 from .adapter import LoraAdapter, LoraModule
-from .atomic import atomic_output, check_output
+from .atomic import atomic_outputs, check_output
 from .errors import LoraToolsError, NonFiniteError, UsageError
-from .formats import read_adapter, write_adapter
+from .formats import output_is_folder, read_adapter, writable_format, write_into
 from .ops import all_finite
 from .provenance import stamp
+from .report import Report
 from .linalg import effective_alpha, lowrank_svd, retained, select_rank, split_factors
 
 # metadata that describes the old ranks or the old bytes; the format's writer fills in new values
@@ -44,8 +46,8 @@ class ModuleResize:
                 "fro_retained": self.fro_retained, "sum_retained": self.sum_retained, "sv_ratio": self.sv_ratio}
 
 
-@dataclass
-class ResizeResult:
+@dataclass(repr=False)
+class ResizeResult(Report):
     adapter: LoraAdapter
     modules: List[ModuleResize]
     output: Optional[str] = None
@@ -53,6 +55,14 @@ class ResizeResult:
     @property
     def average_fro_retained(self) -> float:
         return sum(m.fro_retained for m in self.modules) / len(self.modules) if self.modules else 1.0
+
+    def summary(self) -> dict:
+        return {"format": self.adapter.format, "modules": len(self.modules),
+                "rank_in": sum(m.old_rank for m in self.modules), "rank_out": sum(m.new_rank for m in self.modules),
+                "average_fro_retained": self.average_fro_retained, "output": self.output}
+
+    def to_dict(self) -> dict:
+        return dict(self.summary(), modules=[m.as_dict() for m in self.modules])
 
 
 def check_rank_options(rank: Optional[int], conv_rank: Optional[int], dynamic: Optional[str],
@@ -105,17 +115,26 @@ def resize_module(m: LoraModule, rank: Optional[int] = None, dynamic: Optional[s
     return module, ModuleResize(m.name, m.kind, m.rank, k, fro, sm, ratio, s.tolist())
 
 
+@paths.guarded
 def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union[str, os.PathLike]] = None,
            rank: Optional[int] = None, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
            param: Optional[float] = None, overwrite: bool = False,
-           progress: Optional[Callable[[str], None]] = None) -> ResizeResult:
+           progress: Optional[Callable[[str], None]] = None, plot: Optional[Union[str, os.PathLike]] = None
+           ) -> ResizeResult:
     """Resize every module of `adapter` (a path or a LoraAdapter) and, if `output` is given, write
     it in the adapter's own format. Fixed: `rank` (`conv_rank` for conv modules, default `rank`).
     Dynamic: `dynamic` in sv_ratio / sv_fro / sv_cumulative with `param`, `rank` as the cap.
-    Never above a module's old rank, never below 1."""
+    Never above a module's old rank, never below 1. `plot`: also draw the spectra into this PNG;
+    the adapter and the plot are written together or not at all."""
     check_rank_options(rank, conv_rank, dynamic, param)
-    if output is not None:
-        check_output(output, overwrite)
+    if plot is not None and output is None:
+        raise UsageError("plot needs an output")
+    if plot is not None:
+        require_matplotlib()
+    for path in (output, plot):
+        if path is not None:
+            check_output(path, overwrite)
+    paths.check_distinct(output, plot)
     src = read_adapter(adapter)
     if not len(src):
         raise UsageError("the adapter has no LoRA modules to resize")
@@ -139,15 +158,20 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
                       config=config, metadata=metadata)
     result = ResizeResult(out, reports)
     if output is not None:
-        result.output = write_adapter(out, output, format=src.format, overwrite=overwrite, metadata=metadata)
+        fmt = writable_format(out, src.format)
+        folder = output_is_folder(output, fmt)
+        targets = [(output, folder)] + ([(plot, False)] if plot is not None else [])
+        with atomic_outputs(targets, overwrite) as tmps:
+            write_into(out, tmps[0], fmt, metadata, folder)
+            if plot is not None:
+                draw_spectra(reports, tmps[1])
+        result.output = os.path.abspath(os.fspath(output))
     return result
 
 
-def plot_spectra(modules: List[ModuleResize], path: Union[str, os.PathLike], overwrite: bool = False,
-                 title: str = "singular values") -> str:
-    """Draw every module's normalised spectrum and the chosen cut into a PNG."""
+def draw_spectra(modules: List[ModuleResize], path: str, title: str = "singular values") -> None:
+    """Draw every module's normalised spectrum and the chosen cut into the PNG file `path`."""
     figure_cls = require_matplotlib()
-    check_output(path, overwrite)
     fig = figure_cls(figsize=(12, 4.5))  # no pyplot: leaves the caller's backend and state alone
     ax1, ax2 = fig.subplots(1, 2)
     for m in modules:
@@ -163,9 +187,7 @@ def plot_spectra(modules: List[ModuleResize], path: Union[str, os.PathLike], ove
     ax1.set(yscale="log", xlabel="index", ylabel="σ_i / σ_max", title=f"{title} (dots: cut)")
     ax2.set(xlabel="rank k", ylabel="Frobenius norm retained", title="retained ||ΔW|| by rank")
     fig.tight_layout()
-    with atomic_output(path, overwrite=overwrite, directory=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return os.path.abspath(os.fspath(path))
+    fig.savefig(path, format="png", dpi=110)
 
 
 def require_matplotlib():

@@ -16,9 +16,9 @@ import torch
 from .adapter import LoraAdapter, LoraModule
 from .archs.family import mismatch
 from .checkpoint import Checkpoint
-from .ops import READ_FLOAT_DTYPES as _FLOATS, all_finite
+from .dtypes import FLOATS
 from .errors import (FormatError, IncompatibleError, LoraToolsError, NonFiniteError, ShapeMismatchError)
-from .inspection import delta_norm
+from .ops import all_finite
 from .safetensors_io import SafetensorsFile, ScratchBuffer
 
 MAX_SCALE = 16.0  # alpha/r above this is rare in practice (usual: 0.01 .. 4)
@@ -44,7 +44,7 @@ def _non_finite(t: torch.Tensor) -> int:
 
 
 def _tensor_findings(where: str, role: str, t: torch.Tensor, module: Optional[str]) -> List[Finding]:
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOATS:
         return [Finding("dtype", f"{where}: {role} has dtype {t.dtype}; LoRA factors must be floating point",
                         module=module)]
     bad = _non_finite(t)
@@ -145,7 +145,7 @@ def _fit_findings(adapter: LoraAdapter, ckpt) -> List[Finding]:
             out.append(Finding("shape", f"module {m.name}: the adapter's update has shape {tuple(m.weight_shape)} "
                                f"but the base weight {target} has shape {tuple(ckpt.shape(target))} "
                                "(adapter for another model?)", module=m.name, exc=ShapeMismatchError))
-        elif ckpt.dtype(target) not in _FLOATS:
+        elif ckpt.dtype(target) not in FLOATS:
             out.append(Finding("base-dtype", f"module {m.name}: base weight dtype {ckpt.dtype(target)} cannot be "
                                "merged into", module=m.name, exc=IncompatibleError))
     for name, tensor in adapter.extra.items():
@@ -163,12 +163,12 @@ def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_R
     """Warn where ‖ΔW‖ exceeds `max_ratio`·‖W‖ (reads each targeted base weight, one at a time)."""
     fits = {m.name + ".weight": m for m in adapter
             if m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)
-            and ckpt.dtype(m.name + ".weight") in _FLOATS}  # the rest are check_base's findings
+            and ckpt.dtype(m.name + ".weight") in FLOATS}  # the rest are check_base's findings
     norms = _weight_norms(ckpt, fits)
     out: List[Finding] = []
     for target, m in fits.items():
         w = norms[target]
-        d = delta_norm(m)
+        d = m.delta_norm()
         if d > max_ratio * w:
             ratio = f"{d / w:.3g}x" if w > 0 else "infinitely"
             out.append(Finding("delta-norm", f"module {m.name}: the update's norm {d:.4g} is {ratio} the base "
@@ -189,7 +189,7 @@ def _weight_norms(ckpt, targets) -> dict:
     return norms
 
 
-def validate(adapter: LoraAdapter, base=None, norms: bool = True) -> List[Finding]:
+def check_all(adapter: LoraAdapter, base=None, norms: bool = True) -> List[Finding]:
     """All findings for `adapter`, and against `base` when given: a model folder path or any base
     object `bases.open_base` returns (Checkpoint, diffusers pipeline, single-file SD checkpoint)."""
     findings = check_adapter(adapter)

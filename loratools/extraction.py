@@ -17,16 +17,19 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import paths
+from .patterns import UserPattern
 from .adapter import LoraAdapter, LoraModule
 from .atomic import check_output
 from .checkpoint import Checkpoint
+from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
 from .formats import WRITABLE, write_adapter
 from .provenance import stamp
+from .report import Report
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
-from .merge import parse_dtype
-from .ops import READ_FLOAT_DTYPES as _FLOATS, all_finite
-from .resize import ModuleResize, check_rank_options, summarize
+from .ops import all_finite
+from .resizing import ModuleResize, check_rank_options, summarize
 from .safetensors_io import SafetensorsFile
 
 OVERSAMPLE = 10
@@ -36,8 +39,8 @@ _EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out|wte|wpe|shared|[^.]*embed[^.]
 _OUTPUT_EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out)$")
 
 
-@dataclass
-class ExtractResult:
+@dataclass(repr=False)
+class ExtractResult(Report):
     adapter: LoraAdapter
     modules: List[ModuleResize]  # old_rank is the difference's full rank bound min(out, in)
     methods: Dict[str, str] = field(default_factory=dict)  # module -> "exact" | "randomized"
@@ -47,6 +50,14 @@ class ExtractResult:
     @property
     def average_fro_retained(self) -> float:
         return sum(m.fro_retained for m in self.modules) / len(self.modules) if self.modules else 1.0
+
+    def summary(self) -> dict:
+        return {"format": self.adapter.format, "modules": len(self.modules), "rank": self.adapter.rank_range,
+                "average_fro_retained": self.average_fro_retained, "output": self.output}
+
+    def to_dict(self) -> dict:
+        return dict(self.summary(), modules=[dict(m.as_dict(), svd=self.methods[m.name]) for m in self.modules],
+                    skipped=self.skipped)
 
     def skip(self, reason: str, name: str) -> None:
         self.skipped.setdefault(reason, []).append(name)
@@ -60,7 +71,7 @@ class _Options:
     param: Optional[float]
     min_diff: float
     svd: str
-    n_iter: int
+    power_iters: int
     dtype: torch.dtype
     prefix: str
     fan_in_fan_out: bool = False  # linear weights stored [in, out] (GPT-2's Conv1D)
@@ -71,7 +82,8 @@ def is_embedding(module: str) -> bool:
 
 
 def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = None, param: Optional[float] = None,
-                      svd: str = "auto", n_iter: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, str]:
+                      svd: str = "auto", power_iters: int = 4
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, str]:
     """(up, down, s, k, method): up @ down ≈ diff [rows, cols] at the chosen rank k ≤ cap, fp32.
 
     With the randomized SVD only the leading σ are known; `s` then ends with one extra value, the
@@ -85,7 +97,7 @@ def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = Non
     if exact:
         u, s, vh = exact_svd(diff)
     else:
-        u, s, vh = randomized_svd(diff, cap, oversample=OVERSAMPLE, n_iter=n_iter)
+        u, s, vh = randomized_svd(diff, cap, oversample=OVERSAMPLE, n_iter=power_iters)
         total = float(torch.linalg.vector_norm(diff.double()))
         rest = max(total ** 2 - float((s.double() ** 2).sum()), 0.0) ** 0.5
         s = torch.cat([s, s.new_tensor([rest])])
@@ -107,15 +119,14 @@ def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
         if tuple(info.shape) != tuple(tuned.infos[name].shape):
             raise ShapeMismatchError(f"{name}: shape {tuple(info.shape)} in base but {tuple(tuned.infos[name].shape)} "
                                      "in tuned: extract needs two checkpoints of the same architecture")
-        # a float minus an int means nothing
-        if (info.dtype in _FLOATS) != (tuned.infos[name].dtype in _FLOATS):
+        if (info.dtype in FLOATS) != (tuned.infos[name].dtype in FLOATS):  # a float minus an int means nothing
             raise IncompatibleError(f"{name}: dtype {info.dtype} in base but {tuned.infos[name].dtype} in tuned: "
                                     "extract needs two checkpoints of the same architecture")
 
 
 def _model_config(folder: str) -> dict:
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        with paths.open_input(os.path.join(folder, "config.json"), "r", encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -146,19 +157,17 @@ def _task_type(folder: str) -> Optional[str]:
     return None
 
 
-def _compile(patterns, option: str) -> List[re.Pattern]:
-    try:
-        return [re.compile(p) for p in patterns or ()]
-    except re.error as e:
-        raise UsageError(f"{option}: invalid regular expression ({e})") from None
+def _compile(patterns, option: str) -> List[UserPattern]:
+    return [UserPattern(p, option, UsageError) for p in patterns or ()]
 
 
+@paths.guarded
 def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.PathLike, Checkpoint],
             output: Optional[Union[str, os.PathLike]] = None,
             rank: int = 16, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
             param: Optional[float] = None, min_diff: float = 0.0, include=None, exclude=None,
             embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
-            dtype: str = "fp32", svd: str = "auto", n_iter: int = 4, component: Optional[str] = None,
+            dtype: str = "fp32", svd: str = "auto", power_iters: int = 4, component: Optional[str] = None,
             overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
             fan_in_fan_out: Optional[bool] = None) -> ExtractResult:
     """Factor `tuned − base` into a LoRA for every 2-D (and conv) weight whose largest absolute
@@ -174,7 +183,7 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
         raise UsageError(f"unknown --svd {svd!r}: use one of {', '.join(SVD_METHODS)}")
     if to not in WRITABLE:
         raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
-    if min_diff < 0 or n_iter < 0:
+    if min_diff < 0 or power_iters < 0:
         raise UsageError("--min-diff and --power-iters must not be negative")
     out_dtype = parse_dtype(dtype)
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
@@ -190,13 +199,13 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
                                        config=config), [])
     if fan_in_fan_out is None:
         fan_in_fan_out = _model_config(cb.folder).get("model_type") in _CONV1D_MODEL_TYPES
-    opts = _Options(rank, rank if conv_rank is None else conv_rank, dynamic, param, min_diff, svd, n_iter,
+    opts = _Options(rank, rank if conv_rank is None else conv_rank, dynamic, param, min_diff, svd, power_iters,
                     out_dtype or torch.float32, f"{component}." if component else "", bool(fan_in_fan_out))
 
     def wanted(name: str) -> Optional[str]:
         """None if the tensor is a candidate, else why not."""
         module = name[: -len(".weight")]
-        if not name.endswith(".weight") or len(cb.shape(name)) not in (2, 4) or cb.dtype(name) not in _FLOATS:
+        if not name.endswith(".weight") or len(cb.shape(name)) not in (2, 4) or cb.dtype(name) not in FLOATS:
             return "not a 2-D or conv weight"
         if exc and any(p.search(module) for p in exc):
             return "excluded"
@@ -260,7 +269,7 @@ def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torc
     # a Conv1D weight is [in, out], so its update is (B @ A).T as well
     mat = diff.t() if kind == "embedding" or fifo else diff.reshape(diff.shape[0], -1)
     up, down, s, k, method = factor_difference(mat, opts.conv_rank if conv else opts.rank, opts.dynamic, opts.param,
-                                               opts.svd, opts.n_iter)
+                                               opts.svd, opts.power_iters)
     if conv:
         up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape((k,) + tuple(diff.shape[1:]))
     module = opts.prefix + module
