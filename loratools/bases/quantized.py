@@ -22,6 +22,8 @@ from ..checkpoint import Checkpoint, copy_other_files
 from ..dtypes import FP8, dtype_name, output_dtype
 from ..errors import FormatError, UsageError
 from ..safetensors_io import SafetensorsFile, StreamingWriter
+from ..formats.peft_experts import transposed_for
+from .experts import unfuse
 from .core import MergePlan, Progress, merge_tensor, plan_merge
 
 CONFIG = "config.json"
@@ -59,6 +61,7 @@ class QuantizedBase:
         self.part_of = {p: qw for qw in self.weights.values() for p in qw.parts.values()}
         self.num_tensors = len(ckpt.infos)
         self.requantize = requantize
+        self.adapter_options = {"transposed_experts": transposed_for(self.config)}
         self.kind = f"quantized model folder ({quant.describe(self.weights.values())})"
 
     def __contains__(self, name: str) -> bool:
@@ -82,7 +85,10 @@ class QuantizedBase:
         if out_type is not None:
             raise UsageError(f"--out-type {out_type} is for GGUF bases: a {self.kind} is written plain "
                              "(--dtype) or in its own format (--requantize)")
-        return plan_merge(self, adapters)
+        return plan_merge(self, [(self.fit(a), w) for a, w in adapters])
+
+    def fit(self, adapter: LoraAdapter) -> LoraAdapter:
+        return unfuse(adapter, self)
 
     def describe(self) -> str:
         return (f"{self.folder} ({self.kind}, {len(self.ckpt.shards)} shard(s), {len(self.weights)} quantized "
