@@ -158,6 +158,9 @@ def test_detection_and_reports(models, tmp_path, capsys):
     code, _, err = run(capsys, "merge", models / "base", models / "lora", "-o", tmp_path / "x", "--requantize")
     assert code == 2 and "--requantize needs a quantized base" in err
     assert not os.path.exists(tmp_path / "x")
+    code, _, err = run(capsys, "merge", models / "int8", models / "lora", "-o", tmp_path / "x", "--out-type", "q8_0")
+    assert code == 2 and "--out-type q8_0 is for GGUF bases" in err and "--requantize" in err, err
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_unsupported_quantization_refused(models, tmp_path, capsys):
