@@ -38,11 +38,20 @@ class LoraModule:
     magnitude: Optional[torch.Tensor] = None  # DoRA magnitude [out]
     fan_in_fan_out: bool = False
     mid: Optional[torch.Tensor] = None  # kohya LoCon Tucker core [r, r, kh, kw]
+    # one expert of a 3-D fused expert stack (PEFT target_parameters): the stack's parameter name and
+    # the expert's index; the update is the 2-D slice param[expert] (fan_in_fan_out: stored [in, out])
+    param: Optional[str] = None
+    expert: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise FormatError(f"module {self.name}: unknown kind {self.kind!r} (expected one of {KINDS})")
         self.check()
+
+    @property
+    def target(self) -> str:
+        """The base parameter the update goes into."""
+        return self.param if self.param is not None else self.name + ".weight"
 
     @property
     def rank(self) -> int:

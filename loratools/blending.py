@@ -112,7 +112,8 @@ def _module(template: LoraModule, up: torch.Tensor, down: torch.Tensor, dtype: t
     if not (all_finite(up) and all_finite(down)):
         raise NonFiniteError(f"module {template.name}: the blend overflows {dtype} (try --dtype fp32); "
                              "nothing was written")
-    return LoraModule(template.name, down=down, up=up, alpha=float(r), kind=kind, fan_in_fan_out=fifo)
+    return LoraModule(template.name, down=down, up=up, alpha=float(r), kind=kind, fan_in_fan_out=fifo,
+                      param=template.param, expert=template.expert)
 
 
 # ---- small linear algebra --------------------------------------------------------------------------

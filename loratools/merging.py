@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from . import paths
 from .adapter import LoraAdapter
 from .atomic import check_output
-from .bases import Base, MergePlan, open_base
+from .bases import Base, MergePlan, QuantizedBase, open_base
 from .checkpoint import Checkpoint
 from .dtypes import parse_dtype
 from .errors import UsageError
@@ -42,13 +42,15 @@ def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]],
 def merge(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[AdapterLike],
           output: Union[str, os.PathLike], weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None,
           overwrite: bool = False, check_finite: bool = True,
-          progress: Optional[Callable[[str], None]] = None, out_type: Optional[str] = None) -> MergePlan:
+          progress: Optional[Callable[[str], None]] = None, out_type: Optional[str] = None,
+          requantize: bool = False) -> MergePlan:
     """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the base at `base` (model
     folder, diffusers pipeline folder, single-file SD checkpoint or GGUF model) and write the result to
     `output`. `out_type`: a storage type of the base's own for merged tensors (GGUF: f16, q8_0 …).
-    Returns the plan that was carried out."""
+    A quantized base (bitsandbytes, FP8) is written dequantized (default bf16), or with `requantize`
+    in its own format. Returns the plan that was carried out."""
     out_dtype = parse_dtype(dtype)
-    model = open_base(base)
+    model = _open(base, requantize)
     check_output(output, overwrite)
     plan = model.plan(_load(adapters, weights, model.adapter_options), out_type)  # every check before writing
     model.write(plan, output, out_dtype, overwrite, check_finite, progress)
@@ -56,7 +58,17 @@ def merge(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[Ad
 
 
 def describe(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[AdapterLike],
-             weights: Optional[Sequence[float]] = None, out_type: Optional[str] = None) -> Tuple[Base, MergePlan]:
+             weights: Optional[Sequence[float]] = None, out_type: Optional[str] = None,
+             requantize: bool = False) -> Tuple[Base, MergePlan]:
     """Plan a merge without writing anything (for --dry-run). Returns (base, plan)."""
-    model = open_base(base)
+    model = _open(base, requantize)
     return model, model.plan(_load(adapters, weights, model.adapter_options), out_type)
+
+
+def _open(base, requantize: bool) -> Base:
+    model = open_base(base)
+    if requantize:
+        if not isinstance(model, QuantizedBase):
+            raise UsageError(f"--requantize needs a quantized base; {model.describe()} is not quantized")
+        model.requantize = True
+    return model

@@ -110,7 +110,7 @@ def resize_module(m: LoraModule, rank: Optional[int] = None, dynamic: Optional[s
     dtype = m.down.dtype
     module = LoraModule(name=m.name, down=new_down.to(dtype).contiguous(), up=new_up.to(m.up.dtype).contiguous(),
                         alpha=effective_alpha(m.scale, k, m.use_rslora), kind=m.kind, use_rslora=m.use_rslora,
-                        magnitude=m.magnitude, fan_in_fan_out=m.fan_in_fan_out)
+                        magnitude=m.magnitude, fan_in_fan_out=m.fan_in_fan_out, param=m.param, expert=m.expert)
     fro, sm, ratio = summarize(s, k)
     return module, ModuleResize(m.name, m.kind, m.rank, k, fro, sm, ratio, s.tolist())
 

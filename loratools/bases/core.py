@@ -105,7 +105,7 @@ def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> Mer
             if abs(term.coeff) > _FP32_MAX:
                 raise UsageError(f"module {m.name}: weight {weight:g} times the module's scale {m.scale:g} "
                                  "is beyond float32's range")
-            plan.terms.setdefault(m.name + ".weight", []).append(term)
+            plan.terms.setdefault(m.target, []).append(term)
         for name, tensor in adapter.extra.items():
             plan.replace[extra_target(name)] = tensor
     return plan
@@ -114,6 +114,11 @@ def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> Mer
 def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
     """The merged tensor in `weight`'s dtype. Plain LoRA terms go through the fused kernel in one
     pass; DoRA terms (which renormalise rows) are applied after, in order, in fp32."""
+    for t in terms:  # one expert of a 3-D stack each: its 2-D slice, a view, merged in place
+        if t.module.expert is not None:
+            u, d = t.module.factors_2d()
+            ops.merge_(weight[t.module.expert], [u], [d], [t.coeff])
+    terms = [t for t in terms if t.module.expert is None]
     plain = [t for t in terms if not t.module.is_dora]
     dora = [t for t in terms if t.module.is_dora]
     rows = weight.shape[0]

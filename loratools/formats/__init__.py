@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from .. import paths, refs, safetensors_io
 from ..adapter import LoraAdapter
 from ..atomic import atomic_output
-from ..errors import FormatError, HubError, LoraToolsError, UsageError
+from ..errors import FormatError, IncompatibleError, HubError, LoraToolsError, UsageError
 from ..checks import check_adapter, raise_errors
 from . import comfyui, diffusers, gguf, kohya, lycoris, peft, peft_diffusion
 from .record import Format
@@ -171,6 +171,10 @@ def write_into(adapter: LoraAdapter, tmp: str, format: str, metadata: Optional[D
     """Write `adapter` to the temporary path `tmp` (a folder when `folder`, by default for folder
     formats), not atomically."""
     folder = FORMATS[format].folder if folder is None else folder
+    stacks = [m.param for m in adapter if m.expert is not None]
+    if stacks and format != "peft":  # no other format has a key for one expert of a fused stack
+        raise IncompatibleError(f"{stacks[0]}: LoRAs on fused expert stacks (PEFT target_parameters) are written "
+                                f"as PEFT only, not {format}")
     if format != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
         adapter = dataclasses.replace(adapter, config={})
     record = FORMATS[format]
