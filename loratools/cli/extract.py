@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import click
 
-from ..atomic import check_output
 from ..archs import COMPONENTS
 from ..checkpoint import Checkpoint
 from ..formats import WRITABLE
-from ..extraction import default_base_name, SVD_METHODS, extract
-from ..resizing import check_rank_options
-from .common import emit_json, format_option, output_option, overwrite_option, progress_bar, quiet_option, table
+from ..extraction import ExtractOptions, default_base_name, SVD_METHODS, extract
+from .common import (device_option, emit_json, format_option, output_option, overwrite_option, progress_bar,
+                     quiet_option, table)
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 
 
@@ -38,11 +37,12 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.option("--power-iters", type=int, default=4, show_default=True, help="Power iterations of the randomized SVD.")
 @click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
               help="Linear weights are stored [in, out] (GPT-2's Conv1D). Default: from the base's config.json.")
+@device_option
 @format_option
 @overwrite_option
 @quiet_option
 def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, include, exclude, embeddings, to,
-            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, fmt, overwrite, quiet):
+            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, device, fmt, overwrite, quiet):
     """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
     weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. Example:
 
@@ -50,17 +50,13 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
       loratools extract base_model/ finetuned/ -o extracted/ --rank 32
       loratools extract base_model/ finetuned/ -o dyn/ --rank 64 --dynamic sv_fro --param 0.9 --to kohya
     """
-    check_rank_options(rank, conv_rank, dynamic, param)
-    check_output(output, overwrite)
+    opts = ExtractOptions(rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
+                          include=include, exclude=exclude, embeddings=embeddings, to=to,
+                          base_model_name=base_model_name or default_base_name(base), dtype=dtype, svd=svd,
+                          power_iters=power_iters, component=component, fan_in_fan_out=fan_in_fan_out, device=device)
     ckpt = Checkpoint(base)  # opened once here (a Hub reference is resolved once) for the bar's total
     with progress_bar(len(ckpt.infos), "extracting", quiet) as bar:
-        result = extract(
-            ckpt, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
-            include=include, exclude=exclude, embeddings=embeddings, to=to,
-            base_model_name=base_model_name or default_base_name(base),
-            dtype=dtype, svd=svd, power_iters=power_iters, component=component, overwrite=overwrite,
-            progress=lambda _name: bar.update(1),
-            fan_in_fan_out=fan_in_fan_out)
+        result = extract(ckpt, tuned, output, overwrite=overwrite, progress=lambda _name: bar.update(1), options=opts)
     if fmt == "json":
         emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
                    "modules": [dict(m.as_dict(), svd=result.methods[m.name]) for m in result.modules],
