@@ -12,7 +12,7 @@ import torch
 from .errors import UsageError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-O = TypeVar("O")
+OptionsT = TypeVar("OptionsT")
 
 
 def resolve_device(spec) -> str:
@@ -58,7 +58,7 @@ def weights_for(weights: Optional[Tuple[float, ...]], count: int) -> Tuple[float
     return weights
 
 
-def build(cls: Type[O], options: Optional[O], **given) -> O:
+def build(cls: Type[OptionsT], options: Optional[OptionsT], **given) -> OptionsT:
     """`options` when the caller built one, else `cls(**given)`. Giving both is a UsageError, so a
     keyword option is never silently ignored."""
     if options is None:
