@@ -10,6 +10,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from . import paths, renames
 from .errors import LoraToolsError, OutputExistsError
+from .paths import check_output  # commands import it from here too
 
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)  # the output's file system said no
 
@@ -22,12 +23,6 @@ def _remove(path: str) -> None:
             os.unlink(path)
         except OSError:
             pass
-
-
-def check_output(path: str, overwrite: bool, directory: Optional[bool] = None) -> str:
-    """Refuse an output that aliases an input, exists without --overwrite or may not be replaced
-    (see `paths.check_output`); return the absolute path."""
-    return paths.check_output(path, overwrite, directory)
 
 
 def _alive(pid: int) -> bool:

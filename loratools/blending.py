@@ -23,7 +23,7 @@ from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .dtypes import parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, read_adapter, write_adapter
+from .formats import check_writable_alone, read_adapter, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, gram_dot, lowrank_svd, randomized_svd, split_factors
 from .options import build, check_weights, resolve_device, weights_for
@@ -82,8 +82,8 @@ class BlendOptions:
             raise UsageError(f"--clamp is a quantile in [0.5, 1], got {clamp}")
         if not 0 <= int(self.seed) < 1 << 63:
             raise UsageError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
-        if self.to is not None and self.to not in WRITABLE:
-            raise UsageError(f"cannot write format {self.to!r}: use one of {', '.join(WRITABLE)}")
+        if self.to is not None:
+            check_writable_alone(self.to, "blend")
         object.__setattr__(self, "weights", check_weights(self.weights))
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         object.__setattr__(self, "device", resolve_device(self.device))

@@ -82,9 +82,12 @@ def check_module(m: LoraModule) -> List[Finding]:
 
 def check_adapter(adapter: LoraAdapter) -> List[Finding]:
     """Checks that need nothing but the adapter: structure, dtypes, NaN/Inf, scales."""
-    if not len(adapter) and not adapter.extra:
+    if not adapter.extra and not len(adapter):
         return [Finding("empty", "the adapter holds no LoRA modules and no other tensors")]
     out: List[Finding] = []
+    if not len(adapter):  # only unrelated tensors: not a LoRA adapter of anything
+        out.append(Finding("empty", f"the adapter holds no LoRA modules (only {len(adapter.extra)} other tensor(s), "
+                           f"e.g. {next(iter(adapter.extra))})"))
     for m in adapter:
         out += check_module(m)
     for name, t in adapter.extra.items():

@@ -8,6 +8,7 @@ from typing import List, Optional, Union
 
 from .adapter import LoraAdapter
 from .archs import COMPONENTS
+from . import paths
 from .atomic import check_output
 from .errors import IncompatibleError, UsageError
 from .formats import FORMATS, WRITABLE, detect, output_is_folder, read_adapter, write_adapter
@@ -112,6 +113,7 @@ def _for_target(adapter: LoraAdapter, opts: ConvertOptions) -> LoraAdapter:
     return adapter
 
 
+@paths.guarded
 def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to: Optional[str] = None,
             from_: Optional[str] = None, base: Optional[str] = None, rank: Optional[int] = None,
             allow_unmatched: bool = False, component: Optional[str] = None, overwrite: bool = False,

@@ -25,7 +25,7 @@ from .atomic import check_output
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, write_adapter
+from .formats import check_writable_alone, output_is_folder, write_adapter
 from .provenance import stamp
 from .report import Report
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
@@ -94,8 +94,7 @@ class ExtractOptions:
         check_rank_options(self.rank, self.conv_rank, self.dynamic, self.param)
         if self.svd not in SVD_METHODS:
             raise UsageError(f"unknown --svd {self.svd!r}: use one of {', '.join(SVD_METHODS)}")
-        if self.to not in WRITABLE:
-            raise UsageError(f"cannot write format {self.to!r}: use one of {', '.join(WRITABLE)}")
+        check_writable_alone(self.to, "extract")
         if self.min_diff < 0 or self.power_iters < 0:
             raise UsageError("--min-diff and --power-iters must not be negative")
         if self.component is not None and self.component not in COMPONENTS:
@@ -103,7 +102,8 @@ class ExtractOptions:
         set_ = object.__setattr__
         set_(self, "include", tuple(self.include or ()))
         set_(self, "exclude", tuple(self.exclude or ()))
-        set_(self, "patterns", (_compile(self.include, "--include"), _compile(self.exclude, "--exclude")))
+        set_(self, "patterns", (compile_patterns(self.include, "--include"),
+                                compile_patterns(self.exclude, "--exclude")))
         set_(self, "dtype", parse_dtype(self.dtype) or torch.float32)
         set_(self, "device", resolve_device(self.device))
 
@@ -119,6 +119,11 @@ def is_embedding(module: str) -> bool:
     return bool(_EMBEDDING.search(module))
 
 
+def uses_exact_svd(n: int, cap: int, dynamic: Optional[str], svd: str) -> bool:
+    """Whether a difference with min(rows, cols) = n is factored by the exact SVD (else randomized)."""
+    return svd == "exact" or (svd == "auto" and (dynamic == "sv_cumulative" or 4 * (cap + OVERSAMPLE) >= n))
+
+
 def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = None, param: Optional[float] = None,
                       svd: str = "auto", power_iters: int = 4
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, str]:
@@ -129,7 +134,7 @@ def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = Non
     diff = diff.float()
     n = min(diff.shape)
     cap = min(cap, n)
-    exact = svd == "exact" or (svd == "auto" and (dynamic == "sv_cumulative" or 4 * (cap + OVERSAMPLE) >= n))
+    exact = uses_exact_svd(n, cap, dynamic, svd)
     if dynamic == "sv_cumulative" and not exact:
         raise UsageError("sv_cumulative needs every singular value: use --svd exact or auto")
     if exact:
@@ -195,7 +200,37 @@ def _task_type(folder: str) -> Optional[str]:
     return None
 
 
-def _compile(patterns, option: str) -> List[UserPattern]:
+def open_pair(base, tuned) -> Tuple[Checkpoint, Checkpoint]:
+    """Both checkpoints, indexed from their headers, checked to be of one architecture."""
+    cb = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    ct = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    if cb.folder == ct.folder and cb.shards == ct.shards:
+        raise UsageError("base and tuned are the same checkpoint")
+    _check_pair(cb, ct)
+    return cb, ct
+
+
+def skip_reason(ckpt: Checkpoint, name: str, inc, exc, embeddings: bool) -> Optional[str]:
+    """None if tensor `name` is a candidate for extraction, else why not (from its header alone)."""
+    module = name[: -len(".weight")]
+    if not name.endswith(".weight") or len(ckpt.shape(name)) not in (2, 4) or ckpt.dtype(name) not in FLOATS:
+        return "not a 2-D or conv weight"
+    if exc and any(p.search(module) for p in exc):
+        return "excluded"
+    if inc and not any(p.search(module) for p in inc):
+        return "not included"
+    if is_embedding(module) and not embeddings and not inc:
+        return "embedding (use --embeddings)"
+    return None
+
+
+def module_kind(module: str, ndim: int) -> str:
+    if ndim == 4:
+        return "conv"
+    return "embedding" if is_embedding(module) and not _OUTPUT_EMBEDDING.search(module) else "linear"
+
+
+def compile_patterns(patterns, option: str) -> List[UserPattern]:
     return [UserPattern(p, option, UsageError) for p in patterns or ()]
 
 
@@ -223,30 +258,14 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
     inc, exc = opts.patterns
     if output is not None:
         check_output(output, overwrite)
-    cb = base if isinstance(base, Checkpoint) else Checkpoint(base)
-    ct = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
-    if cb.folder == ct.folder and cb.shards == ct.shards:
-        raise UsageError("base and tuned are the same checkpoint")
-    _check_pair(cb, ct)
+        output_is_folder(output, opts.to)  # refuse -o's kind before the work, not after it
+    cb, ct = open_pair(base, tuned)
     config = {"task_type": _task_type(cb.folder)} if opts.to == "peft" else {}
     result = ExtractResult(LoraAdapter(format=opts.to, base_model=opts.base_model_name or default_base_name(base),
                                        config=config), [])
     fifo = opts.fan_in_fan_out
     if fifo is None:
         fifo = _model_config(cb.folder).get("model_type") in _CONV1D_MODEL_TYPES
-
-    def wanted(name: str) -> Optional[str]:
-        """None if the tensor is a candidate, else why not."""
-        module = name[: -len(".weight")]
-        if not name.endswith(".weight") or len(cb.shape(name)) not in (2, 4) or cb.dtype(name) not in FLOATS:
-            return "not a 2-D or conv weight"
-        if exc and any(p.search(module) for p in exc):
-            return "excluded"
-        if inc and not any(p.search(module) for p in inc):
-            return "not included"
-        if is_embedding(module) and not opts.embeddings and not inc:
-            return "embedding (use --embeddings)"
-        return None
 
     with ExitStack() as stack:
         tuned_files: Dict[str, SafetensorsFile] = {}
@@ -260,7 +279,7 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
         for shard in cb.shards:
             with SafetensorsFile(os.path.join(cb.folder, shard)) as fb:
                 for name in fb.keys():
-                    why = wanted(name)
+                    why = skip_reason(cb, name, inc, exc, opts.embeddings)
                     if why in ("excluded", "not included"):
                         result.skip(why, name)
                     else:
@@ -295,8 +314,7 @@ def _one(opts: ExtractOptions, fan_in_fan_out: bool, name: str, why: Optional[st
         return
     module = name[: -len(".weight")]
     conv = diff.dim() == 4
-    kind = "conv" if conv else ("embedding" if is_embedding(module) and not _OUTPUT_EMBEDDING.search(module)
-                                else "linear")
+    kind = module_kind(module, diff.dim())
     fifo = kind == "linear" and fan_in_fan_out
     # PEFT stores an embedding's LoRA transposed: ΔW.T = B @ A with A [r, num_embeddings];
     # a Conv1D weight is [in, out], so its update is (B @ A).T as well

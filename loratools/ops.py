@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .dtypes import MERGE_FLOATS  # what merge_ takes: one home for the dtype sets
+from .dtypes import FLOATS, MERGE_FLOATS  # what merge_ takes: one home for the dtype sets
 
 try:  # the extension registers torch.ops.loratools.* on import
     from . import _C  # noqa: F401
@@ -41,10 +41,10 @@ def _warn_fallback() -> None:
 
 
 def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor],
-                     coeffs: Sequence[float]) -> None:
+                     coeffs: Sequence[float], dtypes: Sequence[torch.dtype] = MERGE_FLOATS) -> None:
     if weight.dim() != 2:
         raise ValueError(f"merge_: weight must be 2-D, got {weight.dim()}-D")
-    if weight.dtype not in MERGE_FLOATS:
+    if weight.dtype not in dtypes:
         raise ValueError(f"merge_: weight dtype {weight.dtype} is not fp32/bf16/fp16")
     if not (len(ups) == len(downs) == len(coeffs)):
         raise ValueError("merge_: ups, downs and coeffs must have the same length")
@@ -53,7 +53,7 @@ def check_merge_args(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: S
         if u.dim() != 2 or d.dim() != 2 or u.shape[0] != rows or d.shape[1] != cols or u.shape[1] != d.shape[0]:
             raise ValueError(f"merge_: factors {tuple(u.shape)} @ {tuple(d.shape)} "
                              f"do not fit weight {tuple(weight.shape)}")
-        if u.dtype not in MERGE_FLOATS or d.dtype not in MERGE_FLOATS:
+        if u.dtype not in dtypes or d.dtype not in dtypes:
             raise ValueError("merge_: factors must be fp32/bf16/fp16")
         if u.device != weight.device or d.device != weight.device:
             raise ValueError("merge_: factors must be on the weight's device")
@@ -74,10 +74,18 @@ def merge_(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[to
            coeffs: Sequence[float]) -> torch.Tensor:
     """weight [rows, cols] += Σ c_i · ups[i] [rows, r_i] @ downs[i] [r_i, cols]. In place.
 
-    fp32 / bf16 / fp16 weights and factors; fp32 accumulation; one rounding per element.
+    fp32 / bf16 / fp16 weights: fp32 accumulation, one rounding per element (fp64 factors are
+    rounded to fp32 first). fp64 weights: plain torch in fp64.
     """
     if not ups:
         return weight
+    if weight.dtype == torch.float64:
+        check_merge_args(weight, ups, downs, coeffs, FLOATS)
+        for u, d, c in zip(ups, downs, coeffs):
+            weight.addmm_(u.to(torch.float64), d.to(torch.float64), alpha=float(c))
+        return weight
+    ups = [u.to(torch.float32) if u.dtype == torch.float64 else u for u in ups]
+    downs = [d.to(torch.float32) if d.dtype == torch.float64 else d for d in downs]
     if HAVE_EXTENSION:
         check_merge_args(weight, ups, downs, coeffs)
         torch.ops.loratools.merge_(weight, list(ups), list(downs), [float(c) for c in coeffs])

@@ -111,11 +111,19 @@ def check_aliasing(path: str, inputs=None) -> None:
 
 
 def _model_folder(path: str) -> bool:
+    """Empty, or holds a model or adapter (itself or, for pipelines, in a subfolder such as unet/)."""
     try:
-        entries = os.listdir(path)
+        return not os.listdir(path) or _holds_model(path, depth=1)
     except OSError:
         return False
-    return not entries or any(fnmatch.fnmatchcase(e, p) for e in entries for p in _MODEL_FOLDER)
+
+
+def _holds_model(path: str, depth: int) -> bool:
+    entries = os.listdir(path)
+    if any(fnmatch.fnmatchcase(e, p) for e in entries for p in _MODEL_FOLDER):
+        return True
+    subs = [os.path.join(path, e) for e in entries]
+    return depth > 0 and any(os.path.isdir(s) and not os.path.islink(s) and _holds_model(s, depth - 1) for s in subs)
 
 
 def replaceable(path: str, directory: Optional[bool]) -> Optional[Ident]:

@@ -19,7 +19,7 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote
 
 from . import paths
@@ -229,6 +229,22 @@ def repo_files(ref: HubRef, snap: str) -> List[str]:
         return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=commit, cache_dir=settings()[1])]
     except Exception:  # CachedRepoTreeNotFoundError: no listing was cached (e.g. an old cache)
         return []
+
+
+def repo_tree(ref: HubRef) -> Tuple[str, Dict[str, int]]:
+    """(commit, {path: size}) of every file at the reference's revision, from the Hub's listing:
+    nothing is downloaded and nothing is written to the cache."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    endpoint, _, offline = settings()
+    if offline:
+        raise HubError(f"{ref}: listing the repository needs the Hub; unset HF_HUB_OFFLINE")
+    hf = HfApi(endpoint=endpoint)
+    with hub_errors(str(ref)):
+        commit = hf.model_info(ref.repo_id, revision=ref.revision).sha
+        tree = hf.list_repo_tree(ref.repo_id, revision=commit, recursive=True)
+        return commit, {f.path: f.size for f in tree if isinstance(f, RepoFile)}
 
 
 def fetch_file(ref: HubRef, path_in_repo: str) -> str:

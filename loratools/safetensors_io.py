@@ -8,6 +8,8 @@ names, dtypes and shapes up front, writes the header, then accepts tensors one a
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
@@ -28,6 +30,8 @@ DTYPES: Dict[str, torch.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+# set by `headers_only()`: `load` then reads no tensor data beyond scalars
+_HEADERS_ONLY = contextvars.ContextVar("loratools_headers_only", default=False)
 # entries a header may list: each non-empty tensor needs at least one byte of data, and real files
 # hold few empty ones; the largest real shards list ~10^5 tensors. Checked before the JSON is parsed.
 MAX_TENSORS, MAX_EMPTY = 500_000, 4096
@@ -162,11 +166,27 @@ class ScratchBuffer:
         return self._buf[:size]
 
 
+@contextlib.contextmanager
+def headers_only():
+    """Within it, `load` returns tensors on the meta device (shape and dtype from the header, no
+    data) except scalars (alphas), which it reads: a format reader then builds an adapter whose
+    names, shapes, ranks, alphas and dtypes are real, from the header and a few bytes."""
+    token = _HEADERS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _HEADERS_ONLY.reset(token)
+
+
 def load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """All tensors and the metadata of a (small) safetensors file, read with one system call into
     one buffer that the tensors are views of (thousands of small reads and allocations were most
-    of the time spent reading a large kohya file)."""
+    of the time spent reading a large kohya file). Under `headers_only()`: see there."""
     with SafetensorsFile(path) as f:
+        if _HEADERS_ONLY.get():
+            return {name: f.read(name) if math.prod(t.shape) <= 1
+                    else torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    for name, t in ((n, f.tensors[n]) for n in f.keys())}, dict(f.metadata)
         size = max((t.end for t in f.tensors.values()), default=0)
         buf = torch.empty(size, dtype=torch.uint8)
         f._f.seek(f.data_start)

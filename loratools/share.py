@@ -28,8 +28,9 @@ from .archs import COMPONENTS
 from .atomic import atomic_output, check_output
 from .checkpoint import fetch_model
 from .errors import HubError, InputNotFoundError, NonFiniteError, UsageError
-from .formats import adapter_files, fetch_adapter, read_adapter
+from .formats import adapter_files, fetch_adapter, hub_adapter_files, read_adapter
 from .ops import all_finite
+from .report import Report
 
 
 @dataclass
@@ -204,11 +205,8 @@ class Pulled:
     commit: Optional[str]
 
 
-@paths.guarded
-def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None) -> Pulled:
-    """Download the adapter that Hub reference `ref` names (a refs.HubRef or `user/repo[@rev][/sub]`,
-    always read as a Hub reference); with `output`, copy its files (real files, not cache symlinks)
-    into that folder, atomically."""
+def pull_ref(ref, revision: Optional[str] = None) -> refs.HubRef:
+    """`ref` (a refs.HubRef or `user/repo[@rev][/sub]`, always read as a Hub reference) at `revision`."""
     if not isinstance(ref, refs.HubRef):
         text = os.fspath(ref)
         ref = refs.parse_ref(text if text.startswith(refs.PREFIX) else refs.PREFIX + text)
@@ -216,6 +214,44 @@ def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: O
         if ref.revision:
             raise UsageError("give the revision either as REPO_ID@REVISION or with --revision, not both")
         ref = replace(ref, revision=revision)
+    return ref
+
+
+@dataclass(repr=False)
+class PullPlan(Report):
+    """What `pull` would download (for --dry-run): the adapter's files and their sizes."""
+    ref: str
+    commit: str
+    path: str  # the adapter's folder or file in the repository
+    files: Dict[str, int]  # path in the repository -> bytes
+
+    def summary(self) -> dict:
+        return {"repo": self.ref, "commit": self.commit, "path": self.path, "files": len(self.files),
+                "bytes": sum(self.files.values()), "dry_run": True}
+
+    def to_dict(self) -> dict:
+        return dict(self.summary(), files=self.files)
+
+
+def plan_pull(ref, revision: Optional[str] = None) -> PullPlan:
+    """The files `pull(ref)` would download, from the Hub's file listing (the same choice of files);
+    downloads nothing and writes nothing, not even to the cache."""
+    ref = pull_ref(ref, revision)
+    commit, tree = refs.repo_tree(ref)
+    where, files = (ref.subfolder, [ref.subfolder]) if ref.is_file else hub_adapter_files(ref, tree.__contains__,
+                                                                                             lambda: list(tree))
+    missing = [f for f in files if f not in tree]
+    if missing:
+        raise HubError(f"{ref}: no file {missing[0]} in the repository")
+    return PullPlan(str(ref), commit, where, {f: tree[f] for f in files})
+
+
+@paths.guarded
+def pull(ref, output: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None) -> Pulled:
+    """Download the adapter that Hub reference `ref` names (a refs.HubRef or `user/repo[@rev][/sub]`,
+    always read as a Hub reference); with `output`, copy its files (real files, not cache symlinks)
+    into that folder, atomically."""
+    ref = pull_ref(ref, revision)
     if output is not None:
         check_output(output, overwrite)
     path = refs.local_path(refs.PREFIX + str(ref), fetch_adapter)

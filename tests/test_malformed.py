@@ -17,6 +17,7 @@ Adding a command means adding its templates to TEMPLATES.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import tempfile
@@ -48,6 +49,8 @@ TEMPLATES = {
     "extract": [("extract {IN} {BASE} -o {OUT} --rank 2", {"bad-base"}),  # a broken model as BASE or TUNED
                 ("extract {BASE} {IN} -o {OUT} --rank 2", {"bad-base"})],
     "pull": [],  # takes a Hub reference, not a local input: see test_pull_refuses_malformed_adapters
+    "ls": [],  # lists a malformed input with its reason instead of refusing: see test_ls_lists_malformed_inputs
+    "compat": [("compat {GOOD} --base {IN}", {"bad-base"})],
 }
 LEVELS = ALL | {"bad-base"}
 
@@ -142,6 +145,23 @@ def _params():
 
 def test_corpus_is_big_enough():
     assert len(adapter_cases()) + len(base_cases()) + 2 >= 30
+
+
+def test_ls_lists_malformed_inputs(capsys, root):
+    """`ls` and `compat` over the whole corpus: every input is a row, the unreadable ones with their
+    reason; exit 0, no traceback, nothing changed."""
+    folder = os.path.join(root, "in")
+    before = tree_hash(folder)
+    for argv in (["ls", folder, "--format", "json"], ["compat", folder, "--base", os.path.join(root, "base"),
+                                                       "--format", "json"]):
+        capsys.readouterr()
+        code = main(argv)
+        stdout, stderr = capsys.readouterr()
+        assert code == (0 if argv[0] == "ls" else 1) and "Traceback" not in stdout + stderr, stderr
+        rows = json.loads(stdout)["adapters"]
+        assert len(rows) >= len(adapter_cases()) // 2
+        assert any(r.get("error") or r.get("problem") for r in rows)
+    assert tree_hash(folder) == before
 
 
 def test_every_command_has_templates():

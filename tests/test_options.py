@@ -14,7 +14,8 @@ from loratools import options as options_mod
 from loratools.blending import BlendOptions, blend
 from loratools.conversion import ConvertOptions
 from loratools.errors import UsageError
-from loratools.extraction import ExtractOptions
+from loratools.extraction import ExtractOptions, extract
+from loratools.extraction_plan import plan_extract
 from loratools.merging import MergeOptions, merge
 from loratools.options import build, resolve_device
 from loratools.resizing import ResizeOptions, resize
@@ -142,3 +143,22 @@ def test_weights_helper_is_shared():
     assert options_mod.weights_for(None, 2) == (1.0, 1.0)
     with pytest.raises(UsageError, match="2 weight"):
         options_mod.weights_for((1.0, 2.0), 3)
+
+
+def test_extract_plan_and_run_share_one_options_check(models, tmp_path):
+    """The dry-run plan takes the same ExtractOptions as the run; what needs a base model (GGUF) is
+    refused by the Options of blend and extract alike, before anything is read or written."""
+    for make in (lambda: ExtractOptions(to="gguf"), lambda: BlendOptions(to="gguf")):
+        with pytest.raises(UsageError, match=r"convert --to gguf --base MODEL"):
+            make()
+    opts = ExtractOptions(rank=2, include=["q_proj"], dtype="fp16", device="cpu", component="text_encoder")
+    plan = plan_extract(models / "base", models / "tuned", tmp_path / "x", options=opts)
+    ref = plan_extract(models / "base", models / "tuned", tmp_path / "x", rank=2, include=["q_proj"], dtype="fp16",
+                       component="text_encoder")
+    assert plan.to_dict() == ref.to_dict() and plan.modules
+    assert all(m.name.startswith("text_encoder.") and "q_proj" in m.name for m in plan.modules)
+    with pytest.raises(UsageError, match="rank inside options= or as keywords"):
+        plan_extract(models / "base", models / "tuned", options=opts, rank=3)
+    result = extract(models / "base", models / "tuned", options=opts)
+    assert sorted(m.name for m in result.modules) == sorted(m.name for m in plan.modules)
+    assert os.listdir(tmp_path) == []

@@ -194,3 +194,37 @@ def test_no_replace_rename_with_and_without_renameat2(tmp_path, monkeypatch, nat
         assert os.path.isdir(out) == directory
         (shutil.rmtree if directory else os.unlink)(tmp_path / "gone")
     assert sorted(os.listdir(tmp_path)) == ["out-False", "out-True"]
+
+
+def test_overwrite_replaces_pipeline_adapter_folders(tmp_path):
+    """A peft_diffusion output holds its adapters in component subfolders: still a model folder."""
+    out = tmp_path / "pipe_lora"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "adapter_config.json").write_text("{}")
+    with atomic_output(out, overwrite=True) as tmp:
+        open(os.path.join(tmp, "new"), "w").close()
+    assert os.listdir(out) == ["new"]
+    (tmp_path / "photos" / "2024").mkdir(parents=True)
+    (tmp_path / "photos" / "2024" / "a.jpg").write_bytes(b"jpg")
+    with pytest.raises(OutputExistsError, match="holds no model"):
+        with atomic_output(tmp_path / "photos", overwrite=True):
+            pass
+    assert (tmp_path / "photos" / "2024" / "a.jpg").read_bytes() == b"jpg"
+
+
+def test_concurrent_cli_merges_one_wins(proj, tmp_path):
+    """Three `loratools merge` processes on one OUT: exactly one writes it; the others fail in one
+    line (at the start or at the rename) and leave nothing behind."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "OUT"
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), HF_HUB_OFFLINE="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "loratools", "merge", str(proj / "base"), str(proj / "lora"),
+                               "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1, 1], results
+    for code, err in results:
+        if code:
+            assert err.count("\n") == 1 and ("appeared while" in err or "already exists" in err), err
+    assert os.listdir(tmp_path) == ["OUT"] and "model.safetensors" in os.listdir(out)

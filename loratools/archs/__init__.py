@@ -81,10 +81,7 @@ class NameMap:
 
     @classmethod
     def from_manifest(cls, arch: str) -> "NameMap":
-        m = load_manifest(arch)
-        modules = {f"{c}.{n}": tuple(s) for c, names in m["components"].items() for n, s in names.items()}
-        aliases = {f"{c}.{ldm}": f"{c}.{n}" for c, table in m["ldm"].items() for ldm, n in table.items()}
-        return cls(f"the {arch} manifest", modules, aliases)
+        return _manifest_map(arch)
 
     @classmethod
     def for_llm(cls, arch: GgufArch) -> "NameMap":
@@ -100,6 +97,16 @@ class NameMap:
     def from_base(cls, path: str) -> "NameMap":
         modules, aliases = base_modules(path)
         return cls(f"base {path}", modules, aliases)
+
+
+@functools.lru_cache(maxsize=None)
+def _manifest_map(arch: str) -> NameMap:
+    """Built once per process: a batch or `ls` resolves thousands of files against the same few
+    manifests (a NameMap is not changed after it is built)."""
+    m = load_manifest(arch)
+    modules = {f"{c}.{n}": tuple(s) for c, names in m["components"].items() for n, s in names.items()}
+    aliases = {f"{c}.{ldm}": f"{c}.{n}" for c, table in m["ldm"].items() for ldm, n in table.items()}
+    return NameMap(f"the {arch} manifest", modules, aliases)
 
 
 def _component_weights(folder: str, comp: str) -> Dict[str, Shape]:

@@ -122,7 +122,7 @@ def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
         ups, downs = zip(*(t.module.to(weight.device).factors_2d() for t in plain)) if plain else ((), ())
         ops.merge_(w2, list(ups), list(downs), [t.coeff for t in plain])
         return weight
-    acc = weight.to(torch.float32, copy=True)
+    acc = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)  # fp64 stays fp64
     acc2 = acc.reshape(rows, -1)
     for t in plain:
         u, d = t.module.to(weight.device).factors_2d()
@@ -157,7 +157,8 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
         tensor = replacement.clone()
     if terms:
         # merge at the wider of the two dtypes, round once into the output dtype
-        work = torch.float32 if target != tensor.dtype else tensor.dtype
+        work = (torch.promote_types(torch.promote_types(tensor.dtype, target), torch.float32)
+                if target != tensor.dtype else tensor.dtype)
         merged = apply_terms(tensor.to(work), terms).to(target)
         if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
             raise NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was "

@@ -4,10 +4,10 @@ from __future__ import annotations
 import click
 
 from ..blending import METHODS, SIGN_METHODS, SVD_MODES, BlendOptions, blend as run_blend
-from ..formats import WRITABLE, detect, output_is_folder as check_output_kind, read_adapter
+from ..formats import WRITABLE_ALONE, detect, output_is_folder as check_output_kind, read_adapter
 from ..inspection import adapter_bytes
-from .common import (ADAPTERS_METAVAR, device_option, dry_run_line, dry_run_option, emit_json, format_option,
-                     output_option, overwrite_option, progress_bar, quiet_option, table, weight_option,
+from .common import (ADAPTERS_METAVAR, adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json,
+                     format_option, overwrite_option, progress_bar, quiet_option, table, weight_option,
                      weighted_adapters)
 
 
@@ -29,9 +29,9 @@ from .common import (ADAPTERS_METAVAR, device_option, dry_run_line, dry_run_opti
               help="Clamp the factors at this quantile, as kohya does (e.g. 0.99).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Dtype of the output factors (default: the first adapter's).")
-@click.option("--to", "to", type=click.Choice(WRITABLE), default=None,
+@click.option("--to", "to", type=click.Choice(WRITABLE_ALONE), default=None,
               help="Output format (default: the first adapter's).")
-@output_option
+@adapter_output_option
 @dry_run_option
 @device_option
 @overwrite_option

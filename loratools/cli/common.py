@@ -12,11 +12,16 @@ from tqdm import tqdm
 from ..errors import UsageError
 
 output_option = click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the result.")
+adapter_output_option = click.option(
+    "-o", "--output", required=True, type=click.Path(),
+    help="Where to write the adapter: NAME.safetensors (NAME.gguf) for one file (kohya, diffusers, gguf), "
+         "a folder (no suffix or a trailing /) for peft, peft_diffusion and diffusers.")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="Report as a table on stderr or JSON on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
-dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would be written and write nothing.")
+dry_run_option = click.option("--dry-run", is_flag=True,
+                              help="Print what would be written (modules, ranks, size, peak memory); write nothing.")
 weight_option = click.option("-w", "--weight", "weights", multiple=True, type=float,
                              help="Weight per adapter, in order (default 1; same as ADAPTER:W). Negative subtracts.")
 device_option = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
@@ -49,9 +54,9 @@ def weighted_adapters(specs: Sequence[str], weights: Sequence[float]) -> Tuple[L
     return list(paths), list(weights) or [1.0] * len(paths)
 
 
-def progress_bar(total: int, desc: str, quiet: bool):
+def progress_bar(total: int, desc: str, quiet: bool, unit: str = "tensor"):
     """A tqdm bar on stderr (hidden when quiet or when stderr is not a terminal)."""
-    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=quiet or None, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=quiet or None, leave=False)
 
 
 def size(n) -> str:
@@ -65,7 +70,8 @@ def size(n) -> str:
 
 
 def dry_run_line(output, fmt: str, in_bytes: int, out_bytes: int) -> str:
-    """What a dry run would have written; peak memory is the inputs and the result held at once."""
+    """What a dry run would have written; peak memory is `in_bytes` (the inputs, or what the operation
+    holds at its largest step) and the result held at once."""
     return (f"would write {output} ({fmt}, {size(out_bytes)} of tensors; peak memory about "
             f"{size(in_bytes + out_bytes)}); nothing written (dry run)")
 

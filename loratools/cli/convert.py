@@ -6,15 +6,14 @@ import click
 from ..archs import COMPONENTS
 from ..conversion import ConvertOptions, convert
 from ..formats import FORMATS, WRITABLE
-from .common import (device_option, dry_run_line, dry_run_option, emit_json, format_option, overwrite_option,
-                     quiet_option, size, table)
+from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
+                     overwrite_option, quiet_option, size, table)
+from .batch import batched, stem
 
 
 @click.command("convert")
 @click.argument("source", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(),
-              help="Where to write: NAME.safetensors for one file (kohya, diffusers), a folder (no suffix or a "
-                   "trailing /) for peft, peft_diffusion and diffusers.")
+@adapter_output_option
 @click.option("--to", "to", required=True, type=click.Choice(WRITABLE), help="Output format.")
 @click.option("--from", "from_", type=click.Choice(list(FORMATS)), default=None, help="Input format (default: detect).")
 @click.option("--base", type=click.Path(), default=None,
@@ -62,3 +61,11 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, d
         click.echo(dry_run_line(output, to, rep.bytes, rep.bytes), err=True)
     else:
         click.echo(f"wrote {output}", err=True)
+
+
+def _out_name(path: str, params: dict) -> str:
+    """One output per input: a folder for a folder format, else a .safetensors file."""
+    return stem(path) + ("" if FORMATS[params["to"]].folder else ".safetensors")
+
+
+command = batched(command, output_name="output", out_name=_out_name)

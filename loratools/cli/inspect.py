@@ -7,6 +7,7 @@ from typing import List, Optional
 import click
 
 from ..inspection import inspect
+from .batch import batched
 from .common import emit_json, size, table
 
 
@@ -124,3 +125,6 @@ def command(adapter, fmt, summary, base):
         emit_json(_json_safe(rep))
     else:
         click.echo(render(rep, modules=not summary))
+
+
+command = batched(command)

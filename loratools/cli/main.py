@@ -25,6 +25,8 @@ COMMANDS = {
     "validate": "validate",
     "pull": "pull",
     "push": "push",
+    "ls": "ls",
+    "compat": "compat",
 }
 # one line per command, so `loratools --help` and completion list them without importing them (and torch)
 SUMMARIES = {
@@ -37,6 +39,8 @@ SUMMARIES = {
     "validate": "Check an adapter (and its fit to a base) for errors.",
     "pull": "Download an adapter from the Hugging Face Hub.",
     "push": "Upload an adapter to the Hugging Face Hub with a model card.",
+    "ls": "List the adapters in folders, globs or Hub references (headers only).",
+    "compat": "Which adapters fit a base model (names and shapes, no tensor data).",
 }
 COMPLETE_VAR = "_LORATOOLS_COMPLETE"  # `_LORATOOLS_COMPLETE=bash_source loratools` prints the bash script
 

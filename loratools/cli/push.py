@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .. import refs, share
-from .common import emit_json, format_option, table
+from .common import emit_json, format_option, quiet_option, table
 
 
 @click.command("push")
@@ -21,15 +21,17 @@ from .common import emit_json, format_option, table
                    "upload the generated card instead.")
 @click.option("--dry-run", is_flag=True, help="List the files and print the model card; upload nothing.")
 @format_option
-def command(adapter, repo_id, private, revision, commit_message, create_pr, base_model, card, dry_run, fmt):
+@quiet_option
+def command(adapter, repo_id, private, revision, commit_message, create_pr, base_model, card, dry_run, fmt, quiet):
     """Validate ADAPTER (a path or a Hub reference) and upload it with a model card to REPO_ID, in one commit.
 
     Creates the repository if needed. Uses HF_TOKEN (or the token saved by `hf auth login`) and HF_ENDPOINT.
 
     \b
-    loratools push ./my-adapter me/my-adapter --private
-    loratools push ./my-adapter me/my-adapter --revision v2 --commit-message "rank 16"
-    loratools push ./my-adapter me/my-adapter --dry-run
+    Examples:
+      loratools push ./my-adapter me/my-adapter --private
+      loratools push ./my-adapter me/my-adapter --revision v2 --commit-message "rank 16"
+      loratools push ./my-adapter me/my-adapter --dry-run
     """
     repo_id = refs.check_repo_id(repo_id)
     plan = share.plan_adapter_push(adapter, repo_id, revision=revision, base_model=base_model, card=card)
@@ -41,9 +43,11 @@ def command(adapter, repo_id, private, revision, commit_message, create_pr, base
                    "model_card": plan.card if dry_run else None,
                    "commit_url": getattr(info, "commit_url", None), "pr_url": getattr(info, "pr_url", None)})
         return
-    click.echo(table(plan.rows(), ["file", "bytes", "from"]), err=True)
+    if not quiet:
+        click.echo(table(plan.rows(), ["file", "bytes", "from"]), err=True)
     if dry_run:
-        click.echo(f"\n--- README.md ---\n{plan.card}", err=True)
+        if not quiet:
+            click.echo(f"\n--- README.md ---\n{plan.card}", err=True)
         click.echo(f"would push {len(plan.rows())} file(s) to {repo_id} ({revision or 'main'}"
                    f"{', as a pull request' if create_pr else ''}); nothing uploaded (dry run)", err=True)
         return

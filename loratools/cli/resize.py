@@ -8,8 +8,9 @@ from ..inspection import adapter_bytes
 from ..resizing import ResizeOptions, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from ..checks import check_names
-from .common import (device_option, dry_run_line, dry_run_option, emit_json, format_option, output_option,
+from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
                      overwrite_option, progress_bar, quiet_option, table)
+from .batch import batched, same_name
 
 rank_option = click.option("--rank", type=int, default=None,
                            help="New rank (with --dynamic: the cap). Never above a module's old rank.")
@@ -35,7 +36,7 @@ REPORT_HEADERS = ["module", "kind", "old rank", "new rank", "fro retained", "sum
 
 @click.command("resize")
 @click.argument("adapter", type=click.Path())
-@output_option
+@adapter_output_option
 @rank_option
 @conv_rank_option
 @dynamic_option
@@ -82,3 +83,6 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, dev
                    err=True)
     elif not quiet:
         click.echo(summary, err=True)
+
+
+command = batched(command, output_name="output", out_name=same_name, single_only=("plot",))

@@ -6,6 +6,7 @@ import click
 from ..errors import LoraToolsError
 from ..checks import MAX_DELTA_RATIO
 from ..validation import validate
+from .batch import batched
 from .common import emit_json
 
 
@@ -50,3 +51,6 @@ def command(adapter, base, no_norms, strict, fmt):
                                + (" (--strict fails on warnings)" if not errors else ""))
     note = f", {warnings} warning(s)" if warnings else ""
     click.echo(f"{adapter}: ok ({rep.modules} module(s) checked{against}{note})", err=True)
+
+
+command = batched(command, prefix_lines=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import paths, refs, safetensors_io
 from ..adapter import LoraAdapter
@@ -22,6 +22,8 @@ from .record import Format
 FORMATS: Dict[str, Format] = {f.name: f for f in (gguf.FORMAT, peft.FORMAT, peft_diffusion.FORMAT, diffusers.FORMAT,
                                                   lycoris.FORMAT, kohya.FORMAT)}
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
+# what can be written without a base model (GGUF needs one for llama.cpp's names and layout)
+WRITABLE_ALONE = tuple(name for name in WRITABLE if "base" not in FORMATS[name].write_options)
 
 
 def output_is_folder(path, fmt: str) -> bool:
@@ -40,40 +42,59 @@ def output_is_folder(path, fmt: str) -> bool:
     return False
 
 
-def fetch_adapter(ref: refs.HubRef) -> str:
-    """Download only the adapter files a Hub reference names (the patterns come from the format
-    records): a folder format's files, a named single file, else the folder's one .safetensors (or .gguf) file."""
-    pre = ref.subfolder + "/" if ref.subfolder else ""
+def _hub_layout(pre: str):
+    """(folder formats, named single files, folders to look in) for a Hub reference to folder `pre`."""
     folder_formats = [f for f in FORMATS.values() if f.folder and f.files]
     named_files = [f.files[0][0] for f in FORMATS.values() if not f.folder and f.files]
     dirs = list(dict.fromkeys(pre + d for f in folder_formats for d in [""] + [s + "/" for s in f.subfolders]))
-    allow = [d + group[0] for f in folder_formats for d in dirs for group in f.files] + [pre + n for n in named_files]
-    snap = refs.snapshot(ref, list(dict.fromkeys(allow)))
-    folder = os.path.join(snap, *pre.split("/"))
-    found = False
-    for f in folder_formats:
-        for d in dirs:
-            if not os.path.isfile(os.path.join(snap, d, f.marker)):
-                continue
-            found = True
-            for group in f.files:  # e.g. an older PEFT adapter keeps its weights as a pickle
-                if len(group) > 1 and not os.path.isfile(os.path.join(snap, d, group[0])):
-                    refs.fetch_file(ref, d + group[1])
-    if found:
-        return folder
+    return folder_formats, named_files, dirs
+
+
+def hub_adapter_files(ref: refs.HubRef, exists: Callable[[str], bool],
+                      listing: Callable[[], List[str]]) -> Tuple[str, List[str]]:
+    """(the adapter's folder or file, its files), as paths in the repository, for the Hub reference
+    `ref` to a folder: a folder format's files, a named single file, else the folder's one
+    .safetensors (or .gguf) file. `exists(path)` says whether a file is there (fetch_adapter: in its
+    snapshot; a dry run: in the listing); `listing()` lists the repository's files."""
+    pre = ref.subfolder + "/" if ref.subfolder else ""
+    folder_formats, named_files, dirs = _hub_layout(pre)
+    files = [next((d + n for n in group if exists(d + n)), d + group[-1])  # e.g. an older PEFT .bin
+             for f in folder_formats for d in dirs if exists(d + f.marker) for group in f.files]
+    if files:
+        return ref.subfolder, files
     for name in named_files:
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    listed = [f for f in refs.repo_files(ref, snap) if f.startswith(pre) and "/" not in f[len(pre):]]
+        if exists(pre + name):
+            return pre + name, [pre + name]
+    listed = [f for f in listing() if f.startswith(pre) and "/" not in f[len(pre):]]
     for suffix in dict.fromkeys(f.suffix for f in FORMATS.values() if not f.folder):  # .safetensors, .gguf
-        files = [f for f in listed if f.endswith(suffix)]
-        if len(files) == 1:
-            return refs.fetch_file(ref, files[0])
-        if files:
-            shown = ", ".join(f"{ref.repo_id}/{f}" for f in sorted(files)[:4])
+        found = [f for f in listed if f.endswith(suffix)]
+        if len(found) == 1:
+            return found[0], found
+        if found:
+            shown = ", ".join(f"{ref.repo_id}/{f}" for f in sorted(found)[:4])
             raise HubError(f"{ref}: several {suffix} files; name one, e.g. {shown}")
     looked = ", ".join(dict.fromkeys([f.marker for f in folder_formats] + named_files))
     raise HubError(f"{ref}: no LoRA adapter found (looked for {looked} or a single .safetensors or .gguf file)")
+
+
+def fetch_adapter(ref: refs.HubRef) -> str:
+    """Download only the adapter files a Hub reference names (the patterns come from the format
+    records, the choice from hub_adapter_files). Returns the local folder or file."""
+    pre = ref.subfolder + "/" if ref.subfolder else ""
+    folder_formats, named_files, dirs = _hub_layout(pre)
+    allow = [d + group[0] for f in folder_formats for d in dirs for group in f.files] + [pre + n for n in named_files]
+    snap = refs.snapshot(ref, list(dict.fromkeys(allow)))
+
+    def local(path: str) -> str:
+        return os.path.join(snap, *path.split("/"))
+
+    where, files = hub_adapter_files(ref, lambda p: os.path.isfile(local(p)), lambda: refs.repo_files(ref, snap))
+    for path in files:
+        if not os.path.isfile(local(path)):
+            fetched = refs.fetch_file(ref, path)
+            if path == where:
+                return fetched
+    return local(where)
 
 
 def adapter_files(path: str, adapter: LoraAdapter) -> Dict[str, str]:
@@ -136,6 +157,13 @@ def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, over
     with atomic_output(path, overwrite=overwrite, directory=folder) as tmp:
         write_into(adapter, tmp, fmt, metadata, folder, **options)
     return os.path.abspath(os.fspath(path))
+
+
+def check_writable_alone(fmt: str, command: str) -> None:
+    """Refuse a format `command` cannot write without a base model (GGUF), saying how to get it."""
+    if fmt not in WRITABLE_ALONE:
+        hint = (f"; {command} to peft, then `loratools convert --to {fmt} --base MODEL`" if fmt in WRITABLE else "")
+        raise UsageError(f"cannot write format {fmt!r} here: use one of {', '.join(WRITABLE_ALONE)}{hint}")
 
 
 def writable_format(adapter: LoraAdapter, format: Optional[str]) -> str:
