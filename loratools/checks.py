@@ -16,7 +16,7 @@ import torch
 from .adapter import LoraAdapter, LoraModule
 from .archs.family import mismatch
 from .checkpoint import Checkpoint
-from .dtypes import FLOATS
+from .dtypes import BASE_FLOATS, FLOATS
 from .errors import (FormatError, IncompatibleError, LoraToolsError, NonFiniteError, ShapeMismatchError)
 from .ops import all_finite
 from .safetensors_io import SafetensorsFile, ScratchBuffer
@@ -148,7 +148,7 @@ def _fit_findings(adapter: LoraAdapter, ckpt) -> List[Finding]:
             out.append(Finding("shape", f"module {m.name}: the adapter's update has shape {tuple(m.weight_shape)} "
                                f"but the base weight {target} has shape {tuple(ckpt.shape(target))} "
                                "(adapter for another model?)", module=m.name, exc=ShapeMismatchError))
-        elif ckpt.dtype(target) not in FLOATS:
+        elif ckpt.dtype(target) not in BASE_FLOATS:
             out.append(Finding("base-dtype", f"module {m.name}: base weight dtype {ckpt.dtype(target)} cannot be "
                                "merged into", module=m.name, exc=IncompatibleError))
     for name, tensor in adapter.extra.items():

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .dtypes import FLOATS, MERGE_FLOATS  # what merge_ takes: one home for the dtype sets
+from .dtypes import FLOATS, FP8, MERGE_FLOATS  # what merge_ takes: one home for the dtype sets
 
 try:  # the extension registers torch.ops.loratools.* on import
     from . import _C  # noqa: F401
@@ -99,5 +99,7 @@ def all_finite(t: torch.Tensor) -> bool:
     than isfinite().all() on bf16 CPU tensors."""
     if t.numel() == 0 or not t.is_floating_point():
         return True
+    if t.dtype in FP8:  # no aminmax for fp8; e4m3fn has no Inf, an overflow is NaN
+        return bool(torch.isfinite(t.float()).all())
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))

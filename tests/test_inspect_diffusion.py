@@ -1,5 +1,5 @@
-"""inspect / validate / resize on diffusion adapters whose names loratools cannot resolve (a kohya Flux
-LoRA, an SD 1.5 file with one unknown module), kohya training metadata, model family, LyCORIS rank/alpha.
+"""inspect / validate / resize on diffusion adapters whose names loratools cannot resolve (a kohya file
+with Flux-style names of no Flux module, an SD 1.5 file with one unknown module), kohya training metadata, model family, LyCORIS rank/alpha.
 
 Oracles: the dense SVD (resize keeps the best rank-k ΔW), and the LoHa definition (rank = dim, scale = alpha/dim).
 """
@@ -17,7 +17,7 @@ TAGS = {"10_mychar": {"1girl": 40, "solo": 35, "smile": 12}, "5_style": {"1girl"
 FLUX_META = {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux", "ss_network_dim": "4",
              "ss_network_alpha": "2.0", "ss_resolution": "(512, 512)", "ss_epoch": "3", "ss_num_epochs": "10",
              "ss_steps": "1200", "ss_num_train_images": "75", "ss_tag_frequency": json.dumps(TAGS)}
-FLUX_NAMES = {"lora_unet_double_blocks_0_img_attn_qkv": (96, 32), "lora_unet_single_blocks_0_linear2": (32, 80)}
+FLUX_NAMES = {"lora_unet_double_blocks_0_img_attn_gate": (96, 32), "lora_unet_single_blocks_0_linear3": (32, 80)}
 SD1_TO_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # real SD 1.5 names and shapes
 SD1_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 
@@ -52,7 +52,7 @@ def test_inspect_flux_kohya_without_name_list(files, capsys):
     code, out, err = run(capsys, "inspect", files / "flux.safetensors")
     assert code == 0
     assert err.count("\n") == 1 and err.startswith("warning: 2 module name(s) match no module of the sd1 manifest")
-    assert "lora_unet_double_blocks_0_img_attn_qkv" in out and "lora_unet_single_blocks_0_linear2" in out
+    assert "lora_unet_double_blocks_0_img_attn_gate" in out and "lora_unet_single_blocks_0_linear3" in out
     lines = {line[:12].strip(): line[12:] for line in out.splitlines() if line[:1].isalpha()}
     assert lines["family"] == "Flux (from metadata ss_base_model_version=flux1)"
     assert lines["training"] == ("networks.lora_flux dim 4 alpha 2.0, base flux1, resolution (512, 512), "
@@ -64,7 +64,7 @@ def test_inspect_flux_kohya_without_name_list(files, capsys):
     assert rep["unresolved"] == sorted(FLUX_NAMES) and rep["rank"]["common"] == 4 and rep["alpha"]["common"] == 2
     # no metadata: the family still shows in the names
     code, out, _ = run(capsys, "inspect", files / "flux_bare.safetensors", "--summary")
-    assert code == 0 and "family      Flux (from module lora_unet_double_blocks_0_img_attn_qkv)" in out
+    assert code == 0 and "family      Flux (from module lora_unet_double_blocks_0_img_attn_gate)" in out
     assert "training" not in out
 
 

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Dict, Iterable, Optional, Tuple
 
+from . import load_manifest
+
 SD1, SD2, SDXL, SDXL_REFINER, FLUX, SD3 = "SD 1.x", "SD 2.x", "SDXL", "SDXL refiner", "Flux", "SD3"
 # LdmLayout.arch -> family
 LDM_ARCHS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
@@ -24,6 +26,10 @@ _VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("sd3
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
                ("joint_blocks", SD3), ("context_block", SD3), ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
+
+# DiT families that share diffusers' transformer names (`transformer_blocks.N.attn.to_q` …): a LoRA on
+# those only is told apart by its shapes (hidden width 3072 for Flux.1, 1536 / 2432 for SD3 / 3.5 large)
+_SHAPE_MANIFESTS = (("flux", FLUX), ("sd3", SD3), ("sd3.5-large", SD3))
 
 
 def _from_version(text: str) -> Optional[str]:
@@ -43,13 +49,30 @@ def from_metadata(metadata: Dict[str, str]) -> Optional[Tuple[str, str]]:
 
 def from_modules(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]]:
     """From module names and the weight shapes they update (`name` -> shape)."""
+    dit = any(n.startswith("transformer.") for n in shapes)  # Flux/SD3 keep T5 or CLIP-G as text_encoder_2
     for name in shapes:
         for mark, fam in _NAME_MARKS:
-            if mark in name:
+            if mark in name and not (dit and fam == SDXL):
                 return fam, f"module {name}"
+    found = from_transformer_shapes(shapes)
+    if found:
+        return found
     for name, shape in shapes.items():  # cross-attention keys/values read the text encoder's width
         if ("attn2.to_k" in name or "attn2_to_k" in name) and len(shape) == 2 and shape[1] in CROSS_ATTENTION:
             return CROSS_ATTENTION[shape[1]], f"cross-attention width {shape[1]} ({name})"
+    return None
+
+
+def from_transformer_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]]:
+    """The DiT family whose manifest has every `transformer.` module with its shape, or None."""
+    mods = {n[len("transformer."):]: tuple(s) for n, s in shapes.items() if n.startswith("transformer.")}
+    if not mods:
+        return None
+    for arch, fam in _SHAPE_MANIFESTS:
+        table = load_manifest(arch)["components"]["transformer"]
+        if all(tuple(table.get(n, ())) == s for n, s in mods.items()):
+            name, shape = next(iter(mods.items()))
+            return fam, f"transformer shapes of {arch} (transformer.{name} {list(shape)})"
     return None
 
 

@@ -1,4 +1,4 @@
-"""Generate the module-name manifests of the known Stable Diffusion architectures.
+"""Generate the module-name manifests of the known diffusion architectures (SD 1.x/2.x/XL, Flux.1, SD3/3.5).
 
     python -m loratools.archs.generate            # rewrite loratools/archs/manifests/*.json.gz
     python -m loratools.archs.generate --check    # exit 1 if the shipped files differ
@@ -21,6 +21,7 @@ import sys
 from typing import Dict, List
 
 from . import MANIFEST_DIR, canonical
+from . import flux
 from .ldm import ldm_unet_names, to_ldm
 
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
@@ -46,24 +47,47 @@ UNET_SDXL = dict(
     projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True)
 
+# black-forest-labs/FLUX.1-dev transformer/config.json and text_encoder_2/config.json (T5-v1.1-XXL)
+FLUX_DEV = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
+                num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
+                axes_dims_rope=[16, 56, 56])
+T5_XXL = dict(d_ff=10240, d_kv=64, d_model=4096, num_heads=64, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)
+
+# stabilityai/stable-diffusion-3.5-medium and -large transformer/config.json (SD3-medium's names are 3.5-medium's
+# without attn2); text encoders: CLIP-L, OpenCLIP-bigG with projection, T5-v1.1-XXL
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35_LARGE = dict(SD35_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                  pos_embed_max_size=192, dual_attention_layers=())
+_SD3_TEXT = {"text_encoder": ("CLIPTextModelWithProjection", CLIP_L),
+             "text_encoder_2": ("CLIPTextModelWithProjection", OPEN_CLIP_BIGG),
+             "text_encoder_3": ("T5EncoderModel", T5_XXL)}
+
 # arch -> component -> (class name, config)
 ARCHS = {
     "sd1": {"unet": ("UNet2DConditionModel", UNET_SD1), "text_encoder": ("CLIPTextModel", CLIP_L)},
     "sd2": {"unet": ("UNet2DConditionModel", UNET_SD2), "text_encoder": ("CLIPTextModel", OPEN_CLIP_H)},
     "sdxl": {"unet": ("UNet2DConditionModel", UNET_SDXL), "text_encoder": ("CLIPTextModel", CLIP_L),
              "text_encoder_2": ("CLIPTextModelWithProjection", OPEN_CLIP_BIGG)},
+    "flux": {"transformer": ("FluxTransformer2DModel", FLUX_DEV), "text_encoder": ("CLIPTextModel", CLIP_L),
+             "text_encoder_2": ("T5EncoderModel", T5_XXL)},
+    "sd3": {"transformer": ("SD3Transformer2DModel", SD35_MEDIUM), **_SD3_TEXT},
+    "sd3.5-large": {"transformer": ("SD3Transformer2DModel", SD35_LARGE), **_SD3_TEXT},
 }
 
 
 def build_meta(cls_name: str, config: dict):
     """Instantiate a component on the meta device (no weights allocated)."""
     import torch
-    if cls_name.startswith("UNet"):
+    if cls_name.startswith(("UNet", "Flux", "SD3")):  # diffusers models; the rest are transformers'.
         import diffusers
         with torch.device("meta"):
             return getattr(diffusers, cls_name)(**config)
     import transformers
-    cfg = transformers.CLIPTextConfig(**config)
+    cfg = (transformers.T5Config if cls_name.startswith("T5") else transformers.CLIPTextConfig)(**config)
     with torch.device("meta"):
         return getattr(transformers, cls_name)(cfg)
 
@@ -89,7 +113,12 @@ def build_manifest(arch: str) -> dict:
         if cls_name.startswith("UNet"):
             table = ldm_unet_names(config)
             sgm[comp] = {to_ldm(n, table): n for n in shapes}
-    return {"arch": arch, "components": components, "ldm": sgm}
+    out = {"arch": arch, "components": components, "ldm": sgm}
+    if arch == "flux":  # BFL's module names (kohya, ComfyUI, single files) -> the diffusers modules they hold
+        cfg = ARCHS[arch]["transformer"][1]
+        out["original"] = {"transformer": flux.original_names(cfg["num_layers"], cfg["num_single_layers"],
+                                                              cfg["guidance_embeds"])}
+    return out
 
 
 def encode(manifest: dict) -> bytes:

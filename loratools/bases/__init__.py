@@ -1,24 +1,25 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `GgufBase` (a llama.cpp / Ollama GGUF model).
-`open_base` picks the kind.
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1),
+`GgufBase` (a llama.cpp / Ollama GGUF model). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
 import os
 
-from ..archs import COMPONENTS
+from ..archs import COMPONENTS, flux
 from ..archs.ldm import is_ldm_checkpoint
 from ..checkpoint import Checkpoint, model_path
 from ..safetensors_io import SafetensorsFile
 from .core import Base, MergePlan, Term, merge_tensor, plan_merge
+from .flux_file import FluxFileBase
 from .folder import ModelFolderBase
 from .gguf import GgufBase, open_gguf_base
 from .pipeline import PipelineBase
 from .single_file import SingleFileBase
 
 __all__ = ["Base", "MergePlan", "Term", "merge_tensor", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase", "GgufBase"]
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "GgufBase"]
 
 
 def open_base(base) -> Base:
@@ -35,6 +36,8 @@ def open_base(base) -> Base:
         return PipelineBase(path)
     if os.path.isfile(path) and path.endswith(".safetensors"):
         with SafetensorsFile(path) as f:
+            if flux.checkpoint_prefix(f.tensors) is not None:  # before LDM: ComfyUI uses its prefix too
+                return FluxFileBase(path)
             if is_ldm_checkpoint(f.tensors):
                 return SingleFileBase(path)
     return ModelFolderBase(Checkpoint(path))

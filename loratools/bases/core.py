@@ -15,6 +15,7 @@ import torch
 
 from .. import ops
 from ..adapter import LoraAdapter, LoraModule
+from ..dtypes import FLOATS
 from ..errors import IncompatibleError, NonFiniteError, UsageError
 from ..report import Report
 from ..checks import check_adapter, check_base, extra_target, raise_errors
@@ -156,9 +157,10 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
     if replacement is not None:  # never modify the adapter's own tensor in place
         tensor = replacement.clone()
     if terms:
-        # merge at the wider of the two dtypes, round once into the output dtype
-        work = (torch.promote_types(torch.promote_types(tensor.dtype, target), torch.float32)
-                if target != tensor.dtype else tensor.dtype)
+        # merge at the wider of the two dtypes (fp64 if either is, else fp32; fp8 always in fp32), round
+        # once into the output dtype
+        work = (tensor.dtype if target == tensor.dtype and tensor.dtype in FLOATS
+                else torch.float64 if torch.float64 in (tensor.dtype, target) else torch.float32)
         merged = apply_terms(tensor.to(work), terms).to(target)
         if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
             raise NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was "

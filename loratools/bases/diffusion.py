@@ -15,7 +15,7 @@ import torch
 from ..adapter import LoraAdapter, LoraModule
 from ..archs.family import mismatch
 from ..errors import IncompatibleError
-from ..dtypes import output_dtype
+from ..dtypes import MERGE_FLOATS, output_dtype
 from .core import MergePlan, merge_tensor, plan_merge, refuse_out_type
 
 Real = Tuple[Optional[str], str]  # (pipeline component or None for a single file, tensor name)
@@ -123,7 +123,8 @@ class DiffusionBase:
                 parts = groups.get((comp, key))
                 if not parts:  # converted (and checked for overflow) like the LLM path does
                     return merge_tensor(key, tensor, None, None, target, check_finite)
-                work_dtype = torch.float32 if target != tensor.dtype else tensor.dtype
+                same = target == tensor.dtype and tensor.dtype in MERGE_FLOATS  # fp8: work in fp32
+                work_dtype = tensor.dtype if same else torch.float32
                 work = tensor.to(work_dtype)
                 for name, loc in parts:
                     view = work

@@ -19,7 +19,7 @@ import torch
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
-from ..archs import KOHYA_PREFIXES, canonical, resolve_kohya, split_kohya
+from ..archs import KOHYA_PREFIXES, NameMap, canonical, flux, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
 from . import _single
 from .record import Format
@@ -30,6 +30,9 @@ LYCORIS_MARKERS = (".hada_", ".lokr_", ".diff", ".w_norm", ".b_norm", ".oft_", "
 # component -> kohya prefix when writing (text_encoder becomes lora_te1_ next to a text_encoder_2)
 WRITE_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
                   "text_encoder_3": "lora_te3_"}
+# Flux (sd-scripts lora_flux.py): the transformer under its BFL names, CLIP-L as te1, T5 as te3
+FLUX_PREFIXES = {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"}
+FLUX_WRITE = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 DROP_METADATA = ("format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
 
 
@@ -108,6 +111,8 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
         raise FormatError(f"{path}: {len(other)} key(s) that are no kohya LoRA tensor: {', '.join(sorted(other)[:8])}")
     if not groups:
         raise FormatError(f"{path}: no LoRA modules")
+    if is_flux(groups):
+        return read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched)
     mapping, unmatched, nm = resolve(list(groups), path, base, allow_unmatched, keep_unmatched)
     adapter = LoraAdapter(format="kohya", metadata=metadata)
     keys, alpha_dtypes, dora_shapes = {}, {}, {}
@@ -130,6 +135,63 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
     return adapter
 
 
+def is_flux(groups) -> bool:
+    return any(ln.startswith("lora_unet_") and flux.unflatten(ln[len("lora_unet_"):]) for ln in groups)
+
+
+def read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched) -> LoraAdapter:
+    """A kohya Flux LoRA: `lora_unet_<BFL name>` split onto the diffusers modules (exactly), the
+    text encoders resolved from the Flux manifest (or the base's names)."""
+    nm = NameMap.from_base(base) if base else NameMap.from_manifest("flux")
+    adapter = LoraAdapter(format="kohya", metadata=metadata)
+    keys, alpha_dtypes, unmatched = {}, {}, []
+    for lora_name in sorted(groups):
+        parts = groups[lora_name]
+        original = flux.unflatten(lora_name[len("lora_unet_"):]) if lora_name.startswith("lora_unet_") else None
+        comp = next((c for p, c in FLUX_PREFIXES.items() if lora_name.startswith(p)), None)
+        hits = nm.resolve(comp, lora_name[len(FLUX_WRITE[comp]):]) if comp else []
+        if original:
+            module = build_module(f"transformer.{original}", lora_name, parts, path)
+            mods = flux.from_original(original, module)
+        elif len(hits) == 1:
+            mods = [build_module(hits[0], lora_name, parts, path)]
+        else:
+            unmatched.append(lora_name)
+            if keep_unmatched:
+                adapter.add(build_module(lora_name, lora_name, parts, path))
+            continue
+        for m in mods:
+            adapter.add(m)
+        keys[lora_name] = [m.name for m in mods]
+        if "alpha" in parts:
+            alpha_dtypes[lora_name] = safetensors_io.dtype_name(parts["alpha"].dtype)
+    if unmatched and not (allow_unmatched or keep_unmatched):
+        shown = ", ".join(unmatched[:8]) + (" …" if len(unmatched) > 8 else "")
+        raise FormatError(f"{path}: {len(unmatched)} module name(s) of this Flux LoRA match no module of "
+                          f"{nm.source}: {shown} (`loratools inspect` shows them)")
+    adapter.config = {"flux_keys": keys, "alpha_dtypes": alpha_dtypes, "keys": {}, "dora_shapes": {},
+                      **unresolved_config(unmatched, keep_unmatched), "names_from": nm.source}
+    return adapter
+
+
+def flux_items(adapter: LoraAdapter) -> List[Tuple[str, LoraModule, Optional[str]]]:
+    """(kohya name, module, alpha dtype) of a Flux adapter: transformer LoRAs fused onto BFL names."""
+    fused, rest = flux.to_original(list(adapter))
+    dtypes = adapter.config.get("alpha_dtypes", {})
+    items = []
+    for original, m in fused.items():
+        ln = "lora_unet_" + original.replace(".", "_")
+        items.append((ln, m, dtypes.get(ln)))
+    for m in rest:
+        comp, _, local = canonical(m.name).partition(".")
+        if comp not in FLUX_WRITE or not local:
+            raise IncompatibleError(f"module {m.name}: a kohya Flux LoRA holds the transformer and text_encoder "
+                                    "(CLIP-L) / text_encoder_2 (T5) only")
+        ln = FLUX_WRITE[comp] + local.replace(".", "_")
+        items.append((ln, m, dtypes.get(ln)))
+    return items
+
+
 def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
     """Real module name -> kohya lora_name: the one read, else flattened from the name."""
     read_keys = adapter.config.get("keys", {})
@@ -144,8 +206,8 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
             out[m.name] = ln
             continue
         if comp not in WRITE_PREFIXES or not rest:
-            why = ("kohya names Flux/SD3 transformers by their original checkpoint names, which loratools does "
-                   "not map; write diffusers or peft instead" if comp == "transformer" else
+            why = ("kohya names DiT transformers by their original checkpoint names, which loratools maps for "
+                   "Flux.1 only (not SD3 yet); write diffusers or peft instead" if comp == "transformer" else
                    "its modules are one model's: write peft, or first name the component with "
                    "`loratools convert ADAPTER --component unet --to kohya`")
             raise IncompatibleError(f"module {m.name}: kohya needs a pipeline component prefix "
@@ -166,24 +228,26 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     if adapter.extra:
         raise IncompatibleError(f"kohya LoRA files cannot hold full tensors ({', '.join(sorted(adapter.extra)[:4])}); "
                                 "write peft instead")
-    names = kohya_names(adapter)
     alpha_dtypes = adapter.config.get("alpha_dtypes", {})
     dora_shapes = adapter.config.get("dora_shapes", {})
+    if any(flux.is_flux_module(m.name) for m in adapter) and flux.other_family(adapter) is None:
+        items = flux_items(adapter)
+    else:
+        names = kohya_names(adapter)
+        items = [(names[m.name], m, alpha_dtypes.get(m.name)) for m in adapter]
     out: Dict[str, torch.Tensor] = {}
-    for m in adapter:
+    for ln, m, alpha_dtype in items:
         if m.kind == "embedding":
             raise IncompatibleError(f"module {m.name}: kohya LoRA has no embedding modules; write peft instead")
         if m.fan_in_fan_out:
             raise IncompatibleError(f"module {m.name}: kohya LoRA cannot hold fan_in_fan_out (Conv1D) modules")
-        ln = names[m.name]
         # rsLoRA folds exactly into alpha: alpha/sqrt(r) == (alpha*sqrt(r))/r
         alpha = m.alpha_value * math.sqrt(m.rank) if m.use_rslora else m.alpha_value
         out[ln + ".lora_down.weight"] = m.down
         out[ln + ".lora_up.weight"] = m.up
         if m.mid is not None:
             out[ln + ".lora_mid.weight"] = m.mid
-        out[ln + ".alpha"] = _single.alpha_tensor(alpha, None if m.use_rslora else alpha_dtypes.get(m.name),
-                                                 m.down.dtype)
+        out[ln + ".alpha"] = _single.alpha_tensor(alpha, None if m.use_rslora else alpha_dtype, m.down.dtype)
         if m.magnitude is not None:
             shape = dora_shapes.get(m.name) or [m.magnitude.numel()] + [1] * (m.up.dim() - 1)
             out[ln + ".dora_scale"] = m.magnitude.reshape(shape)

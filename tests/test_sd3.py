@@ -1,0 +1,96 @@
+"""SD3 / SD3.5 next to Flux.1: the manifests (generated on the meta device) against diffusers' own
+SD3 transformer, telling a diffusers-named LoRA on `transformer_blocks` only apart from a Flux one by
+its shapes, refusing to rename an SD3 transformer into Flux's original names, and diffusers'
+SD3 LoRA files read and written as `StableDiffusion3Pipeline.lora_state_dict` reads them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from loratools import LoraAdapter, LoraModule, safetensors_io
+from loratools.archs import load_manifest
+from loratools.archs.family import FLUX, SD3, adapter_family
+from loratools.errors import IncompatibleError
+from loratools.formats import detect, read_adapter, write_adapter
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
+TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+            pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
+TARGETS = ["attn.to_q", "attn.to_k", "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "ff.net.2",
+           "norm1_context.linear"]
+
+
+def _blocks_lora(width: int, names=("attn.to_q", "attn.to_k", "attn.to_out.0", "ff.net.0.proj")) -> LoraAdapter:
+    """A diffusers-named LoRA on transformer_blocks.0 only, at a real model's hidden width."""
+    g = torch.Generator().manual_seed(0)
+    rows = {"ff.net.0.proj": 4 * width}
+    mods = {}
+    for n in names:
+        name = f"transformer.transformer_blocks.0.{n}"
+        mods[name] = LoraModule(name, torch.randn(2, width, generator=g), torch.randn(rows.get(n, width), 2,
+                                                                                       generator=g), 2.0)
+    return LoraAdapter(modules=mods)
+
+
+def test_manifest_names_are_diffusers_sd3_names():
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**TINY)
+    tiny = {n[: -len(".weight")] for n, p in model.named_parameters() if n.endswith(".weight") and p.dim() >= 2}
+    shipped = set(load_manifest("sd3")["components"]["transformer"])
+    assert tiny <= shipped and "transformer_blocks.12.attn2.to_q" in shipped  # SD3.5 medium's dual attention
+    large = load_manifest("sd3.5-large")["components"]
+    assert large["transformer"]["transformer_blocks.37.attn.to_q"] == [2432, 2432]
+    assert large["text_encoder_2"]["text_projection"] == [1280, 1280] and "text_encoder_3" in large
+
+
+@pytest.mark.parametrize("width,family", [(3072, FLUX), (1536, SD3), (2432, SD3)])
+def test_transformer_blocks_only_told_apart_by_width(width, family):
+    fam = adapter_family(_blocks_lora(width))
+    assert fam[0] == family and str(width) in fam[1]
+    assert adapter_family(_blocks_lora(100)) is None  # no known model's width: nothing claimed
+
+
+def test_sd3_transformer_is_not_renamed_into_flux_names(tmp_path):
+    sd3 = _blocks_lora(1536)
+    for fmt in ("kohya", "comfyui"):
+        out = tmp_path / f"x.{fmt}.safetensors"
+        with pytest.raises(IncompatibleError, match="SD3|Flux.1 only"):
+            write_adapter(sd3, out, format=fmt)
+        assert not out.exists()
+    flux = write_adapter(_blocks_lora(3072), tmp_path / "f.safetensors", format="kohya")  # Flux still fuses
+    keys = set(safetensors_io.load(flux)[0])
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+
+
+def _diffusers_sd3_file(tmp_path):
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**TINY)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    sd = get_peft_model_state_dict(model)
+    folder = tmp_path / "sd3_lora"
+    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=sd,
+                                               transformer_lora_adapter_metadata=model.peft_config["default"]
+                                               .to_dict())
+    return str(folder / "pytorch_lora_weights.safetensors"), sd
+
+
+def test_diffusers_sd3_lora_round_trip_as_diffusers_reads_it(tmp_path):
+    path, sd = _diffusers_sd3_file(tmp_path)
+    adapter = read_adapter(path)
+    assert {m.scale for m in adapter} == {2.0} and len(adapter) == len(sd) // 2
+    assert any(m.name == "transformer.transformer_blocks.0.attn2.to_q" for m in adapter)
+    out = write_adapter(adapter, tmp_path / "again", format="diffusers")
+    out = out if str(out).endswith(".safetensors") else os.path.join(out, "pytorch_lora_weights.safetensors")
+    assert detect(out) == "diffusers"
+    want, _ = StableDiffusion3Pipeline.lora_state_dict(path, return_lora_metadata=True)
+    got, meta = StableDiffusion3Pipeline.lora_state_dict(out, return_lora_metadata=True)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    alphas = {meta["transformer.lora_alpha"], *meta["transformer.alpha_pattern"].values()}
+    ranks = {meta["transformer.r"], *meta["transformer.rank_pattern"].values()}
+    assert alphas == {8} and ranks == {4}  # every module's scale 8/4 reaches diffusers
