@@ -7,6 +7,7 @@ the weight it updates, instead of special-casing kinds and Tucker cores itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -128,6 +129,14 @@ class LoraModule:
         if self.kind == "embedding" or self.fan_in_fan_out:
             return down.t(), up.t()
         return up, down
+
+    def to(self, device) -> "LoraModule":
+        """The module with its tensors on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        tensors = {k: getattr(self, k) for k in ("down", "up", "magnitude", "mid") if getattr(self, k) is not None}
+        if all(t.device == device for t in tensors.values()):
+            return self
+        return dataclasses.replace(self, **{k: t.to(device) for k, t in tensors.items()})
 
     def dense_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ΔW = scale · (up @ down) in the base weight's shape. Builds the dense matrix: for tests,

@@ -13,6 +13,7 @@ from .atomic import check_output
 from .errors import IncompatibleError, UsageError
 from .formats import FORMATS, WRITABLE, detect, output_is_folder, read_adapter, write_adapter
 from .inspection import adapter_bytes
+from .options import build, resolve_device
 from .report import Report
 
 PathLike = Union[str, os.PathLike]
@@ -28,6 +29,7 @@ class ConvertOptions:
     rank: Optional[int] = None
     allow_unmatched: bool = False
     component: Optional[str] = None
+    device: str = "auto"  # where LoHa/LoKr are factored (becomes 'cpu' or 'cuda:N')
 
     def __post_init__(self):
         if self.to not in WRITABLE:
@@ -38,6 +40,7 @@ class ConvertOptions:
             raise UsageError(f"unknown component {self.component!r}: use one of {', '.join(COMPONENTS)}")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        object.__setattr__(self, "device", resolve_device(self.device))
 
 
 @dataclass(repr=False)
@@ -111,13 +114,16 @@ def _for_target(adapter: LoraAdapter, opts: ConvertOptions) -> LoraAdapter:
 
 
 @paths.guarded
-def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to: str, from_: Optional[str] = None,
-            base: Optional[str] = None, rank: Optional[int] = None, allow_unmatched: bool = False,
-            component: Optional[str] = None, overwrite: bool = False, dry_run: bool = False) -> ConvertReport:
+def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to: Optional[str] = None,
+            from_: Optional[str] = None, base: Optional[str] = None, rank: Optional[int] = None,
+            allow_unmatched: bool = False, component: Optional[str] = None, overwrite: bool = False,
+            dry_run: bool = False, device: str = "auto", options: Optional[ConvertOptions] = None) -> ConvertReport:
     """Read `source` (a path, Hub reference or LoraAdapter) and write it to `output` in format `to`.
-    With `dry_run` (or no `output`), check everything and write nothing. Returns a ConvertReport."""
-    opts = ConvertOptions(to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
-                          component=component)
+    With `dry_run` (or no `output`), check everything and write nothing. `device`: where LoHa/LoKr
+    are factored (auto, cpu, cuda, cuda:N). `options`: a ConvertOptions instead of the keyword
+    options. Returns a ConvertReport."""
+    opts = build(ConvertOptions, options, to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
+                 component=component, device=device)
     if output is not None:
         output_is_folder(output, opts.to)
         if not dry_run:
@@ -126,7 +132,7 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
     if opts.rank is not None and in_fmt != "lycoris":
         raise UsageError("--rank applies to LyCORIS LoHa/LoKr input only (resize a LoRA with `loratools resize`)")
     adapter = read_adapter(source, format=in_fmt, base=opts.base, allow_unmatched=opts.allow_unmatched or None,
-                           rank=opts.rank)
+                           rank=opts.rank, device=opts.device)
     read_config = adapter.config
     adapter = _for_target(adapter, opts)
     kept = read_config.get("retained")

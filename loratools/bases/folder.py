@@ -57,7 +57,7 @@ class ModelFolderBase:
 
         def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
             return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name),
-                                check_finite)
+                                check_finite, plan.device)
 
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
             plan.not_copied = rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,

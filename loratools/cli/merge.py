@@ -5,9 +5,9 @@ import click
 
 from .. import refs, share
 from ..bases import QuantizedBase
-from ..merging import describe, merge as run_merge, open_base
-from .common import (ADAPTERS_METAVAR, output_option, overwrite_option, progress_bar, quiet_option, table,
-                     weight_option, weighted_adapters)
+from ..merging import MergeOptions, describe, merge as run_merge, open_base
+from .common import (ADAPTERS_METAVAR, device_option, output_option, overwrite_option, progress_bar, quiet_option,
+                     table, weight_option, weighted_adapters)
 
 
 @click.command("merge")
@@ -29,9 +29,11 @@ from .common import (ADAPTERS_METAVAR, output_option, overwrite_option, progress
 @click.option("--push", "push_to", metavar="REPO_ID", default=None,
               help="Also upload the merged model to this Hub repository, with a model card, in one commit.")
 @click.option("--private", is_flag=True, help="With --push: create the repository as private.")
+@device_option
 @overwrite_option
 @quiet_option
 def command(base, adapters, output, weights, dtype, out_type, requantize, dry_run, no_check_finite, push_to, private,
+            device,
             overwrite, quiet):
     """Merge one or more LoRA ADAPTERS into the BASE model and write the merged model to OUTPUT.
 
@@ -51,11 +53,13 @@ def command(base, adapters, output, weights, dtype, out_type, requantize, dry_ru
       loratools merge ./sdxl-pipeline a.safetensors b/ --dry-run -o out/
     """
     adapters, weights = weighted_adapters(adapters, weights)
+    opts = MergeOptions(weights=weights, dtype=dtype, out_type=out_type, check_finite=not no_check_finite,
+                        device=device, requantize=requantize)
     if push_to:
         push_to = refs.check_repo_id(push_to)
         share.check_online(push_to)  # fail before merging, not after
     if dry_run:
-        ckpt, plan = describe(base, adapters, weights, out_type, requantize=requantize)
+        ckpt, plan = describe(base, adapters, options=opts)
         default = "bf16" if isinstance(ckpt, QuantizedBase) and not requantize else "same dtypes"
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
@@ -67,9 +71,8 @@ def command(base, adapters, output, weights, dtype, out_type, requantize, dry_ru
         return
     ckpt = open_base(base)  # also resolves a Hub reference
     with progress_bar(ckpt.num_tensors, "merging", quiet) as bar:
-        plan = run_merge(ckpt, adapters, output, weights=weights, dtype=dtype, overwrite=overwrite,
-                         check_finite=not no_check_finite, progress=lambda _name: bar.update(1),
-                         out_type=out_type, requantize=requantize)
+        plan = run_merge(ckpt, adapters, output, overwrite=overwrite, progress=lambda _name: bar.update(1),
+                         options=opts)
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
                f"weight(s); wrote {output}", err=True)
     if plan.quant_error:

@@ -159,6 +159,13 @@ def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, over
     return os.path.abspath(os.fspath(path))
 
 
+def check_writable_alone(fmt: str, command: str) -> None:
+    """Refuse a format `command` cannot write without a base model (GGUF), saying how to get it."""
+    if fmt not in WRITABLE_ALONE:
+        hint = (f"; {command} to peft, then `loratools convert --to {fmt} --base MODEL`" if fmt in WRITABLE else "")
+        raise UsageError(f"cannot write format {fmt!r} here: use one of {', '.join(WRITABLE_ALONE)}{hint}")
+
+
 def writable_format(adapter: LoraAdapter, format: Optional[str]) -> str:
     fmt = format or adapter.format
     if fmt not in WRITABLE:

@@ -117,9 +117,9 @@ def _weight_shape(delta: torch.Tensor, name: str, nm, path: str, lenient: bool =
 
 
 def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dtype: torch.dtype,
-           magnitude: Optional[torch.Tensor]):
-    """Best rank-k LoRA of ΔW (exact SVD, fp32): (module, retained Frobenius fraction)."""
-    mat = delta.reshape(shape[0], -1)
+           magnitude: Optional[torch.Tensor], device: Optional[str] = None):
+    """Best rank-k LoRA of ΔW (exact SVD, fp32, on `device`): (module, retained Frobenius fraction)."""
+    mat = delta.reshape(shape[0], -1).to(device or "cpu")
     u, s, vh = exact_svd(mat)
     if rank is None:  # numerical rank: singular values above fp32 round-off of the largest
         tol = float(s[0]) * max(mat.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
@@ -130,13 +130,14 @@ def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dt
     conv = len(shape) == 4
     if conv:
         up, down = up.reshape(shape[0], k, 1, 1), down.reshape(k, *shape[1:])
-    module = LoraModule(name=name, down=down.to(dtype).contiguous(), up=up.to(dtype).contiguous(), alpha=float(k),
+    module = LoraModule(name=name, down=down.to("cpu", dtype).contiguous(), up=up.to("cpu", dtype).contiguous(),
+                        alpha=float(k),
                         kind="conv" if conv else "linear", magnitude=magnitude)
     return module, retained(s, k)[0]
 
 
 def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, rank: Optional[int] = None,
-         keep_unmatched: bool = False) -> LoraAdapter:
+         keep_unmatched: bool = False, device: Optional[str] = None) -> LoraAdapter:
     if rank is not None and rank < 1:
         raise UsageError("--rank must be at least 1")
     tensors, metadata = _single.load(path)
@@ -179,7 +180,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
             dora = kohya.build_module(name, lora_name, {"down": torch.zeros(1, 1), "up": torch.zeros(shape[0], 1),
                                                         "dora": p["dora_scale"]}, path).magnitude
         dtype = next(v.dtype for k, v in p.items() if k != "alpha")
-        module, kept[name] = factor(name, delta.reshape(shape), shape, rank, dtype, dora)
+        module, kept[name] = factor(name, delta.reshape(shape), shape, rank, dtype, dora, device)
         adapter.add(module)
         algos[name] = algo
         native[name] = native_rank_alpha(algo, p, module.rank, f"{path}: {lora_name}.alpha")
@@ -190,4 +191,4 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
 
 
 FORMAT = Format("lycoris", detect, read, None, folder=False,
-                options=("base", "allow_unmatched", "rank", "keep_unmatched"))
+                options=("base", "allow_unmatched", "rank", "keep_unmatched", "device"))
