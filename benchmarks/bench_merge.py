@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "loratools-bench"))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--device", default="cpu", help="loratools merge --device (auto, cpu, cuda, cuda:N)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the copy and of loratools (best kept); PEFT runs once")
     args = ap.parse_args()
 
@@ -110,7 +111,8 @@ def main() -> None:
     timed_child(copy_cmd)  # warm the page cache so every contender reads from memory
     clean(out)
     rows.append(("plain copy of the folder",) + best_of(args.repeat, copy_cmd))
-    rows.append(("loratools merge",) + best_of(args.repeat, [py, "-c", LORATOOLS_SCRIPT, base, adapter, "-o", out]))
+    rows.append(("loratools merge",) + best_of(args.repeat, [py, "-c", LORATOOLS_SCRIPT, base, adapter, "-o", out,
+                                                             "--device", args.device]))
     if not args.skip_peft:
         rows.append(("PEFT merge_and_unload + save_pretrained",) + best_of(1, [py, "-c", PEFT_SCRIPT, base, adapter, out]))
 

@@ -43,11 +43,20 @@ class LoraModule:
     # a LyCORIS update that depends on the base weight (OFT, IA³, GLoRA …): merged by `op.apply`;
     # down/up are then zero placeholders that only carry the weight's shape (0 where unknown)
     op: Optional[Transform] = None
+    # one expert of a 3-D fused expert stack (PEFT target_parameters): the stack's parameter name and
+    # the expert's index; the update is the 2-D slice param[expert] (fan_in_fan_out: stored [in, out])
+    param: Optional[str] = None
+    expert: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise FormatError(f"module {self.name}: unknown kind {self.kind!r} (expected one of {KINDS})")
         self.check()
+
+    @property
+    def target(self) -> str:
+        """The base parameter the update goes into."""
+        return self.param if self.param is not None else self.name + ".weight"
 
     @property
     def rank(self) -> int:
@@ -129,6 +138,14 @@ class LoraModule:
             return down.t(), up.t()
         return up, down
 
+    def to(self, device) -> "LoraModule":
+        """The module with its tensors on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        tensors = {k: getattr(self, k) for k in ("down", "up", "magnitude", "mid") if getattr(self, k) is not None}
+        if all(t.device == device for t in tensors.values()):
+            return self
+        return dataclasses.replace(self, **{k: t.to(device) for k, t in tensors.items()})
+
     def dense_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ΔW = scale · (up @ down) in the base weight's shape. Builds the dense matrix: for tests,
         small modules and the element-wise blend methods only."""
@@ -196,11 +213,12 @@ class LoraAdapter:
 
 def fit_adapter(adapter: LoraAdapter, base) -> LoraAdapter:
     """The adapter with each module's layout fitted (`fit_module`) to the weight it updates in `base`
-    (anything with `in` and `shape` over `<module>.weight` names)."""
+    (anything with `in` and `shape` over parameter names)."""
     modules = {}
     for name, m in adapter.modules.items():
-        target = name + ".weight"
-        modules[name] = fit_module(m, tuple(base.shape(target))) if target in base else m
+        # an expert's slice of a 3-D stack is no weight of its own: nothing to fit
+        fits = m.expert is None and m.target in base
+        modules[name] = fit_module(m, tuple(base.shape(m.target))) if fits else m
     return dataclasses.replace(adapter, modules=modules)
 
 

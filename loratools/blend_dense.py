@@ -91,9 +91,9 @@ def topk_thresholds(tasks: Sequence[Task], rows: int, cols: int, density: float,
         if k == 0:
             result.append(_TopK(value=float("inf"), equal=0))
             continue
-        mags = torch.empty(rows, cols, dtype=torch.float32)
+        mags = torch.empty(rows, cols, dtype=torch.float32)  # on the host: numpy partitions it
         for r0, r1 in _tiles(rows, cols, len(tasks), tile_rows):
-            torch.abs(t.rows(r0, r1), out=mags[r0:r1])
+            mags[r0:r1].copy_(torch.abs(t.rows(r0, r1)))
         flat = mags.view(-1).numpy()
         flat.partition(flat.size - k)  # the k largest now fill the tail, unordered
         value = float(flat[flat.size - k])
@@ -112,20 +112,22 @@ def combine(tasks: Sequence[Task], rows: int, cols: int, method: str, density: f
     if method not in DENSE_METHODS:
         raise ValueError(f"not an element-wise method: {method}")
     n = len(tasks)
-    weights = torch.tensor([t.weight for t in tasks], dtype=torch.float32).reshape(n, 1, 1)
+    device = tasks[0].up.device  # the tiles are built where the factors are
+    weights = torch.tensor([t.weight for t in tasks], dtype=torch.float32, device=device).reshape(n, 1, 1)
     magnitude = method in ("ties", "magnitude_prune")
     tops = topk_thresholds(tasks, rows, cols, density, tile_rows) if magnitude else None
     gens = None
     if not magnitude and density < 1:
         gens = [torch.Generator().manual_seed(s) for s in (seeds or range(n))]
-    out = torch.empty(rows, cols, dtype=torch.float32)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=device)
     for r0, r1 in _tiles(rows, cols, n, tile_rows):
         pruned = torch.stack([t.rows(r0, r1) for t in tasks])  # [n, tile, cols]
         for i in range(n):
             if tops is not None and tops[i] is not None:
                 pruned[i] *= tops[i].mask(pruned[i].abs())
             elif gens is not None:
-                keep = torch.rand(pruned[i].shape, generator=gens[i]) < density
+                # drawn on the host: the same masks on every device
+                keep = (torch.rand(pruned[i].shape, generator=gens[i]) < density).to(device)
                 pruned[i] *= keep
                 pruned[i] /= density
         if method in ("ties", "dare_ties"):

@@ -23,9 +23,10 @@ from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .dtypes import parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, check_uniform_scale, read_adapter, uniform, write_adapter
+from .formats import check_uniform_scale, check_writable_alone, read_adapter, uniform, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, gram_dot, lowrank_svd, randomized_svd, split_factors
+from .options import build, check_weights, resolve_device, weights_for
 from .report import Report
 from .ops import all_finite
 
@@ -33,6 +34,70 @@ METHODS = ("cat", "svd", "linear") + DENSE_METHODS
 SVD_MODES = ("exact", "randomized")
 POWER_ITERS, OVERSAMPLE = 4, 16  # randomized SVD of the dense element-wise results
 AdapterLike = Union[str, os.PathLike, LoraAdapter]
+
+
+@dataclass(frozen=True)
+class BlendOptions:
+    """What `blend` does, checked once on creation (the CLI and the API build the same object).
+    `dtype` becomes a torch dtype (None: the first adapter's), `device` 'cpu' or 'cuda:N'."""
+
+    weights: Optional[Tuple[float, ...]] = None  # one per adapter (None: 1 each)
+    method: str = "svd"
+    rank: Optional[int] = None  # None: the largest input rank
+    density: Optional[float] = None
+    majority_sign: Optional[str] = None
+    seed: int = 0
+    svd: Optional[str] = None
+    clamp: Optional[float] = None
+    dtype: Optional[Union[str, torch.dtype]] = None
+    to: Optional[str] = None
+    device: str = "auto"
+    uniform_scale: bool = False  # one alpha for all modules (PEFT output)
+
+    def __post_init__(self):
+        method, rank, density, clamp = self.method, self.rank, self.density, self.clamp
+        if method not in METHODS:
+            raise UsageError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        dense = method in DENSE_METHODS
+        if rank is not None and method in ("cat", "linear"):
+            raise UsageError(f"--rank does not apply to method {method} (its rank is fixed by the inputs)")
+        if rank is not None and rank < 1:
+            raise UsageError("--rank must be at least 1")
+        if dense and density is None:
+            raise UsageError(f"method {method} needs --density (the fraction of each ΔW to keep, in (0, 1])")
+        if density is not None and not dense:
+            raise UsageError(f"--density applies only to {', '.join(DENSE_METHODS)}")
+        if density is not None and not 0 < density <= 1:
+            raise UsageError(f"--density must be in (0, 1], got {density}")
+        if self.majority_sign is not None and method not in ("ties", "dare_ties"):
+            raise UsageError("--majority-sign applies only to ties and dare_ties")
+        if self.majority_sign is not None and self.majority_sign not in SIGN_METHODS:
+            raise UsageError(f"--majority-sign must be one of {', '.join(SIGN_METHODS)}")
+        if self.svd is not None and not dense:
+            raise UsageError(f"--svd applies only to {', '.join(DENSE_METHODS)} (svd is exact from the factors)")
+        if self.svd is not None and self.svd not in SVD_MODES:
+            raise UsageError(f"--svd must be one of {', '.join(SVD_MODES)}")
+        if clamp is not None and method in ("cat", "linear"):
+            raise UsageError(f"--clamp applies only to methods that factor with an SVD, not {method}")
+        if clamp is not None and not 0.5 <= clamp <= 1:
+            raise UsageError(f"--clamp is a quantile in [0.5, 1], got {clamp}")
+        if not 0 <= int(self.seed) < 1 << 63:
+            raise UsageError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
+        if self.to is not None:
+            check_writable_alone(self.to, "blend")
+        if self.uniform_scale and self.to is not None:
+            check_uniform_scale(self.to)
+        object.__setattr__(self, "weights", check_weights(self.weights))
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        object.__setattr__(self, "device", resolve_device(self.device))
+
+    @property
+    def sign_rule(self) -> str:
+        return self.majority_sign or "total"
+
+    @property
+    def svd_mode(self) -> str:
+        return self.svd or "randomized"
 
 
 @dataclass
@@ -112,7 +177,8 @@ def _module(template: LoraModule, up: torch.Tensor, down: torch.Tensor, dtype: t
     if not (all_finite(up) and all_finite(down)):
         raise NonFiniteError(f"module {template.name}: the blend overflows {dtype} (try --dtype fp32); "
                              "nothing was written")
-    return LoraModule(template.name, down=down, up=up, alpha=float(r), kind=kind, fan_in_fan_out=fifo)
+    return LoraModule(template.name, down=down, up=up, alpha=float(r), kind=kind, fan_in_fan_out=fifo,
+                      param=template.param, expert=template.expert)
 
 
 # ---- small linear algebra --------------------------------------------------------------------------
@@ -153,7 +219,7 @@ def _canonical(u: torch.Tensor, vh: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     """Fix the SVD's sign freedom (largest |entry| of each U column positive), so results and
     --clamp do not depend on which SVD routine ran."""
     idx = u.abs().argmax(0)
-    sign = torch.sign(u[idx, torch.arange(u.shape[1])])
+    sign = torch.sign(u[idx, torch.arange(u.shape[1], device=u.device)])
     sign[sign == 0] = 1
     return u * sign, vh * sign[:, None]
 
@@ -204,22 +270,23 @@ def _check_finite(name: str, *tensors: torch.Tensor) -> None:
                              "nothing was written")
 
 
-def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], opts: dict,
-                  dtype: torch.dtype) -> Tuple[LoraModule, ModuleReport]:
-    method, rank, clamp = opts["method"], opts["rank"], opts["clamp"]
+def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], indices: List[int], rank: int,
+                  opts: BlendOptions, dtype: torch.dtype) -> Tuple[LoraModule, ModuleReport]:
+    """One module's blend at `rank`; `indices`: which inputs the sources are (the DARE seeds)."""
+    method, clamp = opts.method, opts.clamp
     template = sources[0].module
     shape = template.weight_shape
     rows, cols = shape[0], math.prod(shape[1:])
     if method in DENSE_METHODS:
         tasks = [blend_dense.Task(*s.module.factors_2d(), s.module.scale, s.weight) for s in sources]
-        seeds = [blend_dense.dare_seed(opts["seed"], name, i) for i in opts["indices"]]
-        target = blend_dense.combine(tasks, rows, cols, method, opts["density"], opts["majority_sign"], seeds)
+        seeds = [blend_dense.dare_seed(opts.seed, name, i) for i in indices]
+        target = blend_dense.combine(tasks, rows, cols, method, opts.density, opts.sign_rule, seeds)
         _check_finite(name, target)
         k = min(rank, rows, cols)
-        if opts["svd"] == "exact":
+        if opts.svd_mode == "exact":
             u, s, vh = exact_svd(target)
         else:
-            u, s, vh = randomized_svd(target, k, oversample=OVERSAMPLE, n_iter=POWER_ITERS, seed=opts["seed"])
+            u, s, vh = randomized_svd(target, k, oversample=OVERSAMPLE, n_iter=POWER_ITERS, seed=opts.seed)
         out = _module(template, *_finish(u, s, vh, k, clamp), dtype)
         up, down = out.factors_2d()
         up = up.float() * out.scale
@@ -244,34 +311,6 @@ def _blend_module(name: str, sources: Sequence[_Source], n_inputs: List[int], op
 
 
 # ---- the API ---------------------------------------------------------------------------------------
-
-def _check_options(method, rank, density, majority_sign, svd, clamp) -> None:
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    dense = method in DENSE_METHODS
-    if rank is not None and method in ("cat", "linear"):
-        raise UsageError(f"--rank does not apply to method {method} (its rank is fixed by the inputs)")
-    if rank is not None and rank < 1:
-        raise UsageError("--rank must be at least 1")
-    if dense and density is None:
-        raise UsageError(f"method {method} needs --density (the fraction of each ΔW to keep, in (0, 1])")
-    if density is not None and not dense:
-        raise UsageError(f"--density applies only to {', '.join(DENSE_METHODS)}")
-    if density is not None and not 0 < density <= 1:
-        raise UsageError(f"--density must be in (0, 1], got {density}")
-    if majority_sign is not None and method not in ("ties", "dare_ties"):
-        raise UsageError("--majority-sign applies only to ties and dare_ties")
-    if majority_sign is not None and majority_sign not in SIGN_METHODS:
-        raise UsageError(f"--majority-sign must be one of {', '.join(SIGN_METHODS)}")
-    if svd is not None and not dense:
-        raise UsageError(f"--svd applies only to {', '.join(DENSE_METHODS)} (svd is exact from the factors)")
-    if svd is not None and svd not in SVD_MODES:
-        raise UsageError(f"--svd must be one of {', '.join(SVD_MODES)}")
-    if clamp is not None and method in ("cat", "linear"):
-        raise UsageError(f"--clamp applies only to methods that factor with an SVD, not {method}")
-    if clamp is not None and not 0.5 <= clamp <= 1:
-        raise UsageError(f"--clamp is a quantile in [0.5, 1], got {clamp}")
-
 
 def _extras(loaded: Sequence[Tuple[LoraAdapter, float]]) -> Dict[str, torch.Tensor]:
     """Full tensors (modules_to_save) are carried only when every input has the same ones: a
@@ -322,28 +361,19 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
           rank: Optional[int] = None, density: Optional[float] = None, majority_sign: Optional[str] = None,
           seed: int = 0, svd: Optional[str] = None, clamp: Optional[float] = None, dtype: Optional[str] = None,
           output: Optional[Union[str, os.PathLike]] = None, to: Optional[str] = None, overwrite: bool = False,
-          progress: Optional[Callable[[str], None]] = None, uniform_scale: bool = False
-          ) -> Tuple[LoraAdapter, BlendReport]:
+          progress: Optional[Callable[[str], None]] = None, device: str = "auto", uniform_scale: bool = False,
+          options: Optional[BlendOptions] = None) -> Tuple[LoraAdapter, BlendReport]:
     """Blend `adapters` (paths or LoraAdapter objects) with `weights` (default 1 each) into one adapter.
 
     Returns the adapter and its report; with `output`, also writes it (in `to`, default the first
-    input's format). `uniform_scale`: one alpha for all modules (PEFT output). Raises before writing
-    anything if an input or option is wrong.
+    input's format). `uniform_scale`: one alpha for all modules (PEFT output). `options`: a
+    BlendOptions instead of the keyword options. Raises before writing anything if an input or
+    option is wrong.
     """
-    _check_options(method, rank, density, majority_sign, svd, clamp)
-    if not adapters:
-        raise UsageError("give at least one adapter")
-    weights = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)")
-    if not all(math.isfinite(w) for w in weights):
-        raise UsageError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
-    if not 0 <= int(seed) < 1 << 63:
-        raise UsageError(f"--seed must be between 0 and 2^63-1, got {seed}")
-    if to is not None and to not in WRITABLE:
-        raise UsageError(f"cannot write format {to!r}: use one of {', '.join(WRITABLE)}")
-    if uniform_scale and to is not None:
-        check_uniform_scale(to)
+    opts = build(BlendOptions, options, weights=weights, method=method, rank=rank, density=density,
+                 majority_sign=majority_sign, seed=seed, svd=svd, clamp=clamp, dtype=dtype, to=to, device=device,
+                 uniform_scale=uniform_scale)
+    weights = list(weights_for(opts.weights, len(adapters)))
     if output is not None:
         check_output(output, overwrite)
     loaded = [(read_adapter(a), w) for a, w in zip(adapters, weights)]
@@ -352,26 +382,25 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
     groups = _group(loaded)
     if not groups:
         raise UsageError("the adapters have no LoRA modules to blend")
-    out_dtype = parse_dtype(dtype) or first.dtype() or torch.float32
-    max_rank = max(m.rank for a, _ in loaded for m in a)
-    opts = dict(method=method, rank=rank or max_rank, clamp=clamp, density=density, seed=seed,
-                majority_sign=majority_sign or "total", svd=svd or "randomized")
-    report = BlendReport(method, weights)
+    out_dtype = opts.dtype or first.dtype() or torch.float32
+    rank_out = opts.rank or max(m.rank for a, _ in loaded for m in a)
+    report = BlendReport(opts.method, weights)
     modules: Dict[str, LoraModule] = {}
     for name, by_index in groups.items():
-        sources = list(by_index.values())
+        sources = [_Source(s.module.to(opts.device), s.weight) for s in by_index.values()]
         ranks_in = [by_index[i].module.rank if i in by_index else 0 for i in range(len(loaded))]
-        opts["indices"] = list(by_index)
-        modules[name], mod_report = _blend_module(name, sources, ranks_in, opts, out_dtype)
+        out, mod_report = _blend_module(name, sources, ranks_in, list(by_index), rank_out, opts, out_dtype)
+        modules[name] = out.to("cpu")
         report.modules.append(mod_report)
         if progress:
             progress(name)
-    fmt = to or first.format
-    metadata = stamp({}, "blend", [a for a in adapters if not isinstance(a, LoraAdapter)], method=method,
-                     weights=weights, rank=rank, density=density, seed=seed, retained=report.totals().get("retained"))
+    fmt = opts.to or first.format
+    metadata = stamp({}, "blend", [a for a in adapters if not isinstance(a, LoraAdapter)], method=opts.method,
+                     weights=weights, rank=opts.rank, density=opts.density, seed=opts.seed,
+                     retained=report.totals().get("retained"))
     result = LoraAdapter(modules=modules, extra=extra, base_model=first.base_model, format=fmt,
                          config=_output_config(first, fmt, list(modules)), metadata=metadata)
-    result = uniform(result, fmt, uniform_scale)
+    result = uniform(result, fmt, opts.uniform_scale)
     if output is not None:
         write_adapter(result, output, format=fmt, overwrite=overwrite, metadata=metadata)
     return result, report

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Type
+from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -137,14 +137,22 @@ def check_base(adapter: LoraAdapter, ckpt) -> List[Finding]:
     return out
 
 
+def target_shape(ckpt, m) -> Optional[Tuple[int, ...]]:
+    """The shape the module's update must have in the base: one expert's slice of a 3-D stack."""
+    shape = tuple(ckpt.shape(m.target))
+    if m.expert is None:
+        return shape
+    return shape[1:] if len(shape) == 3 and m.expert < shape[0] else None
+
+
 def _fit_findings(adapter: LoraAdapter, ckpt) -> List[Finding]:
     out: List[Finding] = []
     for m in adapter:
-        target = m.name + ".weight"
+        target = m.target
         if target not in ckpt:
             out.append(Finding("absent", f"module {m.name}: the base has no weight {target}", module=m.name,
                                exc=IncompatibleError))
-        elif tuple(ckpt.shape(target)) != tuple(m.weight_shape):
+        elif target_shape(ckpt, m) != tuple(m.weight_shape):
             out.append(Finding("shape", f"module {m.name}: the adapter's update has shape {tuple(m.weight_shape)} "
                                f"but the base weight {target} has shape {tuple(ckpt.shape(target))} "
                                "(adapter for another model?)", module=m.name, exc=ShapeMismatchError))
@@ -164,13 +172,13 @@ def _fit_findings(adapter: LoraAdapter, ckpt) -> List[Finding]:
 
 def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_RATIO) -> List[Finding]:
     """Warn where ‖ΔW‖ exceeds `max_ratio`·‖W‖ (reads each targeted base weight, one at a time)."""
-    fits = {m.name + ".weight": m for m in adapter if m.op is None
-            and m.name + ".weight" in ckpt and tuple(ckpt.shape(m.name + ".weight")) == tuple(m.weight_shape)
-            and ckpt.dtype(m.name + ".weight") in FLOATS}  # the rest are check_base's findings
-    norms = _weight_norms(ckpt, fits)
+    fits = [m for m in adapter if m.op is None and m.target in ckpt and target_shape(ckpt, m) == tuple(m.weight_shape)
+            and ckpt.dtype(m.target) in FLOATS]  # the rest are check_base's findings
+    norms = _weight_norms(ckpt, {m.target for m in fits}, {m.target for m in fits if m.expert is not None})
     out: List[Finding] = []
-    for target, m in fits.items():
-        w = norms[target]
+    for m in fits:
+        w = norms[m.target]
+        w = float(w if m.expert is None else w[m.expert])
         d = m.delta_norm()
         if d > max_ratio * w:
             ratio = f"{d / w:.3g}x" if w > 0 else "infinitely"
@@ -179,16 +187,21 @@ def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_R
     return out
 
 
-def _weight_norms(ckpt, targets) -> dict:
-    """‖W‖ of each target; fp32 accumulation is plenty for a 1x threshold."""
+def _norm(t: torch.Tensor, per_expert: bool):
+    """‖W‖, or one per expert of a 3-D expert stack; fp32 accumulation is plenty for a 1x threshold."""
+    return torch.linalg.vector_norm(t, dim=(1, 2) if per_expert else None, dtype=torch.float32)
+
+
+def _weight_norms(ckpt, targets, stacks=frozenset()) -> dict:
+    """‖W‖ of each target (a tensor of per-expert norms for the expert stacks among them)."""
     if not isinstance(ckpt, Checkpoint):  # a diffusion base reads its virtual weights itself
-        return {t: float(torch.linalg.vector_norm(ckpt.read(t), dtype=torch.float32)) for t in targets}
+        return {t: _norm(ckpt.read(t), t in stacks) for t in targets}
     norms, scratch = {}, ScratchBuffer()  # one shard open at a time, one reused read buffer
     for shard in ckpt.shards:
         with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
             for name in f.keys():
                 if name in targets:
-                    norms[name] = float(torch.linalg.vector_norm(f.read(name, scratch), dtype=torch.float32))
+                    norms[name] = _norm(f.read(name, scratch), name in stacks)
     return norms
 
 

@@ -110,7 +110,11 @@ def collection_inputs(paths: Iterable[str]) -> Optional[List[Entry]]:
     if len(paths) == 1:
         p = paths[0]
         # anything but a folder (a file, a device, a FIFO: the command says what is wrong with it)
-        single = (os.path.lexists(p) and not os.path.isdir(p)) or is_adapter_folder(p) or (
+        # a model or pipeline folder (config.json / model_index.json) is one input too: the command
+        # says it is a base model, not a collection of adapters
+        model = os.path.isdir(p) and any(os.path.isfile(os.path.join(p, f))
+                                         for f in ("config.json", "model_index.json"))
+        single = (os.path.lexists(p) and not os.path.isdir(p)) or is_adapter_folder(p) or model or (
             not os.path.exists(p) and not _GLOB.search(p))
         if single:
             return None

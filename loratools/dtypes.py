@@ -13,7 +13,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 CHOICES = ("fp32", "bf16", "fp16")  # what the CLI offers
 MERGE_FLOATS = (torch.float32, torch.bfloat16, torch.float16)  # what the merge kernel takes
 FLOATS = MERGE_FLOATS + (torch.float64,)  # what a LoRA factor or a difference may be
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # base weights merged in fp32, rounded once back
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # unscaled fp8 weights merge in fp32, rounded once back; scaled
+# ones (weight_scale_inv …) are dequantized by quant.py first
 BASE_FLOATS = FLOATS + FP8  # what a base weight may be to merge into
 
 

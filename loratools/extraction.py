@@ -20,15 +20,17 @@ import torch
 from . import paths
 from .patterns import UserPattern
 from .adapter import LoraAdapter, LoraModule
+from .archs import COMPONENTS
 from .atomic import check_output
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import WRITABLE, WRITABLE_ALONE, check_uniform_scale, output_is_folder, uniform, write_adapter
+from .formats import check_uniform_scale, check_writable_alone, output_is_folder, uniform, write_adapter
 from .provenance import stamp
 from .report import Report
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
 from .ops import all_finite
+from .options import build, resolve_device
 from .resizing import ModuleResize, check_rank_options, summarize
 from .safetensors_io import SafetensorsFile
 
@@ -63,18 +65,57 @@ class ExtractResult(Report):
         self.skipped.setdefault(reason, []).append(name)
 
 
-@dataclass
-class _Options:
-    rank: int
-    conv_rank: int
-    dynamic: Optional[str]
-    param: Optional[float]
-    min_diff: float
-    svd: str
-    power_iters: int
-    dtype: torch.dtype
-    prefix: str
-    fan_in_fan_out: bool = False  # linear weights stored [in, out] (GPT-2's Conv1D)
+@dataclass(frozen=True)
+class ExtractOptions:
+    """What `extract` does, checked once on creation (the CLI and the API build the same object).
+    `dtype` becomes a torch dtype, `device` 'cpu' or 'cuda:N', include/exclude tuples of regexes."""
+
+    rank: int = 16
+    conv_rank: Optional[int] = None  # None: rank
+    dynamic: Optional[str] = None
+    param: Optional[float] = None
+    min_diff: float = 0.0
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    embeddings: bool = False
+    to: str = "peft"
+    base_model_name: Optional[str] = None
+    dtype: Union[str, torch.dtype] = "fp32"
+    svd: str = "auto"
+    power_iters: int = 4
+    component: Optional[str] = None
+    fan_in_fan_out: Optional[bool] = None  # None: from the base's config.json
+    device: str = "auto"
+    uniform_scale: bool = False  # one alpha for all modules (PEFT output)
+    patterns: Tuple[List[UserPattern], List[UserPattern]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.rank is None:
+            raise UsageError("extract needs --rank (with --dynamic: the cap)")
+        check_rank_options(self.rank, self.conv_rank, self.dynamic, self.param)
+        if self.svd not in SVD_METHODS:
+            raise UsageError(f"unknown --svd {self.svd!r}: use one of {', '.join(SVD_METHODS)}")
+        check_writable_alone(self.to, "extract")
+        if self.uniform_scale:
+            check_uniform_scale(self.to)
+        if self.min_diff < 0 or self.power_iters < 0:
+            raise UsageError("--min-diff and --power-iters must not be negative")
+        if self.component is not None and self.component not in COMPONENTS:
+            raise UsageError(f"unknown component {self.component!r}: use one of {', '.join(COMPONENTS)}")
+        set_ = object.__setattr__
+        set_(self, "include", tuple(self.include or ()))
+        set_(self, "exclude", tuple(self.exclude or ()))
+        set_(self, "patterns", (compile_patterns(self.include, "--include"),
+                                compile_patterns(self.exclude, "--exclude")))
+        set_(self, "dtype", parse_dtype(self.dtype) or torch.float32)
+        set_(self, "device", resolve_device(self.device))
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.component}." if self.component else ""
+
+    def rank_for(self, conv: bool) -> int:
+        return self.conv_rank if conv and self.conv_rank is not None else self.rank
 
 
 def is_embedding(module: str) -> bool:
@@ -162,19 +203,6 @@ def _task_type(folder: str) -> Optional[str]:
     return None
 
 
-def check_options(rank, conv_rank, dynamic, param, svd, to, min_diff, power_iters) -> None:
-    if rank is None:
-        raise UsageError("extract needs --rank (with --dynamic: the cap)")
-    check_rank_options(rank, conv_rank, dynamic, param)
-    if svd not in SVD_METHODS:
-        raise UsageError(f"unknown --svd {svd!r}: use one of {', '.join(SVD_METHODS)}")
-    if to not in WRITABLE_ALONE:
-        hint = ("; extract to peft, then `loratools convert --to gguf --base MODEL`" if to in WRITABLE else "")
-        raise UsageError(f"cannot write format {to!r} here: use one of {', '.join(WRITABLE_ALONE)}{hint}")
-    if min_diff < 0 or power_iters < 0:
-        raise UsageError("--min-diff and --power-iters must not be negative")
-
-
 def open_pair(base, tuned) -> Tuple[Checkpoint, Checkpoint]:
     """Both checkpoints, indexed from their headers, checked to be of one architecture."""
     cb = base if isinstance(base, Checkpoint) else Checkpoint(base)
@@ -217,30 +245,31 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
             embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
             dtype: str = "fp32", svd: str = "auto", power_iters: int = 4, component: Optional[str] = None,
             overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
-            fan_in_fan_out: Optional[bool] = None, uniform_scale: bool = False) -> ExtractResult:
+            fan_in_fan_out: Optional[bool] = None, device: str = "auto", uniform_scale: bool = False,
+            options: Optional[ExtractOptions] = None) -> ExtractResult:
     """Factor `tuned − base` into a LoRA for every 2-D (and conv) weight whose largest absolute
     difference exceeds `min_diff`. `include` / `exclude`: regexes searched in the module name.
     Embeddings and lm_head only with `embeddings=True` (or when an `include` regex names them).
     `component` (unet, text_encoder …) prefixes the module names, as kohya and diffusers files need.
     `fan_in_fan_out`: the linear weights are stored [in, out] (GPT-2's Conv1D); None reads it from
-    the base's config.json (model_type gpt2 / openai-gpt). `uniform_scale`: one alpha for all modules
-    (PEFT output)."""
-    check_options(rank, conv_rank, dynamic, param, svd, to, min_diff, power_iters)
-    if uniform_scale:
-        check_uniform_scale(to)
-    out_dtype = parse_dtype(dtype)
-    inc, exc = compile_patterns(include, "--include"), compile_patterns(exclude, "--exclude")
+    the base's config.json (model_type gpt2 / openai-gpt). `device`: where the SVDs run (auto, cpu,
+    cuda, cuda:N). `uniform_scale`: one alpha for all modules (PEFT output). `options`: an
+    ExtractOptions instead of the keyword options."""
+    opts = build(ExtractOptions, options, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
+                 min_diff=min_diff, include=tuple(include or ()), exclude=tuple(exclude or ()), embeddings=embeddings,
+                 to=to, base_model_name=base_model_name, dtype=dtype, svd=svd, power_iters=power_iters,
+                 component=component, fan_in_fan_out=fan_in_fan_out, device=device, uniform_scale=uniform_scale)
+    inc, exc = opts.patterns
     if output is not None:
         check_output(output, overwrite)
-        output_is_folder(output, to)  # refuse -o's kind before the work, not after it
+        output_is_folder(output, opts.to)  # refuse -o's kind before the work, not after it
     cb, ct = open_pair(base, tuned)
-    config = {"task_type": _task_type(cb.folder)} if to == "peft" else {}
-    result = ExtractResult(LoraAdapter(format=to, base_model=base_model_name or default_base_name(base),
+    config = {"task_type": _task_type(cb.folder)} if opts.to == "peft" else {}
+    result = ExtractResult(LoraAdapter(format=opts.to, base_model=opts.base_model_name or default_base_name(base),
                                        config=config), [])
-    if fan_in_fan_out is None:
-        fan_in_fan_out = _model_config(cb.folder).get("model_type") in _CONV1D_MODEL_TYPES
-    opts = _Options(rank, rank if conv_rank is None else conv_rank, dynamic, param, min_diff, svd, power_iters,
-                    out_dtype or torch.float32, f"{component}." if component else "", bool(fan_in_fan_out))
+    fifo = opts.fan_in_fan_out
+    if fifo is None:
+        fifo = _model_config(cb.folder).get("model_type") in _CONV1D_MODEL_TYPES
 
     with ExitStack() as stack:
         tuned_files: Dict[str, SafetensorsFile] = {}
@@ -254,34 +283,34 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
         for shard in cb.shards:
             with SafetensorsFile(os.path.join(cb.folder, shard)) as fb:
                 for name in fb.keys():
-                    why = skip_reason(cb, name, inc, exc, embeddings)
+                    why = skip_reason(cb, name, inc, exc, opts.embeddings)
                     if why in ("excluded", "not included"):
                         result.skip(why, name)
                     else:
-                        _one(opts, name, why, fb.read(name), read_tuned(name), result)
+                        _one(opts, bool(fifo), name, why, fb.read(name), read_tuned(name), result)
                     if progress:
                         progress(name)
     if not result.modules:
-        raise UsageError(f"no weight differs by more than --min-diff {min_diff} between the checkpoints: "
+        raise UsageError(f"no weight differs by more than --min-diff {opts.min_diff} between the checkpoints: "
                          "nothing to extract")
     result.adapter.metadata = stamp(result.adapter.metadata, "extract",
-                                    [default_base_name(base), default_base_name(tuned)], rank=rank,
-                                    conv_rank=conv_rank, dynamic=dynamic, param=param, svd=svd)
-    result.adapter = uniform(result.adapter, to, uniform_scale)
+                                    [default_base_name(base), default_base_name(tuned)], rank=opts.rank,
+                                    conv_rank=opts.conv_rank, dynamic=opts.dynamic, param=opts.param, svd=opts.svd)
+    result.adapter = uniform(result.adapter, opts.to, opts.uniform_scale)
     if output is not None:
-        result.output = write_adapter(result.adapter, output, format=to, overwrite=overwrite,
+        result.output = write_adapter(result.adapter, output, format=opts.to, overwrite=overwrite,
                                       metadata=result.adapter.metadata)
     return result
 
 
-def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torch.Tensor,
-         result: ExtractResult) -> None:
-    """Factor one tensor pair into the result (or record why not)."""
+def _one(opts: ExtractOptions, fan_in_fan_out: bool, name: str, why: Optional[str], b: torch.Tensor,
+         t: torch.Tensor, result: ExtractResult) -> None:
+    """Factor one tensor pair into the result (or record why not); the SVD runs on opts.device."""
     if why is not None:  # still say when something we do not extract has changed
         if b.is_floating_point() and not torch.equal(b.to(t.dtype), t):
             result.skip(f"differs but {why}", name)
         return
-    diff = t.float() - b.float()
+    diff = t.to(opts.device).float() - b.to(opts.device).float()
     if not all_finite(diff):
         raise NonFiniteError(f"{name}: the difference contains NaN or Inf; nothing was written")
     max_diff = float(diff.abs().max()) if diff.numel() else 0.0
@@ -291,17 +320,17 @@ def _one(opts: _Options, name: str, why: Optional[str], b: torch.Tensor, t: torc
     module = name[: -len(".weight")]
     conv = diff.dim() == 4
     kind = module_kind(module, diff.dim())
-    fifo = kind == "linear" and opts.fan_in_fan_out
+    fifo = kind == "linear" and fan_in_fan_out
     # PEFT stores an embedding's LoRA transposed: ΔW.T = B @ A with A [r, num_embeddings];
     # a Conv1D weight is [in, out], so its update is (B @ A).T as well
     mat = diff.t() if kind == "embedding" or fifo else diff.reshape(diff.shape[0], -1)
-    up, down, s, k, method = factor_difference(mat, opts.conv_rank if conv else opts.rank, opts.dynamic, opts.param,
-                                               opts.svd, opts.power_iters)
+    up, down, s, k, method = factor_difference(mat, opts.rank_for(conv), opts.dynamic, opts.param, opts.svd,
+                                               opts.power_iters)
     if conv:
         up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape((k,) + tuple(diff.shape[1:]))
     module = opts.prefix + module
-    result.adapter.add(LoraModule(module, down.to(opts.dtype).contiguous(),
-                                  up.to(opts.dtype).contiguous(),
+    result.adapter.add(LoraModule(module, down.to("cpu", opts.dtype).contiguous(),
+                                  up.to("cpu", opts.dtype).contiguous(),
                                   alpha=float(k),
                                   kind=kind, fan_in_fan_out=fifo))
     exact = method == "exact"

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 from .checkpoint import Checkpoint
-from .dtypes import parse_dtype
-from .extraction import (OVERSAMPLE, check_options, compile_patterns, module_kind, open_pair, skip_reason,
-                         uses_exact_svd)
+from .extraction import OVERSAMPLE, ExtractOptions, module_kind, open_pair, skip_reason, uses_exact_svd
 from .formats import output_is_folder
+from .options import build
 from .report import Report
 
 _FP32 = 4
@@ -81,21 +80,24 @@ def plan_extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os
                  output: Optional[Union[str, os.PathLike]] = None, rank: int = 16, conv_rank: Optional[int] = None,
                  dynamic: Optional[str] = None, param: Optional[float] = None, min_diff: float = 0.0,
                  include=None, exclude=None, embeddings: bool = False, to: str = "peft", dtype: str = "fp32",
-                 svd: str = "auto", power_iters: int = 4, component: Optional[str] = None) -> ExtractPlan:
-    """Plan `extraction.extract` with the same options, reading headers only; writes nothing.
-    Refuses what `extract` would refuse before reading data (options, -o's kind, mismatched checkpoints)."""
-    check_options(rank, conv_rank, dynamic, param, svd, to, min_diff, power_iters)
+                 svd: str = "auto", power_iters: int = 4, component: Optional[str] = None,
+                 options: Optional[ExtractOptions] = None) -> ExtractPlan:
+    """Plan `extraction.extract` with the same options (keywords or an ExtractOptions, checked by
+    ExtractOptions as the real run is), reading headers only; writes nothing. Refuses what `extract`
+    would refuse before reading data (options, -o's kind, mismatched checkpoints)."""
+    opts = build(ExtractOptions, options, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
+                 min_diff=min_diff, include=tuple(include or ()), exclude=tuple(exclude or ()), embeddings=embeddings,
+                 to=to, dtype=dtype, svd=svd, power_iters=power_iters, component=component)
     if output is not None:
-        output_is_folder(output, to)
-    out_item = (parse_dtype(dtype) or parse_dtype("fp32")).itemsize
-    inc, exc = compile_patterns(include, "--include"), compile_patterns(exclude, "--exclude")
+        output_is_folder(output, opts.to)
+    out_item = opts.dtype.itemsize
+    inc, exc = opts.patterns
     cb, _ = open_pair(base, tuned)
-    plan = ExtractPlan(to, None if output is None else os.fspath(output), [], 0)
-    prefix = f"{component}." if component else ""
+    plan = ExtractPlan(opts.to, None if output is None else os.fspath(output), [], 0)
     for name, info in cb.infos.items():
         shape = tuple(info.shape)
         rows, cols = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
-        why = skip_reason(cb, name, inc, exc, embeddings)
+        why = skip_reason(cb, name, inc, exc, opts.embeddings)
         if why in ("excluded", "not included"):
             plan.skipped.setdefault(why, []).append(name)
             continue
@@ -103,10 +105,10 @@ def plan_extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os
         if why is None:
             module = name[: -len(".weight")]
             kind = module_kind(module, len(shape))
-            cap = min(conv_rank if kind == "conv" and conv_rank is not None else rank, rows, cols)
-            exact = uses_exact_svd(min(rows, cols), cap, dynamic, svd)
-            plan.modules.append(PlannedModule(prefix + module, kind, shape, cap, "exact" if exact else "randomized",
-                                              cap * (rows + cols) * out_item))
+            cap = min(opts.rank_for(kind == "conv"), rows, cols)
+            exact = uses_exact_svd(min(rows, cols), cap, opts.dynamic, opts.svd)
+            plan.modules.append(PlannedModule(opts.prefix + module, kind, shape, cap,
+                                              "exact" if exact else "randomized", cap * (rows + cols) * out_item))
         plan.work_bytes = max(plan.work_bytes, _work_bytes(rows, cols, info.dtype.itemsize, cap,
                                                            cap is not None and plan.modules[-1].svd == "exact"))
     return plan

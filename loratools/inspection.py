@@ -15,9 +15,11 @@ import torch
 
 from .adapter import LoraAdapter, LoraModule
 from .archs.family import adapter_family
+from .bases import open_base
 from .checks import Finding, check_adapter, check_names
 from .dtypes import dtype_name
-from .formats import read_adapter
+from .errors import FormatError
+from .formats import detect, read_adapter
 from .loaders import compatibility
 from .report import Report
 
@@ -146,10 +148,25 @@ def inspect(adapter: Union[str, os.PathLike, LoraAdapter], base: Optional[str] =
             norms: bool = True) -> InspectReport:
     """What `adapter` (a path, Hub reference or LoraAdapter) holds; never refuses a broken one: its
     problems are listed in the report. `base` (a diffusers folder) resolves kohya/LyCORIS names."""
+    if not isinstance(adapter, LoraAdapter):
+        _refuse_model_folder(os.fspath(adapter))
     lora = read_adapter(adapter, check=False, base=base, keep_unmatched=True)
     data = report(lora, path=None if isinstance(adapter, LoraAdapter) else os.fspath(adapter), norms=norms)
     data["problems"] = [f.as_dict() for f in check_adapter(lora)]
     return InspectReport(data, check_names(lora))
+
+
+def _refuse_model_folder(path: str) -> None:
+    """A model folder (config.json + weights, e.g. a quantized base) given as the adapter: say what it is."""
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
+        return
+    try:
+        detect(path)
+        return
+    except FormatError:
+        pass
+    raise FormatError(f"{path}: a base model, not an adapter: {open_base(path).describe()}; "
+                      "give it as --base to validate or merge")
 
 
 def report(adapter: LoraAdapter, path: Optional[str] = None, norms: bool = True) -> dict:

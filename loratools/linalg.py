@@ -41,8 +41,8 @@ def randomized_svd(matrix: torch.Tensor, rank: int, oversample: int = 10, n_iter
     m = matrix.float()
     rows, cols = m.shape
     k = min(rank + oversample, rows, cols)
-    gen = torch.Generator(device=m.device).manual_seed(seed)
-    omega = torch.randn(cols, k, generator=gen, device=m.device, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the host: the same test matrix on every device
+    omega = torch.randn(cols, k, generator=gen, dtype=torch.float32).to(m.device)
     q, _ = torch.linalg.qr(m @ omega)
     for _ in range(n_iter):
         z, _ = torch.linalg.qr(m.t() @ q)

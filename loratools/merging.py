@@ -6,57 +6,92 @@ temporary folder beside the target and renamed into place only when complete.
 """
 from __future__ import annotations
 
-import math
 import os
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+import torch
 
 from . import paths
 from .adapter import LoraAdapter
 from .atomic import check_output
-from .bases import Base, MergePlan, open_base
+from .bases import Base, MergePlan, QuantizedBase, open_base
 from .checkpoint import Checkpoint
 from .dtypes import parse_dtype
 from .errors import UsageError
 from .formats import read_adapter
+from .options import build, check_weights, resolve_device, weights_for
 
 AdapterLike = Union[str, os.PathLike, LoraAdapter]
 
 
-def _load(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]],
+@dataclass(frozen=True)
+class MergeOptions:
+    """What `merge` does, checked once on creation (the CLI and the API build the same object).
+    `dtype` becomes a torch dtype (None: keep each tensor's), `device` 'cpu' or 'cuda:N'."""
+
+    weights: Optional[Tuple[float, ...]] = None  # one per adapter (None: 1 each)
+    dtype: Optional[Union[str, torch.dtype]] = None
+    out_type: Optional[str] = None  # a storage type of the base's own (GGUF: f16, q8_0 …)
+    check_finite: bool = True
+    device: str = "auto"
+    requantize: bool = False  # a quantized base written back in its own format (else dequantized)
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights", check_weights(self.weights))
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        object.__setattr__(self, "device", resolve_device(self.device))
+
+
+def _load(adapters: Sequence[AdapterLike], opts: MergeOptions,
           options: Optional[dict] = None) -> List[Tuple[LoraAdapter, float]]:
-    if not adapters:
-        raise UsageError("give at least one adapter")
-    if weights is None or len(weights) == 0:
-        weights = [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s): give one --weight per adapter")
-    if not all(math.isfinite(float(w)) for w in weights):
-        raise UsageError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
+    weights = weights_for(opts.weights, len(adapters))
     # plan_merge runs the checks (also on adapters given as objects), so read without them
     # the base lends readers what it knows (a GGUF model: its names and head counts)
-    return [(read_adapter(a, check=False, **(options or {})), float(w)) for a, w in zip(adapters, weights)]
+    return [(read_adapter(a, check=False, **(options or {})), w) for a, w in zip(adapters, weights)]
 
 
 @paths.guarded
 def merge(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[AdapterLike],
           output: Union[str, os.PathLike], weights: Optional[Sequence[float]] = None, dtype: Optional[str] = None,
           overwrite: bool = False, check_finite: bool = True,
-          progress: Optional[Callable[[str], None]] = None, out_type: Optional[str] = None) -> MergePlan:
+          progress: Optional[Callable[[str], None]] = None, out_type: Optional[str] = None, device: str = "auto",
+          requantize: bool = False, options: Optional[MergeOptions] = None) -> MergePlan:
     """Merge `adapters` (paths or LoraAdapter objects) with `weights` into the base at `base` (model
     folder, diffusers pipeline folder, single-file SD checkpoint or GGUF model) and write the result to
     `output`. `out_type`: a storage type of the base's own for merged tensors (GGUF: f16, q8_0 …).
+    A quantized base (bitsandbytes, FP8) is written dequantized (default bf16), or with `requantize`
+    in its own format. `device`: auto, cpu, cuda or cuda:N. `options`: a MergeOptions instead of the
+    keyword options.
     Returns the plan that was carried out."""
-    out_dtype = parse_dtype(dtype)
-    model = open_base(base)
+    opts = build(MergeOptions, options, weights=weights, dtype=dtype, out_type=out_type,
+                 check_finite=check_finite, device=device, requantize=requantize)
+    weights_for(opts.weights, len(adapters))
+    model = _open(base, opts.requantize)
     check_output(output, overwrite)
-    plan = model.plan(_load(adapters, weights, model.adapter_options), out_type)  # every check before writing
-    model.write(plan, output, out_dtype, overwrite, check_finite, progress)
+    plan = model.plan(_load(adapters, opts, model.adapter_options), opts.out_type)  # every check before writing
+    plan.device = opts.device
+    model.write(plan, output, opts.dtype, overwrite, opts.check_finite, progress)
     return plan
 
 
 def describe(base: Union[str, os.PathLike, Base, Checkpoint], adapters: Sequence[AdapterLike],
-             weights: Optional[Sequence[float]] = None, out_type: Optional[str] = None) -> Tuple[Base, MergePlan]:
+             weights: Optional[Sequence[float]] = None, out_type: Optional[str] = None,
+             requantize: bool = False, options: Optional[MergeOptions] = None) -> Tuple[Base, MergePlan]:
     """Plan a merge without writing anything (for --dry-run). Returns (base, plan)."""
+    opts = build(MergeOptions, options, weights=weights, out_type=out_type, requantize=requantize)
+    weights_for(opts.weights, len(adapters))
+    model = _open(base, opts.requantize)
+    plan = model.plan(_load(adapters, opts, model.adapter_options), opts.out_type)
+    plan.device = opts.device
+    return model, plan
+
+
+def _open(base, requantize: bool) -> Base:
     model = open_base(base)
-    return model, model.plan(_load(adapters, weights, model.adapter_options), out_type)
+    if requantize:
+        if not isinstance(model, QuantizedBase):
+            raise UsageError(f"--requantize needs a quantized base; {model.describe()} is not quantized")
+        model.requantize = True
+    return model
+

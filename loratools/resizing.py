@@ -23,6 +23,7 @@ from .ops import all_finite
 from .provenance import stamp
 from .report import Report
 from .linalg import effective_alpha, lowrank_svd, retained, select_rank, split_factors
+from .options import build, resolve_device
 
 # metadata that describes the old ranks or the old bytes; the format's writer fills in new values
 _STALE_METADATA = re.compile(r"^(ss_network_dim|ss_network_alpha|sshs_.*|modelspec\.hash_.*)$")
@@ -80,6 +81,27 @@ def check_rank_options(rank: Optional[int], conv_rank: Optional[int], dynamic: O
         select_rank(torch.ones(2), rule=dynamic, param=param)
 
 
+@dataclass(frozen=True)
+class ResizeOptions:
+    """What `resize` does, checked once on creation (the CLI and the API build the same object).
+    Fixed: `rank` (`conv_rank` for conv modules, default `rank`). Dynamic: `dynamic` with `param`,
+    `rank` as the cap. `device` becomes 'cpu' or 'cuda:N'."""
+
+    rank: Optional[int] = None
+    conv_rank: Optional[int] = None
+    dynamic: Optional[str] = None
+    param: Optional[float] = None
+    device: str = "auto"
+    uniform_scale: bool = False  # one alpha for all modules (PEFT output; checked against the input's format)
+
+    def __post_init__(self):
+        check_rank_options(self.rank, self.conv_rank, self.dynamic, self.param)
+        object.__setattr__(self, "device", resolve_device(self.device))
+
+    def rank_for(self, kind: str) -> Optional[int]:
+        return self.conv_rank if kind == "conv" and self.conv_rank is not None else self.rank
+
+
 def summarize(s: torch.Tensor, k: int,
               total_fro: Optional[float] = None) -> Tuple[float, Optional[float], Optional[float]]:
     """(Frobenius retained, sum(σ) retained, σ_max/σ_k) for keeping the first k of the σ in `s`.
@@ -96,9 +118,10 @@ def summarize(s: torch.Tensor, k: int,
 
 
 def resize_module(m: LoraModule, rank: Optional[int] = None, dynamic: Optional[str] = None,
-                  param: Optional[float] = None) -> Tuple[LoraModule, ModuleResize]:
-    """The module at its new rank (same kind, dtype and scale) and what it kept."""
-    up, down = (t.float() for t in m.stored_factors())
+                  param: Optional[float] = None, device: str = "cpu") -> Tuple[LoraModule, ModuleResize]:
+    """The module at its new rank (same kind, dtype and scale) and what it kept; the SVD runs on
+    `device`, the module comes back on the host."""
+    up, down = (t.to(device).float() for t in m.stored_factors())
     if not (all_finite(up) and all_finite(down)):
         raise NonFiniteError(f"module {m.name} contains NaN or Inf; nothing was written")
     u, s, vh = lowrank_svd(up, down)
@@ -108,9 +131,10 @@ def resize_module(m: LoraModule, rank: Optional[int] = None, dynamic: Optional[s
         new_up = new_up.reshape(new_up.shape[0], k, 1, 1)
         new_down = new_down.reshape((k,) + m.weight_shape[1:])
     dtype = m.down.dtype
-    module = LoraModule(name=m.name, down=new_down.to(dtype).contiguous(), up=new_up.to(m.up.dtype).contiguous(),
+    new_down, new_up = new_down.to("cpu", dtype), new_up.to("cpu", m.up.dtype)
+    module = LoraModule(name=m.name, down=new_down.contiguous(), up=new_up.contiguous(),
                         alpha=effective_alpha(m.scale, k, m.use_rslora), kind=m.kind, use_rslora=m.use_rslora,
-                        magnitude=m.magnitude, fan_in_fan_out=m.fan_in_fan_out)
+                        magnitude=m.magnitude, fan_in_fan_out=m.fan_in_fan_out, param=m.param, expert=m.expert)
     fro, sm, ratio = summarize(s, k)
     return module, ModuleResize(m.name, m.kind, m.rank, k, fro, sm, ratio, s.tolist())
 
@@ -120,14 +144,17 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
            rank: Optional[int] = None, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
            param: Optional[float] = None, overwrite: bool = False,
            progress: Optional[Callable[[str], None]] = None, plot: Optional[Union[str, os.PathLike]] = None,
-           uniform_scale: bool = False) -> ResizeResult:
+           device: str = "auto", uniform_scale: bool = False, options: Optional[ResizeOptions] = None
+           ) -> ResizeResult:
     """Resize every module of `adapter` (a path or a LoraAdapter) and, if `output` is given, write
     it in the adapter's own format. Fixed: `rank` (`conv_rank` for conv modules, default `rank`).
     Dynamic: `dynamic` in sv_ratio / sv_fro / sv_cumulative with `param`, `rank` as the cap.
     Never above a module's old rank, never below 1. `plot`: also draw the spectra into this PNG;
-    the adapter and the plot are written together or not at all. `uniform_scale`: one alpha for all
-    modules (PEFT output)."""
-    check_rank_options(rank, conv_rank, dynamic, param)
+    the adapter and the plot are written together or not at all. `device`: auto, cpu, cuda or
+    cuda:N. `uniform_scale`: one alpha for all modules (PEFT output). `options`: a ResizeOptions
+    instead of the keyword options."""
+    opts = build(ResizeOptions, options, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
+                 uniform_scale=uniform_scale)
     if plot is not None and output is None:
         raise UsageError("plot needs an output")
     if plot is not None:
@@ -139,13 +166,12 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
     src = read_adapter(adapter)
     if not len(src):
         raise UsageError("the adapter has no LoRA modules to resize")
-    if uniform_scale:
+    if opts.uniform_scale:  # the output keeps the input's format
         check_uniform_scale(src.format)
-    conv_rank = rank if conv_rank is None else conv_rank
     modules: Dict[str, LoraModule] = {}
     reports: List[ModuleResize] = []
     for m in src:
-        new, report = resize_module(m, conv_rank if m.kind == "conv" else rank, dynamic, param)
+        new, report = resize_module(m, opts.rank_for(m.kind), opts.dynamic, opts.param, opts.device)
         modules[m.name] = new
         reports.append(report)
         if progress:
@@ -155,11 +181,11 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
     config.pop("rank_pattern", None)
     config.pop("alpha_pattern", None)
     metadata = stamp({k: v for k, v in src.metadata.items() if not _STALE_METADATA.match(k)}, "resize",
-                     [adapter] if not isinstance(adapter, LoraAdapter) else [], rank=rank, conv_rank=conv_rank,
-                     dynamic=dynamic, param=param)
+                     [adapter] if not isinstance(adapter, LoraAdapter) else [], rank=opts.rank,
+                     conv_rank=opts.rank_for("conv"), dynamic=opts.dynamic, param=opts.param)
     out = LoraAdapter(modules=modules, extra=dict(src.extra), base_model=src.base_model, format=src.format,
                       config=config, metadata=metadata)
-    out = uniform(out, src.format, uniform_scale)
+    out = uniform(out, src.format, opts.uniform_scale)
     result = ResizeResult(out, reports)
     if output is not None:
         fmt = writable_format(out, src.format)

@@ -48,9 +48,12 @@ def validate(adapter: Union[PathLike, LoraAdapter], base: Union[PathLike, Base, 
     `merge` takes) when given; with `norms`, also compare ‖ΔW‖ with ‖W‖. Never raises on a finding:
     the report's `ok` says whether `merge` would accept it (with `strict`, warnings count too)."""
     # list every problem instead of stopping at the first; unknown kohya names are a warning here
-    lora = read_adapter(adapter, check=False, keep_unmatched=True)
+    model = open_base(base) if base is not None else None
+    # the base tells how its expert stacks are laid out (PEFT target_parameters adapters)
+    layout = (getattr(model, "adapter_options", None) or {}).get("transposed_experts")
+    lora = read_adapter(adapter, check=False, keep_unmatched=True, transposed_experts=layout)
     findings = check_names(lora) + check_patterns(lora)
-    findings += check_all(lora, base=open_base(base) if base is not None else None, norms=norms)
+    findings += check_all(lora, base=model, norms=norms)
     where = "<adapter>" if isinstance(adapter, LoraAdapter) else os.fspath(adapter)
     shown = None if base is None else (base.folder if hasattr(base, "folder") else os.fspath(base))
     return ValidateReport(where, shown, len(lora), findings, strict)

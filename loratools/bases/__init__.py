@@ -1,7 +1,8 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
 `SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1),
-`GgufBase` (a llama.cpp / Ollama GGUF model). `open_base` picks the kind.
+`GgufBase` (a llama.cpp / Ollama GGUF model), `QuantizedBase` (bitsandbytes 4-bit/8-bit or FP8 model
+folder). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from .flux_file import FluxFileBase
 from .folder import ModelFolderBase
 from .gguf import GgufBase, open_gguf_base
 from .pipeline import PipelineBase
+from .quantized import QuantizedBase, is_quantized, read_config
 from .single_file import SingleFileBase
 
 __all__ = ["Base", "MergePlan", "Term", "merge_tensor", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "GgufBase"]
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "GgufBase", "QuantizedBase"]
 
 
 def open_base(base) -> Base:
@@ -40,4 +42,8 @@ def open_base(base) -> Base:
                 return FluxFileBase(path)
             if is_ldm_checkpoint(f.tensors):
                 return SingleFileBase(path)
-    return ModelFolderBase(Checkpoint(path))
+    ckpt = Checkpoint(path)
+    config = read_config(path) if os.path.isdir(path) else None
+    if is_quantized(ckpt, config):
+        return QuantizedBase(ckpt, config)
+    return ModelFolderBase(ckpt)

@@ -47,6 +47,7 @@ class MergePlan(Report):
     types: Dict[str, Tuple[str, str]] = field(default_factory=dict)
     quant_error: Dict[str, float] = field(default_factory=dict)
     not_copied: List[str] = field(default_factory=list)  # files of the base left out of the output (why)
+    device: str = "cpu"  # where `write` merges: 'cpu' or 'cuda:N' (MergeOptions resolves it)
 
     @property
     def num_modules(self) -> int:
@@ -107,7 +108,7 @@ def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> Mer
             if abs(term.coeff) > _FP32_MAX:
                 raise UsageError(f"module {m.name}: weight {weight:g} times the module's scale {m.scale:g} "
                                  "is beyond float32's range")
-            plan.terms.setdefault(m.name + ".weight", []).append(term)
+            plan.terms.setdefault(m.target, []).append(term)
             if m.op is not None and m.op.bias is not None:
                 if m.name + ".bias" not in ckpt:
                     raise IncompatibleError(f"module {m.name}: the update changes the bias, which the base lacks")
@@ -121,18 +122,23 @@ def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
     """The merged tensor in `weight`'s dtype. Plain LoRA terms go through the fused kernel in one
     pass; DoRA terms (which renormalise rows) and LyCORIS transforms (which act on W) are applied
     after, in order, in fp32."""
+    for t in terms:  # one expert of a 3-D stack each: its 2-D slice, a view, merged in place
+        if t.module.expert is not None:
+            u, d = t.module.factors_2d()
+            ops.merge_(weight[t.module.expert], [u], [d], [t.coeff])
+    terms = [t for t in terms if t.module.expert is None]
     plain = [t for t in terms if not (t.module.is_dora or t.module.op is not None)]
     dora = [t for t in terms if t.module.is_dora or t.module.op is not None]
     rows = weight.shape[0]
     if not dora:
         w2 = weight.reshape(rows, -1)
-        ups, downs = zip(*(t.module.factors_2d() for t in plain)) if plain else ((), ())
+        ups, downs = zip(*(t.module.to(weight.device).factors_2d() for t in plain)) if plain else ((), ())
         ops.merge_(w2, list(ups), list(downs), [t.coeff for t in plain])
         return weight
     acc = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)  # fp64 stays fp64
     acc2 = acc.reshape(rows, -1)
     for t in plain:
-        u, d = t.module.factors_2d()
+        u, d = t.module.to(weight.device).factors_2d()
         ops.merge_(acc2, [u], [d], [t.coeff])
     for t in dora:
         op = t.module.op
@@ -145,7 +151,7 @@ def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
 
 def _dora_merge(acc: torch.Tensor, term: Term) -> torch.Tensor:
     """W' = m / ||W + ΔW||_row · (W + ΔW), the norm taken over each output channel (PEFT's merge)."""
-    m = term.module
+    m = term.module.to(acc.device)
     v = acc.clone()
     u, d = m.factors_2d()
     ops.merge_(v.reshape(v.shape[0], -1), [u], [d], [term.coeff])
@@ -158,8 +164,12 @@ def _dora_merge(acc: torch.Tensor, term: Term) -> torch.Tensor:
 
 
 def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]], replacement: Optional[torch.Tensor],
-                 target: torch.dtype, check_finite: bool = True) -> torch.Tensor:
-    """One merged tensor in dtype `target`: the replacement (if any) plus the terms. May modify `tensor`."""
+                 target: torch.dtype, check_finite: bool = True, device: str = "cpu") -> torch.Tensor:
+    """One merged tensor in dtype `target`: the replacement (if any) plus the terms, merged on `device`
+    and returned on the host. May modify `tensor`."""
+    if terms and device != "cpu":
+        work = tensor.to(device) if replacement is None else replacement.to(device)
+        return merge_tensor(name, work, terms, None, target, check_finite).cpu()
     if replacement is not None:  # never modify the adapter's own tensor in place
         tensor = replacement.clone()
     if terms:

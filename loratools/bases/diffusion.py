@@ -132,7 +132,7 @@ class DiffusionBase:
                     if loc.transpose:
                         view = view.t()
                     merged = merge_tensor(name, view.contiguous(), plan.terms.get(name), plan.replace.get(name),
-                                          work_dtype, check_finite)
+                                          work_dtype, check_finite, plan.device)
                     view.copy_(merged)
                 return merge_tensor(key, work, None, None, target, check_finite)
             return transform

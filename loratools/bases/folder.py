@@ -10,7 +10,10 @@ from ..adapter import LoraAdapter
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, rewrite
 from ..dtypes import output_dtype
+from ..formats.peft_experts import transposed_for
+from .experts import unfuse
 from .core import MergePlan, Progress, merge_tensor, plan_merge, refuse_out_type
+from .quantized import read_config
 
 
 class ModelFolderBase:
@@ -21,6 +24,9 @@ class ModelFolderBase:
         self.ckpt = ckpt
         self.folder = ckpt.folder
         self.num_tensors = len(ckpt.infos)
+        # PEFT target_parameters adapters learn the layout of the model's expert stacks
+        self.adapter_options = {"transposed_experts": transposed_for(None if ckpt.single_file
+                                                                     else read_config(ckpt.folder))}
 
     def __contains__(self, name: str) -> bool:
         return name in self.ckpt
@@ -36,7 +42,11 @@ class ModelFolderBase:
 
     def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> MergePlan:
         refuse_out_type(self, out_type)
-        return plan_merge(self.ckpt, adapters)
+        return plan_merge(self.ckpt, [(self.fit(a), w) for a, w in adapters])
+
+    def fit(self, adapter: LoraAdapter) -> LoraAdapter:
+        """Expert-stack modules onto per-expert linears where the checkpoint stores them so."""
+        return unfuse(adapter, self.ckpt)
 
     def write(self, plan: MergePlan, output: str, out_dtype: Optional[torch.dtype], overwrite: bool,
               check_finite: bool, progress: Progress) -> None:
@@ -47,7 +57,7 @@ class ModelFolderBase:
 
         def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
             return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name),
-                                check_finite)
+                                check_finite, plan.device)
 
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
             plan.not_copied = rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,

@@ -119,7 +119,7 @@ class GgufBase:
             terms[self.names[name]] = [Term(to_gguf_module(t.module, self.arch), t.weight) for t in ts]
 
         def transform(name: str, tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
-            return merge_tensor(name, tensor, terms[name], None, target, check_finite)
+            return merge_tensor(name, tensor, terms[name], None, target, check_finite, plan.device)
 
         plan.quant_error = self.rewrite(output, {n: o for n, (_, o) in plan.types.items()}, transform, overwrite,
                                         progress)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ..blending import METHODS, SIGN_METHODS, SVD_MODES, blend as run_blend
+from ..blending import METHODS, SIGN_METHODS, SVD_MODES, BlendOptions, blend as run_blend
 from ..formats import WRITABLE_ALONE, detect, output_is_folder as check_output_kind, read_adapter
 from ..inspection import adapter_bytes
-from .common import (ADAPTERS_METAVAR, adapter_output_option, dry_run_line, dry_run_option, emit_json,
+from .common import (ADAPTERS_METAVAR, adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json,
                      format_option, overwrite_option, progress_bar, quiet_option, table, uniform_scale_option,
                      weight_option, weighted_adapters)
 
@@ -34,11 +34,12 @@ from .common import (ADAPTERS_METAVAR, adapter_output_option, dry_run_line, dry_
 @adapter_output_option
 @uniform_scale_option
 @dry_run_option
+@device_option
 @overwrite_option
 @format_option
 @quiet_option
 def command(adapters, weights, method, rank, density, majority_sign, seed, svd_mode, clamp, dtype, to, output,
-            dry_run, overwrite, fmt, quiet, uniform_scale):
+            uniform_scale, dry_run, device, overwrite, fmt, quiet):
     """Blend several LoRA ADAPTERS (each optionally weighted as PATH:WEIGHT, weights may be negative)
     into one adapter written to OUTPUT, and report per module the Frobenius norm retained.
 
@@ -49,13 +50,14 @@ def command(adapters, weights, method, rank, density, majority_sign, seed, svd_m
       loratools blend a.safetensors b.safetensors -m ties --density 0.5 --rank 16 -o ab.safetensors
     """
     paths, weights = weighted_adapters(adapters, weights)
+    opts = BlendOptions(weights=weights, method=method, rank=rank, density=density, majority_sign=majority_sign,
+                        seed=seed, svd=svd_mode, clamp=clamp, dtype=dtype, to=to, device=device,
+                        uniform_scale=uniform_scale)
     if dry_run:
         check_output_kind(output, to or detect(paths[0]))
     with progress_bar(None, f"blending ({method})", quiet) as bar:
-        result, report = run_blend(paths, weights, method=method, rank=rank, density=density,
-                              majority_sign=majority_sign, seed=seed, svd=svd_mode, clamp=clamp,
-                              dtype=dtype, output=None if dry_run else output, to=to, overwrite=overwrite,
-                              progress=lambda _name: bar.update(1), uniform_scale=uniform_scale)
+        result, report = run_blend(paths, output=None if dry_run else output, overwrite=overwrite,
+                                   progress=lambda _name: bar.update(1), options=opts)
     if fmt == "json":
         emit_json(dict(report.to_dict(), output=output))
         return

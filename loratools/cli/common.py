@@ -28,6 +28,9 @@ dry_run_option = click.option("--dry-run", is_flag=True,
                               help="Print what would be written (modules, ranks, size, peak memory); write nothing.")
 weight_option = click.option("-w", "--weight", "weights", multiple=True, type=float,
                              help="Weight per adapter, in order (default 1; same as ADAPTER:W). Negative subtracts.")
+device_option = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                             help="Where the linear algebra runs: auto (CUDA when torch sees a GPU, else cpu), "
+                                  "cpu, cuda or cuda:N.")
 ADAPTERS_METAVAR = "ADAPTER[:WEIGHT]..."
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import click
 
 from ..archs import COMPONENTS
-from ..conversion import convert
+from ..conversion import ConvertOptions, convert
 from ..formats import FORMATS, WRITABLE
-from .common import (adapter_output_option, dry_run_line, dry_run_option, emit_json, format_option, overwrite_option,
-                     quiet_option, size, table, uniform_scale_option)
+from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
+                     overwrite_option, quiet_option, size, table, uniform_scale_option)
 from .batch import batched, stem
 
 
@@ -29,11 +29,12 @@ from .batch import batched, stem
                    "with --to peft, the one component of a pipeline adapter to keep.")
 @uniform_scale_option
 @dry_run_option
+@device_option
 @overwrite_option
 @format_option
 @quiet_option
-def command(source, output, to, from_, base, rank, allow_unmatched, component, dry_run, overwrite, fmt, quiet,
-            uniform_scale):
+def command(source, output, to, from_, base, rank, allow_unmatched, component, uniform_scale, dry_run, device,
+            overwrite, fmt, quiet):
     """Convert the LoRA adapter SOURCE to another format, exactly where the target can hold it.
 
     \b
@@ -43,8 +44,9 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, d
       loratools convert loha.safetensors --to kohya --rank 16 -o lora.safetensors
       loratools convert peft_lora/ --to gguf --base Qwen/Qwen2.5-0.5B -o lora.gguf
     """
-    rep = convert(source, output, to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
-                  component=component, overwrite=overwrite, dry_run=dry_run, uniform_scale=uniform_scale)
+    opts = ConvertOptions(to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
+                          component=component, device=device, uniform_scale=uniform_scale)
+    rep = convert(source, output, overwrite=overwrite, dry_run=dry_run, options=opts)
     if fmt == "json":
         emit_json(dict(rep.to_dict(), output=output))
         return

@@ -6,12 +6,11 @@ import click
 from ..atomic import check_output
 from ..archs import COMPONENTS
 from ..checkpoint import Checkpoint
-from ..formats import WRITABLE_ALONE, check_uniform_scale
-from ..extraction import default_base_name, SVD_METHODS, extract
+from ..formats import WRITABLE_ALONE
+from ..extraction import ExtractOptions, default_base_name, SVD_METHODS, extract
 from ..extraction_plan import plan_extract
-from ..resizing import check_rank_options
-from .common import (adapter_output_option, dry_run_line, dry_run_option, emit_json, format_option, overwrite_option,
-                     progress_bar, quiet_option, size, table, uniform_scale_option)
+from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
+                     overwrite_option, progress_bar, quiet_option, size, table, uniform_scale_option)
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 
 
@@ -43,12 +42,13 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
               help="Linear weights are stored [in, out] (GPT-2's Conv1D). Default: from the base's config.json.")
 @uniform_scale_option
 @dry_run_option
+@device_option
 @format_option
 @overwrite_option
 @quiet_option
 def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, include, exclude, embeddings, to,
-            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, dry_run, fmt, overwrite, quiet,
-            uniform_scale):
+            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, uniform_scale, dry_run, device, fmt,
+            overwrite, quiet):
     """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
     weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. With --dry-run,
     plan from the checkpoints' headers alone (no tensor data is read).
@@ -59,24 +59,17 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
       loratools extract base_model/ finetuned/ -o dyn.safetensors --rank 64 --dynamic sv_fro --param 0.9 --to kohya
       loratools extract base_model/ finetuned/ -o extracted/ --rank 32 --dry-run
     """
-    check_rank_options(rank, conv_rank, dynamic, param)
-    if uniform_scale:  # the dry run refuses it as the run would
-        check_uniform_scale(to)
+    opts = ExtractOptions(rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
+                          include=include, exclude=exclude, embeddings=embeddings, to=to,
+                          base_model_name=base_model_name or default_base_name(base), dtype=dtype, svd=svd,
+                          power_iters=power_iters, component=component, fan_in_fan_out=fan_in_fan_out, device=device,
+                          uniform_scale=uniform_scale)  # the dry run refuses what the run would
     if dry_run:
-        plan = plan_extract(base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
-                            min_diff=min_diff, include=include, exclude=exclude, embeddings=embeddings, to=to,
-                            dtype=dtype, svd=svd, power_iters=power_iters, component=component)
-        return show_plan(plan, dynamic, fmt, quiet)
+        return show_plan(plan_extract(base, tuned, output, options=opts), dynamic, fmt, quiet)
     check_output(output, overwrite)
     ckpt = Checkpoint(base)  # opened once here (a Hub reference is resolved once) for the bar's total
     with progress_bar(len(ckpt.infos), "extracting", quiet) as bar:
-        result = extract(
-            ckpt, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
-            include=include, exclude=exclude, embeddings=embeddings, to=to,
-            base_model_name=base_model_name or default_base_name(base),
-            dtype=dtype, svd=svd, power_iters=power_iters, component=component, overwrite=overwrite,
-            progress=lambda _name: bar.update(1),
-            fan_in_fan_out=fan_in_fan_out, uniform_scale=uniform_scale)
+        result = extract(ckpt, tuned, output, overwrite=overwrite, progress=lambda _name: bar.update(1), options=opts)
     if fmt == "json":
         emit_json({"output": result.output, "format": to, "average_fro_retained": result.average_fro_retained,
                    "modules": [dict(m.as_dict(), svd=result.methods[m.name]) for m in result.modules],

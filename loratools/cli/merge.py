@@ -1,12 +1,36 @@
 """`loratools merge BASE ADAPTER [ADAPTER ...] -o OUT`"""
 from __future__ import annotations
 
+import math
+import os
+
 import click
 
 from .. import refs, share
-from ..merging import describe, merge as run_merge, open_base
-from .common import (ADAPTERS_METAVAR, output_option, overwrite_option, progress_bar, quiet_option, table,
-                     weight_option, weighted_adapters)
+from ..bases import QuantizedBase
+from ..inspection import adapter_bytes
+from ..merging import MergeOptions, describe, merge as run_merge, open_base
+from .common import (ADAPTERS_METAVAR, device_option, dry_run_line, output_option, overwrite_option, progress_bar,
+                     quiet_option, table, weight_option, weighted_adapters)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+def _weights_bytes(path: str) -> int:
+    """Bytes of the base's weight files: about what the merged output holds (same layout)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, dirs, files in os.walk(path):  # a model or pipeline folder, links not followed
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(_WEIGHT_SUFFIXES))
+    return total
+
+
+def _peak_bytes(ckpt, plan) -> int:
+    """The adapters, plus the largest merged weight about three times over in fp32 (read, work, write)."""
+    largest = max((math.prod(ckpt.shape(n)) for n in plan.terms), default=0)
+    return sum(adapter_bytes(a) for a, _ in plan.adapters) + 3 * 4 * largest
 
 
 @click.command("merge")
@@ -15,25 +39,33 @@ from .common import (ADAPTERS_METAVAR, output_option, overwrite_option, progress
 @output_option
 @weight_option
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Dtype of the output's floating tensors (default: keep each tensor's dtype).")
+              help="Dtype of the output's floating tensors (default: keep each tensor's dtype; "
+                   "bf16 for a dequantized quantized base).")
 @click.option("--out-type", default=None, metavar="TYPE",
               help="GGUF bases: type of the merged tensors (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0; "
                    "default: each tensor's own type, which must be one of these).")
+@click.option("--requantize", is_flag=True,
+              help="Quantized base (bitsandbytes 4-bit/8-bit, FP8): write the merged weights quantized again in the "
+                   "base's format and report the error (default: a plain checkpoint, bf16 unless --dtype).")
 @click.option("--dry-run", is_flag=True, help="Print what would be merged and write nothing.")
 @click.option("--no-check-finite", is_flag=True, help="Skip the NaN/Inf check of merged weights.")
 @click.option("--push", "push_to", metavar="REPO_ID", default=None,
               help="Also upload the merged model to this Hub repository, with a model card, in one commit.")
 @click.option("--private", is_flag=True, help="With --push: create the repository as private.")
+@device_option
 @overwrite_option
 @quiet_option
-def command(base, adapters, output, weights, dtype, out_type, dry_run, no_check_finite, push_to, private, overwrite,
-            quiet):
+def command(base, adapters, output, weights, dtype, out_type, requantize, dry_run, no_check_finite, push_to, private,
+            device,
+            overwrite, quiet):
     """Merge one or more LoRA ADAPTERS into the BASE model and write the merged model to OUTPUT.
 
     BASE is a model folder, a diffusers pipeline folder (model_index.json; adapter modules named
     unet.…, text_encoder.…), a single-file SD 1.x/2.x/SDXL .safetensors checkpoint (written as
     one file) or a GGUF model for llama.cpp / Ollama (written as one .gguf; quantized tensors are
-    dequantized, merged and quantized again, with the error reported). Streams the checkpoint one
+    dequantized, merged and quantized again, with the error reported). A bitsandbytes 4-bit/8-bit
+    or FP8 model folder is written dequantized (bf16 unless --dtype), or with --requantize in its
+    own format. Streams the checkpoint one
     tensor at a time, keeps its shard layout, and copies its other files.
 
     \b
@@ -44,24 +76,29 @@ def command(base, adapters, output, weights, dtype, out_type, dry_run, no_check_
       loratools merge ./sdxl-pipeline a.safetensors b/ --dry-run -o out/
     """
     adapters, weights = weighted_adapters(adapters, weights)
+    opts = MergeOptions(weights=weights, dtype=dtype, out_type=out_type, check_finite=not no_check_finite,
+                        device=device, requantize=requantize)
     if push_to:
         push_to = refs.check_repo_id(push_to)
         share.check_online(push_to)  # fail before merging, not after
     if dry_run:
-        ckpt, plan = describe(base, adapters, weights, out_type)
+        ckpt, plan = describe(base, adapters, options=opts)
+        default = "bf16" if isinstance(ckpt, QuantizedBase) and not requantize else "same dtypes"
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):
             rows.append([path, adapter.format, len(adapter), w, adapter.rank_range, len(adapter.extra)])
         click.echo(table(rows, ["adapter", "format", "modules", "weight", "rank", "extra tensors"]))
         click.echo(f"base: {ckpt.describe()}; "
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
-                   f"output {output} ({dtype or 'same dtypes'}); nothing written (dry run)")
+                   f"output {output} ({dtype or default}); nothing written (dry run)")
+        if not quiet:
+            out_bytes = _weights_bytes(ckpt.folder)
+            click.echo(dry_run_line(output, ckpt.kind, _peak_bytes(ckpt, plan), out_bytes), err=True)
         return
     ckpt = open_base(base)  # also resolves a Hub reference
     with progress_bar(ckpt.num_tensors, "merging", quiet) as bar:
-        plan = run_merge(ckpt, adapters, output, weights=weights, dtype=dtype, overwrite=overwrite,
-                               check_finite=not no_check_finite,
-                               progress=lambda _name: bar.update(1), out_type=out_type)
+        plan = run_merge(ckpt, adapters, output, overwrite=overwrite, progress=lambda _name: bar.update(1),
+                         options=opts)
     click.echo(f"merged {plan.num_modules} module(s) from {len(adapters)} adapter(s) into {len(plan.terms)} "
                f"weight(s); wrote {output}", err=True)
     if plan.quant_error:

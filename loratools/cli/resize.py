@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import click
 
-from ..atomic import check_output
 from ..formats import output_is_folder, read_adapter
 from ..inspection import adapter_bytes
-from ..resizing import check_rank_options, require_matplotlib, resize
+from ..resizing import ResizeOptions, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from ..checks import check_names
-from .common import (adapter_output_option, dry_run_line, dry_run_option, emit_json, format_option, overwrite_option,
-                     progress_bar, quiet_option, table, uniform_scale_option)
+from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
+                     overwrite_option, progress_bar, quiet_option, table, uniform_scale_option)
 from .batch import batched, same_name
 
 rank_option = click.option("--rank", type=int, default=None,
@@ -46,10 +45,12 @@ REPORT_HEADERS = ["module", "kind", "old rank", "new rank", "fro retained", "sum
               help="Also draw the singular-value spectra and the chosen cuts into this PNG (needs matplotlib).")
 @uniform_scale_option
 @dry_run_option
+@device_option
 @format_option
 @overwrite_option
 @quiet_option
-def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, fmt, overwrite, quiet, uniform_scale):
+def command(adapter, output, rank, conv_rank, dynamic, param, plot, uniform_scale, dry_run, device, fmt, overwrite,
+            quiet):
     """Resize ADAPTER's rank and write it to OUTPUT in the same format.
 
     Each module becomes the best rank-k approximation of its update (SVD through the factors,
@@ -59,21 +60,17 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, fmt
       loratools resize my_lora.safetensors -o small.safetensors --rank 16
       loratools resize adapter/ -o adapter-dyn/ --dynamic sv_fro --param 0.9 --rank 64
     """
-    check_rank_options(rank, conv_rank, dynamic, param)
+    opts = ResizeOptions(rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
+                         uniform_scale=uniform_scale)
     src = read_adapter(adapter, keep_unmatched=True)  # kohya names are written back as they were read
     for f in check_names(src):
         click.echo(f"warning: {f.message}", err=True)
     output_is_folder(output, src.format)
-    if plot:
+    if plot and dry_run:  # a real run checks it (and the outputs) in `resize`
         require_matplotlib()
-    if not dry_run:
-        for path in (output, plot):
-            if path:
-                check_output(path, overwrite)
     with progress_bar(len(src), "resizing", quiet) as bar:
-        result = resize(src, None if dry_run else output, rank=rank, conv_rank=conv_rank, dynamic=dynamic,
-                        param=param, overwrite=overwrite, progress=lambda _name: bar.update(1),
-                        plot=None if dry_run else plot or None, uniform_scale=uniform_scale)
+        result = resize(src, None if dry_run else output, overwrite=overwrite, progress=lambda _name: bar.update(1),
+                        plot=None if dry_run else plot or None, options=opts)
     old = sum(m.old_rank for m in result.modules)
     new = sum(m.new_rank for m in result.modules)
     summary = (f"resized {len(result.modules)} module(s) ({result.adapter.format}): total rank {old} -> {new}; "

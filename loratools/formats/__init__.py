@@ -176,6 +176,13 @@ def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, over
     return os.path.abspath(os.fspath(path))
 
 
+def check_writable_alone(fmt: str, command: str) -> None:
+    """Refuse a format `command` cannot write without a base model (GGUF), saying how to get it."""
+    if fmt not in WRITABLE_ALONE:
+        hint = (f"; {command} to peft, then `loratools convert --to {fmt} --base MODEL`" if fmt in WRITABLE else "")
+        raise UsageError(f"cannot write format {fmt!r} here: use one of {', '.join(WRITABLE_ALONE)}{hint}")
+
+
 def writable_format(adapter: LoraAdapter, format: Optional[str]) -> str:
     fmt = format or adapter.format
     ops = [m for m in adapter if m.op is not None]
@@ -197,6 +204,10 @@ def write_into(adapter: LoraAdapter, tmp: str, format: str, metadata: Optional[D
     """Write `adapter` to the temporary path `tmp` (a folder when `folder`, by default for folder
     formats), not atomically."""
     folder = FORMATS[format].folder if folder is None else folder
+    stacks = [m.param for m in adapter if m.expert is not None]
+    if stacks and format != "peft":  # no other format has a key for one expert of a fused stack
+        raise IncompatibleError(f"{stacks[0]}: LoRAs on fused expert stacks (PEFT target_parameters) are written "
+                                f"as PEFT only, not {format}")
     if format != adapter.format:  # a format's own config (key maps, patterns) means nothing to another
         adapter = dataclasses.replace(adapter, config={})
     record = FORMATS[format]

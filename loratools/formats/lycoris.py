@@ -130,9 +130,9 @@ def _transform(algo: str, p: Dict[str, torch.Tensor], lora_name: str, path: str)
 
 
 def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dtype: torch.dtype,
-           magnitude: Optional[torch.Tensor]):
-    """Best rank-k LoRA of ΔW (exact SVD, fp32): (module, retained Frobenius fraction)."""
-    mat = delta.reshape(shape[0], -1)
+           magnitude: Optional[torch.Tensor], device: Optional[str] = None):
+    """Best rank-k LoRA of ΔW (exact SVD, fp32, on `device`): (module, retained Frobenius fraction)."""
+    mat = delta.reshape(shape[0], -1).to(device or "cpu")
     u, s, vh = exact_svd(mat)
     if rank is None:  # numerical rank: singular values above fp32 round-off of the largest
         tol = float(s[0]) * max(mat.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
@@ -143,7 +143,8 @@ def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dt
     conv = len(shape) == 4
     if conv:
         up, down = up.reshape(shape[0], k, 1, 1), down.reshape(k, *shape[1:])
-    module = LoraModule(name=name, down=down.to(dtype).contiguous(), up=up.to(dtype).contiguous(), alpha=float(k),
+    module = LoraModule(name=name, down=down.to("cpu", dtype).contiguous(), up=up.to("cpu", dtype).contiguous(),
+                        alpha=float(k),
                         kind="conv" if conv else "linear", magnitude=magnitude)
     return module, retained(s, k)[0]
 
@@ -161,9 +162,9 @@ def _base_weight(bases: dict, base: Optional[str], name: str, what: str) -> torc
 
 
 def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, rank: Optional[int] = None,
-         keep_unmatched: bool = False) -> LoraAdapter:
+         keep_unmatched: bool = False, device: Optional[str] = None) -> LoraAdapter:
     """With `rank` (convert), every module is factored into LoRA (transforms of the base weight read
-    it from `base`); without, transforms stay exact for `merge`."""
+    it from `base`); without, transforms stay exact for `merge`. SVDs run on `device`."""
     if rank is not None and rank < 1:
         raise UsageError("--rank must be at least 1")
     tensors, metadata = _single.load(path)
@@ -192,7 +193,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
         algo = algos[name] = algorithm(p)
         what = f"{path}: {lora_name}"
         try:
-            module = _module(algo, name, lora_name, p, path, nm, kept, flat)
+            module = _module(algo, name, lora_name, p, path, nm, kept, flat, device)
         except KeyError as e:
             raise FormatError(f"{what}: {algo} module without its {e} tensor") from None
         if module.op is not None:
@@ -209,7 +210,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
                 raise IncompatibleError(f"{what}: the full (diff) update also changes the bias, which LoRA cannot "
                                         "hold; merge it instead")
             shape = tuple(w.shape) if w is not None else tuple(delta.shape)
-            module, kept[name] = factor(name, delta.reshape(shape), shape, rank, torch.float32, None)
+            module, kept[name] = factor(name, delta.reshape(shape), shape, rank, torch.float32, None, device)
         adapter.add(module)
     adapter.config = {"retained": kept, "algorithms": algos, "native": native, "flat": flat,
                       **kohya.unresolved_config(unmatched, keep_unmatched),
@@ -218,7 +219,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
 
 
 def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], path: str, nm,
-            retained: Dict[str, float], flat: Dict[str, str]) -> LoraModule:
+            retained: Dict[str, float], flat: Dict[str, str], device: Optional[str] = None) -> LoraModule:
     """One module: a LoRA (LoHa/LoKr factored exactly at their numerical rank, the kept fraction in
     `retained`) or a transform."""
     if algo == "lora":
@@ -235,7 +236,7 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
         except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
             raise FormatError(f"{where}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
         dtype = next(v.dtype for k, v in p.items() if k != "alpha")
-        module, retained[name] = factor(name, delta.reshape(shape), shape, None, dtype, None)
+        module, retained[name] = factor(name, delta.reshape(shape), shape, None, dtype, None, device)
         if "dora_scale" in p:
             d = p["dora_scale"]
             if d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] != 1:
@@ -251,4 +252,4 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
 
 
 FORMAT = Format("lycoris", detect, read, None, folder=False,
-                options=("base", "allow_unmatched", "rank", "keep_unmatched"))
+                options=("base", "allow_unmatched", "rank", "keep_unmatched", "device"))

@@ -22,6 +22,7 @@ from .. import paths, pickled
 from .. import patterns as patterns_
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import FormatError, IncompatibleError, InputNotFoundError
+from . import peft_experts
 from .record import Format
 
 CONFIG = "adapter_config.json"
@@ -121,7 +122,8 @@ def read_tensors(folder: str) -> tuple:
     raise InputNotFoundError(f"{folder}: no {WEIGHTS} or {WEIGHTS_BIN}")
 
 
-def read(folder: str) -> LoraAdapter:
+def read(folder: str, transposed_experts: Optional[bool] = None) -> LoraAdapter:
+    """`transposed_experts`: the base stores expert stacks [E, in, out] (see `peft_experts`)."""
     config = read_config(folder)
     tensors, metadata = read_tensors(folder)
     parts: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -147,6 +149,8 @@ def read(folder: str) -> LoraAdapter:
     fifo = bool(config.get("fan_in_fan_out", False))
     adapter = LoraAdapter(extra=extra, base_model=config.get("base_model_name_or_path"), format="peft",
                           config=config, metadata=metadata)
+    for m in peft_experts.split(folder, config, parts, transposed_experts, pattern_value):
+        adapter.add(m)
     for module, p in sorted(parts.items()):
         if "down" not in p or "up" not in p:
             missing = "lora_A" if "down" not in p else "lora_B"
@@ -159,6 +163,8 @@ def read(folder: str) -> LoraAdapter:
             fan_in_fan_out=fifo and kind == "linear"))
     rank_pattern = config.get("rank_pattern") or {}
     for m in adapter:  # a config that disagrees with the tensors is a broken adapter
+        if m.expert is not None:
+            continue  # split checked them
         want = int(pattern_value(rank_pattern, m.name, config.get("r", m.rank)))
         if want != m.rank:
             raise FormatError(f"{folder}: module {m.name} has rank {m.rank} but the config says {want}")
@@ -173,16 +179,18 @@ def _plain_number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def build_config(adapter: LoraAdapter) -> dict:
-    """adapter_config.json for the adapter's current modules, starting from what was read."""
-    mods = list(adapter)
-    if not mods:
+def build_config(adapter: LoraAdapter, stand_ins=()) -> dict:
+    """adapter_config.json for the adapter's current modules, starting from what was read.
+    `stand_ins`: one module per expert-stack parameter (`peft_experts.join`)."""
+    if not len(adapter):
         raise FormatError("the adapter has no LoRA modules to write")
     config = dict(adapter.config)
+    plain = [m for m in adapter if m.expert is None]
+    mods = plain + list(stand_ins)
     dora = {m.is_dora for m in mods}
     if len(dora) > 1:
         raise IncompatibleError("PEFT cannot hold DoRA and plain LoRA modules in one adapter")
-    fifo = {m.fan_in_fan_out for m in mods if m.kind == "linear"}
+    fifo = {m.fan_in_fan_out for m in plain if m.kind == "linear"}
     if len(fifo) > 1:
         raise IncompatibleError("PEFT cannot hold fan_in_fan_out and plain linear modules in one adapter")
     if any(m.mid is not None for m in mods):
@@ -201,10 +209,16 @@ def build_config(adapter: LoraAdapter) -> dict:
     alpha_pattern = _patterns(mods, lambda m: _plain_number(alpha_of(m)), _plain_number(alpha),
                               adapter.config.get("alpha_pattern") or {})
     # keep the old config's target_modules only if it still names exactly these modules
-    targets = sorted({m.name for m in mods})
+    targets = sorted({m.name for m in plain})
     old_targets = config.get("target_modules")
     if not (isinstance(old_targets, (list, str)) and _targets_match(old_targets, targets)):
         config["target_modules"] = targets
+    params = sorted(m.name for m in stand_ins)
+    old_params = config.get("target_parameters")
+    if params and not (isinstance(old_params, list) and _targets_match(old_params, params)):
+        config["target_parameters"] = params
+    elif not params:
+        config.pop("target_parameters", None)
     config.update({
         "peft_type": "LORA", "r": r, "lora_alpha": _plain_number(alpha),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
@@ -258,8 +272,17 @@ def magnitude_shape(m: LoraModule) -> Tuple[int, ...]:
 
 
 def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
-    out: Dict[str, torch.Tensor] = {}
+    return tensors_and_stand_ins(adapter)[0]
+
+
+def tensors_and_stand_ins(adapter: LoraAdapter) -> Tuple[Dict[str, torch.Tensor], list]:
+    """The tensors to save, and the stand-ins `build_config` needs for expert stacks."""
+    experts, stand_ins = peft_experts.join([m for m in adapter if m.expert is not None],
+                                           all(m.use_rslora for m in adapter))
+    out: Dict[str, torch.Tensor] = {PREFIX + k: v for k, v in experts.items()}
     for m in adapter:
+        if m.expert is not None:
+            continue
         base = PREFIX + m.name
         if m.kind == "embedding":
             out[base + ".lora_embedding_A"], out[base + ".lora_embedding_B"] = m.down, m.up
@@ -269,18 +292,20 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
             out[base + ".lora_magnitude_vector"] = m.magnitude.reshape(magnitude_shape(m))
     for name, t in adapter.extra.items():
         out[PREFIX + name] = t
-    return {k: v.contiguous() for k, v in out.items()}
+    return {k: v.contiguous() for k, v in out.items()}, stand_ins
 
 
 def write(adapter: LoraAdapter, folder: str, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write into an existing (temporary) folder."""
-    config = build_config(adapter)
+    tensors, stand_ins = tensors_and_stand_ins(adapter)
+    config = build_config(adapter, stand_ins)
     meta = {"format": "pt"}
     meta.update(metadata or {})
-    safetensors_io.save(os.path.join(folder, WEIGHTS), state_dict(adapter), meta)
+    safetensors_io.save(os.path.join(folder, WEIGHTS), tensors, meta)
     with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
 
 
-FORMAT = Format("peft", detect, read, write, folder=True, files=((CONFIG,), (WEIGHTS, WEIGHTS_BIN)))
+FORMAT = Format("peft", detect, read, write, folder=True, files=((CONFIG,), (WEIGHTS, WEIGHTS_BIN)),
+                options=("transposed_experts",))
