@@ -211,7 +211,9 @@ def check_all(adapter: LoraAdapter, base=None, norms: bool = True) -> List[Findi
     findings = check_adapter(adapter)
     if base is not None:
         ckpt = Checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
-        adapter = fit_adapter(adapter, ckpt)  # layouts fitted to the base, as merge does
+        if hasattr(ckpt, "fit"):  # the base's own layout hook (diffusion names, unfused experts), as merge does
+            adapter = ckpt.fit(adapter)
+        adapter = fit_adapter(adapter, ckpt)  # factor layouts fitted to the base, as plan_merge does
         findings += check_base(adapter, ckpt)
         if norms:
             findings += check_delta_norms(adapter, ckpt)

@@ -21,9 +21,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .. import lycoris_algos
+from .. import bases as model_bases, lycoris_algos  # a module, not open_base: bases imports formats as it loads
 from ..adapter import LoraAdapter, LoraModule, placeholders
-from ..bases import open_base
 from ..errors import FormatError, IncompatibleError, UsageError
 from ..lycoris_algos import Transform
 from ..linalg import exact_svd, retained, split_factors
@@ -154,7 +153,7 @@ def _base_weight(bases: dict, base: Optional[str], name: str, what: str) -> torc
         raise UsageError(f"{what} depends on the base weight: give --base (the model it was trained on) to "
                          "factor it into LoRA")
     if "b" not in bases:
-        bases["b"] = open_base(base)
+        bases["b"] = model_bases.open_base(base)
     b = bases["b"]
     if name + ".weight" not in b:
         raise FormatError(f"{what}: {base} has no weight {name}.weight")
