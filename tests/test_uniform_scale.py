@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from _tiny import peft_adapter, run_cli, tiny_llama
 from loratools import read_adapter
-from loratools.blending import blend
-from loratools.conversion import convert
+from loratools.blending import BlendOptions, blend
+from loratools.conversion import ConvertOptions, convert
 from loratools.errors import UsageError
-from loratools.extraction import extract
-from loratools.resizing import resize
+from loratools.extraction import ExtractOptions, extract
+from loratools.resizing import ResizeOptions, resize
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
@@ -116,3 +116,21 @@ def test_refused_where_files_keep_each_alpha(tmp_path, capsys):
     assert not (tmp_path / "k.safetensors").exists()
     with pytest.raises(UsageError, match="uniform-scale"):
         blend([tmp_path / "a"], to="kohya", uniform_scale=True)
+
+
+def test_a_field_of_each_operations_options(tmp_path):
+    """The frozen Options carry it: refused on creation where the output format is known, and an
+    Options object and the keyword give the same adapter."""
+    for make in (lambda: BlendOptions(to="kohya", uniform_scale=True),
+                 lambda: ConvertOptions(to="kohya", uniform_scale=True),
+                 lambda: ExtractOptions(to="kohya", uniform_scale=True)):
+        with pytest.raises(UsageError, match="uniform-scale"):
+            make()
+    peft_adapter(tiny_llama(), str(tmp_path / "a"), **PATTERNS)
+    by_options = resize(tmp_path / "a", options=ResizeOptions(rank=2, uniform_scale=True)).adapter
+    by_keyword = resize(tmp_path / "a", rank=2, uniform_scale=True).adapter
+    assert {m.alpha for m in by_options} == {m.alpha for m in by_keyword} and len({m.alpha for m in by_options}) == 1
+    for name, m in by_keyword.modules.items():
+        torch.testing.assert_close(by_options.modules[name].dense_delta(), m.dense_delta())
+    with pytest.raises(UsageError, match="not both"):
+        resize(tmp_path / "a", uniform_scale=True, options=ResizeOptions(rank=2))
