@@ -18,6 +18,7 @@ from .archs.family import adapter_family
 from .errors import LoraToolsError, UsageError
 from .formats import FORMATS, adapter_files, detect, fetch_adapter, read_adapter
 from .inspection import disk_bytes, module_rows, target_kind
+from .loaders import compatibility
 from .checks import check_base
 
 MAX_ENTRIES = 200_000  # folder entries one walk may visit before it stops with a message
@@ -159,6 +160,7 @@ class Row:
     dtype: Optional[str] = None
     size: Optional[int] = None
     hash: Optional[str] = None
+    loads_in: List[str] = field(default_factory=list)  # loaders.LOADERS that load the file as it is
     error: Optional[str] = None
 
     def as_dict(self) -> dict:
@@ -184,6 +186,7 @@ def describe(entry: Entry, content_hash: bool = False) -> Row:
                   sorted(Counter(target_kind(m.name) for m in adapter)),
                   sorted({int(r["rank"]) for r in rows}), sorted({_number(r["alpha"]) for r in rows}),
                   adapter.is_dora, sorted({r["dtype"] for r in rows})[0] if rows else None, disk_bytes(local))
+        row.loads_in = [name for name, r in compatibility(adapter).items() if r["ok"]]
         if content_hash:
             row.hash = tensor_hash(local, adapter)
         return row

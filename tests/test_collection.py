@@ -52,10 +52,13 @@ def test_ls_rows_match_a_full_read(coll, capsys):
         assert row["targets"] == sorted(full["targets"])
         assert row["dtype"] in full["dtypes"]
         assert row["size"] == full["disk_bytes"]
+        # the same loaders as inspect's "loads in" line (tested against PEFT/diffusers in test_loaders)
+        assert row["loads_in"] == [k for k, v in full["loads_in"].items() if v["ok"]]
     assert rows[paths["sd1"]]["family"] == "SD 1.x" and rows[paths["sdxl"]]["family"] == "SDXL"
     assert rows[paths["flux"]]["family"] == "Flux"
     assert rows[paths["peft"]]["base"] == "meta-llama/Llama-3.2-1B"
     assert rows[paths["dora"]]["dora"] is True
+    assert "ComfyUI" in rows[paths["sd1"]]["loads_in"] and "PEFT" in rows[paths["peft"]]["loads_in"]
 
 
 def test_ls_reads_no_tensor_data_but_scalars(coll, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import click
 from ..collection import MAX_ENTRIES, SORTS, describe, duplicates, expand, select, summary
 from .common import emit_json, size, table
 
-COLUMNS = ["path", "format", "family", "base", "targets", "rank", "alpha", "DoRA", "dtype", "size"]
+COLUMNS = ["path", "format", "family", "base", "targets", "rank", "alpha", "DoRA", "dtype", "size", "loads in"]
 
 
 def _span(values) -> str:
@@ -25,7 +25,8 @@ def _cells(r, short: bool) -> list:
     if short and len(targets) > 40:
         targets = targets[:37] + "..."
     return [r.path, r.format, r.family or "-", r.base or "-", targets or "-", _span(r.ranks), _span(r.alphas),
-            "yes" if r.dora else "no", r.dtype or "-", size(r.size) if short else (r.size or "")]
+            "yes" if r.dora else "no", r.dtype or "-", size(r.size) if short else (r.size or ""),
+            ", ".join(r.loads_in) or "-"]
 
 
 @click.command("ls")
