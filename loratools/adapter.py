@@ -14,8 +14,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .errors import FormatError, ShapeMismatchError
+from .errors import FormatError, IncompatibleError, ShapeMismatchError
 from .linalg import gram_dot
+from .lycoris_algos import Transform
 
 KINDS = ("linear", "conv", "embedding")
 
@@ -39,6 +40,9 @@ class LoraModule:
     magnitude: Optional[torch.Tensor] = None  # DoRA magnitude [out]
     fan_in_fan_out: bool = False
     mid: Optional[torch.Tensor] = None  # kohya LoCon Tucker core [r, r, kh, kw]
+    # a LyCORIS update that depends on the base weight (OFT, IA³, GLoRA …): merged by `op.apply`;
+    # down/up are then zero placeholders that only carry the weight's shape (0 where unknown)
+    op: Optional[Transform] = None
     # one expert of a 3-D fused expert stack (PEFT target_parameters): the stack's parameter name and
     # the expert's index; the update is the 2-D slice param[expert] (fan_in_fan_out: stored [in, out])
     param: Optional[str] = None
@@ -109,6 +113,10 @@ class LoraModule:
         update as stored (transposed for embeddings and fan_in_fan_out). A Tucker core is folded into
         down exactly, ΔW[o,i,h,w] = Σ up[o,a] (Σ mid[a,b,h,w] down[b,i]), in `fold_dtype`; otherwise
         the factors keep their stored dtype."""
+        if self.op is not None:
+            raise IncompatibleError(
+                f"module {self.name}: a LyCORIS {self.op.label} update depends on the base weight and has no "
+                "LoRA factors; merge it, or factor it with `convert --base BASE --rank K`")
         down = self.down
         if self.mid is not None:
             down = torch.einsum("abhw,bi->aihw", self.mid.to(fold_dtype), down.flatten(1).to(fold_dtype))
@@ -201,3 +209,66 @@ class LoraAdapter:
             n += m.magnitude.numel() if m.magnitude is not None else 0
             n += m.mid.numel() if m.mid is not None else 0
         return n + sum(t.numel() for t in self.extra.values())
+
+
+def fit_adapter(adapter: LoraAdapter, base) -> LoraAdapter:
+    """The adapter with each module's layout fitted (`fit_module`) to the weight it updates in `base`
+    (anything with `in` and `shape` over parameter names)."""
+    modules = {}
+    for name, m in adapter.modules.items():
+        # an expert's slice of a 3-D stack is no weight of its own: nothing to fit
+        fits = m.expert is None and m.target in base
+        modules[name] = fit_module(m, tuple(base.shape(m.target))) if fits else m
+    return dataclasses.replace(adapter, modules=modules)
+
+
+def fit_module(m: LoraModule, shape: Tuple[int, ...]) -> LoraModule:
+    """Reshape a module's factors (views, exact) when base and adapter disagree only on layout: linear
+    vs 1×1 conv (SD's `proj_in`/`proj_out` between LDM checkpoints and diffusers configs), a conv
+    update stored flat as [out, in·kh·kw] (LyCORIS LoHa/LoKr whose kernel no name list knew), and
+    the shape placeholders of LyCORIS transforms (0 where the file cannot say)."""
+    have = tuple(m.weight_shape)
+    if m.op is not None:
+        fits = all(h in (0, s) for h, s in zip(have, shape)) and (len(have) == len(shape) or not any(have[1:]))
+        if have != tuple(shape) and fits:
+            return dataclasses.replace(m, **placeholders(shape))
+        return m
+    if m.mid is not None or m.fan_in_fan_out or have == tuple(shape):
+        return m
+    if m.kind == "linear" and len(shape) == 4 and have == (shape[0], math.prod(shape[1:])):
+        return dataclasses.replace(m, kind="conv", down=m.down.reshape(m.rank, *shape[1:]), up=m.up[:, :, None, None])
+    if m.kind == "conv" and len(shape) == 2 and have == tuple(shape) + (1, 1):
+        return dataclasses.replace(m, kind="linear", down=m.down.flatten(1), up=m.up.flatten(1))
+    return m
+
+
+def placeholders(shape: Tuple[int, ...]) -> dict:
+    """Zero rank-1 down/up (and kind) whose `weight_shape` is `shape`: a transform's shape carrier."""
+    if len(shape) == 4:
+        return dict(kind="conv", down=torch.zeros(1, *shape[1:]), up=torch.zeros(shape[0], 1, 1, 1))
+    return dict(kind="linear", down=torch.zeros(1, shape[1]), up=torch.zeros(shape[0], 1))
+
+
+def common_alpha(modules) -> float:
+    """One alpha for loaders that scale every module by alpha / rank (llama.cpp; PEFT without
+    alpha_pattern): the most common `scale · rank`, so most modules keep their B unchanged."""
+    counts: Dict[float, int] = {}
+    for m in modules:
+        key = m.scale * m.rank
+        counts[key] = counts.get(key, 0) + 1
+    best = max(counts.items(), key=lambda kv: kv[1])[0] if counts else 1.0
+    return best if math.isfinite(best) and best > 0 else 1.0
+
+
+def fold_scales(adapter: LoraAdapter) -> LoraAdapter:
+    """The same updates with one alpha for every module (scale alpha / rank, no rsLoRA): the rest of
+    each module's scale is folded into its B (up) in fp64, one rounding to the stored dtype. ΔW and
+    DoRA (which normalises W + ΔW) are unchanged; no alpha_pattern is needed to hold the scales."""
+    alpha = common_alpha(adapter)
+    modules = {}
+    for name, m in adapter.modules.items():
+        fold = m.scale * m.rank / alpha
+        up = m.up if fold == 1.0 else (m.up.to(torch.float64) * fold).to(m.up.dtype)  # one rounding
+        modules[name] = dataclasses.replace(m, up=up, alpha=alpha, use_rslora=False)
+    config = {k: v for k, v in adapter.config.items() if k != "alpha_pattern"}
+    return dataclasses.replace(adapter, modules=modules, config=config)

@@ -23,7 +23,7 @@ from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .dtypes import parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import check_writable_alone, read_adapter, write_adapter
+from .formats import check_uniform_scale, check_writable_alone, read_adapter, uniform, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, gram_dot, lowrank_svd, randomized_svd, split_factors
 from .options import build, check_weights, resolve_device, weights_for
@@ -52,6 +52,7 @@ class BlendOptions:
     dtype: Optional[Union[str, torch.dtype]] = None
     to: Optional[str] = None
     device: str = "auto"
+    uniform_scale: bool = False  # one alpha for all modules (PEFT output)
 
     def __post_init__(self):
         method, rank, density, clamp = self.method, self.rank, self.density, self.clamp
@@ -84,6 +85,8 @@ class BlendOptions:
             raise UsageError(f"--seed must be between 0 and 2^63-1, got {self.seed}")
         if self.to is not None:
             check_writable_alone(self.to, "blend")
+        if self.uniform_scale and self.to is not None:
+            check_uniform_scale(self.to)
         object.__setattr__(self, "weights", check_weights(self.weights))
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -358,16 +361,18 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
           rank: Optional[int] = None, density: Optional[float] = None, majority_sign: Optional[str] = None,
           seed: int = 0, svd: Optional[str] = None, clamp: Optional[float] = None, dtype: Optional[str] = None,
           output: Optional[Union[str, os.PathLike]] = None, to: Optional[str] = None, overwrite: bool = False,
-          progress: Optional[Callable[[str], None]] = None, device: str = "auto",
+          progress: Optional[Callable[[str], None]] = None, device: str = "auto", uniform_scale: bool = False,
           options: Optional[BlendOptions] = None) -> Tuple[LoraAdapter, BlendReport]:
     """Blend `adapters` (paths or LoraAdapter objects) with `weights` (default 1 each) into one adapter.
 
     Returns the adapter and its report; with `output`, also writes it (in `to`, default the first
-    input's format). `options`: a BlendOptions instead of the keyword options. Raises before
-    writing anything if an input or option is wrong.
+    input's format). `uniform_scale`: one alpha for all modules (PEFT output). `options`: a
+    BlendOptions instead of the keyword options. Raises before writing anything if an input or
+    option is wrong.
     """
     opts = build(BlendOptions, options, weights=weights, method=method, rank=rank, density=density,
-                 majority_sign=majority_sign, seed=seed, svd=svd, clamp=clamp, dtype=dtype, to=to, device=device)
+                 majority_sign=majority_sign, seed=seed, svd=svd, clamp=clamp, dtype=dtype, to=to, device=device,
+                 uniform_scale=uniform_scale)
     weights = list(weights_for(opts.weights, len(adapters)))
     if output is not None:
         check_output(output, overwrite)
@@ -395,6 +400,7 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
                      retained=report.totals().get("retained"))
     result = LoraAdapter(modules=modules, extra=extra, base_model=first.base_model, format=fmt,
                          config=_output_config(first, fmt, list(modules)), metadata=metadata)
+    result = uniform(result, fmt, opts.uniform_scale)
     if output is not None:
         write_adapter(result, output, format=fmt, overwrite=overwrite, metadata=metadata)
     return result, report

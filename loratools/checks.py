@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
 
-from .adapter import LoraAdapter, LoraModule
+from .adapter import LoraAdapter, LoraModule, fit_adapter
 from .archs.family import mismatch
 from .checkpoint import Checkpoint
 from .dtypes import BASE_FLOATS, FLOATS
@@ -172,7 +172,7 @@ def _fit_findings(adapter: LoraAdapter, ckpt) -> List[Finding]:
 
 def check_delta_norms(adapter: LoraAdapter, ckpt, max_ratio: float = MAX_DELTA_RATIO) -> List[Finding]:
     """Warn where ‖ΔW‖ exceeds `max_ratio`·‖W‖ (reads each targeted base weight, one at a time)."""
-    fits = [m for m in adapter if m.target in ckpt and target_shape(ckpt, m) == tuple(m.weight_shape)
+    fits = [m for m in adapter if m.op is None and m.target in ckpt and target_shape(ckpt, m) == tuple(m.weight_shape)
             and ckpt.dtype(m.target) in FLOATS]  # the rest are check_base's findings
     norms = _weight_norms(ckpt, {m.target for m in fits}, {m.target for m in fits if m.expert is not None})
     out: List[Finding] = []
@@ -211,8 +211,9 @@ def check_all(adapter: LoraAdapter, base=None, norms: bool = True) -> List[Findi
     findings = check_adapter(adapter)
     if base is not None:
         ckpt = Checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
-        if hasattr(ckpt, "fit"):  # a diffusion base takes linear factors on 1x1 convs (and back), as merge does
+        if hasattr(ckpt, "fit"):  # the base's own layout hook (diffusion names, unfused experts), as merge does
             adapter = ckpt.fit(adapter)
+        adapter = fit_adapter(adapter, ckpt)  # factor layouts fitted to the base, as plan_merge does
         findings += check_base(adapter, ckpt)
         if norms:
             findings += check_delta_norms(adapter, ckpt)

@@ -11,7 +11,8 @@ from .archs import COMPONENTS
 from . import paths
 from .atomic import check_output
 from .errors import IncompatibleError, UsageError
-from .formats import FORMATS, WRITABLE, detect, output_is_folder, read_adapter, write_adapter
+from .formats import (FORMATS, WRITABLE, check_uniform_scale, detect, output_is_folder, read_adapter, uniform,
+                      writable_format, write_adapter)
 from .inspection import adapter_bytes
 from .options import build, resolve_device
 from .report import Report
@@ -29,7 +30,8 @@ class ConvertOptions:
     rank: Optional[int] = None
     allow_unmatched: bool = False
     component: Optional[str] = None
-    device: str = "auto"  # where LoHa/LoKr are factored (becomes 'cpu' or 'cuda:N')
+    device: str = "auto"  # where LyCORIS modules are factored (becomes 'cpu' or 'cuda:N')
+    uniform_scale: bool = False  # one alpha for all modules (PEFT output)
 
     def __post_init__(self):
         if self.to not in WRITABLE:
@@ -40,6 +42,8 @@ class ConvertOptions:
             raise UsageError(f"unknown component {self.component!r}: use one of {', '.join(COMPONENTS)}")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.uniform_scale:
+            check_uniform_scale(self.to)
         object.__setattr__(self, "device", resolve_device(self.device))
 
 
@@ -117,24 +121,29 @@ def _for_target(adapter: LoraAdapter, opts: ConvertOptions) -> LoraAdapter:
 def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to: Optional[str] = None,
             from_: Optional[str] = None, base: Optional[str] = None, rank: Optional[int] = None,
             allow_unmatched: bool = False, component: Optional[str] = None, overwrite: bool = False,
-            dry_run: bool = False, device: str = "auto", options: Optional[ConvertOptions] = None) -> ConvertReport:
+            dry_run: bool = False, device: str = "auto", uniform_scale: bool = False,
+            options: Optional[ConvertOptions] = None) -> ConvertReport:
     """Read `source` (a path, Hub reference or LoraAdapter) and write it to `output` in format `to`.
     With `dry_run` (or no `output`), check everything and write nothing. `device`: where LoHa/LoKr
-    are factored (auto, cpu, cuda, cuda:N). `options`: a ConvertOptions instead of the keyword
+    are factored (auto, cpu, cuda, cuda:N). `uniform_scale`: one alpha for all modules, the rest of
+    each scale folded into B (PEFT output). `options`: a ConvertOptions instead of the keyword
     options. Returns a ConvertReport."""
     opts = build(ConvertOptions, options, to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
-                 component=component, device=device)
+                 component=component, device=device, uniform_scale=uniform_scale)
     if output is not None:
         output_is_folder(output, opts.to)
         if not dry_run:
             check_output(output, overwrite)
     in_fmt = source.format if isinstance(source, LoraAdapter) else (opts.from_ or detect(source))
+    if opts.rank is not None and in_fmt == "kohya" and not isinstance(source, LoraAdapter):
+        in_fmt = "lycoris"  # LoCon Tucker / input-axis DoRA: read as the LyCORIS file it is, to factor them
     if opts.rank is not None and in_fmt != "lycoris":
-        raise UsageError("--rank applies to LyCORIS LoHa/LoKr input only (resize a LoRA with `loratools resize`)")
+        raise UsageError("--rank applies to LyCORIS/kohya input only (resize a LoRA with `loratools resize`)")
     adapter = read_adapter(source, format=in_fmt, base=opts.base, allow_unmatched=opts.allow_unmatched or None,
                            rank=opts.rank, device=opts.device)
     read_config = adapter.config
-    adapter = _for_target(adapter, opts)
+    adapter = uniform(_for_target(adapter, opts), opts.to, opts.uniform_scale)
+    writable_format(adapter, opts.to)  # a dry run refuses what the write would (e.g. an unfactored OFT)
     kept = read_config.get("retained")
     report = ConvertReport(
         source=os.fspath(source) if not isinstance(source, LoraAdapter) else "<adapter>", from_=in_fmt, to=opts.to,

@@ -25,7 +25,7 @@ from .atomic import check_output
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
-from .formats import check_writable_alone, output_is_folder, write_adapter
+from .formats import check_uniform_scale, check_writable_alone, output_is_folder, uniform, write_adapter
 from .provenance import stamp
 from .report import Report
 from .linalg import exact_svd, randomized_svd, select_rank, split_factors
@@ -86,6 +86,7 @@ class ExtractOptions:
     component: Optional[str] = None
     fan_in_fan_out: Optional[bool] = None  # None: from the base's config.json
     device: str = "auto"
+    uniform_scale: bool = False  # one alpha for all modules (PEFT output)
     patterns: Tuple[List[UserPattern], List[UserPattern]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -95,6 +96,8 @@ class ExtractOptions:
         if self.svd not in SVD_METHODS:
             raise UsageError(f"unknown --svd {self.svd!r}: use one of {', '.join(SVD_METHODS)}")
         check_writable_alone(self.to, "extract")
+        if self.uniform_scale:
+            check_uniform_scale(self.to)
         if self.min_diff < 0 or self.power_iters < 0:
             raise UsageError("--min-diff and --power-iters must not be negative")
         if self.component is not None and self.component not in COMPONENTS:
@@ -242,7 +245,7 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
             embeddings: bool = False, to: str = "peft", base_model_name: Optional[str] = None,
             dtype: str = "fp32", svd: str = "auto", power_iters: int = 4, component: Optional[str] = None,
             overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
-            fan_in_fan_out: Optional[bool] = None, device: str = "auto",
+            fan_in_fan_out: Optional[bool] = None, device: str = "auto", uniform_scale: bool = False,
             options: Optional[ExtractOptions] = None) -> ExtractResult:
     """Factor `tuned − base` into a LoRA for every 2-D (and conv) weight whose largest absolute
     difference exceeds `min_diff`. `include` / `exclude`: regexes searched in the module name.
@@ -250,11 +253,12 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
     `component` (unet, text_encoder …) prefixes the module names, as kohya and diffusers files need.
     `fan_in_fan_out`: the linear weights are stored [in, out] (GPT-2's Conv1D); None reads it from
     the base's config.json (model_type gpt2 / openai-gpt). `device`: where the SVDs run (auto, cpu,
-    cuda, cuda:N). `options`: an ExtractOptions instead of the keyword options."""
+    cuda, cuda:N). `uniform_scale`: one alpha for all modules (PEFT output). `options`: an
+    ExtractOptions instead of the keyword options."""
     opts = build(ExtractOptions, options, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param,
                  min_diff=min_diff, include=tuple(include or ()), exclude=tuple(exclude or ()), embeddings=embeddings,
                  to=to, base_model_name=base_model_name, dtype=dtype, svd=svd, power_iters=power_iters,
-                 component=component, fan_in_fan_out=fan_in_fan_out, device=device)
+                 component=component, fan_in_fan_out=fan_in_fan_out, device=device, uniform_scale=uniform_scale)
     inc, exc = opts.patterns
     if output is not None:
         check_output(output, overwrite)
@@ -292,6 +296,7 @@ def extract(base: Union[str, os.PathLike, Checkpoint], tuned: Union[str, os.Path
     result.adapter.metadata = stamp(result.adapter.metadata, "extract",
                                     [default_base_name(base), default_base_name(tuned)], rank=opts.rank,
                                     conv_rank=opts.conv_rank, dynamic=opts.dynamic, param=opts.param, svd=opts.svd)
+    result.adapter = uniform(result.adapter, opts.to, opts.uniform_scale)
     if output is not None:
         result.output = write_adapter(result.adapter, output, format=opts.to, overwrite=overwrite,
                                       metadata=result.adapter.metadata)

@@ -20,6 +20,7 @@ from .checks import Finding, check_adapter, check_names
 from .dtypes import dtype_name
 from .errors import FormatError
 from .formats import detect, read_adapter
+from .loaders import compatibility
 from .report import Report
 
 
@@ -73,7 +74,7 @@ def module_rows(adapter: LoraAdapter, norms: bool = True) -> List[dict]:
             "algorithm": own.get("algorithm", "lora"), "factored_rank": m.rank,
             "dora": m.is_dora, "tucker": m.mid is not None, "parameters": m.down.numel() + m.up.numel()
             + sum(t.numel() for t in (m.magnitude, m.mid) if t is not None),
-            "bytes": module_bytes(m), "delta_norm": m.delta_norm() if norms else None,
+            "bytes": module_bytes(m), "delta_norm": m.delta_norm() if norms and m.op is None else None,
         })
     return rows
 
@@ -196,6 +197,9 @@ def report(adapter: LoraAdapter, path: Optional[str] = None, norms: bool = True)
         "kinds": dict(Counter(r["kind"] for r in rows)),
         "targets": dict(sorted(Counter(target_kind(r["name"]) for r in rows).items())),
         "extra": {k: list(t.shape) for k, t in adapter.extra.items()},
-        "delta_norm_total": math.sqrt(sum(r["delta_norm"] ** 2 for r in rows)) if norms else None,
+        "loads_in": compatibility(adapter),
+        # transforms of the base weight (OFT, IA³ …) have no ΔW of their own
+        "delta_norm_total": math.sqrt(sum(r["delta_norm"] ** 2 for r in rows if r["delta_norm"] is not None))
+        if norms else None,
         "module_list": rows,
     }

@@ -18,7 +18,7 @@ from . import paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_outputs, check_output
 from .errors import LoraToolsError, NonFiniteError, UsageError
-from .formats import output_is_folder, read_adapter, writable_format, write_into
+from .formats import check_uniform_scale, output_is_folder, read_adapter, uniform, writable_format, write_into
 from .ops import all_finite
 from .provenance import stamp
 from .report import Report
@@ -92,6 +92,7 @@ class ResizeOptions:
     dynamic: Optional[str] = None
     param: Optional[float] = None
     device: str = "auto"
+    uniform_scale: bool = False  # one alpha for all modules (PEFT output; checked against the input's format)
 
     def __post_init__(self):
         check_rank_options(self.rank, self.conv_rank, self.dynamic, self.param)
@@ -143,14 +144,17 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
            rank: Optional[int] = None, conv_rank: Optional[int] = None, dynamic: Optional[str] = None,
            param: Optional[float] = None, overwrite: bool = False,
            progress: Optional[Callable[[str], None]] = None, plot: Optional[Union[str, os.PathLike]] = None,
-           device: str = "auto", options: Optional[ResizeOptions] = None) -> ResizeResult:
+           device: str = "auto", uniform_scale: bool = False, options: Optional[ResizeOptions] = None
+           ) -> ResizeResult:
     """Resize every module of `adapter` (a path or a LoraAdapter) and, if `output` is given, write
     it in the adapter's own format. Fixed: `rank` (`conv_rank` for conv modules, default `rank`).
     Dynamic: `dynamic` in sv_ratio / sv_fro / sv_cumulative with `param`, `rank` as the cap.
     Never above a module's old rank, never below 1. `plot`: also draw the spectra into this PNG;
     the adapter and the plot are written together or not at all. `device`: auto, cpu, cuda or
-    cuda:N. `options`: a ResizeOptions instead of the keyword options."""
-    opts = build(ResizeOptions, options, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device)
+    cuda:N. `uniform_scale`: one alpha for all modules (PEFT output). `options`: a ResizeOptions
+    instead of the keyword options."""
+    opts = build(ResizeOptions, options, rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
+                 uniform_scale=uniform_scale)
     if plot is not None and output is None:
         raise UsageError("plot needs an output")
     if plot is not None:
@@ -162,6 +166,8 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
     src = read_adapter(adapter)
     if not len(src):
         raise UsageError("the adapter has no LoRA modules to resize")
+    if opts.uniform_scale:  # the output keeps the input's format
+        check_uniform_scale(src.format)
     modules: Dict[str, LoraModule] = {}
     reports: List[ModuleResize] = []
     for m in src:
@@ -179,6 +185,7 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
                      conv_rank=opts.rank_for("conv"), dynamic=opts.dynamic, param=opts.param)
     out = LoraAdapter(modules=modules, extra=dict(src.extra), base_model=src.base_model, format=src.format,
                       config=config, metadata=metadata)
+    out = uniform(out, src.format, opts.uniform_scale)
     result = ResizeResult(out, reports)
     if output is not None:
         fmt = writable_format(out, src.format)

@@ -102,13 +102,15 @@ def test_converted_loha_gives_the_same_unet_output(files, tmp_path):
     torch.testing.assert_close(M.unet_out(pipe.unet), M.unet_out(unet), rtol=1e-4, atol=1e-4)
 
 
-def test_conv_loha_without_shape_needs_base_and_input_axis_dora_is_refused(files, tmp_path):
+def test_conv_loha_without_shape_needs_base_and_input_axis_dora_is_a_transform(files, tmp_path):
     d, base, loha, lokr, sd = files
     assert main(["convert", loha, "--to", "kohya", "-o", str(tmp_path / "x.safetensors")]) == 1  # tiny conv vs SD1 shape
     bad = dict(sd)
     bad[f"{Q}.dora_scale"] = torch.ones(1, 32)
     p = str(tmp_path / "dora.safetensors")
     safetensors.torch.save_file(bad, p)
-    with pytest.raises(IncompatibleError, match="dora_scale"):
-        read_adapter(p, base=base)
+    m = read_adapter(p, base=base).modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert m.op is not None and m.op.algo == "dora"  # LyCORIS wd_on_output=False: merged exactly, no PEFT form
+    with pytest.raises(IncompatibleError, match="DoRA"):
+        m.factors_2d()
     assert not os.path.exists(tmp_path / "x.safetensors")

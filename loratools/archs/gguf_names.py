@@ -8,7 +8,6 @@ the same row order in B (and in a DoRA magnitude), or llama.cpp adds the update 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -170,13 +169,3 @@ def from_gguf_module(m: LoraModule, arch: GgufArch, reverse: Dict[str, str]) -> 
         mag = None if mag is None else rope_rows(mag, heads, inverse=True)
     return dataclasses.replace(m, name=reverse[gguf_name], up=up, magnitude=mag)
 
-
-def global_alpha(modules) -> float:
-    """One alpha for a llama.cpp adapter (which scales every module by alpha / rank): the most common
-    `scale · rank`, so most modules are written unchanged and the rest get their scale folded into B."""
-    counts: Dict[float, int] = {}
-    for m in modules:
-        key = m.scale * m.rank
-        counts[key] = counts.get(key, 0) + 1
-    best = max(counts.items(), key=lambda kv: kv[1])[0] if counts else 1.0
-    return best if math.isfinite(best) and best > 0 else 1.0

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 
 from .. import ops
-from ..adapter import LoraAdapter, LoraModule
+from ..adapter import LoraAdapter, LoraModule, fit_adapter
 from ..dtypes import FLOATS
 from ..errors import IncompatibleError, NonFiniteError, UsageError
 from ..report import Report
@@ -28,6 +28,7 @@ Progress = Optional[Callable[[str], None]]
 class Term:
     module: LoraModule
     weight: float  # the user's --weight; the module's own scale is applied on top
+    bias: bool = False  # a LyCORIS full/diff bias update on `<name>.bias`
 
     @property
     def coeff(self) -> float:
@@ -92,6 +93,7 @@ def refuse_out_type(base: Base, out_type: Optional[str]) -> None:
 
 def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> MergePlan:
     """Match every module to a base weight and run `validate`'s checks; raise before anything is written."""
+    adapters = [(fit_adapter(adapter, ckpt), w) for adapter, w in adapters]
     plan = MergePlan(adapters=list(adapters))
     for i, (adapter, weight) in enumerate(adapters):
         where = f"adapter {i + 1} of {len(adapters)}" if len(adapters) > 1 else ""
@@ -107,6 +109,10 @@ def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> Mer
                 raise UsageError(f"module {m.name}: weight {weight:g} times the module's scale {m.scale:g} "
                                  "is beyond float32's range")
             plan.terms.setdefault(m.target, []).append(term)
+            if m.op is not None and m.op.bias is not None:
+                if m.name + ".bias" not in ckpt:
+                    raise IncompatibleError(f"module {m.name}: the update changes the bias, which the base lacks")
+                plan.terms.setdefault(m.name + ".bias", []).append(Term(m, float(weight), bias=True))
         for name, tensor in adapter.extra.items():
             plan.replace[extra_target(name)] = tensor
     return plan
@@ -114,14 +120,15 @@ def plan_merge(ckpt: Base, adapters: Sequence[Tuple[LoraAdapter, float]]) -> Mer
 
 def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
     """The merged tensor in `weight`'s dtype. Plain LoRA terms go through the fused kernel in one
-    pass; DoRA terms (which renormalise rows) are applied after, in order, in fp32."""
+    pass; DoRA terms (which renormalise rows) and LyCORIS transforms (which act on W) are applied
+    after, in order, in fp32."""
     for t in terms:  # one expert of a 3-D stack each: its 2-D slice, a view, merged in place
         if t.module.expert is not None:
             u, d = t.module.factors_2d()
             ops.merge_(weight[t.module.expert], [u], [d], [t.coeff])
     terms = [t for t in terms if t.module.expert is None]
-    plain = [t for t in terms if not t.module.is_dora]
-    dora = [t for t in terms if t.module.is_dora]
+    plain = [t for t in terms if not (t.module.is_dora or t.module.op is not None)]
+    dora = [t for t in terms if t.module.is_dora or t.module.op is not None]
     rows = weight.shape[0]
     if not dora:
         w2 = weight.reshape(rows, -1)
@@ -134,7 +141,11 @@ def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
         u, d = t.module.to(weight.device).factors_2d()
         ops.merge_(acc2, [u], [d], [t.coeff])
     for t in dora:
-        acc = _dora_merge(acc, t)
+        op = t.module.op
+        if op is None:
+            acc = _dora_merge(acc, t)
+        else:
+            acc = op.apply_bias(acc, t.weight) if t.bias else op.apply(acc, t.weight).reshape(acc.shape)
     return acc.to(weight.dtype)
 
 

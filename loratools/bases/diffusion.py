@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..adapter import LoraAdapter, LoraModule
+from ..adapter import LoraAdapter
 from ..archs.family import mismatch
 from ..errors import IncompatibleError
 from ..dtypes import MERGE_FLOATS, output_dtype
@@ -97,11 +97,9 @@ class DiffusionBase:
         return plan_merge(self, [(self.fit(a), w) for a, w in adapters])
 
     def fit(self, adapter: LoraAdapter) -> LoraAdapter:
-        modules = {}
-        for name, m in adapter.modules.items():
-            target = name + ".weight"
-            modules[name] = fit_module(m, self.shape(target)) if target in self else m
-        return dataclasses.replace(adapter, modules=modules)
+        """The adapter in this base's module names (a layout's own hook); plan_merge then fits each
+        module's factors to the weight's shape (`adapter.fit_adapter`)."""
+        return adapter
 
     def _writer_args(self, plan: MergePlan, out_dtype: Optional[torch.dtype], check_finite: bool):
         """Per component (None for a single file): the writer's transform, dtype_of and unchanged."""
@@ -144,14 +142,3 @@ class DiffusionBase:
                         unchanged=lambda key: (comp, key) not in groups)
         return writer_args
 
-
-def fit_module(m: LoraModule, shape: Tuple[int, ...]) -> LoraModule:
-    """Reshape a module's factors (views, exact) when base and adapter disagree only on linear vs 1×1 conv,
-    as SD's `proj_in`/`proj_out` do between LDM checkpoints and some diffusers configs."""
-    if m.mid is not None or m.fan_in_fan_out or tuple(m.weight_shape) == tuple(shape):
-        return m
-    if m.kind == "linear" and len(shape) == 4 and shape[2:] == (1, 1) and tuple(m.weight_shape) == shape[:2]:
-        return dataclasses.replace(m, kind="conv", down=m.down[:, :, None, None], up=m.up[:, :, None, None])
-    if m.kind == "conv" and len(shape) == 2 and tuple(m.weight_shape) == tuple(shape) + (1, 1):
-        return dataclasses.replace(m, kind="linear", down=m.down.flatten(1), up=m.up.flatten(1))
-    return m

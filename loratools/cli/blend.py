@@ -7,8 +7,8 @@ from ..blending import METHODS, SIGN_METHODS, SVD_MODES, BlendOptions, blend as 
 from ..formats import WRITABLE_ALONE, detect, output_is_folder as check_output_kind, read_adapter
 from ..inspection import adapter_bytes
 from .common import (ADAPTERS_METAVAR, adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json,
-                     format_option, overwrite_option, progress_bar, quiet_option, table, weight_option,
-                     weighted_adapters)
+                     format_option, overwrite_option, progress_bar, quiet_option, table, uniform_scale_option,
+                     weight_option, weighted_adapters)
 
 
 @click.command("blend")
@@ -32,13 +32,14 @@ from .common import (ADAPTERS_METAVAR, adapter_output_option, device_option, dry
 @click.option("--to", "to", type=click.Choice(WRITABLE_ALONE), default=None,
               help="Output format (default: the first adapter's).")
 @adapter_output_option
+@uniform_scale_option
 @dry_run_option
 @device_option
 @overwrite_option
 @format_option
 @quiet_option
 def command(adapters, weights, method, rank, density, majority_sign, seed, svd_mode, clamp, dtype, to, output,
-            dry_run, device, overwrite, fmt, quiet):
+            uniform_scale, dry_run, device, overwrite, fmt, quiet):
     """Blend several LoRA ADAPTERS (each optionally weighted as PATH:WEIGHT, weights may be negative)
     into one adapter written to OUTPUT, and report per module the Frobenius norm retained.
 
@@ -50,7 +51,8 @@ def command(adapters, weights, method, rank, density, majority_sign, seed, svd_m
     """
     paths, weights = weighted_adapters(adapters, weights)
     opts = BlendOptions(weights=weights, method=method, rank=rank, density=density, majority_sign=majority_sign,
-                        seed=seed, svd=svd_mode, clamp=clamp, dtype=dtype, to=to, device=device)
+                        seed=seed, svd=svd_mode, clamp=clamp, dtype=dtype, to=to, device=device,
+                        uniform_scale=uniform_scale)
     if dry_run:
         check_output_kind(output, to or detect(paths[0]))
     with progress_bar(None, f"blending ({method})", quiet) as bar:

@@ -20,6 +20,10 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPU
 format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="Report as a table on stderr or JSON on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report table.")
+uniform_scale_option = click.option(
+    "--uniform-scale", is_flag=True,
+    help="PEFT output: fold each module's scale into its B so one lora_alpha holds for all modules and no "
+         "alpha_pattern is needed (llama.cpp's converter and other tools ignore it).")
 dry_run_option = click.option("--dry-run", is_flag=True,
                               help="Print what would be written (modules, ranks, size, peak memory); write nothing.")
 weight_option = click.option("-w", "--weight", "weights", multiple=True, type=float,

@@ -7,7 +7,7 @@ from ..archs import COMPONENTS
 from ..conversion import ConvertOptions, convert
 from ..formats import FORMATS, WRITABLE
 from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
-                     overwrite_option, quiet_option, size, table)
+                     overwrite_option, quiet_option, size, table, uniform_scale_option)
 from .batch import batched, stem
 
 
@@ -21,18 +21,20 @@ from .batch import batched, stem
                    "(default: the shipped SD 1.x / 2.x / SDXL manifests). --to gguf / GGUF input: the LLM "
                    "(folder, Hub reference, config.json or .gguf) whose llama.cpp names and layout to use.")
 @click.option("--rank", type=int, default=None,
-              help="LyCORIS LoHa/LoKr only: rank to factor each ΔW at (default: its exact numerical rank).")
+              help="LyCORIS/kohya input: factor LoHa, LoKr, Tucker and base-dependent updates (OFT, IA³ …, "
+                   "which need --base) into LoRA at this rank; the retained energy is reported.")
 @click.option("--allow-unmatched", is_flag=True, help="Drop kohya/LyCORIS modules no known module matches (listed).")
 @click.option("--component", type=click.Choice(COMPONENTS), default=None,
               help="Which pipeline component an adapter of one model (e.g. a PEFT UNet LoRA) belongs to; "
                    "with --to peft, the one component of a pipeline adapter to keep.")
+@uniform_scale_option
 @dry_run_option
 @device_option
 @overwrite_option
 @format_option
 @quiet_option
-def command(source, output, to, from_, base, rank, allow_unmatched, component, dry_run, device, overwrite, fmt,
-            quiet):
+def command(source, output, to, from_, base, rank, allow_unmatched, component, uniform_scale, dry_run, device,
+            overwrite, fmt, quiet):
     """Convert the LoRA adapter SOURCE to another format, exactly where the target can hold it.
 
     \b
@@ -43,7 +45,7 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, d
       loratools convert peft_lora/ --to gguf --base Qwen/Qwen2.5-0.5B -o lora.gguf
     """
     opts = ConvertOptions(to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
-                          component=component, device=device)
+                          component=component, device=device, uniform_scale=uniform_scale)
     rep = convert(source, output, overwrite=overwrite, dry_run=dry_run, options=opts)
     if fmt == "json":
         emit_json(dict(rep.to_dict(), output=output))

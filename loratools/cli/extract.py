@@ -10,7 +10,7 @@ from ..formats import WRITABLE_ALONE
 from ..extraction import ExtractOptions, default_base_name, SVD_METHODS, extract
 from ..extraction_plan import plan_extract
 from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
-                     overwrite_option, progress_bar, quiet_option, size, table)
+                     overwrite_option, progress_bar, quiet_option, size, table, uniform_scale_option)
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
 
 
@@ -40,14 +40,15 @@ from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_opti
 @click.option("--power-iters", type=int, default=4, show_default=True, help="Power iterations of the randomized SVD.")
 @click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
               help="Linear weights are stored [in, out] (GPT-2's Conv1D). Default: from the base's config.json.")
+@uniform_scale_option
 @dry_run_option
 @device_option
 @format_option
 @overwrite_option
 @quiet_option
 def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, include, exclude, embeddings, to,
-            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, dry_run, device, fmt, overwrite,
-            quiet):
+            component, base_model_name, dtype, svd, power_iters, fan_in_fan_out, uniform_scale, dry_run, device, fmt,
+            overwrite, quiet):
     """Extract a LoRA from TUNED (a fine-tune of BASE): factor W_tuned - W_base for every 2-D and conv
     weight that changed, and write the adapter to OUTPUT. Streams both checkpoints. With --dry-run,
     plan from the checkpoints' headers alone (no tensor data is read).
@@ -61,7 +62,8 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
     opts = ExtractOptions(rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, min_diff=min_diff,
                           include=include, exclude=exclude, embeddings=embeddings, to=to,
                           base_model_name=base_model_name or default_base_name(base), dtype=dtype, svd=svd,
-                          power_iters=power_iters, component=component, fan_in_fan_out=fan_in_fan_out, device=device)
+                          power_iters=power_iters, component=component, fan_in_fan_out=fan_in_fan_out, device=device,
+                          uniform_scale=uniform_scale)  # the dry run refuses what the run would
     if dry_run:
         return show_plan(plan_extract(base, tuned, output, options=opts), dynamic, fmt, quiet)
     check_output(output, overwrite)

@@ -82,6 +82,9 @@ def render(rep: dict, modules: bool) -> str:
         f"bytes       {size(rep['bytes'])} of tensors, {size(rep['disk_bytes'])} on disk",
         f"|ΔW| total  {_fmt(rep['delta_norm_total'])}",
     ]
+    loads = rep["loads_in"]
+    lines.append("loads in    " + ", ".join(f"{k} {'✓' if v['ok'] else '✗'}" for k, v in loads.items()))
+    lines += [f"            ✗ {k}: {v['why']}" for k, v in loads.items() if not v["ok"]]
     if rep["extra"]:
         lines.append("extra       " + ", ".join(f"{k} {tuple(v)}" for k, v in rep["extra"].items()))
     if rep["problems"]:

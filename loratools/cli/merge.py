@@ -1,13 +1,36 @@
 """`loratools merge BASE ADAPTER [ADAPTER ...] -o OUT`"""
 from __future__ import annotations
 
+import math
+import os
+
 import click
 
 from .. import refs, share
 from ..bases import QuantizedBase
+from ..inspection import adapter_bytes
 from ..merging import MergeOptions, describe, merge as run_merge, open_base
-from .common import (ADAPTERS_METAVAR, device_option, output_option, overwrite_option, progress_bar, quiet_option,
-                     table, weight_option, weighted_adapters)
+from .common import (ADAPTERS_METAVAR, device_option, dry_run_line, output_option, overwrite_option, progress_bar,
+                     quiet_option, table, weight_option, weighted_adapters)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+def _weights_bytes(path: str) -> int:
+    """Bytes of the base's weight files: about what the merged output holds (same layout)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, dirs, files in os.walk(path):  # a model or pipeline folder, links not followed
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(_WEIGHT_SUFFIXES))
+    return total
+
+
+def _peak_bytes(ckpt, plan) -> int:
+    """The adapters, plus the largest merged weight about three times over in fp32 (read, work, write)."""
+    largest = max((math.prod(ckpt.shape(n)) for n in plan.terms), default=0)
+    return sum(adapter_bytes(a) for a, _ in plan.adapters) + 3 * 4 * largest
 
 
 @click.command("merge")
@@ -68,6 +91,9 @@ def command(base, adapters, output, weights, dtype, out_type, requantize, dry_ru
         click.echo(f"base: {ckpt.describe()}; "
                    f"{len(plan.terms)} weights would be merged, {len(plan.replace)} replaced; "
                    f"output {output} ({dtype or default}); nothing written (dry run)")
+        if not quiet:
+            out_bytes = _weights_bytes(ckpt.folder)
+            click.echo(dry_run_line(output, ckpt.kind, _peak_bytes(ckpt, plan), out_bytes), err=True)
         return
     ckpt = open_base(base)  # also resolves a Hub reference
     with progress_bar(ckpt.num_tensors, "merging", quiet) as bar:

@@ -9,7 +9,7 @@ from ..resizing import ResizeOptions, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from ..checks import check_names
 from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
-                     overwrite_option, progress_bar, quiet_option, table)
+                     overwrite_option, progress_bar, quiet_option, table, uniform_scale_option)
 from .batch import batched, same_name
 
 rank_option = click.option("--rank", type=int, default=None,
@@ -43,12 +43,14 @@ REPORT_HEADERS = ["module", "kind", "old rank", "new rank", "fro retained", "sum
 @param_option
 @click.option("--plot", type=click.Path(), default=None,
               help="Also draw the singular-value spectra and the chosen cuts into this PNG (needs matplotlib).")
+@uniform_scale_option
 @dry_run_option
 @device_option
 @format_option
 @overwrite_option
 @quiet_option
-def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, device, fmt, overwrite, quiet):
+def command(adapter, output, rank, conv_rank, dynamic, param, plot, uniform_scale, dry_run, device, fmt, overwrite,
+            quiet):
     """Resize ADAPTER's rank and write it to OUTPUT in the same format.
 
     Each module becomes the best rank-k approximation of its update (SVD through the factors,
@@ -58,7 +60,8 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, dry_run, dev
       loratools resize my_lora.safetensors -o small.safetensors --rank 16
       loratools resize adapter/ -o adapter-dyn/ --dynamic sv_fro --param 0.9 --rank 64
     """
-    opts = ResizeOptions(rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device)
+    opts = ResizeOptions(rank=rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
+                         uniform_scale=uniform_scale)
     src = read_adapter(adapter, keep_unmatched=True)  # kohya names are written back as they were read
     for f in check_names(src):
         click.echo(f"warning: {f.message}", err=True)

@@ -11,9 +11,9 @@ import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import paths, refs, safetensors_io
-from ..adapter import LoraAdapter
+from ..adapter import LoraAdapter, fold_scales
 from ..atomic import atomic_output
-from ..errors import FormatError, IncompatibleError, HubError, LoraToolsError, UsageError
+from ..errors import FormatError, HubError, IncompatibleError, LoraToolsError, UsageError
 from ..checks import check_adapter, raise_errors
 from . import comfyui, diffusers, gguf, kohya, lycoris, peft, peft_diffusion
 from .record import Format
@@ -146,6 +146,23 @@ def read_adapter(path, format: Optional[str] = None, check: bool = True, **optio
         raise_errors(check_adapter(adapter), path)
     return adapter
 
+# formats whose loaders scale every module by one alpha / rank (GGUF always folds the rest into B)
+ONE_ALPHA = ("peft", "peft_diffusion", "gguf")
+
+
+def check_uniform_scale(fmt: str) -> None:
+    if fmt not in ONE_ALPHA:
+        raise UsageError(f"--uniform-scale applies to PEFT output (--to peft / peft_diffusion); {fmt} files "
+                         "store each module's own alpha")
+
+
+def uniform(adapter: LoraAdapter, fmt: str, on: bool) -> LoraAdapter:
+    """`adapter` with every module's scale folded into B under one alpha when `on` (`--uniform-scale`)."""
+    if not on:
+        return adapter
+    check_uniform_scale(fmt)
+    return fold_scales(adapter)
+
 
 @paths.guarded
 def write_adapter(adapter: LoraAdapter, path, format: Optional[str] = None, overwrite: bool = False,
@@ -168,6 +185,15 @@ def check_writable_alone(fmt: str, command: str) -> None:
 
 def writable_format(adapter: LoraAdapter, format: Optional[str]) -> str:
     fmt = format or adapter.format
+    ops = [m for m in adapter if m.op is not None]
+    if ops:
+        raise IncompatibleError(
+            f"module {ops[0].name}: a LyCORIS {ops[0].op.label} update is no LoRA ({len(ops)} such module(s)); "
+            "factor it with `convert --base BASE --rank K` (retained energy reported), or merge it")
+    flat = adapter.config.get("flat") or {}
+    if flat:  # a LyCORIS conv update whose kernel no name list knew
+        name = sorted(flat)[0]
+        raise IncompatibleError(f"module {name}: {flat[name]}")
     if fmt not in WRITABLE:
         raise UsageError(f"cannot write format {fmt!r}: use one of {', '.join(WRITABLE)}")
     return fmt

@@ -16,8 +16,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..adapter import LoraAdapter, LoraModule
-from ..archs.gguf_names import GgufArch, from_gguf_module, global_alpha, to_gguf_module
+from ..adapter import LoraAdapter, LoraModule, common_alpha
+from ..archs.gguf_names import GgufArch, from_gguf_module, to_gguf_module
 from ..errors import FormatError, IncompatibleError, UsageError
 from ..checkpoint import model_path
 from ..gguf_io import from_torch, is_gguf, metadata, new_writer, open_reader, to_torch
@@ -123,7 +123,7 @@ def write(adapter: LoraAdapter, path: str, metadata: Optional[Dict[str, str]] = 
     modules = [_check(m) for m in adapter]
     if not modules:
         raise FormatError("the adapter has no modules to write")
-    alpha = global_alpha(modules)
+    alpha = common_alpha(modules)
     writer = new_writer(path, arch.arch)
     writer.add_type("adapter")
     writer.add_string("adapter.type", "lora")

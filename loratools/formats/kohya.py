@@ -9,6 +9,7 @@ The writer computes kohya's metadata (`ss_network_dim`, `ss_network_alpha`, …)
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
 from ..archs import KOHYA_PREFIXES, NameMap, canonical, flux, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
+from ..lycoris_algos import Transform
 from . import _single
 from .record import Format
 
@@ -91,16 +93,28 @@ def build_module(name: str, lora_name: str, parts: Dict[str, torch.Tensor], path
     if alpha == 0:  # sd-scripts treats alpha 0 (or none) as alpha = rank
         alpha = None
     magnitude = None
-    if "dora" in parts:
-        d = parts["dora"]
+    d = parts.get("dora")
+    input_axis = d is not None and d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] == down.shape[1] != 1
+    if d is not None and not input_axis:
         if d.dim() < 2 or d.shape[0] != up.shape[0] or d[0].numel() != 1:
-            raise IncompatibleError(
-                f"{path}: {lora_name}.dora_scale has shape {tuple(d.shape)}; only the output-axis form "
-                f"[{up.shape[0]}, 1…] (LyCORIS wd_on_out) matches DoRA's magnitude, the input-axis form has no "
-                "equivalent in PEFT/diffusers")
+            raise ShapeMismatchError(
+                f"{path}: {lora_name}.dora_scale has shape {tuple(d.shape)}; LyCORIS writes [{up.shape[0]}, 1…] "
+                f"(wd_on_output) or [1, {down.shape[1]}, …]")
         magnitude = d.reshape(-1)
     kind = "conv" if down.dim() == 4 or mid is not None else "linear"
-    return LoraModule(name=name, down=down, up=up, alpha=alpha, kind=kind, magnitude=magnitude, mid=mid)
+    module = LoraModule(name=name, down=down, up=up, alpha=alpha, kind=kind, magnitude=magnitude, mid=mid)
+    return dora_in(module, d) if input_axis else module
+
+
+def dora_in(module: LoraModule, dora: torch.Tensor) -> LoraModule:
+    """LyCORIS DoRA normed per input column (wd_on_output=False): no PEFT/diffusers equivalent, so an
+    exact transform (`lycoris_algos`) that merge applies and `convert --rank` factors."""
+    up, down = module.up.flatten(1).float(), module.down.float()
+    if module.mid is not None:
+        down = torch.einsum("abhw,bi->aihw", module.mid.float(), down.flatten(1))
+    delta = (up @ down.flatten(1)) * module.scale
+    op = Transform("dora", {"delta": delta, "dora_scale": dora, "on_output": False})
+    return dataclasses.replace(module, op=op)
 
 
 def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,

@@ -1,4 +1,6 @@
-"""LyCORIS LoHa and LoKr files (read only), converted to plain LoRA.
+"""LyCORIS files (read only): LoHa and LoKr converted to plain LoRA; full/diff, (IA)³, OFT, BOFT,
+GLoRA and input-axis DoRA kept as exact transforms of the base weight (`lycoris_algos`), which
+`merge` applies and `read(rank=…, base=…)` factors into LoRA.
 
 Keys use kohya's names (`lora_unet_…`) with `.hada_w1_a` `.hada_w1_b` `.hada_w2_a` `.hada_w2_b`
 (`.hada_t1` `.hada_t2` Tucker) or `.lokr_w1` / `.lokr_w1_a` `.lokr_w1_b`, `.lokr_w2` /
@@ -13,13 +15,16 @@ the same file are kept exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Optional
 
 import torch
 
-from ..adapter import LoraAdapter, LoraModule
-from ..errors import FormatError, UsageError
+from .. import bases as model_bases, lycoris_algos  # a module, not open_base: bases imports formats as it loads
+from ..adapter import LoraAdapter, LoraModule, placeholders
+from ..errors import FormatError, IncompatibleError, UsageError
+from ..lycoris_algos import Transform
 from ..linalg import exact_svd, retained, split_factors
 from . import _single, kohya
 from .record import Format
@@ -27,52 +32,33 @@ from .record import Format
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 PLAIN = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "dora_scale": "dora"}
-KNOWN = set(HADA) | set(LOKR) | set(PLAIN) | {"alpha"}
+# the key each transform algorithm is recognised by, and the keys it may have
+TRANSFORMS = {"diff": "full", "oft_blocks": "oft", "weight": "ia3", "a1.weight": "glora"}
+OTHER = ("diff", "diff_b", "oft_blocks", "rescale", "weight", "on_input", "a1.weight", "a2.weight", "b1.weight",
+         "b2.weight", "bm.weight")
+KNOWN = set(HADA) | set(LOKR) | set(PLAIN) | set(OTHER) | {"alpha"}
 # the largest ΔW built densely (fp32: 1 GiB); the biggest real layers (4096 x 14336 LLM MLPs) are ~2^26
 MAX_DELTA_ELEMENTS = 1 << 28
 
 
 def detect(path: str) -> bool:
     keys = _single.peek_keys(path)
-    return bool(keys) and any(k.split(".", 1)[-1] in HADA + LOKR for k in keys) and all(
+    own = set(HADA + LOKR + OTHER)
+    return bool(keys) and any(k.split(".", 1)[-1] in own for k in keys) and all(
         kohya.is_kohya_key(k) for k in keys)
 
 
-def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    # LyCORIS Tucker: t [r, r, kh, kw], wa [r, out], wb [r, in] -> [out, in, kh, kw]
-    return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
-
-
-def loha_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
-    f = {k: v.float() for k, v in p.items()}
-    if "hada_t1" in f:
-        m1 = _tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"])
-        m2 = _tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
-    else:
-        m1, m2 = f["hada_w1_a"] @ f["hada_w1_b"], f["hada_w2_a"] @ f["hada_w2_b"]
-    scale = f["alpha"].item() / p["hada_w1_b"].shape[0] if "alpha" in f else 1.0
-    return m1 * m2 * scale
-
-
-def lokr_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
-    f = {k: v.float() for k, v in p.items()}
-    dim = None
-    if "lokr_w1" in f:
-        w1 = f["lokr_w1"]
-    else:
-        dim, w1 = p["lokr_w1_b"].shape[0], f["lokr_w1_a"] @ f["lokr_w1_b"]
-    if "lokr_w2" in f:
-        w2 = f["lokr_w2"]
-    else:
-        dim = p["lokr_w2_b"].shape[0]
-        if "lokr_t2" in f:
-            w2 = _tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
-        else:
-            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
-    if w2.dim() == 4:
-        w1 = w1[:, :, None, None]
-    scale = f["alpha"].item() / dim if "alpha" in f and dim else 1.0
-    return torch.kron(w1, w2) * scale
+def algorithm(p: Dict[str, torch.Tensor]) -> str:
+    if "lora_down.weight" in p:
+        return "lora"
+    if "hada_w1_a" in p:
+        return "loha"
+    if any(k.startswith("lokr_") for k in p):
+        return "lokr"
+    algo = next((a for k, a in TRANSFORMS.items() if k in p), None)
+    if algo is None:
+        raise FormatError(f"tensors {', '.join(sorted(p))} form no LyCORIS module loratools knows")
+    return "boft" if algo == "oft" and p["oft_blocks"].dim() == 4 else algo
 
 
 def native_rank_alpha(algo: str, p: Dict[str, torch.Tensor], factored: int, what: str) -> dict:
@@ -94,26 +80,52 @@ def _probe(build, p: Dict[str, torch.Tensor], algo: str, where: str) -> torch.Te
         probe = build({k: v.to("meta") for k, v in p.items() if k != "alpha"})
     except (KeyError, RuntimeError, IndexError) as e:
         raise FormatError(f"{where}: incomplete or inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
-    if probe.numel() > MAX_DELTA_ELEMENTS:
-        raise FormatError(f"{where}: its {algo} update would be {tuple(probe.shape)} ({probe.numel():,} elements, "
-                          f"over the {MAX_DELTA_ELEMENTS:,} loratools builds); no real layer is that large")
+    _cap(tuple(probe.shape), algo, where)
     return probe
 
 
-def _weight_shape(delta: torch.Tensor, name: str, nm, path: str, lenient: bool = False) -> tuple:
+def _cap(shape: tuple, algo: str, where: str) -> None:
+    n = math.prod(d for d in shape if d)  # 0: a side only the base can tell, which bounds it itself
+    if n > MAX_DELTA_ELEMENTS:
+        raise FormatError(f"{where}: its {algo} update would be {shape} ({n:,} elements, "
+                          f"over the {MAX_DELTA_ELEMENTS:,} loratools builds); no real layer is that large")
+
+
+def _weight_shape(delta: torch.Tensor, name: str, nm, flat: Dict[str, str]) -> tuple:
     """The base weight's shape: ΔW's own when 4-D, else the known shape when it fits (a 2-D ΔW may
-    be a flattened conv), else 2-D for text encoders, which hold linear layers only. `lenient`
-    (reports): ΔW's own shape where nothing tells."""
+    be a flattened conv), else ΔW's own: merge fits a flattened conv to the base's kernel, and `flat`
+    says why no file can be written from it."""
     known = tuple(nm.shapes.get(name) or ())
     if delta.dim() == 4:
         return tuple(delta.shape)
     if known and math.prod(known) == delta.numel() and known[0] == delta.shape[0]:
         return known
-    if lenient or not name.startswith(("unet.", "transformer.")):
-        return tuple(delta.shape)
-    why = f"it does not fit {known} in {nm.source}" if known else f"{nm.source} has no such module"
-    raise FormatError(f"{path}: {name}: cannot tell the weight shape of a {tuple(delta.shape)} update ({why}; "
-                      "a base pipeline folder resolves it: `inspect --base`, `convert --base`)")
+    if name.startswith(("unet.", "transformer.")):  # may be a flattened conv: only a base can tell
+        why = f"it does not fit {known} in {nm.source}" if known else f"{nm.source} has no such module"
+        flat[name] = f"cannot tell the weight shape of a {tuple(delta.shape)} update ({why}; --base resolves it)"
+    return tuple(delta.shape)
+
+
+def _transform_shape(algo: str, p: Dict[str, torch.Tensor], name: str, nm) -> tuple:
+    """What the tensors say of the weight's shape, completed by the name list where it agrees (0: unknown)."""
+    own = lycoris_algos.weight_shape(algo, p)
+    known = tuple(nm.shapes.get(name) or ())
+    if known and all(o in (-1, k) for o, k in zip(own, known)):
+        return known
+    if algo == "ia3" and p["weight"].dim() == 4:
+        own = own + (-1, -1)
+    if algo == "oft" and "rescale" in p:
+        own = own + (-1,) * (p["rescale"].dim() - 2)
+    return tuple(0 if o == -1 else o for o in own)
+
+
+def _transform(algo: str, p: Dict[str, torch.Tensor], lora_name: str, path: str) -> Transform:
+    if algo == "full":
+        return Transform("full", {"diff": p["diff"]}, bias=p.get("diff_b"))
+    keep = {k: v for k, v in p.items() if k != "diff_b"}
+    if algo in ("oft", "boft") and "alpha" in p:
+        keep["alpha"] = _single.scalar(p["alpha"], f"{path}: {lora_name}.alpha")
+    return Transform(algo, keep)
 
 
 def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dtype: torch.dtype,
@@ -136,8 +148,22 @@ def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dt
     return module, retained(s, k)[0]
 
 
+def _base_weight(bases: dict, base: Optional[str], name: str, what: str) -> torch.Tensor:
+    if base is None:
+        raise UsageError(f"{what} depends on the base weight: give --base (the model it was trained on) to "
+                         "factor it into LoRA")
+    if "b" not in bases:
+        bases["b"] = model_bases.open_base(base)
+    b = bases["b"]
+    if name + ".weight" not in b:
+        raise FormatError(f"{what}: {base} has no weight {name}.weight")
+    return b.read(name + ".weight")
+
+
 def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, rank: Optional[int] = None,
          keep_unmatched: bool = False, device: Optional[str] = None) -> LoraAdapter:
+    """With `rank` (convert), every module is factored into LoRA (transforms of the base weight read
+    it from `base`); without, transforms stay exact for `merge`. SVDs run on `device`."""
     if rank is not None and rank < 1:
         raise UsageError("--rank must be at least 1")
     tensors, metadata = _single.load(path)
@@ -150,44 +176,78 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
         else:
             unknown.append(key)
     if unknown:
-        raise FormatError(f"{path}: {len(unknown)} key(s) loratools cannot convert to LoRA (LyCORIS full, norm "
-                          f"or OFT modules?): {', '.join(sorted(unknown)[:8])}")
+        raise FormatError(f"{path}: {len(unknown)} key(s) of no LyCORIS algorithm loratools reads (norm modules?): "
+                          f"{', '.join(sorted(unknown)[:8])}")
     mapping, unmatched, nm = kohya.resolve(list(groups), path, base, allow_unmatched, keep_unmatched)
     adapter = LoraAdapter(format="lycoris", metadata=metadata)
     kept: Dict[str, float] = {}
     algos: Dict[str, str] = {}
     native: Dict[str, dict] = {}
+    bases: dict = {}
+    flat: Dict[str, str] = {}
     for lora_name in sorted(groups):
         if lora_name not in mapping:
             continue
         name, p = mapping[lora_name], groups[lora_name]
-        if "lora_down.weight" in p:
-            parts = {PLAIN[k]: v for k, v in p.items() if k in PLAIN}
-            if "alpha" in p:
-                parts["alpha"] = p["alpha"]
-            adapter.add(kohya.build_module(name, lora_name, parts, path))
-            algos[name] = "lora"
-            continue
-        algo = "loha" if "hada_w1_a" in p else "lokr"
-        build = loha_delta if algo == "loha" else lokr_delta
-        shape = _weight_shape(_probe(build, p, algo, f"{path}: {lora_name}"), name, nm, path, lenient=keep_unmatched)
+        algo = algos[name] = algorithm(p)
+        what = f"{path}: {lora_name}"
         try:
-            delta = build(p)
-        except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
-            raise FormatError(f"{path}: {lora_name}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
-        dora = None
-        if "dora_scale" in p:
-            dora = kohya.build_module(name, lora_name, {"down": torch.zeros(1, 1), "up": torch.zeros(shape[0], 1),
-                                                        "dora": p["dora_scale"]}, path).magnitude
-        dtype = next(v.dtype for k, v in p.items() if k != "alpha")
-        module, kept[name] = factor(name, delta.reshape(shape), shape, rank, dtype, dora, device)
+            module = _module(algo, name, lora_name, p, path, nm, kept, flat, device)
+        except KeyError as e:
+            raise FormatError(f"{what}: {algo} module without its {e} tensor") from None
+        if module.op is not None:
+            native[name] = {"algorithm": algo, "rank": 1, "alpha": 1.0}
+        elif algo in ("loha", "lokr"):
+            native[name] = native_rank_alpha(algo, p, module.rank, f"{what}.alpha")
+        if rank is not None and (module.op is not None or algo in ("loha", "lokr") or module.mid is not None):
+            label = module.op.label if module.op is not None else algo
+            w = _base_weight(bases, base, name, f"{what} ({label})") if module.op is not None and \
+                module.op.algo != "full" else None
+            delta = module.op.delta(w) if w is not None else (
+                module.op.params["diff"].float() if module.op is not None else module.dense_delta())
+            if module.op is not None and module.op.bias is not None:
+                raise IncompatibleError(f"{what}: the full (diff) update also changes the bias, which LoRA cannot "
+                                        "hold; merge it instead")
+            shape = tuple(w.shape) if w is not None else tuple(delta.shape)
+            module, kept[name] = factor(name, delta.reshape(shape), shape, rank, torch.float32, None, device)
         adapter.add(module)
-        algos[name] = algo
-        native[name] = native_rank_alpha(algo, p, module.rank, f"{path}: {lora_name}.alpha")
-    adapter.config = {"retained": kept, "algorithms": algos, "native": native,
+    adapter.config = {"retained": kept, "algorithms": algos, "native": native, "flat": flat,
                       **kohya.unresolved_config(unmatched, keep_unmatched),
                       "names_from": nm.source}
     return adapter
+
+
+def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], path: str, nm,
+            retained: Dict[str, float], flat: Dict[str, str], device: Optional[str] = None) -> LoraModule:
+    """One module: a LoRA (LoHa/LoKr factored exactly at their numerical rank, the kept fraction in
+    `retained`) or a transform."""
+    if algo == "lora":
+        parts = {PLAIN[k]: v for k, v in p.items() if k in PLAIN}
+        if "alpha" in p:
+            parts["alpha"] = p["alpha"]
+        return kohya.build_module(name, lora_name, parts, path)
+    where = f"{path}: {lora_name}"
+    if algo in ("loha", "lokr"):
+        build = lycoris_algos.loha_delta if algo == "loha" else lycoris_algos.lokr_delta
+        shape = _weight_shape(_probe(build, p, algo, where), name, nm, flat)
+        try:
+            delta = build(p)
+        except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
+            raise FormatError(f"{where}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
+        dtype = next(v.dtype for k, v in p.items() if k != "alpha")
+        module, retained[name] = factor(name, delta.reshape(shape), shape, None, dtype, None, device)
+        if "dora_scale" in p:
+            d = p["dora_scale"]
+            if d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] != 1:
+                return kohya.dora_in(module, d)
+            mag = kohya.build_module(name, lora_name, {"down": torch.zeros(1, 1), "up": torch.zeros(shape[0], 1),
+                                                       "dora": d}, path).magnitude
+            module = dataclasses.replace(module, magnitude=mag)
+        return module
+    op = _transform(algo, p, lora_name, path)
+    shape = _transform_shape(algo, p, name, nm)
+    _cap(shape, algo, where)  # GLoRA's b1·b2 is built from small factors; the rest are W-sized
+    return LoraModule(name=name, **placeholders(shape), op=op)
 
 
 FORMAT = Format("lycoris", detect, read, None, folder=False,

@@ -1,0 +1,138 @@
+"""Which tools load an adapter file as it is (`inspect`'s "loads in" line), from the naming rules
+of their loaders, restated here (not their code):
+
+- PEFT: `PeftModel.from_pretrained` reads a folder with adapter_config.json and lora_A/lora_B
+  tensors of one model; a pipeline's components are one such folder each.
+- diffusers: `load_lora_weights` takes one file for a pipeline, in its own names or kohya's
+  (converted on load); it converts plain LoRA (with DoRA scales), not LyCORIS LoHa/LoKr or others.
+  Its kohya conversion looks the alphas of UNet attention projections and text-encoder modules up
+  under names it does not write, so those modules get their component's most common alpha.
+- ComfyUI (comfy/lora.py key map): kohya names (`lora_unet_…`, `lora_te_…`/`lora_te1_`/`lora_te2_`)
+  with LoRA, LoHa, LoKr, GLoRA or full (diff) tensors; diffusers names only where its map lists
+  them, which spells UNet attention projections `…attn1.processor.to_q` — a plain
+  `…attn1.to_q` key matches nothing and is skipped with a warning, not loaded.
+- ComfyUI-form files (original checkpoint names, `diffusion_model.…`): ComfyUI loads them all;
+  diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones.
+- A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file.
+- llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
+  alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
+  and has no DoRA magnitudes.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Dict, List, Tuple
+
+from .adapter import LoraAdapter
+from .archs import COMPONENTS
+
+LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
+COMFY_ALGOS = {"lora", "loha", "lokr", "glora", "full"}
+# diffusers attention projections ComfyUI's map knows only in the `.processor.to_q` spelling
+_DIFFUSERS_ATTN = re.compile(r"^unet\..*\.attn\d+\.to_(q|k|v|out\.0)$")
+
+
+def _diffusion(adapter: LoraAdapter) -> bool:
+    return any(n.split(".", 1)[0] in COMPONENTS for n in list(adapter.modules) + list(adapter.extra))
+
+
+def _algorithms(adapter: LoraAdapter) -> set:
+    return set((adapter.config.get("algorithms") or {}).values()) or {"lora"}
+
+
+def _one_alpha(adapter: LoraAdapter) -> bool:
+    """True when one lora_alpha with scale alpha / rank gives every module its scale."""
+    values = {m.scale * m.rank for m in adapter}
+    return len(values) <= 1 and not any(m.use_rslora and m.rank != 1 for m in adapter)
+
+
+def _peft(adapter: LoraAdapter, diffusion: bool) -> Tuple[bool, str]:
+    if adapter.format == "peft":
+        return True, "a PEFT folder (PeftModel.from_pretrained)"
+    if adapter.format == "peft_diffusion":
+        return True, "one PEFT folder per component, each loaded into its model"
+    return False, "PEFT reads adapter_config.json folders: convert --to " + ("peft_diffusion" if diffusion else "peft")
+
+
+def _lost_alphas(adapter: LoraAdapter) -> List[str]:
+    """Modules whose alpha diffusers' kohya loader replaces by their component's most common one."""
+    by_comp: Dict[str, list] = {}
+    for m in adapter:
+        by_comp.setdefault(m.name.split(".", 1)[0], []).append(m)
+    lost = []
+    for comp, mods in by_comp.items():
+        common = Counter(m.alpha_value for m in mods).most_common(1)[0][0]
+        lost += [m.name for m in mods if m.alpha_value != common and (comp != "unet" or _DIFFUSERS_ATTN.match(m.name))]
+    return lost
+
+
+def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
+    if not diffusion:
+        return False, "load_lora_weights is for diffusion pipelines"
+    if adapter.format == "peft_diffusion":
+        return False, "load_lora_weights takes one file: convert --to diffusers"
+    if adapter.format == "diffusers":
+        return True, "its own names"
+    if adapter.format == "comfyui":
+        t5 = [n for n in adapter.modules if n.startswith("text_encoder_2.")]
+        return (False, f"it drops the {len(t5)} T5 module(s)") if t5 else (True, "original names, converted on load")
+    if adapter.format in ("kohya", "lycoris") and algos <= {"lora"}:
+        lost = _lost_alphas(adapter)
+        if lost:
+            return False, (f"its kohya conversion loses the own alpha of {len(lost)} attention/text-encoder "
+                           f"module(s) ({lost[0]} …): convert --to diffusers")
+        return True, "kohya names, converted on load"
+    if algos - {"lora"}:
+        return False, f"no {'/'.join(sorted(algos - {'lora'}))} conversion: convert --to diffusers --rank K"
+    return False, "convert --to diffusers"
+
+
+def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
+    if not diffusion:
+        return False, "ComfyUI loads diffusion-model LoRAs"
+    if adapter.format in ("kohya", "lycoris"):
+        bad = algos - COMFY_ALGOS
+        if bad:
+            return False, f"no key rule for {'/'.join(sorted(bad))} tensors: convert --to kohya --base BASE --rank K"
+        return True, "kohya names"
+    if adapter.format == "diffusers":
+        skipped = sum(1 for n in adapter.modules if _DIFFUSERS_ATTN.match(n))
+        if skipped:
+            return False, (f"{skipped} of {len(adapter)} modules (UNet attention to_q/k/v/out) are skipped: its map "
+                           "spells them .processor.to_q; convert --to kohya")
+        return True, "diffusers names its map lists"
+    if adapter.format == "comfyui":
+        return True, "original checkpoint names"
+    return False, "ComfyUI loads one file: convert --to kohya"
+
+
+def _a1111(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
+    if not diffusion:
+        return False, "A1111/Forge load diffusion-model LoRAs"
+    if adapter.format in ("kohya", "lycoris") and algos <= COMFY_ALGOS:
+        return True, "kohya names"
+    return False, "A1111/Forge read kohya names (lora_unet_…, lora_te_…): convert --to kohya"
+
+
+def _llama_cpp(adapter: LoraAdapter, diffusion: bool) -> Tuple[bool, str]:
+    if diffusion:
+        return False, "llama.cpp is for language models"
+    if adapter.format == "gguf":
+        return True, "already GGUF (llama.cpp --lora loads it)"
+    if adapter.format != "peft":
+        return False, "convert_lora_to_gguf.py reads PEFT folders: convert --to peft (or --to gguf)"
+    if adapter.is_dora:
+        return False, "DoRA magnitudes are not converted"
+    if not _one_alpha(adapter):
+        return False, ("it writes one alpha and ignores alpha_pattern/rsLoRA, so some scales come out wrong: "
+                       "rewrite with --uniform-scale (or convert --to gguf)")
+    return True, "one lora_alpha holds for every module"
+
+
+def compatibility(adapter: LoraAdapter) -> Dict[str, Dict[str, object]]:
+    """{loader: {"ok": bool, "why": str}} for the file `adapter` was read from, in LOADERS order."""
+    diffusion, algos = _diffusion(adapter), _algorithms(adapter)
+    results = (_peft(adapter, diffusion), _diffusers(adapter, diffusion, algos), _comfy(adapter, diffusion, algos),
+               _a1111(adapter, diffusion, algos), _llama_cpp(adapter, diffusion))
+    return {name: {"ok": ok, "why": why} for name, (ok, why) in zip(LOADERS, results)}
