@@ -68,7 +68,7 @@ def measure(fn_name, *args):
             break
         except queue.Empty:
             if not p.is_alive():
-                raise SystemExit(f"error: {fn_name} failed in its process (exit code {p.exitcode})")
+                raise SystemExit(f"error: {fn_name} failed in its process (exit code {p.exitcode})") from None
     p.join()
     return out
 
