@@ -1,32 +1,42 @@
 """GGUF export and merge, timed and with peak memory, against baselines measured in the same run.
 
-llama.cpp's own converter (convert_lora_to_gguf.py) needs a llama.cpp checkout, so the baselines are
-the `gguf` package itself: export vs its writer writing the same LoRA tensors (no renaming, row
-reordering or folding); merge vs a plain copy of the GGUF file and vs the package's reader-to-writer
-copy of every tensor (what any GGUF rewrite costs at least). Each operation runs in a fresh process;
-memory is how far its peak RSS rises above its RSS after its imports (Linux: /proc/self/status).
+Export: against llama.cpp's own converter (convert_lora_to_gguf.py, given with --llama-cpp DIR: a
+llama.cpp checkout or the vendor/llama.cpp folder of the llama-cpp-python sdist), both as whole
+processes on the same adapter, and against the `gguf` writer writing the same LoRA tensors as they are
+(no renaming, row reordering or folding). Then both converters on an adapter with `alpha_pattern`:
+each file's ΔW, as llama.cpp applies it, against PEFT's. Merge: llama.cpp has no python merge (its
+llama-export-lora is C++), so against a plain copy of the GGUF file and the `gguf` package's
+reader-to-writer copy of every tensor (what any GGUF rewrite costs at least). In-process rows run in a
+fresh process each; memory is how far its peak RSS rises above its RSS after its imports (Linux:
+/proc/self/status); whole-process rows give wall time and peak RSS, start-up included.
 
-    PYTHONPATH=. python benchmarks/bench_gguf.py [--hidden 1024] [--layers 4] [--rank 16]
+    PYTHONPATH=. python benchmarks/bench_gguf.py [--llama-cpp DIR] [--hidden 1024] [--layers 4] [--rank 16]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import tempfile
 import time
 
 import torch
 
+from benchmarks import _llamacpp
 from benchmarks._models import make_llama, make_peft_adapter
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _child(fn_name, args, queue):
     import gguf  # noqa: F401  (imports before the baseline: every operation pays them)
 
     import benchmarks.bench_gguf as me
-    import loratools.merge  # noqa: F401
+    import loratools.merging  # noqa: F401
 
     # ru_maxrss survives fork+exec (a spawned child starts at its parent's peak), so reset the
     # kernel's high-water mark (clear_refs 5) and read VmHWM instead
@@ -52,15 +62,19 @@ def measure(fn_name, *args):
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(fn_name, args, q))
     p.start()
-    out = q.get()
+    while True:  # a child that dies puts nothing: stop instead of waiting forever
+        try:
+            out = q.get(timeout=1)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise SystemExit(f"error: {fn_name} failed in its process (exit code {p.exitcode})") from None
     p.join()
     return out
 
 
 def write_base_gguf(folder, path, qtype):
     """The HF checkpoint as a llama.cpp GGUF (names and q/k rows as llama.cpp's converter writes them)."""
-    import json
-
     import gguf
 
     from loratools.archs.gguf_names import GgufArch, rope_rows
@@ -138,6 +152,28 @@ def copy_gguf(base, adapter, out):
     w.close()
 
 
+def export_vs_llamacpp(script, root, base, adapter, rank):
+    env_cmd = dict(cwd=ROOT)  # where `python -m loratools` finds this checkout
+    ours = os.path.join(root, "ours.gguf")
+    theirs = os.path.join(root, "llamacpp.gguf")
+    for label, cmd in (("export process: loratools convert --to gguf", _llamacpp.ours_export_cmd(adapter, base, ours)),
+                       ("export process: convert_lora_to_gguf.py",
+                        _llamacpp.llamacpp_export_cmd(script, adapter, base, theirs))):
+        sec, peak = _llamacpp.run_process(cmd, **env_cmd)
+        print(f"{label:44s} {sec:8.3f} {peak:9.1f}   (whole process: wall s, peak RSS MiB)")
+    # per-module alphas: PEFT scales q_proj by 128/r and down_proj by 8/r, the rest by the global 2r/r
+    patterned = make_peft_adapter(os.path.join(root, "lora_ap"), base, rank)
+    cfg_path = os.path.join(patterned, "adapter_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["alpha_pattern"] = {"q_proj": 128, "down_proj": 8}
+    json.dump(cfg, open(cfg_path, "w"))
+    files = {"loratools": os.path.join(root, "ours_ap.gguf"), "convert_lora_to_gguf.py": os.path.join(root, "lc_ap.gguf")}
+    _llamacpp.run_process(_llamacpp.ours_export_cmd(patterned, base, files["loratools"]), **env_cmd)
+    _llamacpp.run_process(_llamacpp.llamacpp_export_cmd(script, patterned, base, files["convert_lora_to_gguf.py"]))
+    print(f"-- adapter with alpha_pattern {cfg['alpha_pattern']} (lora_alpha {cfg['lora_alpha']}, r {rank}):")
+    _llamacpp.scale_report(base, patterned, files)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=1024)
@@ -145,7 +181,9 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp checkout (or the sdist's vendor/llama.cpp)")
     args = ap.parse_args()
+    script = _llamacpp.converter(args.llama_cpp)
     root = tempfile.mkdtemp(prefix="bench_gguf_")
     try:
         base = make_llama(os.path.join(root, "hf"), dtype=torch.float16, hidden=args.hidden,
@@ -160,6 +198,8 @@ def main():
 
         row("export: loratools convert --to gguf", "export_ours", adapter, base, os.path.join(root, "a.gguf"))
         row("export: gguf writer, tensors as they are", "export_plain", adapter, base, os.path.join(root, "p.gguf"))
+        if script:
+            export_vs_llamacpp(script, root, base, adapter, args.rank)
         for qtype in ("F16", "Q8_0"):
             path = os.path.join(root, f"base-{qtype}.gguf")
             write_base_gguf(base, path, qtype)
