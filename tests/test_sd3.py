@@ -1,20 +1,25 @@
 """SD3 / SD3.5 next to Flux.1: the manifests (generated on the meta device) against diffusers' own
 SD3 transformer, telling a diffusers-named LoRA on `transformer_blocks` only apart from a Flux one by
 its shapes, refusing to rename an SD3 transformer into Flux's original names, and diffusers'
-SD3 LoRA files read and written as `StableDiffusion3Pipeline.lora_state_dict` reads them."""
+SD3 LoRA files read and written as `StableDiffusion3Pipeline.lora_state_dict` reads them, and a merge into
+a tiny SD3 pipeline folder (transformer + both CLIP LoRAs) against `load_lora_weights` + `fuse_lora`."""
 from __future__ import annotations
 
+import copy
+import json
 import os
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from loratools import LoraAdapter, LoraModule, safetensors_io
+from loratools import LoraAdapter, LoraModule, merge, safetensors_io
 from loratools.archs import load_manifest
 from loratools.archs.family import FLUX, SD3, adapter_family
+from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
 
@@ -94,3 +99,66 @@ def test_diffusers_sd3_lora_round_trip_as_diffusers_reads_it(tmp_path):
     alphas = {meta["transformer.lora_alpha"], *meta["transformer.alpha_pattern"].values()}
     ranks = {meta["transformer.r"], *meta["transformer.rank_pattern"].values()}
     assert alphas == {8} and ranks == {4}  # every module's scale 8/4 reaches diffusers
+
+
+# ---- merging into a pipeline folder ---------------------------------------------------------------
+
+def _sd3_components():
+    torch.manual_seed(3)
+    clip = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                max_position_embeddings=16, projection_dim=12)
+    return {"transformer": SD3Transformer2DModel(**TINY),
+            "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval(),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**dict(clip, projection_dim=10))).eval(),
+            "text_encoder_3": T5EncoderModel(T5Config(d_model=12, d_ff=24, d_kv=6, num_heads=2, num_layers=1,
+                                                      vocab_size=100)).eval()}
+
+
+def _lora_layers(model, seed, **cfg):
+    """PEFT LoRA factors and config on a copy of `model`, as diffusers' trainers save them."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(model)
+    model.add_adapter(LoraConfig(init_lora_weights=False, **cfg))
+    return get_peft_model_state_dict(model), model.peft_config["default"].to_dict()
+
+
+@pytest.fixture(scope="module")
+def sd3_pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3pipe")
+    comps = _sd3_components()
+    for c, model in comps.items():
+        model.save_pretrained(root / c)
+    with open(root / "model_index.json", "w") as f:
+        json.dump({"_class_name": "StableDiffusion3Pipeline", **{c: ["x", "y"] for c in comps}}, f)
+    return root, comps
+
+
+def test_merge_sd3_pipeline_matches_fuse_lora(sd3_pipeline, tmp_path):
+    root, comps = sd3_pipeline
+    tr, tr_meta = _lora_layers(comps["transformer"], 1, r=4, lora_alpha=8, target_modules=TARGETS)
+    te, te_meta = _lora_layers(comps["text_encoder"], 2, r=2, lora_alpha=3, target_modules=["q_proj", "fc1"])
+    te2, te2_meta = _lora_layers(comps["text_encoder_2"], 4, r=3, lora_alpha=6, target_modules=["v_proj"])
+    lora_dir = tmp_path / "lora"
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(lora_dir), transformer_lora_layers=tr, text_encoder_lora_layers=te, text_encoder_2_lora_layers=te2,
+        transformer_lora_adapter_metadata=tr_meta, text_encoder_lora_adapter_metadata=te_meta,
+        text_encoder_2_lora_adapter_metadata=te2_meta)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, tokenizer=None,
+                                    tokenizer_2=None, tokenizer_3=None,
+                                    **{c: copy.deepcopy(m) for c, m in comps.items()})
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.fuse_lora(components=["transformer", "text_encoder", "text_encoder_2"])
+    pipe.unload_lora_weights()
+    out = tmp_path / "merged"
+    merge(str(root), [str(lora_dir / "pytorch_lora_weights.safetensors")], str(out))
+    changed = {}
+    for c, base in comps.items():
+        got = Checkpoint(str(out / c))
+        want = getattr(pipe, c).state_dict()
+        for k, v in base.state_dict().items():
+            if k not in got:  # tied T5 embeddings are saved once
+                continue
+            torch.testing.assert_close(got.read(k), want[k], rtol=1e-5, atol=1e-5, msg=f"{c}.{k}")
+            changed[c] = changed.get(c, 0) + (not torch.equal(want[k], v))
+    n_tr = sum(1 for n, _ in comps["transformer"].named_modules() if n.endswith(tuple(TARGETS)))
+    assert changed == {"transformer": n_tr, "text_encoder": 2, "text_encoder_2": 1, "text_encoder_3": 0}
