@@ -1,8 +1,8 @@
-"""Which model family (SD 1.x, SD 2.x, SDXL, Flux, SD3 …) an adapter or a base belongs to.
+"""Which model family (SD 1.x, SD 2.x, SDXL, Flux, SD3, Wan …) an adapter or a base belongs to.
 
 An adapter says it in its metadata (kohya `ss_base_model_version`, `ss_v2`, `modelspec.architecture`)
-or shows it in its names (a second text encoder is SDXL; `double_blocks` is Flux) and shapes (the
-UNet's cross-attention width: 768 for SD 1.x's CLIP-L, 1024 for SD 2.x's OpenCLIP-H, 2048 for SDXL).
+or shows it in its names (a second text encoder is SDXL; `double_blocks` is Flux; `transformer.blocks.` is Wan)
+and shapes (the UNet's cross-attention width: 768 for SD 1.x's CLIP-L, 1024 for SD 2.x's OpenCLIP-H, 2048 for SDXL).
 Used to name an architecture mismatch instead of listing the modules it breaks.
 """
 from __future__ import annotations
@@ -13,19 +13,20 @@ from typing import Dict, Iterable, Optional, Tuple
 
 from . import load_manifest
 
-SD1, SD2, SDXL, SDXL_REFINER, FLUX, SD3 = "SD 1.x", "SD 2.x", "SDXL", "SDXL refiner", "Flux", "SD3"
+SD1, SD2, SDXL, SDXL_REFINER, FLUX, SD3, WAN = "SD 1.x", "SD 2.x", "SDXL", "SDXL refiner", "Flux", "SD3", "Wan"
 # LdmLayout.arch -> family
 LDM_ARCHS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
 # diffusers pipeline class -> family (SD 1.x and 2.x share a class: the UNet's width tells them apart)
 PIPELINES = {"StableDiffusionXLPipeline": SDXL, "StableDiffusionXLImg2ImgPipeline": SDXL, "FluxPipeline": FLUX,
-             "StableDiffusion3Pipeline": SD3}
+             "StableDiffusion3Pipeline": SD3, "WanPipeline": WAN, "WanImageToVideoPipeline": WAN}
 CROSS_ATTENTION = {768: SD1, 1024: SD2, 2048: SDXL}
 # substrings of sd-scripts' ss_base_model_version / modelspec.architecture, most specific first
-_VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("sd3", SD3),
+_VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("wan", WAN), ("sd3", SD3),
                   ("stable-diffusion-3", SD3), ("v3", SD3), ("v2", SD2), ("sd2", SD2), ("v1", SD1), ("sd1", SD1))
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
-               ("joint_blocks", SD3), ("context_block", SD3), ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
+               ("joint_blocks", SD3), ("context_block", SD3), ("transformer.blocks.", WAN),
+               ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
 
 # DiT families that share diffusers' transformer names (`transformer_blocks.N.attn.to_q` …): a LoRA on
 # those only is told apart by its shapes (hidden width 3072 for Flux.1, 1536 / 2432 for SD3 / 3.5 large)

@@ -19,7 +19,7 @@ import torch
 
 from ..adapter import LoraModule
 from ..errors import IncompatibleError
-from .family import FLUX, from_metadata, from_transformer_shapes
+from .family import FLUX, adapter_family
 
 COMPONENT = "transformer"
 _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -203,8 +203,9 @@ def fuse(parts: Sequence[Optional[LoraModule]], fused: Fused, sizes: Sequence[in
 
 def other_family(adapter) -> Optional[str]:
     """Why the adapter's transformer is no Flux.1 one ("SD3 LoRA (evidence)"), or None. SD3 shares diffusers'
-    `transformer_blocks.N.attn.to_q` names, so those alone must not be renamed into Flux's original ones."""
-    fam = from_metadata(adapter.metadata) or from_transformer_shapes({m.name: m.weight_shape for m in adapter})
+    `transformer_blocks.N.attn.to_q` names, so those alone must not be renamed into Flux's original ones; Wan's
+    `transformer.blocks.N` names tell themselves."""
+    fam = adapter_family(adapter)
     if fam is None or fam[0] == FLUX or not any(m.name.startswith(COMPONENT + ".") for m in adapter):
         return None
     return f"{fam[0]} LoRA ({fam[1]})"

@@ -1,4 +1,4 @@
-"""Generate the module-name manifests of the known diffusion architectures (SD 1.x/2.x/XL, Flux.1, SD3/3.5).
+"""Generate the module-name manifests of the known diffusion architectures (SD 1.x/2.x/XL, Flux.1, SD3/3.5, Wan 2.x).
 
     python -m loratools.archs.generate            # rewrite loratools/archs/manifests/*.json.gz
     python -m loratools.archs.generate --check    # exit 1 if the shipped files differ
@@ -66,6 +66,13 @@ _SD3_TEXT = {"text_encoder": ("CLIPTextModelWithProjection", CLIP_L),
              "text_encoder_2": ("CLIPTextModelWithProjection", OPEN_CLIP_BIGG),
              "text_encoder_3": ("T5EncoderModel", T5_XXL)}
 
+# Wan-AI/Wan2.1-T2V-14B-Diffusers and -1.3B-Diffusers transformer/config.json (Wan 2.2 A14B's two experts have
+# the 14B names); the UMT5 text encoder is left out: Wan LoRAs train the transformer only
+WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_1_3B = dict(WAN_14B, num_attention_heads=12, ffn_dim=8960, num_layers=30)
+
 # arch -> component -> (class name, config)
 ARCHS = {
     "sd1": {"unet": ("UNet2DConditionModel", UNET_SD1), "text_encoder": ("CLIPTextModel", CLIP_L)},
@@ -76,13 +83,15 @@ ARCHS = {
              "text_encoder_2": ("T5EncoderModel", T5_XXL)},
     "sd3": {"transformer": ("SD3Transformer2DModel", SD35_MEDIUM), **_SD3_TEXT},
     "sd3.5-large": {"transformer": ("SD3Transformer2DModel", SD35_LARGE), **_SD3_TEXT},
+    "wan": {"transformer": ("WanTransformer3DModel", WAN_14B)},
+    "wan-1.3b": {"transformer": ("WanTransformer3DModel", WAN_1_3B)},
 }
 
 
 def build_meta(cls_name: str, config: dict):
     """Instantiate a component on the meta device (no weights allocated)."""
     import torch
-    if cls_name.startswith(("UNet", "Flux", "SD3")):  # diffusers models; the rest are transformers'.
+    if cls_name.startswith(("UNet", "Flux", "SD3", "Wan")):  # diffusers models; the rest are transformers'.
         import diffusers
         with torch.device("meta"):
             return getattr(diffusers, cls_name)(**config)

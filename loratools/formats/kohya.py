@@ -221,7 +221,7 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
             continue
         if comp not in WRITE_PREFIXES or not rest:
             why = ("kohya names DiT transformers by their original checkpoint names, which loratools maps for "
-                   "Flux.1 only (not SD3 yet); write diffusers or peft instead" if comp == "transformer" else
+                   "Flux.1 only (not SD3 or Wan yet); write diffusers or peft instead" if comp == "transformer" else
                    "its modules are one model's: write peft, or first name the component with "
                    "`loratools convert ADAPTER --component unet --to kohya`")
             raise IncompatibleError(f"module {m.name}: kohya needs a pipeline component prefix "
