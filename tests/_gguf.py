@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from _tiny import tiny_llama
+
 gguf = __import__("pytest").importorskip("gguf", reason="the gguf extra is not installed")
+
+
+def small_llama(seed: int = 0):
+    """The tiny Llama of the GGUF tests: grouped-query attention (4 heads, 2 for k/v), so q and k permute apart."""
+    return tiny_llama(seed, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2)
 
 
 def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:

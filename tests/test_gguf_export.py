@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from _gguf import gguf, llama_cpp_logits, llama_permute, write_llama_gguf
-from _tiny import peft_adapter, run_cli, save_base, tiny_llama
+from _gguf import gguf, llama_cpp_logits, llama_permute, small_llama, write_llama_gguf
+from _tiny import peft_adapter, run_cli, save_base
 from loratools.formats import read_adapter, write_adapter
 
 pytest.importorskip("peft")
@@ -16,11 +16,6 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 TOKENS = [1, 5, 17, 42, 99, 7, 64, 3, 120, 33]
 # llama.cpp (F32 weights, fp32 CPU kernels) vs transformers fp32: only summation order differs
 LOGIT_ATOL_F32 = 1e-4  # measured 1.8e-5 (the adapter moves logits by 8e-2)
-
-
-def small_llama(seed=0):
-    return tiny_llama(seed, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                      num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _gguf import gguf, llama_cpp_logits, llama_permute, write_llama_gguf
+from _gguf import gguf, llama_cpp_logits, llama_permute, small_llama, write_llama_gguf
 from _tiny import peft_adapter, run_cli, save_base, tiny_llama, ulp
 
 pytest.importorskip("peft")
@@ -24,8 +24,7 @@ LOGIT_ATOL_Q8 = 5e-3
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf_merge")
-    model = tiny_llama(0, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2)
+    model = small_llama()
     save_base(model, str(root / "base"))
     for qtype in ("F32", "F16", "Q8_0"):
         write_llama_gguf(model, str(root / f"base-{qtype}.gguf"), qtype)

@@ -85,16 +85,27 @@ class NameMap:
 
     @classmethod
     def for_llm(cls, arch: GgufArch) -> "NameMap":
-        """A decoder LLM (a GGUF base): one model, no pipeline components, so a kohya-named LLM LoRA
+        """The modules llama.cpp maps for this architecture (a GGUF base, or a config.json alone)."""
+        return cls.llm(f"the {arch.arch} GGUF model", dict.fromkeys(arch.name_map()))
+
+    @classmethod
+    def llm(cls, source: str, modules: Dict[str, Optional[Shape]]) -> "NameMap":
+        """A decoder LLM: one model, no pipeline components, so a kohya-named LLM LoRA
         (`lora_unet_model_layers_0_self_attn_q_proj`, `lora_te_…`) resolves under any kohya prefix."""
-        nm = cls(f"the {arch.arch} GGUF model", {})
-        for name in arch.name_map():
+        nm = cls(source, {})
+        for name, shape in modules.items():
+            if shape is not None:
+                nm.shapes[name] = shape
             for comp in set(KOHYA_PREFIXES.values()):
                 nm._add(comp, name, name)
         return nm
 
     @classmethod
     def from_base(cls, path: str) -> "NameMap":
+        """From a diffusers pipeline or component folder, or a Hugging Face LLM (its folder or config.json)."""
+        path = os.path.abspath(model_path(path, COMPONENTS))  # also a Hub reference
+        if is_llm_base(path):
+            return cls.llm(f"base {path}", _llm_modules(path))
         modules, aliases = base_modules(path)
         return cls(f"base {path}", modules, aliases)
 
@@ -109,10 +120,32 @@ def _manifest_map(arch: str) -> NameMap:
     return NameMap(f"the {arch} manifest", modules, aliases)
 
 
-def _component_weights(folder: str, comp: str) -> Dict[str, Shape]:
-    ckpt = Checkpoint(folder)
-    return {f"{comp}.{n[:-len('.weight')]}": tuple(i.shape) for n, i in ckpt.infos.items()
+def _weights(folder: str) -> Dict[str, Shape]:
+    """Module name -> shape of every weight with two or more dimensions in a model folder."""
+    return {n[:-len('.weight')]: tuple(i.shape) for n, i in Checkpoint(folder).infos.items()
             if n.endswith(".weight") and len(i.shape) >= 2}
+
+
+def _component_weights(folder: str, comp: str) -> Dict[str, Shape]:
+    return {f"{comp}.{n}": s for n, s in _weights(folder).items()}
+
+
+def is_llm_base(path: str) -> bool:
+    """A transformers model: its config.json, or a folder with one that is no pipeline (or component) folder."""
+    if os.path.isfile(path):
+        return os.path.basename(path) == "config.json"
+    return (os.path.isfile(os.path.join(path, "config.json")) and os.path.basename(path) not in COMPONENTS
+            and not any(os.path.isdir(os.path.join(path, c)) for c in COMPONENTS))
+
+
+def _llm_modules(path: str) -> Dict[str, Optional[Shape]]:
+    """Module names (and shapes) from the model's safetensors headers; from its config.json through
+    llama.cpp's name map (the GGUF export's) where there are no weights."""
+    folder = path if os.path.isdir(path) else None
+    if folder and any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        return _weights(folder)
+    config = os.path.join(folder, "config.json") if folder else path
+    return dict.fromkeys(GgufArch.from_config_file(config).name_map())
 
 
 def base_modules(path: str) -> Tuple[Dict[str, Shape], Dict[str, str]]:

@@ -8,13 +8,14 @@ the same row order in B (and in a DoRA magnitude), or llama.cpp adds the update 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from ..adapter import LoraModule
-from ..errors import IncompatibleError, LoraToolsError
+from ..errors import FormatError, IncompatibleError, LoraToolsError
 
 INSTALL_HINT = "pip install loratools[gguf]"
 # HF model_type -> (gguf MODEL_ARCH member, q/k rows reordered by llama.cpp's converter)
@@ -75,6 +76,21 @@ class GgufArch:
         arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, member)]
         tied = bool(config.get("tie_word_embeddings", merged.get("tie_word_embeddings", False)))
         return cls(arch, n_layers, n_head, n_kv, tied)
+
+    @classmethod
+    def from_config_file(cls, config_path: str) -> "GgufArch":
+        """From a model's config.json (a path to the file)."""
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise FormatError(f"{config_path}: not found (give a model folder, its config.json or a GGUF model)"
+                              ) from None
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{config_path}: cannot be read as JSON ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(config, dict):
+            raise FormatError(f"{config_path}: expected a JSON object")
+        return cls.from_config(config)
 
     @classmethod
     def from_metadata(cls, kv: Dict[str, object], tensor_names=()) -> "GgufArch":

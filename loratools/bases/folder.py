@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..adapter import LoraAdapter
+from ..archs import is_llm_base
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, rewrite
 from ..dtypes import output_dtype
@@ -27,6 +28,8 @@ class ModelFolderBase:
         # PEFT target_parameters adapters learn the layout of the model's expert stacks
         self.adapter_options = {"transposed_experts": transposed_for(None if ckpt.single_file
                                                                      else read_config(ckpt.folder))}
+        if not ckpt.single_file and is_llm_base(ckpt.folder):  # kohya-named LLM LoRAs: this model's names
+            self.adapter_options["base"] = ckpt.folder
 
     def __contains__(self, name: str) -> bool:
         return name in self.ckpt

@@ -10,7 +10,6 @@ We also write the head and layer counts, so our files can be read back without t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Dict, Optional
 
@@ -39,17 +38,7 @@ def base_arch(base) -> GgufArch:
     if os.path.isfile(path) and is_gguf(path):
         reader = open_reader(path)
         return GgufArch.from_metadata(metadata(reader), {t.name for t in reader.tensors})
-    config_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no config.json (give a model folder, its config.json or a GGUF model)") from None
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{config_path}: cannot be read as JSON ({str(e).splitlines()[0][:200]})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{config_path}: expected a JSON object")
-    return GgufArch.from_config(config)
+    return GgufArch.from_config_file(os.path.join(path, "config.json") if os.path.isdir(path) else path)
 
 
 def read(path: str, base=None) -> LoraAdapter:

@@ -75,7 +75,8 @@ def resolve(names: List[str], path: str, base: Optional[str], allow_unmatched: b
         # no option names here: commands differ in what they take (`convert --base/--allow-unmatched`)
         hint = "is it for this base?" if base else "an adapter for a model family loratools has no name list for?"
         raise FormatError(f"{path}: {len(unmatched)} module name(s) match no module of {nm.source}: {shown} ({hint} "
-                          "`loratools inspect` shows them; `convert --base` resolves them from a pipeline folder)")
+                          "`loratools inspect` shows them; `convert --base` resolves them from a pipeline or "
+                          "model folder)")
     return mapping, unmatched, nm
 
 
