@@ -43,6 +43,10 @@ class PushPlan:
     summary: Dict[str, object] = field(default_factory=dict)
     card_source: str = "(model card, generated)"
 
+    def __post_init__(self):  # a branch to push to is checked as strictly as one to pull from
+        if self.revision is not None:
+            refs.check_revision(self.repo_id, self.revision)
+
     def rows(self) -> List[List[object]]:
         return [[p, os.path.getsize(src), src] for p, src in sorted(self.files.items())] + \
                [["README.md", len(self.card.encode("utf-8")), self.card_source]]
