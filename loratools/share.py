@@ -167,6 +167,8 @@ def plan_adapter_push(adapter_ref: str, repo_id: str, revision: Optional[str] = 
     README.md (with the generated metadata merged into it), "replace" writes the generated card."""
     if card not in CARD_MODES:
         raise UsageError(f"unknown card mode {card!r}: use one of {', '.join(CARD_MODES)}")
+    if revision is not None:
+        refs.check_revision(repo_id, revision)  # before any work (PushPlan checks it again)
     path = refs.local_path(adapter_ref, fetch_adapter)
     adapter = read_adapter(path)
     check_adapter(adapter, adapter_ref)
