@@ -68,7 +68,7 @@ def _through_link(pattern: str, match: str) -> bool:
     """Does `match` lie in a symlinked folder below the pattern's fixed part (`**` follows links)?"""
     fixed = pattern[:_GLOB.search(pattern).start()]
     root = os.path.dirname(fixed) if not fixed.endswith(os.sep) else fixed.rstrip(os.sep)
-    rel = os.path.relpath(os.path.dirname(match), root or ".")
+    rel = os.path.relpath(os.path.dirname(match) or ".", root or ".")  # `lora*` matches `lora`
     parts = [] if rel == "." else rel.split(os.sep)
     return any(os.path.islink(os.path.join(root, *parts[:i + 1])) for i in range(len(parts)))
 

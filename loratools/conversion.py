@@ -130,6 +130,8 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
     options. Returns a ConvertReport."""
     opts = build(ConvertOptions, options, to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
                  component=component, device=device, uniform_scale=uniform_scale)
+    if opts.base is not None:
+        paths.note_input(opts.base)  # names are read from it: it is an input the output may not replace
     if output is not None:
         output_is_folder(output, opts.to)
         if not dry_run:

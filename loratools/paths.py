@@ -89,8 +89,9 @@ def _protected() -> List[Tuple[str, str]]:
     return places
 
 
-def check_aliasing(path: str, inputs=None) -> None:
-    """UsageError if `path` is, contains or lies inside an input, or is/contains cwd, home or /."""
+def check_aliasing(path: str, inputs=None, protected: bool = True) -> None:
+    """UsageError if `path` is, contains or lies inside an input, or (`protected`) is/contains cwd,
+    home or /. A batch's output folder is only written into, never replaced: it passes False."""
     if inputs is None:
         inputs = _inputs.get() or []
     out_chain = _chain(path)
@@ -105,7 +106,7 @@ def check_aliasing(path: str, inputs=None) -> None:
             raise UsageError(f"{path} contains the input {inp}: write the output somewhere else")
         if in_id in out_chain:
             raise UsageError(f"{path} lies inside the input {inp}: write the output somewhere else")
-    for place, what in _protected():
+    for place, what in _protected() if protected else ():
         if out_id is not None and out_id in _chain(place):
             raise UsageError(f"{path} is or contains {what} ({place}): write the output somewhere else")
 

@@ -45,7 +45,7 @@ class HubRef:
     def __post_init__(self):
         # huggingface_hub joins both into cache paths (refs/<revision>, snapshots/<commit>/<subfolder>)
         if self.revision is not None:
-            _check_part(self.revision, "revision", self.repo_id, extra="~^:?*[")
+            check_revision(self.repo_id, self.revision)
         if self.subfolder:
             _check_part(self.subfolder, "subfolder", self.repo_id)
 
@@ -70,6 +70,11 @@ def _check_part(value: str, what: str, repo_id: str, extra: str = "") -> None:
     if bad:
         raise UsageError(f"{repo_id}: invalid {what} {value!r} (no '..' or empty parts, no leading or trailing '/', "
                          "no control characters)")
+
+
+def check_revision(repo_id: str, revision: str) -> None:
+    """UsageError for a revision that could name a path outside the repository, or no git ref (see _check_part)."""
+    _check_part(revision, "revision", repo_id, extra="~^:?*[")
 
 
 def parse_ref(ref: str) -> Optional[HubRef]:

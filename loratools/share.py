@@ -43,6 +43,10 @@ class PushPlan:
     summary: Dict[str, object] = field(default_factory=dict)
     card_source: str = "(model card, generated)"
 
+    def __post_init__(self):  # a branch to push to is checked as strictly as one to pull from
+        if self.revision is not None:
+            refs.check_revision(self.repo_id, self.revision)
+
     def rows(self) -> List[List[object]]:
         return [[p, os.path.getsize(src), src] for p, src in sorted(self.files.items())] + \
                [["README.md", len(self.card.encode("utf-8")), self.card_source]]
@@ -163,6 +167,8 @@ def plan_adapter_push(adapter_ref: str, repo_id: str, revision: Optional[str] = 
     README.md (with the generated metadata merged into it), "replace" writes the generated card."""
     if card not in CARD_MODES:
         raise UsageError(f"unknown card mode {card!r}: use one of {', '.join(CARD_MODES)}")
+    if revision is not None:
+        refs.check_revision(repo_id, revision)  # before any work (PushPlan checks it again)
     path = refs.local_path(adapter_ref, fetch_adapter)
     adapter = read_adapter(path)
     check_adapter(adapter, adapter_ref)

@@ -63,3 +63,10 @@ def test_sigterm_after_the_command_is_the_default_action(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=os.getcwd()))
     assert p.returncode == -signal.SIGTERM and "Traceback" not in p.stderr, p.stderr
+
+
+def test_relative_glob_in_the_current_folder(pair, capsys, tmp_path, monkeypatch):
+    """`lora*` (a glob with no folder part) matched names relpath could not take (ValueError)."""
+    monkeypatch.chdir(pair)
+    code, out, err = run_cli(capsys, "ls", "a*")
+    assert code == 0 and "adapter_config" not in err and out.count("\n") >= 2, err

@@ -60,3 +60,10 @@ def test_ordinary_revisions_still_work(fake_hub, adapter, tmp_path, capsys):
     for bad in ("..", "a/..", "/x", "x/", "a//b", "a\\b", "a\x00b", "a~1", "a:b"):
         with pytest.raises(UsageError):
             refs.HubRef("alice/rev", bad)
+
+
+@pytest.mark.parametrize("revision", ["../x", "main/../../x", "/etc", "a\nb", "v1:x"])
+def test_push_revision_is_validated_like_pull(adapter, capsys, revision):
+    """A branch to push to is checked as a pulled revision is, dry run included (no network)."""
+    code, _, err = run_cli(capsys, "push", adapter, "alice/x", "--revision", revision, "--dry-run")
+    assert code == 2 and err.count("\n") == 1 and "invalid revision" in err, err

@@ -228,3 +228,38 @@ def test_concurrent_cli_merges_one_wins(proj, tmp_path):
         if code:
             assert err.count("\n") == 1 and ("appeared while" in err or "already exists" in err), err
     assert os.listdir(tmp_path) == ["OUT"] and "model.safetensors" in os.listdir(out)
+
+
+def test_batch_output_folder_is_checked_against_every_input(proj, capsys, tmp_path):
+    """Each run of a batch checks only its own input: the OUTPUT folder itself must not be, lie inside
+    or hold any input, nor be a file (`resize A B -o A`, `convert DIR/ -o DIR/out`)."""
+    lora = proj / "lora"
+    d = tmp_path / "d"
+    d.mkdir()
+    shutil.copy(lora / "adapter_model.safetensors", d / "a.safetensors")
+    shutil.copy(lora / "adapter_model.safetensors", d / "b.safetensors")
+    for root in (proj, tmp_path):
+        before = tree_hash(str(root))
+        for args in ([d / "a.safetensors", lora, "-o", lora], [d / "a.safetensors", lora, "-o", d],
+                     [f"{d}{os.sep}", "-o", d / "out"], [d / "a.safetensors", lora, "-o", d / "a.safetensors"]):
+            _refused(capsys, tmp_path, "resize", *args, "--rank", "2", "--overwrite",
+                     words=("input", "not one"))
+        assert tree_hash(str(root)) == before
+
+
+def test_dry_run_refuses_what_the_run_would(proj, capsys, tmp_path):
+    """A dry run says the output aliases an input (before any report), in one line, -q or not."""
+    base, lora = proj / "base", proj / "lora"
+    _refused(capsys, proj, "merge", base, lora, "-o", base, "--dry-run", "-q")
+    _refused(capsys, proj, "merge", base, lora, "-o", proj / "p2" / ".." / "lora", "--dry-run")
+    _refused(capsys, proj, "resize", lora, "--rank", "2", "-o", lora, "--dry-run")
+    _refused(capsys, proj, "convert", lora, "--to", "peft", "-o", lora, "--dry-run", "--format", "json")
+    _refused(capsys, proj, "blend", lora, lora, "-m", "cat", "-o", lora, "--dry-run")
+    tuned = shutil.copytree(base, tmp_path / "tuned")
+    _refused(capsys, proj, "extract", base, tuned, "--rank", "2", "-o", base / "x", "--dry-run")
+
+
+def test_convert_base_is_an_input(proj, capsys):
+    """`--base` is read (names, shapes): the output may not replace it or lie inside it."""
+    _refused(capsys, proj, "convert", proj / "lora", "--to", "peft", "--base", proj / "base",
+             "-o", proj / "base" / "sub", "--overwrite")

@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Tuple
 
 import click
 
+from .. import paths
 from ..collection import Entry, collection_inputs, one_line
 from ..errors import LoraToolsError, UsageError
 from .common import emit_json, progress_bar, table
@@ -77,8 +78,17 @@ def run_one(module: str, params: dict) -> Result:
     return res
 
 
+def _check_folder(folder: str, inputs: List[str]) -> None:
+    """The OUTPUT folder of a batch must be a folder that is not, is not inside and does not hold
+    any input (a folder named on the command line included): each run checks only its own input."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"{folder}: with several inputs OUTPUT is a folder, and this is not one; "
+                         "give a folder")
+    paths.check_aliasing(os.path.abspath(folder), [os.path.abspath(p) for p in inputs], protected=False)
+
+
 def _plan(entries: List[Entry], params: dict, input_name: str, output_name: Optional[str],
-          out_name: Optional[OutName]) -> Tuple[List[dict], List[Result]]:
+          out_name: Optional[OutName], args: Tuple[str, ...] = ()) -> Tuple[List[dict], List[Result]]:
     """Per-input parameters, and the inputs that failed before running (nothing found there)."""
     jobs, failed, seen = [], [], {}
     for e in entries:
@@ -99,6 +109,7 @@ def _plan(entries: List[Entry], params: dict, input_name: str, output_name: Opti
             for q in jobs:
                 if os.path.exists(p["_output"]) and os.path.samefile(p["_output"], q["_input"]):
                     raise UsageError(f"{p['_output']}: is also an input; write the outputs to another folder")
+        _check_folder(params[output_name], [*args, *(e.path for e in entries if not e.error)])
     return jobs, failed
 
 
@@ -178,7 +189,7 @@ def batched(cmd: click.Command, output_name: Optional[str] = None, out_name: Opt
         given = [o for o in single_only if kw.get(o)]
         if given and len(entries) > 1:
             raise UsageError(f"--{given[0].replace('_', '-')} takes one input, not {len(entries)}")
-        jobs, failed = _plan(entries, kw, inp.name, output_name, out_name)
+        jobs, failed = _plan(entries, kw, inp.name, output_name, out_name, inputs)
         if dry_run:
             rows = [[p["_input"], p.get("_output", "")] for p in jobs] + [[r.path, "-"] for r in failed]
             click.echo(table(rows, ["input", "would write"]))

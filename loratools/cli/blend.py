@@ -6,6 +6,7 @@ import click
 from ..blending import METHODS, SIGN_METHODS, SVD_MODES, BlendOptions, blend as run_blend
 from ..formats import WRITABLE_ALONE, detect, output_is_folder as check_output_kind, read_adapter
 from ..inspection import adapter_bytes
+from .common import check_dry_output
 from .common import (ADAPTERS_METAVAR, adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json,
                      format_option, overwrite_option, progress_bar, quiet_option, table, uniform_scale_option,
                      weight_option, weighted_adapters)
@@ -58,6 +59,8 @@ def command(adapters, weights, method, rank, density, majority_sign, seed, svd_m
     with progress_bar(None, f"blending ({method})", quiet) as bar:
         result, report = run_blend(paths, output=None if dry_run else output, overwrite=overwrite,
                                    progress=lambda _name: bar.update(1), options=opts)
+    if dry_run:
+        check_dry_output(output)
     if fmt == "json":
         emit_json(dict(report.to_dict(), output=output))
         return

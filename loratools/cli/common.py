@@ -9,6 +9,7 @@ from typing import List, Sequence, Tuple
 import click
 from tqdm import tqdm
 
+from .. import paths
 from ..errors import UsageError
 
 output_option = click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the result.")
@@ -71,6 +72,13 @@ def size(n) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def check_dry_output(output) -> None:
+    """A dry run refuses, as the real run would, an output that aliases an input (call it once the
+    inputs are read, before any report is printed)."""
+    if output is not None:
+        paths.check_aliasing(os.path.abspath(os.fspath(output)))
 
 
 def dry_run_line(output, fmt: str, in_bytes: int, out_bytes: int) -> str:

@@ -6,6 +6,7 @@ import click
 from ..archs import COMPONENTS
 from ..conversion import ConvertOptions, convert
 from ..formats import FORMATS, WRITABLE
+from .common import check_dry_output
 from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
                      overwrite_option, quiet_option, size, table, uniform_scale_option)
 from .batch import batched, stem
@@ -47,6 +48,8 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, u
     opts = ConvertOptions(to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
                           component=component, device=device, uniform_scale=uniform_scale)
     rep = convert(source, output, overwrite=overwrite, dry_run=dry_run, options=opts)
+    if dry_run:
+        check_dry_output(output)
     if fmt == "json":
         emit_json(dict(rep.to_dict(), output=output))
         return

@@ -9,6 +9,7 @@ from ..checkpoint import Checkpoint
 from ..formats import WRITABLE_ALONE
 from ..extraction import ExtractOptions, default_base_name, SVD_METHODS, extract
 from ..extraction_plan import plan_extract
+from .common import check_dry_output
 from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
                      overwrite_option, progress_bar, quiet_option, size, table, uniform_scale_option)
 from .resize import REPORT_HEADERS, conv_rank_option, dynamic_option, param_option, report_rows
@@ -90,6 +91,7 @@ def command(base, tuned, output, rank, conv_rank, dynamic, param, min_diff, incl
 
 def show_plan(plan, dynamic, fmt: str, quiet: bool) -> None:
     """A dry run's report: the candidate modules with their ranks, then what would be written."""
+    check_dry_output(plan.output)
     if fmt == "json":
         emit_json(plan.to_dict())
         return

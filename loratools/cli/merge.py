@@ -10,6 +10,7 @@ from .. import refs, share
 from ..bases import QuantizedBase
 from ..inspection import adapter_bytes
 from ..merging import MergeOptions, describe, merge as run_merge, open_base
+from .common import check_dry_output
 from .common import (ADAPTERS_METAVAR, device_option, dry_run_line, output_option, overwrite_option, progress_bar,
                      quiet_option, table, weight_option, weighted_adapters)
 
@@ -83,6 +84,7 @@ def command(base, adapters, output, weights, dtype, out_type, requantize, dry_ru
         share.check_online(push_to)  # fail before merging, not after
     if dry_run:
         ckpt, plan = describe(base, adapters, options=opts)
+        check_dry_output(output)
         default = "bf16" if isinstance(ckpt, QuantizedBase) and not requantize else "same dtypes"
         rows = []
         for (adapter, w), path in zip(plan.adapters, adapters):

@@ -8,6 +8,7 @@ from ..inspection import adapter_bytes
 from ..resizing import ResizeOptions, require_matplotlib, resize
 from ..linalg import RANK_RULES
 from ..checks import check_names
+from .common import check_dry_output
 from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
                      overwrite_option, progress_bar, quiet_option, table, uniform_scale_option)
 from .batch import batched, same_name
@@ -71,6 +72,8 @@ def command(adapter, output, rank, conv_rank, dynamic, param, plot, uniform_scal
     with progress_bar(len(src), "resizing", quiet) as bar:
         result = resize(src, None if dry_run else output, overwrite=overwrite, progress=lambda _name: bar.update(1),
                         plot=None if dry_run else plot or None, options=opts)
+    if dry_run:
+        check_dry_output(output)
     old = sum(m.old_rank for m in result.modules)
     new = sum(m.new_rank for m in result.modules)
     summary = (f"resized {len(result.modules)} module(s) ({result.adapter.format}): total rank {old} -> {new}; "
