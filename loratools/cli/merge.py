@@ -18,13 +18,14 @@ _WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
 def _weights_bytes(path: str) -> int:
-    """Bytes of the base's weight files: about what the merged output holds (same layout)."""
+    """Bytes of the base's weight files: about what the merged output holds (same layout). A model
+    folder holds them at its top, a pipeline one level down: nothing deeper is looked at, no link followed."""
     if os.path.isfile(path):
         return os.path.getsize(path)
     total = 0
-    for root, dirs, files in os.walk(path):  # a model or pipeline folder, links not followed
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(_WEIGHT_SUFFIXES))
+    for folder in [path] + [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]:
+        total += sum(e.stat().st_size for e in os.scandir(folder)
+                     if e.is_file(follow_symlinks=False) and e.name.endswith(_WEIGHT_SUFFIXES))
     return total
 
 
