@@ -204,20 +204,32 @@ def _copy_tree(src: str, dst: str, roots: List[str], rel: str, skip: set, left_o
             shutil.copystat(s, d)
 
 
-class _PipelinedWriter:
-    """Writes on a background thread while the caller reads and merges the next tensor.
+# Rows of a weight merged at a time: small enough that a piece read into a buffer is still in the
+# CPU's cache when the kernel merges it and when the writer copies it into the page cache (so W
+# crosses memory once each way, as in a plain copy); big enough that per-piece costs vanish.
+PIECE_BYTES = 4 << 20
+PIECES = 4  # pieces in flight between the compute and the write stage
 
-    Two scratch buffers alternate: a buffer goes back to the reader only after the tensor read
-    into it has been written. File writes, reads and the merge kernel all release the GIL, so
-    on two cores the write of one tensor overlaps the read and merge of the next.
+
+class _Pipeline:
+    """The write stage on a background thread, fed by the caller's read and compute stages.
+
+    Work goes to the writer as (file position, tensor, buffer): the buffer returns to its pool
+    only after the tensor in it has been written. Two pools: small pieces of weights merged row by
+    row, and two grow-only buffers for tensors transformed whole. Copies of untouched tensors go
+    to the writer too (kernel-side, no buffer). File I/O and the merge kernel release the GIL, so
+    on two cores the write of one piece overlaps the read and merge of the next.
     """
 
     def __init__(self, writer: safetensors_io.StreamingWriter, scratch: safetensors_io.ScratchBuffer):
         self.writer = writer
-        self.free: "queue.Queue" = queue.Queue()
+        self.pieces: "queue.Queue" = queue.Queue()
+        for _ in range(PIECES):
+            self.pieces.put(safetensors_io.ScratchBuffer())
+        self.wholes: "queue.Queue" = queue.Queue()
         for buf in (scratch, safetensors_io.ScratchBuffer()):
-            self.free.put(buf)
-        self.work: "queue.Queue" = queue.Queue(maxsize=1)
+            self.wholes.put(buf)
+        self.work: "queue.Queue" = queue.Queue(maxsize=PIECES)
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._run, name="loratools-writer", daemon=True)
         self.thread.start()
@@ -227,30 +239,38 @@ class _PipelinedWriter:
             item = self.work.get()
             if item is None:
                 return
-            kind, name, payload, buf = item
+            job, pool, buf = item
             try:
                 if self.error is None:
-                    if kind == "copy":
-                        self.writer.copy_from(name, payload)
-                    else:
-                        self.writer.write(name, payload)
+                    job()
             except BaseException as e:  # reported to the caller on its next call
                 self.error = e
             finally:
                 if buf is not None:
-                    self.free.put(buf)
+                    pool.put(buf)
 
     def _check(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def buffer(self) -> safetensors_io.ScratchBuffer:
+    def buffer(self, whole: bool) -> safetensors_io.ScratchBuffer:
+        """A free buffer: for a whole tensor, or for a piece of one (waits for the writer)."""
         self._check()
-        return self.free.get()
+        return (self.wholes if whole else self.pieces).get()
 
-    def submit(self, kind: str, name: str, payload, buf) -> None:
+    def write(self, pos: int, tensor: torch.Tensor, buf: Optional[safetensors_io.ScratchBuffer] = None,
+              whole: bool = True) -> None:
+        """Write `tensor` at file position `pos`, then give `buf` (which holds it) back."""
         self._check()
-        self.work.put((kind, name, payload, buf))
+        self.work.put((functools.partial(self.writer.pwrite, pos, tensor), self.wholes if whole else self.pieces, buf))
+
+    def copy(self, src: SafetensorsFile, name: str) -> None:
+        """Copy tensor `name` of `src` unchanged (it takes its place in the output now, in order)."""
+        self._check()
+        info = src.tensors[name]
+        pos = self.writer.claim(name, info.dtype, info.shape)
+        self.work.put((functools.partial(self.writer.copy_range, src.fileno(), src.data_start + info.begin, pos,
+                                         info.end - info.begin), None, None))
 
     def finish(self) -> None:
         self.work.put(None)
@@ -279,10 +299,13 @@ def _one_core_for_io():
         torch.set_num_threads(before)
 
 
+RowMerges = Callable[[str], Optional[Callable[[torch.Tensor, int], None]]]
+
+
 def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
                  out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None,
                  unchanged: Optional[Callable[[str], bool]] = None,
-                 scratch: Optional[safetensors_io.ScratchBuffer] = None) -> int:
+                 scratch: Optional[safetensors_io.ScratchBuffer] = None, row_merge: Optional[RowMerges] = None) -> int:
     """Stream one safetensors file through `transform` into `dst` (same names, order and metadata);
     see `rewrite`. Returns the bytes of tensor data written."""
     scratch = scratch if scratch is not None else safetensors_io.ScratchBuffer()
@@ -290,14 +313,19 @@ def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], to
         names = f.keys()
         entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
         writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
-        pipe = _PipelinedWriter(writer, scratch)
+        pipe = _Pipeline(writer, scratch)
         try:
             for name in names:
-                if unchanged is not None and unchanged(name) and out_dtype(name) == f.tensors[name].dtype:
-                    pipe.submit("copy", name, f, None)
+                info = f.tensors[name]
+                merge_rows = row_merge(name) if row_merge is not None else None
+                if unchanged is not None and unchanged(name) and out_dtype(name) == info.dtype:
+                    pipe.copy(f, name)
+                elif merge_rows is not None and info.shape:
+                    _stream_rows(f, name, merge_rows, pipe, writer.claim(name, info.dtype, info.shape))
                 else:
-                    buf = pipe.buffer()
-                    pipe.submit("write", name, transform(name, f.read(name, buf)), buf)
+                    buf = pipe.buffer(whole=True)
+                    out = transform(name, f.read(name, buf))
+                    pipe.write(writer.claim(name, out.dtype, out.shape), out, buf)
                 if on_tensor:
                     on_tensor(name)
             pipe.finish()
@@ -309,18 +337,32 @@ def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], to
     return writer.data_size
 
 
+def _stream_rows(f: SafetensorsFile, name: str, merge_rows: Callable[[torch.Tensor, int], None], pipe: _Pipeline,
+                 pos: int) -> None:
+    """A weight in pieces of rows: read, merge in place, write, each piece in its own buffer."""
+    rows, row = f.tensors[name].shape[0], f.row_bytes(name)
+    step = max(1, PIECE_BYTES // max(row, 1))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        buf = pipe.buffer(whole=False)
+        piece = f.read_rows(name, start, stop, buf)  # read stage
+        merge_rows(piece, start)  # compute stage
+        pipe.write(pos + start * row, piece, buf, whole=False)  # write stage
+
+
 def rewrite(ckpt: Checkpoint, dst_folder: str,
             transform: Callable[[str, torch.Tensor], torch.Tensor],
             out_dtype: Callable[[str], torch.dtype],
             on_tensor: Optional[Callable[[str], None]] = None,
             copy_others: bool = True,
-            unchanged: Optional[Callable[[str], bool]] = None) -> List[str]:
+            unchanged: Optional[Callable[[str], bool]] = None, row_merge: Optional[RowMerges] = None) -> List[str]:
     """Write `transform(name, tensor)` for every tensor into `dst_folder`, shard by shard.
 
     `out_dtype(name)` must say up front what dtype each output tensor will have, so the
     header can be written before the data. `on_tensor` is called after each tensor (progress).
     Tensors for which `unchanged(name)` is true (and whose dtype stays) are copied byte for byte
-    without being read into memory. The tensor handed to `transform` lives in a reused buffer:
+    without being read into memory. Tensors for which `row_merge(name)` gives a function are merged
+    in place by it a few rows at a time instead of by `transform`. The tensor handed to `transform` lives in a reused buffer:
     it is valid only until `transform` returns (copy it to keep it). Returns what
     `copy_other_files` left out.
     """
@@ -328,7 +370,7 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
     scratch = safetensors_io.ScratchBuffer()
     for shard in ckpt.shards:
         total += rewrite_file(os.path.join(ckpt.folder, shard), os.path.join(dst_folder, shard),
-                              transform, out_dtype, on_tensor, unchanged, scratch)
+                              transform, out_dtype, on_tensor, unchanged, scratch, row_merge)
     if ckpt.index is not None:
         index = dict(ckpt.index)
         index["metadata"] = dict(index.get("metadata") or {}, total_size=total)

@@ -15,13 +15,14 @@ import torch
 
 from .. import ops
 from ..adapter import LoraAdapter, LoraModule, fit_adapter
-from ..dtypes import FLOATS
+from ..dtypes import FLOATS, MERGE_FLOATS
 from ..errors import IncompatibleError, NonFiniteError, UsageError
 from ..report import Report
 from ..checks import check_adapter, check_base, extra_target, raise_errors
 
 _FP32_MAX = torch.finfo(torch.float32).max
 Progress = Optional[Callable[[str], None]]
+RowMerge = Callable[[torch.Tensor, int], None]  # (rows of a weight, index of the first), in place
 
 
 @dataclass
@@ -179,11 +180,36 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
                 else torch.float64 if torch.float64 in (tensor.dtype, target) else torch.float32)
         merged = apply_terms(tensor.to(work), terms).to(target)
         if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
-            raise NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was "
-                                 "written (check the adapter and the weights)")
+            raise _not_finite(name, target)
         return merged
     out = tensor.to(target)
     if check_finite and out.dtype != tensor.dtype and not ops.all_finite(out) and ops.all_finite(tensor):
         raise NonFiniteError(f"converting {name} to {target} overflowed to Inf; nothing was written "
                              "(choose a wider --dtype)")
     return out
+
+
+def row_merge(name: str, dtype: torch.dtype, terms: Optional[Sequence[Term]], replacement: Optional[torch.Tensor],
+              target: torch.dtype, check_finite: bool = True, device: str = "cpu") -> Optional[RowMerge]:
+    """For a merge that acts on each row of the weight alone and keeps its dtype (plain LoRA terms
+    on the CPU, the fused kernel's case), a function that merges a range of rows in place, bit for
+    bit as `merge_tensor` merges the whole: a writer can then stream the weight in pieces small
+    enough to stay in the CPU's cache. None for everything else (merged whole by `merge_tensor`)."""
+    if (device != "cpu" or replacement is not None or not terms or target != dtype or dtype not in MERGE_FLOATS
+            or any(t.bias or t.module.expert is not None or t.module.is_dora or t.module.op is not None
+                   for t in terms)):
+        return None
+    factors = [t.module.factors_2d() for t in terms]
+    ups, downs, coeffs = [u for u, _ in factors], [d for _, d in factors], [t.coeff for t in terms]
+
+    def merge_rows(rows: torch.Tensor, start: int) -> None:
+        stop = start + rows.shape[0]
+        ops.merge_(rows.reshape(rows.shape[0], -1), [u[start:stop] for u in ups], downs, coeffs)
+        if check_finite and not ops.all_finite(rows):
+            raise _not_finite(name, target)
+    return merge_rows
+
+
+def _not_finite(name: str, target: torch.dtype) -> NonFiniteError:
+    return NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was written "
+                          "(check the adapter and the weights)")
