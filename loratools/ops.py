@@ -19,6 +19,7 @@ try:  # the extension registers torch.ops.loratools.* on import
     HAVE_EXTENSION = hasattr(torch.ops, "loratools") and hasattr(torch.ops.loratools, "merge_")
 except ImportError:  # built without the extension (LORATOOLS_NO_EXTENSION=1) or not built yet
     HAVE_EXTENSION = False
+HAVE_FINITE = HAVE_EXTENSION and hasattr(torch.ops.loratools, "all_finite")
 
 if HAVE_EXTENSION:
     # Shape-only implementation for FakeTensor / torch.compile tracing: the op mutates `weight` in
@@ -95,10 +96,13 @@ def merge_(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[to
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf. aminmax propagates NaN and is several times faster
-    than isfinite().all() on bf16 CPU tensors."""
+    """True when no element is NaN or ±Inf. On the CPU the extension's single-threaded pass over
+    the exponent bits; else aminmax, which propagates NaN and is several times faster than
+    isfinite().all() on bf16 CPU tensors."""
     if t.numel() == 0 or not t.is_floating_point():
         return True
+    if HAVE_FINITE and t.device.type == "cpu" and t.dtype in MERGE_FLOATS:
+        return bool(torch.ops.loratools.all_finite(t))
     if t.dtype in FP8:  # no aminmax for fp8; e4m3fn has no Inf, an overflow is NaN
         return bool(torch.isfinite(t.float()).all())
     lo, hi = torch.aminmax(t)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import errno
 import json
 import math
 import os
 import struct
+import sys
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -249,6 +252,7 @@ class StreamingWriter:
         self.data_start = 8 + len(raw)
         self._written, self._lock = 0, threading.Lock()  # tensor bytes written, from any thread
         self._pwrite_all(0, struct.pack("<Q", len(raw)) + raw)
+        preallocate(self._f.fileno(), self.data_start + self.data_size)
         self._next = 0
 
     def claim(self, name: str, dtype: torch.dtype, shape) -> int:
@@ -317,6 +321,25 @@ class StreamingWriter:
 
     def abort(self) -> None:
         self._f.close()
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_FALLOCATE = getattr(_LIBC, "fallocate", None)
+if _FALLOCATE is not None:
+    _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks up front (Linux fallocate): writes into reserved blocks cost the file
+    system less (ext4: ~1.5x faster page-cache writes), and a full disk fails here, before any data
+    is written. Not os.posix_fallocate: where the file system cannot, glibc would write zeros."""
+    if _FALLOCATE is None or size <= 0:
+        return
+    if _FALLOCATE(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, os.strerror(err))
+        # EOPNOTSUPP and the like: the file system cannot; it is only an optimisation
 
 
 def save(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None,
