@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import pathlib
 import threading
 import time
 import weakref
@@ -19,6 +20,7 @@ import weakref
 import pytest
 import torch
 
+from test_merge_diffusion import Case, build_single_file
 from _tiny import TinyConvNet, load_folder, peft_adapter, save_base, save_state_dict_folder, tiny_llama
 from loratools import cuda_pipeline, merging, safetensors_io
 from loratools.bases import folder as folder_base
@@ -215,6 +217,26 @@ def test_conv_modules_stream(late, tmp_path):
     merge(tmp_path / "base", [tmp_path / "a"], tmp_path / "cpu", device="cpu")
     merge(tmp_path / "base", [tmp_path / "a"], tmp_path / "gpu", device="cuda")
     assert _files(tmp_path / "gpu") == _files(tmp_path / "cpu")
+
+
+def _tree(folder):
+    return {os.path.relpath(os.path.join(r, f), folder): pathlib.Path(r, f).read_bytes()
+            for r, _, fs in os.walk(folder) for f in fs}
+
+
+def test_diffusion_bases_stream(late, tmp_path):
+    """A pipeline folder (UNet convs, two components) and a single file with OpenCLIP's fused q/k/v
+    (a third of a tensor's rows per module) stream to the same bytes as the CPU merge."""
+    case = Case("sd2", str(tmp_path))
+    folder, single = str(tmp_path / "pipe"), str(tmp_path / "model.safetensors")
+    case.pipeline().save_pretrained(folder)
+    build_single_file(case, single)
+    for base, name in ((folder, "pipe"), (single, "single.safetensors")):
+        merge(base, [case.adapter()], tmp_path / f"cpu-{name}", weights=[0.6], device="cpu")
+        merge(base, [case.adapter()], tmp_path / f"gpu-{name}", weights=[0.6], device="cuda")
+    assert _tree(tmp_path / "gpu-pipe") == _tree(tmp_path / "cpu-pipe")
+    assert (tmp_path / "gpu-single.safetensors").read_bytes() == (tmp_path / "cpu-single.safetensors").read_bytes()
+    assert sum(b.h2d for b in late) > 0
 
 
 def test_ring_bounds_memory_and_tensors_in_flight(llama, monkeypatch, tmp_path):
