@@ -7,7 +7,9 @@ warm-up, in ms):
   peft   PEFT's CPU path: (W.float() + sum s*(B.float() @ A.float())).to(dtype)
   addmm  W.addmm_(B, A, alpha=s) per adapter, in W's dtype. On CPU this is very slow for bf16/fp16,
          so it is only timed there for the first shape with one adapter, and with a single run.
-On CUDA it also prints the achieved bandwidth (bytes of W read + written / time) of copy and op.
+On CUDA it also prints the achieved bandwidth (bytes of W read + written / time) of copy and op,
+op's bandwidth as a share of the copy's, and a last line for the target case (bf16, rank 16,
+one adapter: op at >= 70% of a device copy's bandwidth).
 
     python benchmarks/bench_kernels.py [--quick] [--device cpu|cuda] [--runs N] [--stat median|min]
 """
@@ -103,7 +105,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}; {args.stat} of {args.runs} runs, times in ms")
     gpu = args.device == "cuda"
     head = f"{'shape':>11} {'rank':>4} {'n':>2} {'dtype':>5} {'copy':>8} {'op':>8} {'peft':>8} {'addmm':>9} {'op/copy':>7} {'peft/op':>7}"
-    print(head + (f" {'copy GB/s':>9} {'op GB/s':>8}" if gpu else ""))
+    print(head + (f" {'copy GB/s':>9} {'op GB/s':>8} {'op/copy BW':>10}" if gpu else ""))
+    target = []  # op's share of the copy's bandwidth for bf16, rank 16, one adapter
     for shape in shapes:
         for rank in ranks:
             for n in ADAPTERS:
@@ -114,8 +117,15 @@ def main() -> None:
                     line = (f"{shape[0]:>5}x{shape[1]:<5} {rank:>4} {n:>2} {name:>5} {r['copy']:>8.2f} {r['op']:>8.2f} "
                             f"{r['peft']:>8.2f} {addmm:>9} {r['op'] / r['copy']:>7.2f} {r['peft'] / r['op']:>7.2f}")
                     if gpu:
-                        line += f" {r['gbs'] / r['copy']:>9.0f} {r['gbs'] / r['op']:>8.0f}"
+                        share = r["copy"] / r["op"]  # same bytes moved: the bandwidth ratio is the time ratio
+                        line += f" {r['gbs'] / r['copy']:>9.0f} {r['gbs'] / r['op']:>8.0f} {share:>9.0%}"
+                        if name == "bf16" and rank == 16 and n == 1:
+                            target.append((shape, share))
                     print(line, flush=True)
+    for shape, share in target:
+        verdict = "meets" if share >= 0.70 else "misses"
+        print(f"TARGET bf16 rank 16 {shape[0]}x{shape[1]}: merge_ at {share:.0%} of a device copy's bandwidth "
+              f"({verdict} the 70% target)")
     if args.device == "cpu":
         print("addmm: in-place W.addmm_ per adapter in W's dtype; '*' = a single run without warm-up "
               "(bf16/fp16 addmm_ is very slow on CPU), '-' = skipped for that reason")
