@@ -52,15 +52,16 @@ def prepare(workdir: str, layers: int):
 
 
 def best(fn, repeat: int, device: str):
-    """(seconds of the fastest of `repeat` runs, the last result); on a GPU after one warm-up run."""
+    """(seconds of the fastest of `repeat` runs of fn(device), the last result); on a GPU after one
+    warm-up run."""
     if device != "cpu":
-        fn()
+        fn(device)
     out, times = None, []
     for _ in range(repeat):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = fn()
+        out = fn(device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -104,11 +105,11 @@ def main() -> None:
           f"CPU: {torch.get_num_threads()} threads; device: {device} {where}")
     print(f"{'operation':34s} {'cpu s':>8s} {'device s':>9s} {'speed-up':>9s} {'rel. diff':>10s}")
     for label, fn in cases.items():
-        t_cpu, cpu = best(lambda: fn("cpu"), args.repeat, "cpu")
+        t_cpu, cpu = best(fn, args.repeat, "cpu")
         if device == "cpu":
             print(f"{label:34s} {t_cpu:8.2f} {'-':>9s} {'-':>9s} {'-':>10s}", flush=True)
             continue
-        t_dev, dev = best(lambda: fn(device), args.repeat, device)
+        t_dev, dev = best(fn, args.repeat, device)
         print(f"{label:34s} {t_cpu:8.2f} {t_dev:9.3f} {t_cpu / t_dev:8.1f}x {rel_error(dev, cpu):10.2e}", flush=True)
 
 

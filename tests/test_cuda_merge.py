@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _tiny import TinyConvNet, load_folder, peft_adapter, save_base, save_state_dict_folder, tiny_llama, ulp
+from _tiny import conv_model_and_adapter, load_folder, peft_adapter, save_base, tiny_llama, ulp
 from loratools import cuda_pipeline
 from loratools.merging import merge
 
@@ -65,10 +65,7 @@ def test_streamed_cuda_merge_equals_cpu(tmp_path, counting, dtype):
 
 
 def test_streamed_cuda_merge_conv(tmp_path, counting):
-    torch.manual_seed(0)
-    net = TinyConvNet()
-    save_state_dict_folder(net, str(tmp_path / "base"))
-    peft_adapter(net, str(tmp_path / "a"), target_modules=["conv1", "conv2", "head"], r=3, lora_alpha=6)
+    conv_model_and_adapter(tmp_path)
     merge(tmp_path / "base", [tmp_path / "a"], tmp_path / "cpu", device="cpu")
     merge(tmp_path / "base", [tmp_path / "a"], tmp_path / "gpu", device="cuda")
     _within_one_step(load_folder(tmp_path / "gpu"), load_folder(tmp_path / "cpu"))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from test_merge_diffusion import Case, build_single_file
-from _tiny import TinyConvNet, load_folder, peft_adapter, save_base, save_state_dict_folder, tiny_llama
+from _tiny import conv_model_and_adapter, load_folder, peft_adapter, save_base, tiny_llama
 from loratools import cuda_pipeline, merging, safetensors_io
 from loratools.bases import folder as folder_base
 from loratools.errors import LoraToolsError, NonFiniteError
@@ -210,10 +210,7 @@ def test_streamed_merge_with_dtype_change_and_sharded_output(llama, late, tmp_pa
 
 
 def test_conv_modules_stream(late, tmp_path):
-    torch.manual_seed(0)
-    net = TinyConvNet()
-    save_state_dict_folder(net, str(tmp_path / "base"))
-    peft_adapter(net, str(tmp_path / "a"), target_modules=["conv1", "conv2", "head"], r=3, lora_alpha=6)
+    conv_model_and_adapter(tmp_path)
     merge(tmp_path / "base", [tmp_path / "a"], tmp_path / "cpu", device="cpu")
     merge(tmp_path / "base", [tmp_path / "a"], tmp_path / "gpu", device="cuda")
     assert _files(tmp_path / "gpu") == _files(tmp_path / "cpu")
