@@ -174,7 +174,7 @@ class DevicePipeline:
             info = f.tensors
             entries = [(n, out_dtype(n), info[n].shape) for n in names]
             same = {n for n, dt, _ in entries if unchanged is not None and unchanged(n) and dt == info[n].dtype}
-            on_device = [n for n in names if n not in same and self.wanted(n)]
+            on_device = {n for n in names if n not in same and self.wanted(n)}
             self._grow(max((info[n].end - info[n].begin for n in on_device), default=0),
                        max((safetensors_io.nbytes(out_dtype(n), info[n].shape) for n in on_device), default=0))
             writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)

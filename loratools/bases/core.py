@@ -167,7 +167,7 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
                  target: torch.dtype, check_finite: bool = True, device: str = "cpu") -> torch.Tensor:
     """One merged tensor in dtype `target`: the replacement (if any) plus the terms, merged on `device`
     and returned on the host (a tensor already on a device is merged and returned there). May modify `tensor`."""
-    if terms and device != "cpu" and tensor.device.type == "cpu":
+    if terms and device != "cpu" and tensor.device.type == "cpu" and _gpu_ready(terms):
         work = tensor.to(device) if replacement is None else replacement.to(device)
         return merge_tensor(name, work, terms, None, target, check_finite).cpu()
     if replacement is not None:  # never modify the adapter's own tensor in place
@@ -188,6 +188,16 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
     return out
 
 
+def _gpu_ready(terms: Sequence[Term]) -> bool:
+    """LyCORIS transforms (OFT, IA³ …) keep their tensors on the host: such a weight merges there."""
+    return all(t.module.op is None for t in terms)
+
+
+def streamable(plan: MergePlan, name: str) -> bool:
+    """Whether `name` goes through the GPU pipeline: LoRA terms only, no replacement tensor."""
+    return name in plan.terms and name not in plan.replace and _gpu_ready(plan.terms[name])
+
+
 def device_pipeline(plan: MergePlan, check_finite: bool,
                     wanted: Callable[[str], bool]) -> Optional[cuda_pipeline.DevicePipeline]:
     """The streaming pipeline for a merge planned on a GPU (None on the CPU): `checkpoint.rewrite`
@@ -196,7 +206,7 @@ def device_pipeline(plan: MergePlan, check_finite: bool,
     if plan.device == "cpu":
         return None
     pipe = cuda_pipeline.DevicePipeline(cuda_pipeline.backend_for(plan.device), wanted, check_finite)
-    for terms in plan.terms.values():
-        for t in terms:
+    for name, terms in plan.terms.items():
+        for t in terms if streamable(plan, name) else ():
             t.module = t.module.to(pipe.device)
     return pipe

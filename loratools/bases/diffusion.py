@@ -16,7 +16,7 @@ from ..adapter import LoraAdapter
 from ..archs.family import mismatch
 from ..errors import IncompatibleError
 from ..dtypes import MERGE_FLOATS, output_dtype
-from .core import MergePlan, device_pipeline, merge_tensor, plan_merge, refuse_out_type
+from .core import MergePlan, device_pipeline, merge_tensor, plan_merge, refuse_out_type, streamable
 
 Real = Tuple[Optional[str], str]  # (pipeline component or None for a single file, tensor name)
 
@@ -108,8 +108,8 @@ class DiffusionBase:
             loc = self.locate(name)
             groups.setdefault(loc.real, []).append((name, loc))
         # on a GPU: stream the tensors that only LoRA terms change (a replacement stays on the host)
-        stream = device_pipeline(plan, check_finite, lambda real: real in groups and all(
-            n in plan.terms and n not in plan.replace for n, _ in groups[real]))
+        stream = device_pipeline(plan, check_finite,
+                                 lambda real: real in groups and all(streamable(plan, n) for n, _ in groups[real]))
         device = stream.device if stream else plan.device
 
         def dtype_for(comp):
