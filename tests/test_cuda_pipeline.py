@@ -15,7 +15,7 @@ import torch
 
 from _late_backend import HazardError, LateBackend, use_late_backend
 from test_merge_diffusion import Case, build_single_file
-from _tiny import conv_model_and_adapter, load_folder, peft_adapter, save_base, tiny_llama
+from _tiny import conv_model_and_adapter, load_folder, peft_adapter, run_cli, save_base, tiny_llama
 from loratools import cuda_pipeline, merging, safetensors_io
 from loratools.bases import folder as folder_base
 from loratools.errors import LoraToolsError, NonFiniteError
@@ -205,3 +205,12 @@ def test_non_finite_result_is_found_after_the_copy_back(llama, late, tmp_path):
     merge(llama / "float16", [llama / "a_float16"], tmp_path / "cpu", weights=[1e7], device="cpu", check_finite=False)
     merge(llama / "float16", [llama / "a_float16"], tmp_path / "gpu", weights=[1e7], device="cuda", check_finite=False)
     assert _files(tmp_path / "gpu") == _files(tmp_path / "cpu")
+
+
+def test_cli_error_on_the_gpu_path_is_one_line(llama, late, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "merge", llama / "float16", f"{llama / 'a_float16'}:1e7", "-o", out,
+                           "--device", "cuda", "-q")
+    assert code == 1 and late
+    assert err.count("\n") == 1 and "NaN or Inf" in err and "Traceback" not in err, err
+    assert not os.path.exists(out) and not _left(tmp_path)
