@@ -12,6 +12,7 @@ import pathlib
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from _late_backend import HazardError, LateBackend, use_late_backend
 from test_merge_diffusion import Case, build_single_file
@@ -80,6 +81,17 @@ def test_conv_modules_stream(late, tmp_path):
 def _tree(folder):
     return {os.path.relpath(os.path.join(r, f), folder): pathlib.Path(r, f).read_bytes()
             for r, _, fs in os.walk(folder) for f in fs}
+
+
+def test_transposed_and_embedding_modules_stream(late, tmp_path):
+    """GPT-2: fan_in_fan_out Conv1D weights (stored [in, out]) and a LoRA on the token embedding."""
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=80, n_positions=32)).eval()
+    save_base(gpt2, str(tmp_path / "base"))
+    peft_adapter(gpt2, str(tmp_path / "a"), target_modules=["c_attn", "c_proj", "wte"], fan_in_fan_out=True)
+    merge(tmp_path / "base", [tmp_path / "a"], tmp_path / "cpu", device="cpu")
+    plan = merge(tmp_path / "base", [tmp_path / "a"], tmp_path / "gpu", device="cuda")
+    assert _files(tmp_path / "gpu") == _files(tmp_path / "cpu")
+    assert "transformer.wte.weight" in plan.terms and late[-1].h2d == len(plan.terms)
 
 
 def test_diffusion_bases_stream(late, tmp_path):
