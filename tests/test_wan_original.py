@@ -17,6 +17,7 @@ from loratools.archs import load_manifest, wan
 from loratools.archs.family import WAN, adapter_family
 from loratools.checkpoint import Checkpoint
 from loratools.formats import detect, read_adapter, write_adapter
+from loratools.loaders import compatibility
 from tests._tiny import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -156,3 +157,27 @@ def test_inspect_and_refusals(tmp_path, capsys):
     save_file(sd, str(bad))
     code, out, err = run_cli(capsys, "convert", str(bad), "--to", "diffusers", "-o", str(tmp_path / "x.safetensors"))
     assert code == 1 and "diff_b" in err and "Traceback" not in err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_loads_in_says_what_diffusers_does(tmp_path):
+    """inspect's "loads in" verdict for diffusers, checked against `WanPipeline.lora_state_dict` itself."""
+    comfy = tmp_path / "wan_comfy.safetensors"
+    sd = _original_file(comfy, I2V)
+    head_alpha = tmp_path / "head_alpha.safetensors"
+    save_file({**sd, "diffusion_model.head.head.alpha": torch.tensor(2.0)}, str(head_alpha))
+    blocks = tmp_path / "blocks.safetensors"
+    _original_file(blocks, I2V, blocks_only=True)
+    files = {"comfy": comfy, "head_alpha": head_alpha,
+             "musubi_all": write_adapter(read_adapter(str(comfy)), tmp_path / "k1.safetensors", format="kohya"),
+             "musubi_blocks": write_adapter(read_adapter(str(blocks)), tmp_path / "k2.safetensors", format="kohya")}
+    verdicts = {}
+    for name, path in files.items():
+        loads = compatibility(read_adapter(str(path)))
+        assert not loads["A1111/Forge"]["ok"]
+        verdicts[name] = loads["diffusers"]["ok"]
+        if verdicts[name]:
+            WanPipeline.lora_state_dict(str(path))
+        else:
+            with pytest.raises((ValueError, KeyError, IndexError)):  # what each converter raises
+                WanPipeline.lora_state_dict(str(path))
+    assert verdicts == {"comfy": True, "head_alpha": False, "musubi_all": False, "musubi_blocks": True}
