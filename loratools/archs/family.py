@@ -78,8 +78,11 @@ def from_transformer_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tupl
 
 
 def adapter_family(adapter) -> Optional[Tuple[str, str]]:
-    """(family, evidence) of a LoraAdapter, or None when nothing tells."""
-    return from_metadata(adapter.metadata) or from_modules({m.name: m.weight_shape for m in adapter})
+    """(family, evidence) of a LoraAdapter, or None when nothing tells. A reader may name the family its
+    layout alone has (`config["family"]`: XLabs is Flux's)."""
+    layout = adapter.config.get("family")
+    return (from_metadata(adapter.metadata) or (tuple(layout) if layout else None)
+            or from_modules({m.name: m.weight_shape for m in adapter}))
 
 
 def pipeline_family(folder: str, components: Iterable[str]) -> Optional[str]:

@@ -1,0 +1,96 @@
+"""Flux.1 LoRA layouts of other trainers: XLabs-AI's x-flux (`double_blocks.0.processor.qkv_lora1.down.weight`,
+read only) read exactly as `FluxPipeline.lora_state_dict` converts it, inspected as Flux, converted and merged
+into a tiny Flux pipeline folder as `load_lora_weights` + `fuse_lora` does."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from safetensors.torch import save_file
+
+from loratools import merge
+from loratools.archs.family import FLUX, adapter_family
+from loratools.checkpoint import Checkpoint
+from loratools.formats import WRITABLE, detect, read_adapter, write_adapter
+from tests import _flux
+from tests._tiny import run_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
+D, MLP = _flux.DIM, 4 * _flux.DIM
+
+
+def _xlabs_file(path, prefix="", rank=4, seed=0):
+    """An x-flux LoRA on every processor of the tiny transformer (shapes as x-flux's LoRA processors have them)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"qkv_lora1": (3 * D, D), "proj_lora1": (D, D), "qkv_lora2": (3 * D, D), "proj_lora2": (D, D)}
+    single = {"qkv_lora": (3 * D, D), "proj_lora": (D, D + MLP)}
+    sd = {}
+    for kind, table, n in (("double_blocks", shapes, _flux.CONFIG["num_layers"]),
+                           ("single_blocks", single, _flux.CONFIG["num_single_layers"])):
+        for i in range(n):
+            for lora, (out, inp) in table.items():
+                key = f"{prefix}{kind}.{i}.processor.{lora}"
+                sd[f"{key}.down.weight"] = torch.randn(rank, inp, generator=g) * 0.3
+                sd[f"{key}.up.weight"] = torch.randn(out, rank, generator=g) * 0.3
+    save_file(sd, str(path))
+    return sd
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model."])
+def test_xlabs_reads_as_diffusers_converts_it(tmp_path, prefix):
+    path = tmp_path / "xlabs.safetensors"
+    _xlabs_file(path, prefix)
+    assert detect(str(path)) == "xlabs" and "xlabs" not in WRITABLE
+    adapter = read_adapter(str(path))
+    assert adapter_family(adapter)[0] == FLUX
+    want = FluxPipeline.lora_state_dict(str(path))
+    assert len(want) == 2 * len(adapter) == 2 * 2 * (8 + 4)  # q, k, v split in both streams; single qkv + proj
+    for m in adapter:
+        assert m.scale == 1.0
+        assert torch.equal(m.down, want[f"{m.name}.lora_A.weight"]), m.name
+        assert torch.equal(m.up, want[f"{m.name}.lora_B.weight"]), m.name
+    assert not any("proj_mlp" in m.name for m in adapter)  # linear1's MLP rows are not adapted
+
+
+def test_xlabs_converts_exactly_and_inspects_as_flux(tmp_path, capsys):
+    path = tmp_path / "xlabs.safetensors"
+    _xlabs_file(path)
+    adapter = read_adapter(str(path))
+    for fmt in ("kohya", "comfyui", "diffusers"):
+        back = read_adapter(str(write_adapter(adapter, tmp_path / f"x.{fmt}.safetensors", format=fmt)))
+        extra = set(back.modules) - set(adapter.modules)  # linear1 fused with zero MLP rows: a zero proj_mlp LoRA
+        assert set(adapter.modules) <= set(back.modules) and all("proj_mlp" in n for n in extra), fmt
+        assert all(not back.modules[n].up.any() for n in extra)
+        for m in adapter:  # kohya / ComfyUI fuse q, k, v back with a zero MLP part: same update
+            torch.testing.assert_close(back.modules[m.name].dense_delta(torch.float64), m.dense_delta(torch.float64),
+                                       rtol=0, atol=0)
+    code, out, err = run_cli(capsys, "inspect", str(path), "--format", "json")
+    rep = json.loads(out)
+    assert code == 0 and rep["format"] == "xlabs" and rep["family"]["name"] == FLUX
+    assert "XLabs layout" in rep["family"]["evidence"]
+    code, out, err = run_cli(capsys, "convert", str(path), "--to", "xlabs", "-o", str(tmp_path / "y.safetensors"))
+    assert code == 2 and "xlabs" in err
+
+
+def test_merge_xlabs_into_flux_pipeline_matches_fuse_lora(tmp_path):
+    transformer = _flux.transformer(seed=5)
+    root = tmp_path / "fluxpipe"
+    transformer.save_pretrained(root / "transformer")
+    with open(root / "model_index.json", "w") as f:
+        json.dump({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, f)
+    path = tmp_path / "xlabs.safetensors"
+    _xlabs_file(path, seed=6)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=copy.deepcopy(transformer))
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(components=["transformer"])
+    pipe.unload_lora_weights()
+    merge(str(root), [str(path)], str(tmp_path / "merged"))
+    got, want = Checkpoint(str(tmp_path / "merged" / "transformer")), pipe.transformer.state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(got.read(k), v, rtol=1e-5, atol=1e-5, msg=k)
+    changed = [k for k, v in transformer.state_dict().items() if not torch.equal(want[k], v)]
+    assert len(changed) == 2 * 8 + 2 * 4
