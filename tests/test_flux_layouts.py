@@ -94,3 +94,68 @@ def test_merge_xlabs_into_flux_pipeline_matches_fuse_lora(tmp_path):
         torch.testing.assert_close(got.read(k), v, rtol=1e-5, atol=1e-5, msg=k)
     changed = [k for k, v in transformer.state_dict().items() if not torch.equal(want[k], v)]
     assert len(changed) == 2 * 8 + 2 * 4
+
+
+def _flat_file(path, prefix="lora_transformer_", attention_only=False, t5=False, seed=0):
+    """A LoRA under diffusers' Flux names flattened as OneTrainer (`lora_transformer_`, T5 as `lora_te2_`) or an
+    older ai-toolkit (`lora_unet_`) writes them, with kohya alphas."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = _flux.weight_shapes(_flux.transformer())
+    if attention_only:  # diffusers' OneTrainer conversion knows attention and the global modules only
+        shapes = {n: s for n, s in shapes.items() if ".attn." in n or "blocks." not in n}
+    mods = [(prefix + n.replace(".", "_"), s) for n, s in sorted(shapes.items())]  # same draws for either prefix
+    if t5:
+        mods.append(("lora_te2_encoder_block_0_layer_0_SelfAttention_q", (8, 8)))  # no base given: shapes unchecked
+    sd = {}
+    for i, (ln, (out, inp)) in enumerate(mods):
+        sd[f"{ln}.lora_down.weight"] = torch.randn(4, inp, generator=g)
+        sd[f"{ln}.lora_up.weight"] = torch.randn(out, 4, generator=g)
+        sd[f"{ln}.alpha"] = torch.tensor((1.0, 4.0, 6.0)[i % 3])
+    save_file(sd, str(path))
+    return sd
+
+
+def test_onetrainer_names_read_as_diffusers_converts_them(tmp_path):
+    path = tmp_path / "onetrainer.safetensors"
+    _flat_file(path, attention_only=True)
+    assert detect(str(path)) == "kohya"
+    adapter = read_adapter(str(path))
+    want = FluxPipeline.lora_state_dict(str(path))
+    assert len(want) == 2 * len(adapter)
+    for m in adapter:  # diffusers splits alpha/rank between A and B (`scale_down`/`scale_up`); redo it on ours
+        down, up = m.scale, 1.0
+        while down * 2 < up:
+            down, up = down * 2, up / 2
+        assert torch.equal(m.down * down, want[f"{m.name}.lora_A.weight"]), m.name
+        assert torch.equal(m.up * up, want[f"{m.name}.lora_B.weight"]), m.name
+
+
+def test_flattened_diffusers_names_resolve_and_convert_exactly(tmp_path):
+    onetrainer, aitk = tmp_path / "ot.safetensors", tmp_path / "aitk.safetensors"
+    sd = _flat_file(onetrainer, t5=True)
+    _flat_file(aitk, prefix="lora_unet_")
+    first, second = read_adapter(str(onetrainer)), read_adapter(str(aitk))
+    assert adapter_family(first)[0] == FLUX
+    assert "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q" in first.modules
+    assert len(first) == len(sd) // 3 == len(second) + 1 and first.config["unresolved"] == []
+    for m in second:  # the same factors under either prefix
+        assert torch.equal(m.down, first.modules[m.name].down) and m.scale == first.modules[m.name].scale
+    kohya = read_adapter(str(write_adapter(first, tmp_path / "k.safetensors", format="kohya")))  # BFL names
+    assert set(kohya.modules) == set(first.modules)
+    for name, m in first.modules.items():  # q, k, v with unequal alphas fuse with each scale folded into B (fp32)
+        torch.testing.assert_close(kohya.modules[name].dense_delta(torch.float64), m.dense_delta(torch.float64),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_ai_toolkit_diffusers_names_read_as_diffusers_reads_them(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, (out, inp) in _flux.weight_shapes(_flux.transformer()).items():
+        sd[f"transformer.{name}.lora_A.weight"] = torch.randn(4, inp, generator=g)
+        sd[f"transformer.{name}.lora_B.weight"] = torch.randn(out, 4, generator=g)
+    path = tmp_path / "aitk.safetensors"
+    save_file(sd, str(path), {"format": "pt"})
+    adapter = read_adapter(str(path))
+    want = FluxPipeline.lora_state_dict(str(path))
+    assert detect(str(path)) == "diffusers" and set(want) == set(sd)
+    assert all(torch.equal(m.down, want[f"{m.name}.lora_A.weight"]) and m.scale == 1.0 for m in adapter)

@@ -33,7 +33,9 @@ LYCORIS_MARKERS = (".hada_", ".lokr_", ".diff", ".w_norm", ".b_norm", ".oft_", "
 WRITE_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
                   "text_encoder_3": "lora_te3_"}
 # Flux (sd-scripts lora_flux.py): the transformer under its BFL names, CLIP-L as te1, T5 as te3
-FLUX_PREFIXES = {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"}
+FLUX_PREFIXES = {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2",
+                 # diffusers' names flattened: OneTrainer (`lora_transformer_`, T5 as te2), older ai-toolkit
+                 "lora_transformer_": "transformer", "lora_te2_": "text_encoder_2", "lora_unet_": "transformer"}
 FLUX_WRITE = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 DROP_METADATA = ("format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
 
@@ -153,7 +155,13 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
 
 
 def is_flux(groups) -> bool:
-    return any(ln.startswith("lora_unet_") and flux.unflatten(ln[len("lora_unet_"):]) for ln in groups)
+    """BFL names (sd-scripts), or a Flux transformer's diffusers names flattened (OneTrainer, older ai-toolkit)."""
+    names = NameMap.from_manifest("flux")
+    for ln in groups:
+        prefix = next((p for p in ("lora_unet_", "lora_transformer_") if ln.startswith(p)), None)
+        if prefix and (flux.unflatten(ln[len(prefix):]) or names.resolve("transformer", ln[len(prefix):])):
+            return True
+    return False
 
 
 def read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched) -> LoraAdapter:
@@ -165,8 +173,8 @@ def read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched) -> 
     for lora_name in sorted(groups):
         parts = groups[lora_name]
         original = flux.unflatten(lora_name[len("lora_unet_"):]) if lora_name.startswith("lora_unet_") else None
-        comp = next((c for p, c in FLUX_PREFIXES.items() if lora_name.startswith(p)), None)
-        hits = nm.resolve(comp, lora_name[len(FLUX_WRITE[comp]):]) if comp else []
+        prefix = next((p for p in FLUX_PREFIXES if lora_name.startswith(p)), "")
+        hits = nm.resolve(FLUX_PREFIXES[prefix], lora_name[len(prefix):]) if prefix else []
         if original:
             module = build_module(f"transformer.{original}", lora_name, parts, path)
             mods = flux.from_original(original, module)
