@@ -3,19 +3,17 @@ read only) read exactly as `FluxPipeline.lora_state_dict` converts it, inspected
 into a tiny Flux pipeline folder as `load_lora_weights` + `fuse_lora` does."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FluxPipeline
 from safetensors.torch import save_file
 
-from loratools import merge
 from loratools.archs.family import FLUX, adapter_family
-from loratools.checkpoint import Checkpoint
 from loratools.formats import WRITABLE, detect, read_adapter, write_adapter
 from tests import _flux
+from tests._pipes import merge_matches_fuse_lora
 from tests._tiny import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -77,23 +75,9 @@ def test_xlabs_converts_exactly_and_inspects_as_flux(tmp_path, capsys):
 
 def test_merge_xlabs_into_flux_pipeline_matches_fuse_lora(tmp_path):
     transformer = _flux.transformer(seed=5)
-    root = tmp_path / "fluxpipe"
-    transformer.save_pretrained(root / "transformer")
-    with open(root / "model_index.json", "w") as f:
-        json.dump({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, f)
     path = tmp_path / "xlabs.safetensors"
     _xlabs_file(path, seed=6)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=copy.deepcopy(transformer))
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(components=["transformer"])
-    pipe.unload_lora_weights()
-    merge(str(root), [str(path)], str(tmp_path / "merged"))
-    got, want = Checkpoint(str(tmp_path / "merged" / "transformer")), pipe.transformer.state_dict()
-    for k, v in want.items():
-        torch.testing.assert_close(got.read(k), v, rtol=1e-5, atol=1e-5, msg=k)
-    changed = [k for k, v in transformer.state_dict().items() if not torch.equal(want[k], v)]
-    assert len(changed) == 2 * 8 + 2 * 4
+    assert merge_matches_fuse_lora(tmp_path, FluxPipeline, transformer, path) == 2 * 8 + 2 * 4
 
 
 def _flat_file(path, prefix="lora_transformer_", attention_only=False, t5=False, seed=0):

@@ -4,20 +4,18 @@
 and merged into a tiny Wan pipeline folder as `load_lora_weights` + `fuse_lora` does."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
-from loratools import merge
 from loratools.archs import load_manifest, wan
 from loratools.archs.family import WAN, adapter_family
-from loratools.checkpoint import Checkpoint
 from loratools.formats import detect, read_adapter, write_adapter
 from loratools.loaders import compatibility
+from tests._pipes import merge_matches_fuse_lora
 from tests._tiny import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -127,23 +125,10 @@ def test_diffusers_wan_lora_written_in_original_names_loads_in_diffusers(tmp_pat
 def test_merge_original_names_into_wan_pipeline_matches_fuse_lora(tmp_path):
     torch.manual_seed(3)
     transformer = WanTransformer3DModel(**I2V)
-    root = tmp_path / "wanpipe"
-    transformer.save_pretrained(root / "transformer")
-    with open(root / "model_index.json", "w") as f:
-        json.dump({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}, f)
     lora = tmp_path / "wan_comfy.safetensors"
     _original_file(lora, I2V, seed=4)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
-                       transformer=copy.deepcopy(transformer))
-    pipe.load_lora_weights(str(lora))
-    pipe.fuse_lora(components=["transformer"])
-    pipe.unload_lora_weights()
-    merge(str(root), [str(lora)], str(tmp_path / "merged"))
-    got, want = Checkpoint(str(tmp_path / "merged" / "transformer")), pipe.transformer.state_dict()
-    for k, v in want.items():
-        torch.testing.assert_close(got.read(k), v, rtol=1e-5, atol=1e-5, msg=k)
-    changed = [k for k, v in transformer.state_dict().items() if not torch.equal(want[k], v)]
-    assert len(changed) == len(_shapes(I2V))  # every linear (patch_embedding is a Conv3d)
+    changed = merge_matches_fuse_lora(tmp_path, WanPipeline, transformer, lora)
+    assert changed == len(_shapes(I2V))  # every linear (patch_embedding is a Conv3d)
 
 
 def test_inspect_and_refusals(tmp_path, capsys):
