@@ -166,3 +166,20 @@ def test_loads_in_says_what_diffusers_does(tmp_path):
             with pytest.raises((ValueError, KeyError, IndexError)):  # what each converter raises
                 WanPipeline.lora_state_dict(str(path))
     assert verdicts == {"comfy": True, "head_alpha": False, "musubi_all": False, "musubi_blocks": True}
+
+
+def test_cli_converts_between_the_wan_layouts(tmp_path, capsys):
+    comfy = tmp_path / "wan_comfy.safetensors"
+    sd = _original_file(comfy, T2V, spelling=("lora_A", "lora_B"))
+    outs = {}
+    for fmt in ("kohya", "diffusers", "comfyui"):
+        outs[fmt] = tmp_path / f"out_{fmt}.safetensors"
+        source = outs["diffusers"] if fmt == "comfyui" else comfy  # back from diffusers names
+        code, out, err = run_cli(capsys, "convert", str(source), "--to", fmt, "-o", str(outs[fmt]))
+        assert code == 0, err
+    back = load_file(str(outs["comfyui"]))
+    spelled = {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v for k, v in back.items()}
+    assert {k for k in sd if not k.endswith(".alpha")} <= set(spelled)
+    assert all(torch.equal(spelled[k], v) for k, v in sd.items() if not k.endswith(".alpha"))
+    first, last = read_adapter(str(comfy)), read_adapter(str(outs["comfyui"]))
+    assert all(m.scale == first.modules[n].scale for n, m in last.modules.items()) and len(last) == len(first)
