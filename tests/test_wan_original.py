@@ -11,12 +11,14 @@ import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
+from loratools import merge
 from loratools.archs import load_manifest, wan
 from loratools.archs.family import WAN, adapter_family
+from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
 from loratools.loaders import compatibility
 from tests._pipes import merge_matches_fuse_lora
-from tests._tiny import run_cli
+from tests._tiny import run_cli, ulp
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 T2V = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -183,3 +185,42 @@ def test_cli_converts_between_the_wan_layouts(tmp_path, capsys):
     assert all(torch.equal(spelled[k], v) for k, v in sd.items() if not k.endswith(".alpha"))
     first, last = read_adapter(str(comfy)), read_adapter(str(outs["comfyui"]))
     assert all(m.scale == first.modules[n].scale for n, m in last.modules.items()) and len(last) == len(first)
+
+
+def _wan_file(path, dtype, prefix=""):
+    """A tiny Wan transformer saved under Wan's original names (linears renamed; other tensors as they are)."""
+    torch.manual_seed(7)
+    sd = {}
+    for k, v in WanTransformer3DModel(**T2V).state_dict().items():
+        module, _, param = k.rpartition(".")
+        orig = wan.to_original(module)
+        sd[prefix + (f"{orig}.{param}" if orig else k)] = v.detach().to(dtype)
+    save_file(sd, str(path))
+    return sd
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_merge_into_single_file_wan_checkpoint(tmp_path, dtype):
+    base = tmp_path / "wan.safetensors"
+    prefix = "model.diffusion_model." if dtype == torch.bfloat16 else ""
+    sd = _wan_file(base, dtype, prefix)
+    lora = tmp_path / "wan_comfy.safetensors"
+    _original_file(lora, T2V, seed=8)
+    out = tmp_path / "merged.safetensors"
+    merge(str(base), [str(lora)], str(out))
+    got = load_file(str(out))
+    assert set(got) == set(sd)
+    adapter = read_adapter(str(lora))
+    for m in adapter:
+        key = f"{prefix}{wan.original_name(m.name)}.weight"
+        delta = m.dense_delta(torch.float64)
+        exact = sd[key].double() + delta
+        # fp32 accumulation, then one rounding into the file's dtype: within one unit of the exact sum
+        bound = ulp(exact.float(), dtype).double() + 1e-6 * (sd[key].double().abs() + delta.abs())
+        assert got[key].dtype == dtype and ((got[key].double() - exact).abs() <= bound).all(), key
+    targets = {f"{prefix}{wan.original_name(m.name)}.weight" for m in adapter}
+    assert all(torch.equal(got[k].float(), sd[k].float()) for k in set(sd) - targets)  # biases, norms, patches
+    scaled = tmp_path / "scaled.safetensors"
+    save_file({**sd, f"{prefix}blocks.0.self_attn.q.scale_weight": torch.ones(1)}, str(scaled))
+    with pytest.raises(IncompatibleError, match="scaled-fp8"):
+        merge(str(scaled), [str(lora)], str(tmp_path / "never.safetensors"))
