@@ -16,6 +16,8 @@ of their loaders, restated here (not their code):
 - diffusers' Wan converters (0.42): the ComfyUI form raises on an `.alpha` beside a module outside the
   blocks (embedders, head); musubi-tuner's `lora_unet_blocks_N_…` form needs every block 0…N-1 with
   all its linears (10; 12 with I2V's k_img/v_img), each with an alpha, and nothing else.
+- diffusers reads XLabs files (ComfyUI's own key map does not) and OneTrainer's Flux names
+  (`lora_transformer_…`) for attention, global and CLIP-L (`lora_te1_`) modules only.
 - A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file; no Wan (video).
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
@@ -87,9 +89,22 @@ def _wan_diffusers(adapter: LoraAdapter) -> Tuple[bool, str]:
                     "else: convert --to diffusers (or --to comfyui)"))
 
 
+def _onetrainer_diffusers(names) -> Tuple[bool, str]:
+    """diffusers' reading of OneTrainer's Flux names (`lora_transformer_…`, its "mixture" conversion)."""
+    bad = [n for n in names if not (n.startswith("lora_transformer_") and ("_attn_" in n or "blocks_" not in n)
+                                    or n.startswith("lora_te1_text_model_encoder_layers_"))]
+    return ((False, f"its OneTrainer conversion maps attention, global and CLIP-L modules only ({bad[0]} …): "
+                    "convert --to diffusers") if bad else (True, "OneTrainer names, converted on load"))
+
+
 def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
     if adapter.format in ("kohya", "comfyui") and wan.is_wan(adapter):
         return _wan_diffusers(adapter)
+    if adapter.format == "xlabs":
+        return True, "XLabs names, converted on load"
+    flux_names = adapter.config.get("flux_keys") or {}
+    if adapter.format == "kohya" and any(n.startswith("lora_transformer_") for n in flux_names):
+        return _onetrainer_diffusers(flux_names)
     if not diffusion:
         return False, "load_lora_weights is for diffusion pipelines"
     if adapter.format == "peft_diffusion":
@@ -126,6 +141,8 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         return True, "diffusers names its map lists"
     if adapter.format == "comfyui":
         return True, "original checkpoint names"
+    if adapter.format == "xlabs":
+        return False, "its key map has no XLabs names (XLabs' own nodes read them): convert --to comfyui"
     return False, "ComfyUI loads one file: convert --to kohya"
 
 

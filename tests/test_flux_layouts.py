@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from loratools.archs.family import FLUX, adapter_family
 from loratools.formats import WRITABLE, detect, read_adapter, write_adapter
+from loratools.loaders import compatibility
 from tests import _flux
 from tests._pipes import merge_matches_fuse_lora
 from tests._tiny import run_cli
@@ -143,3 +144,18 @@ def test_ai_toolkit_diffusers_names_read_as_diffusers_reads_them(tmp_path):
     want = FluxPipeline.lora_state_dict(str(path))
     assert detect(str(path)) == "diffusers" and set(want) == set(sd)
     assert all(torch.equal(m.down, want[f"{m.name}.lora_A.weight"]) and m.scale == 1.0 for m in adapter)
+
+
+def test_loads_in_says_what_diffusers_does(tmp_path):
+    """inspect's "loads in" verdicts for XLabs and OneTrainer files, checked against diffusers itself."""
+    xl, ot_attn, ot_t5 = tmp_path / "xl.safetensors", tmp_path / "ot1.safetensors", tmp_path / "ot2.safetensors"
+    _xlabs_file(xl)
+    _flat_file(ot_attn, attention_only=True)
+    _flat_file(ot_t5, attention_only=True, t5=True)
+    verdicts = {p.name: compatibility(read_adapter(str(p))) for p in (xl, ot_attn, ot_t5)}
+    assert [v["diffusers"]["ok"] for v in verdicts.values()] == [True, True, False]
+    assert not verdicts["xl.safetensors"]["ComfyUI"]["ok"]
+    FluxPipeline.lora_state_dict(str(xl))
+    FluxPipeline.lora_state_dict(str(ot_attn))
+    with pytest.raises(AssertionError):  # its OneTrainer branch asserts on any other prefix (T5's lora_te2_)
+        FluxPipeline.lora_state_dict(str(ot_t5))
