@@ -224,3 +224,16 @@ def test_merge_into_single_file_wan_checkpoint(tmp_path, dtype):
     save_file({**sd, f"{prefix}blocks.0.self_attn.q.scale_weight": torch.ones(1)}, str(scaled))
     with pytest.raises(IncompatibleError, match="scaled-fp8"):
         merge(str(scaled), [str(lora)], str(tmp_path / "never.safetensors"))
+
+
+def test_a_lora_on_wan_embedders_only_is_still_wan(tmp_path):
+    sd = {}
+    for name, (out, inp) in {"time_projection.1": (96, 16), "head.head": (16, 16)}.items():
+        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, inp)
+        sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out, 2)
+    path = tmp_path / "embedders.safetensors"
+    save_file(sd, str(path))
+    adapter = read_adapter(str(path))
+    assert adapter_family(adapter)[0] == WAN  # transformer.condition_embedder.time_proj
+    back = load_file(str(write_adapter(adapter, tmp_path / "again.safetensors", format="comfyui")))
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)  # not Flux's final_layer

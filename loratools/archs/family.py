@@ -26,6 +26,7 @@ _VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("wan
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
                ("joint_blocks", SD3), ("context_block", SD3), ("transformer.blocks.", WAN),
+               ("transformer.condition_embedder.", WAN),
                ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
 
 # DiT families that share diffusers' transformer names (`transformer_blocks.N.attn.to_q` …): a LoRA on
