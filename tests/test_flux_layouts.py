@@ -159,3 +159,18 @@ def test_loads_in_says_what_diffusers_does(tmp_path):
     FluxPipeline.lora_state_dict(str(ot_attn))
     with pytest.raises(AssertionError):  # its OneTrainer branch asserts on any other prefix (T5's lora_te2_)
         FluxPipeline.lora_state_dict(str(ot_t5))
+
+
+def test_malformed_xlabs_and_onetrainer_files_fail_in_one_line(tmp_path, capsys):
+    sd = _xlabs_file(tmp_path / "xl.safetensors")
+    del sd["double_blocks.0.processor.qkv_lora1.up.weight"]
+    save_file(sd, str(tmp_path / "no_up.safetensors"))
+    ot = _flat_file(tmp_path / "ot.safetensors")
+    ot["lora_transformer_no_such_module.lora_down.weight"] = torch.zeros(4, 16)
+    ot["lora_transformer_no_such_module.lora_up.weight"] = torch.zeros(16, 4)
+    save_file(ot, str(tmp_path / "unknown.safetensors"))
+    for name, says in (("no_up", "double_blocks.0.img_attn.qkv has no up"), ("unknown", "lora_transformer_no_such")):
+        out = tmp_path / f"{name}.out.safetensors"
+        code, _, err = run_cli(capsys, "convert", str(tmp_path / f"{name}.safetensors"), "--to", "diffusers",
+                               "-o", str(out))
+        assert code == 1 and says in err and len(err.strip().splitlines()) == 1 and not out.exists(), err
