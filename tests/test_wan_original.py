@@ -187,11 +187,11 @@ def test_cli_converts_between_the_wan_layouts(tmp_path, capsys):
     assert all(m.scale == first.modules[n].scale for n, m in last.modules.items()) and len(last) == len(first)
 
 
-def _wan_file(path, dtype, prefix=""):
+def _wan_file(path, dtype, prefix="", config=T2V):
     """A tiny Wan transformer saved under Wan's original names (linears renamed; other tensors as they are)."""
     torch.manual_seed(7)
     sd = {}
-    for k, v in WanTransformer3DModel(**T2V).state_dict().items():
+    for k, v in WanTransformer3DModel(**config).state_dict().items():
         module, _, param = k.rpartition(".")
         orig = wan.to_original(module)
         sd[prefix + (f"{orig}.{param}" if orig else k)] = v.detach().to(dtype)
@@ -199,13 +199,13 @@ def _wan_file(path, dtype, prefix=""):
     return sd
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_merge_into_single_file_wan_checkpoint(tmp_path, dtype):
+@pytest.mark.parametrize("dtype, config", [(torch.bfloat16, I2V), (torch.float8_e4m3fn, T2V)])
+def test_merge_into_single_file_wan_checkpoint(tmp_path, dtype, config):
     base = tmp_path / "wan.safetensors"
     prefix = "model.diffusion_model." if dtype == torch.bfloat16 else ""
-    sd = _wan_file(base, dtype, prefix)
+    sd = _wan_file(base, dtype, prefix, config)
     lora = tmp_path / "wan_comfy.safetensors"
-    _original_file(lora, T2V, seed=8)
+    _original_file(lora, config, seed=8)
     out = tmp_path / "merged.safetensors"
     merge(str(base), [str(lora)], str(out))
     got = load_file(str(out))
