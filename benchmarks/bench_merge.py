@@ -46,6 +46,8 @@ LORATOOLS_SCRIPT = """
 import sys, time
 from loratools.cli.main import main
 import loratools.cli.merge, loratools.ops  # the CLI loads these (and torch) lazily: start-up, not work
+if any("cuda" in a for a in sys.argv):  # the CUDA context (once per process) is start-up too
+    import torch; torch.zeros(1, device="cuda")
 t0 = time.perf_counter()
 code = main(["merge", *sys.argv[1:], "-q"])
 print("WORK", time.perf_counter() - t0)
@@ -185,6 +187,8 @@ def main() -> None:
         runs["PEFT merge_and_unload + save_pretrained"] = rounds(1, {"": [py, "-c", PEFT_SCRIPT, base, adapter, out]},
                                                                  out)[""]
     print(f"rank-{args.rank} adapter on every linear; {os.cpu_count()} CPUs")
+    print(f"loratools --device {args.device}" + (" (changed tensors streamed through the GPU)"
+                                                 if args.device.startswith("cuda") else ""))
     print("wall: the whole process; work: after imports (python + torch start-up excluded)")
     small = report(f"model {os.path.basename(base)}, {len(os.listdir(base)) - 2} shards", size, runs)
     if not args.skip_peft:

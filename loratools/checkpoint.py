@@ -296,9 +296,13 @@ class _Workers:
 
 def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
                  out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None,
-                 unchanged: Optional[Callable[[str], bool]] = None, row_merge: Optional[RowMerges] = None) -> int:
+                 unchanged: Optional[Callable[[str], bool]] = None, row_merge: Optional[RowMerges] = None,
+                 stream=None) -> int:
     """Stream one safetensors file through `transform` into `dst` (same names, order and metadata);
-    see `rewrite`. Returns the bytes of tensor data written."""
+    see `rewrite`. Returns the bytes of tensor data written. `stream`: a `cuda_pipeline.DevicePipeline`
+    that merges the changed tensors on a GPU instead (the one place a merge leaves the host)."""
+    if stream is not None:
+        return stream.rewrite_file(src, dst, transform, out_dtype, on_tensor, unchanged)
     with SafetensorsFile(src) as f:
         names = f.keys()
         entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
@@ -357,7 +361,8 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
             out_dtype: Callable[[str], torch.dtype],
             on_tensor: Optional[Callable[[str], None]] = None,
             copy_others: bool = True,
-            unchanged: Optional[Callable[[str], bool]] = None, row_merge: Optional[RowMerges] = None) -> List[str]:
+            unchanged: Optional[Callable[[str], bool]] = None, row_merge: Optional[RowMerges] = None,
+            stream=None) -> List[str]:
     """Write `transform(name, tensor)` for every tensor into `dst_folder`, shard by shard.
 
     `out_dtype(name)` must say up front what dtype each output tensor will have, so the
@@ -366,12 +371,12 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
     without being read into memory. Tensors for which `row_merge(name)` gives a function are merged
     in place by it a few rows at a time instead of by `transform`. The tensor handed to `transform` lives in a reused buffer:
     it is valid only until `transform` returns (copy it to keep it). Returns what
-    `copy_other_files` left out.
+    `copy_other_files` left out. `stream`: see `rewrite_file`.
     """
     total = 0
     for shard in ckpt.shards:
         total += rewrite_file(os.path.join(ckpt.folder, shard), os.path.join(dst_folder, shard),
-                              transform, out_dtype, on_tensor, unchanged, row_merge)
+                              transform, out_dtype, on_tensor, unchanged, row_merge, stream)
     if ckpt.index is not None:
         index = dict(ckpt.index)
         index["metadata"] = dict(index.get("metadata") or {}, total_size=total)

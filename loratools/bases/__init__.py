@@ -1,6 +1,7 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1),
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1), `WanFileBase`
+(single-file Wan 2.x),
 `GgufBase` (a llama.cpp / Ollama GGUF model), `QuantizedBase` (bitsandbytes 4-bit/8-bit or FP8 model
 folder). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
@@ -19,9 +20,11 @@ from .gguf import GgufBase, open_gguf_base
 from .pipeline import PipelineBase
 from .quantized import QuantizedBase, is_quantized, read_config
 from .single_file import SingleFileBase
+from .wan_file import WanFileBase, checkpoint_prefix as wan_prefix
 
 __all__ = ["Base", "MergePlan", "Term", "merge_tensor", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "GgufBase", "QuantizedBase"]
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "WanFileBase", "GgufBase",
+           "QuantizedBase"]
 
 
 def open_base(base) -> Base:
@@ -40,6 +43,8 @@ def open_base(base) -> Base:
         with SafetensorsFile(path) as f:
             if flux.checkpoint_prefix(f.tensors) is not None:  # before LDM: ComfyUI uses its prefix too
                 return FluxFileBase(path)
+            if wan_prefix(f.tensors) is not None:
+                return WanFileBase(path)
             if is_ldm_checkpoint(f.tensors):
                 return SingleFileBase(path)
     ckpt = Checkpoint(path)
