@@ -157,6 +157,9 @@ def profile(n: int, base: str, adapter: str, out: str) -> None:
         cpu = med.get(key + " cpu")
         print(f"  {key:12s} {med.get(key, 0.0):7.3f} s" + (f"  cpu {cpu:6.3f} s" if cpu is not None else " " * 14)
               + f"  {what}")
+    busy = sum(med.get(k + " cpu", 0.0) for k in ("read", "compute", "write", "copy"))
+    print(f"  workers' CPU {busy:.3f} s = {busy / med['workers']:.3f} s per worker thread; the timers' own cost "
+          "inflates wall times (they take the GIL), so trust the cpu column and the uninstrumented work time above")
 
 
 def main() -> None:
