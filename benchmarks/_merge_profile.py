@@ -75,7 +75,8 @@ def run(base: str, adapter: str, out: str) -> dict:
     t = dict(TIMES, work=time.perf_counter() - t0)
     t["setup"] = t["work"] - t["shards"]
     t["workers"] = max(1, min(torch.get_num_threads(), checkpoint.MAX_WORKERS))
-    return {k: round(v, 4) for k, v in sorted(t.items()) if not (k.endswith(" cpu") and k.startswith(("setup", "main", "shards")))}
+    return {k: round(v, 4) for k, v in sorted(t.items())
+            if not (k.endswith(" cpu") and k.startswith(("setup", "main", "shards")))}
 
 
 if __name__ == "__main__":

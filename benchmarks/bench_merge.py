@@ -110,8 +110,8 @@ def prepare(folder: str, rank: int, size: str) -> tuple:
         print(f"generating the base model in {base} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-c", GENERATE + f"make_llama(sys.argv[1]{extra})", base], check=True)
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        subprocess.run([sys.executable, "-c", GENERATE + "make_peft_adapter(sys.argv[1], sys.argv[2], rank=int(sys.argv[3]))",
-                        adapter, base, str(rank)], check=True)
+        subprocess.run([sys.executable, "-c", GENERATE + "make_peft_adapter(sys.argv[1], sys.argv[2], "
+                        "rank=int(sys.argv[3]))", adapter, base, str(rank)], check=True)
     return base, adapter
 
 
@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--device", default="cpu", help="loratools merge --device (auto, cpu, cuda, cuda:N)")
     ap.add_argument("--repeat", type=int, default=5, help="rounds of the copy and of loratools; PEFT runs once")
-    ap.add_argument("--profile", action="store_true", help="also time the merge's stages (read, compute, write, waiting)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also time the merge's stages (read, compute, write, waiting)")
     ap.add_argument("--scale", choices=["16g"], help="also merge an 8B-shaped ~16 GB bf16 model (needs ~35 GB "
                     "free under --workdir for a while; generated into a temporary folder and deleted after)")
     args = ap.parse_args()

@@ -369,8 +369,8 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
     header can be written before the data. `on_tensor` is called after each tensor (progress).
     Tensors for which `unchanged(name)` is true (and whose dtype stays) are copied byte for byte
     without being read into memory. Tensors for which `row_merge(name)` gives a function are merged
-    in place by it a few rows at a time instead of by `transform`. The tensor handed to `transform` lives in a reused buffer:
-    it is valid only until `transform` returns (copy it to keep it). Returns what
+    in place by it a few rows at a time instead of by `transform`. The tensor handed to `transform`
+    lives in a reused buffer: it is valid only until `transform` returns (copy it to keep it). Returns what
     `copy_other_files` left out. `stream`: see `rewrite_file`.
     """
     total = 0
