@@ -25,8 +25,8 @@ _VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("wan
                   ("stable-diffusion-3", SD3), ("v3", SD3), ("v2", SD2), ("sd2", SD2), ("v1", SD1), ("sd1", SD1))
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
-               ("joint_blocks", SD3), ("context_block", SD3), ("transformer.blocks.", WAN),
-               ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
+               ("joint_blocks", SD3), ("context_block", SD3), ("transformer.pos_embed.", SD3),
+               ("transformer.blocks.", WAN), ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
 
 # DiT families that share diffusers' transformer names (`transformer_blocks.N.attn.to_q` …): a LoRA on
 # those only is told apart by its shapes (hidden width 3072 for Flux.1, 1536 / 2432 for SD3 / 3.5 large)
@@ -55,6 +55,8 @@ def from_modules(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]
         for mark, fam in _NAME_MARKS:
             if mark in name and not (dit and fam == SDXL):
                 return fam, f"module {name}"
+        if name.startswith("transformer.transformer_blocks.") and ".attn2." in name:  # SD3.5's dual attention
+            return SD3, f"module {name}"
     found = from_transformer_shapes(shapes)
     if found:
         return found

@@ -143,7 +143,7 @@ class Layout:
         fused = self.lookup(original)
         if fused is None:
             raise IncompatibleError(f"module {original}: no {self.family} transformer module has this name")
-        if m.op is not None and len(fused.parts) > 1:
+        if m.op is not None and (len(fused.parts) > 1 or fused.swaps(m.up.shape[0], m.down.shape[1])):
             return [dataclasses.replace(m, name=f"{COMPONENT}.{original}")]
         return split(m, fused)
 

@@ -1,14 +1,16 @@
 """ComfyUI / original-names LoRA files: one file whose keys use the original checkpoint's module
 names, as ComfyUI saves them and as ai-toolkit and BFL tools write Flux LoRAs:
 
-    diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight / .lora_up.weight / .alpha
+    diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight / .lora_up.weight / .alpha     (Flux.1)
+    diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_down.weight …                           (SD3/3.5)
     diffusion_model.single_blocks.3.linear1.lora_A.weight / .lora_B.weight     (also read)
     text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight
-    text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight
+    text_encoders.clip_g.transformer.… (SD3), text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q…
 
-Flux's transformer modules are split exactly onto the diffusers modules when read (`archs.flux`)
-and fused back when written. ComfyUI loads every key of this form; diffusers' Flux loader reads
-the transformer and CLIP-L keys (it drops T5 ones with a log line).
+The transformer's modules are split exactly onto the diffusers modules when read (`archs.fused`) and
+fused back when written. `dora_scale` is read as kohya/LyCORIS store it ([1, in]: normed per input
+column, as ComfyUI applies it; [out, 1]: per output row). ComfyUI loads every key of this form;
+diffusers' Flux loader reads the transformer and CLIP-L keys (it drops T5 ones with a log line).
 """
 from __future__ import annotations
 
@@ -17,38 +19,45 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import safetensors_io
-from ..adapter import LoraAdapter, LoraModule
-from ..archs import canonical, flux
+from ..adapter import LoraAdapter
+from ..archs import canonical, dit, flux, sd3
 from ..errors import FormatError, IncompatibleError
 from . import _single
+from ._parts import build_module
 from .record import Format
 
 DIFFUSION = "diffusion_model."
-TEXT_ENCODERS = flux.TEXT_ENCODERS
+TEXT_PREFIXES = sorted({p for lay in dit.LAYOUTS for p in lay.text_encoders}, key=len, reverse=True)
+CLIP_G = "text_encoders.clip_g.transformer."
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
          ".alpha": "alpha", ".dora_scale": "dora"}
 
 
 def parse_key(key: str) -> Optional[Tuple[str, str, str]]:
-    """(component, module name inside it, role) of a key, or None. The transformer's module names
-    stay original (`double_blocks.0.img_attn.qkv`)."""
-    role = next((r for suffix, r in ROLES.items() if key.endswith(suffix)), None)
-    if role is None:
+    """(`transformer` or a text encoder's key prefix, module name after it, role) of a key, or None.
+    The transformer's module names stay original (`double_blocks.0.img_attn.qkv`)."""
+    suffix = next((s for s in ROLES if key.endswith(s)), None)
+    if suffix is None:
         return None
-    module = key[: -len(next(s for s in ROLES if key.endswith(s)))]
-    if module.startswith(DIFFUSION):
-        local = module[len(DIFFUSION):]
-        return ("transformer", local, role) if flux.lookup(local) else None
-    for prefix, comp in TEXT_ENCODERS.items():
+    module, role = key[: -len(suffix)], ROLES[suffix]
+    for prefix in TEXT_PREFIXES:
         if module.startswith(prefix) and len(module) > len(prefix):
-            return comp, module[len(prefix):], role
-    return ("transformer", module, role) if flux.lookup(module) else None  # bare BFL names
+            return prefix, module[len(prefix):], role
+    local = module[len(DIFFUSION):] if module.startswith(DIFFUSION) else module  # also bare original names
+    return ("transformer", local, role) if any(lay.lookup(local) for lay in dit.LAYOUTS) else None
 
 
 def detect(path: str) -> bool:
     keys = _single.peek_keys(path)
     return bool(keys) and all(parse_key(k) for k in keys) and any(k.endswith(("down.weight", "_A.weight"))
                                                                    for k in keys)
+
+
+def _layout(groups, metadata):
+    transformer = [local for kind, local in groups if kind == "transformer"]
+    clip_g = any(kind == CLIP_G for kind, _ in groups)
+    found = dit.for_names(transformer, metadata, clip_g=clip_g)
+    return found or (sd3.LAYOUT if clip_g else flux.LAYOUT)
 
 
 def read(path: str) -> LoraAdapter:
@@ -60,28 +69,27 @@ def read(path: str) -> LoraAdapter:
         if parsed is None:
             bad.append(key)
             continue
-        comp, local, role = parsed
-        parts = groups.setdefault((comp, local), {})
+        kind, local, role = parsed
+        parts = groups.setdefault((kind, local), {})
         if role in parts:
             raise FormatError(f"{path}: module {local} has two {role} tensors")
         parts[role] = t
     if bad:
         raise FormatError(f"{path}: {len(bad)} key(s) that are no original-names LoRA tensor: {', '.join(bad[:8])}")
+    layout = _layout(groups, metadata)
     adapter = LoraAdapter(format="comfyui", metadata=metadata)
     alpha_dtypes = {}
-    for (comp, local), parts in sorted(groups.items()):
-        for role in ("down", "up"):
-            if role not in parts:
-                raise FormatError(f"{path}: module {local} has no {role} tensor")
-        if "dora" in parts:
-            raise IncompatibleError(f"{path}: {local} has a dora_scale; DoRA in original-names files is not read")
-        alpha = _single.scalar(parts["alpha"], f"{path}: {local}.alpha") if "alpha" in parts else None
-        down, up = parts["down"], parts["up"]
-        kind = "conv" if down.dim() == 4 else "linear"
-        if comp == "transformer":
-            mods = flux.from_original(local, LoraModule(f"transformer.{local}", down, up, alpha or None, kind))
+    for (kind, local), parts in sorted(groups.items()):
+        if kind == "transformer":
+            if layout.lookup(local) is None:
+                raise FormatError(f"{path}: {local} is no {layout.family} module, but the file's other modules are")
+            comp = "transformer"
+            mods = layout.from_original(local, build_module(f"transformer.{local}", local, parts, path))
         else:
-            mods = [LoraModule(canonical(f"{comp}.{local}"), down, up, alpha or None, kind)]
+            if kind not in layout.text_encoders:
+                raise FormatError(f"{path}: {kind}… is no text encoder of {layout.family}")
+            comp = layout.text_encoders[kind]
+            mods = [build_module(canonical(f"{comp}.{local}"), local, parts, path)]
         for m in mods:
             adapter.add(m)
         if "alpha" in parts:
@@ -96,23 +104,28 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     if adapter.extra:
         raise IncompatibleError(f"original-names LoRA files cannot hold full tensors "
                                 f"({', '.join(sorted(adapter.extra)[:4])}); write peft instead")
-    other = flux.other_family(adapter)
-    if other:
-        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1 transformers only; "
-                                "write diffusers or peft")
-    fused, rest = flux.to_original(list(adapter))
+    layout = dit.for_adapter(adapter)
+    if layout is None and any(m.name.startswith("transformer.") for m in adapter):
+        other = flux.other_family(adapter) or "this transformer LoRA"
+        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1 and SD3/3.5 transformers "
+                                "only; write diffusers or peft")
+    layout = layout or flux.LAYOUT
+    fused, rest = layout.to_original(list(adapter))
     dtypes = adapter.config.get("alpha_dtypes", {})
     items = [(DIFFUSION + original, f"transformer.{original}", m) for original, m in fused.items()]
-    back = {c: p for p, c in TEXT_ENCODERS.items()}
+    back = {c: p for p, c in layout.text_encoders.items()}
     for m in rest:
         comp, _, local = canonical(m.name).partition(".")
         if comp not in back or not local:
-            raise IncompatibleError(f"module {m.name}: original-names files hold a Flux transformer and its "
-                                    "text_encoder (CLIP-L) / text_encoder_2 (T5) only; write diffusers or peft")
+            raise IncompatibleError(f"module {m.name}: original-names files hold a {layout.family} transformer and "
+                                    f"its {', '.join(back.values())} only; write diffusers or peft")
         items.append((back[comp] + local, m.name, m))
     out: Dict[str, torch.Tensor] = {}
     for key, name, m in items:
-        if m.is_dora or m.mid is not None or m.kind == "embedding" or m.fan_in_fan_out:
+        if m.is_dora:
+            raise IncompatibleError(f"module {m.name}: ComfyUI applies dora_scale per input column; this DoRA "
+                                    "magnitude is per output row (PEFT, LyCORIS wd_on_output): write kohya or peft")
+        if m.mid is not None or m.kind == "embedding" or m.fan_in_fan_out:
             raise IncompatibleError(f"module {m.name}: original-names files hold plain LoRA modules only")
         alpha = m.alpha_value * (m.rank ** 0.5) if m.use_rslora else m.alpha_value
         out[key + ".lora_down.weight"] = m.down.contiguous()
