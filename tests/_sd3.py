@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import SD3Transformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from loratools.archs import sd3
 
@@ -58,16 +59,20 @@ def diffusers_from_original(sd: dict) -> dict:
 
 
 def kohya_lora(model, rank=4, alpha=6.0, seed=1, dtype=torch.float32, names=None, split_qkv=False) -> dict:
-    """A kohya SD3 LoRA on every original linear module (or `names`); `split_qkv`: block-diagonal B on qkv."""
+    """A kohya SD3 LoRA on every original module (or `names`; the patch embedding's conv too);
+    `split_qkv`: block-diagonal B on qkv, as sd-scripts' split_qkv trains it."""
     g = torch.Generator().manual_seed(seed)
     shapes = weight_shapes(model)
     sd = {}
     for name, parts in original_modules(model).items():
-        if (names is not None and name not in names) or len(shapes[parts[0]]) != 2:
+        if names is not None and name not in names:
             continue
         rows, cols = sum(shapes[p][0] for p in parts), shapes[parts[0]][1]
         ln = "lora_unet_" + name.replace(".", "_")
-        if split_qkv and len(parts) > 1:
+        if len(shapes[parts[0]]) == 4:  # x_embedder.proj: LoCon down [r, in, kh, kw], up [out, r, 1, 1]
+            down = torch.randn((rank,) + shapes[parts[0]][1:], generator=g) * 0.3
+            up = torch.randn(rows, rank, 1, 1, generator=g) * 0.3
+        elif split_qkv and len(parts) > 1:
             down = torch.randn(rank * 3, cols, generator=g) * 0.3
             up = torch.zeros(rows, rank * 3)
             for j in range(3):
@@ -80,3 +85,36 @@ def kohya_lora(model, rank=4, alpha=6.0, seed=1, dtype=torch.float32, names=None
         sd[ln + ".lora_up.weight"] = up.to(dtype)
         sd[ln + ".alpha"] = torch.tensor(alpha, dtype=dtype)
     return sd
+
+
+def components():
+    """A tiny transformer, CLIP-L, CLIP-G and T5 (StableDiffusion3Pipeline's components)."""
+    torch.manual_seed(3)
+    clip = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                max_position_embeddings=16, projection_dim=12)
+    return {"transformer": SD3Transformer2DModel(**TINY),
+            "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval(),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**dict(clip, projection_dim=10))).eval(),
+            "text_encoder_3": T5EncoderModel(T5Config(d_model=12, d_ff=24, d_kv=6, num_heads=2, num_layers=1,
+                                                      vocab_size=100)).eval()}
+
+
+def delta(sd: dict, ln: str, shape, absolute=False) -> torch.Tensor:
+    """The dense ΔW of one kohya module in fp64: alpha/r · up @ down in the weight's shape (`absolute`:
+    of |up| and |down|, the size of the summands that rounding errors scale with)."""
+    down, up = sd[ln + ".lora_down.weight"].double(), sd[ln + ".lora_up.weight"].double()
+    if absolute:
+        down, up = down.abs(), up.abs()
+    scale = float(sd[ln + ".alpha"]) / down.shape[0]
+    return (scale * up.flatten(1) @ down.flatten(1)).reshape(shape)
+
+
+def single_file(comps: dict, dtype=torch.float32) -> dict:
+    """A Stability/ComfyUI-style single file: the transformer in original names under `model.diffusion_model.`,
+    the three text encoders under `text_encoders.…transformer.`, and a VAE tensor that must be copied."""
+    out = {"model.diffusion_model." + k: v for k, v in original_state_dict(comps["transformer"].state_dict()).items()}
+    for comp, prefix in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
+        out.update({f"text_encoders.{prefix}.transformer.{k}": v for k, v in comps[comp].state_dict().items()})
+    out["first_stage_model.decoder.conv_in.weight"] = torch.linspace(-1, 1, 48).reshape(3, 4, 2, 2)
+    return {k: v.detach().to(dtype).clone() for k, v in out.items()}
+

@@ -99,7 +99,7 @@ def test_wan_is_not_renamed_into_flux_names(tmp_path):
     torch.manual_seed(0)
     folder, _ = _lora_file(tmp_path, WanTransformer3DModel(**TINY))
     adapter = read_adapter(str(folder / "pytorch_lora_weights.safetensors"))
-    for fmt, why in (("kohya", "Flux.1 only"), ("comfyui", "Wan LoRA")):
+    for fmt, why in (("kohya", "Flux.1 and SD3 only"), ("comfyui", "Wan LoRA")):
         out = tmp_path / f"x.{fmt}.safetensors"
         with pytest.raises(IncompatibleError, match=why):
             write_adapter(adapter, out, format=fmt)

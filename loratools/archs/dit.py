@@ -46,7 +46,9 @@ def for_adapter(adapter) -> Optional[Layout]:
         return BY_FAMILY.get(fam[0])
     if any(m.name.endswith(".norm1_context.linear") and m.up.shape[0] == 2 * m.down.shape[1] for m in mods):
         return sd3.LAYOUT  # SD3's pre-only last block (Flux's context adaLN always has 6 chunks)
-    return next((lay for lay in LAYOUTS if all(lay.original_of(n) or lay.lookup(n) for n in local)), None)
+    comps = {m.name.partition(".")[0] for m in adapter} - {COMPONENT}  # Flux has no text_encoder_3
+    return next((lay for lay in LAYOUTS if comps <= set(lay.text_encoders.values())
+                 and all(lay.original_of(n) or lay.lookup(n) for n in local)), None)
 
 
 def for_checkpoint(keys) -> Optional[Layout]:

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
 from ..archs import NameMap, canonical, dit
+from ..archs.family import from_metadata
 from ..archs.fused import Layout
 from ..errors import FormatError, IncompatibleError
 from ._parts import build_module
@@ -24,6 +25,9 @@ def layout_of(groups, metadata: Dict[str, str]) -> Optional[Layout]:
     flat = {lay: [n for n in (lay.unflatten(o) for o in originals) if n] for lay in dit.LAYOUTS}
     found = dit.for_names([n for names in flat.values() for n in names], metadata,
                           clip_g=any(ln.startswith("lora_te2_") for ln in groups))
+    fam = from_metadata(metadata)
+    if found is None and fam and fam[0] in dit.BY_FAMILY:  # text encoders only: the metadata names the family
+        return dit.BY_FAMILY[fam[0]]
     return found
 
 
