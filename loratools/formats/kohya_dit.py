@@ -26,7 +26,7 @@ def layout_of(groups, metadata: Dict[str, str]) -> Optional[Layout]:
     found = dit.for_names([n for names in flat.values() for n in names], metadata,
                           clip_g=any(ln.startswith("lora_te2_") for ln in groups))
     fam = from_metadata(metadata)
-    if found is None and fam and fam[0] in dit.BY_FAMILY:  # text encoders only: the metadata names the family
+    if not originals and fam and fam[0] in dit.BY_FAMILY:  # text encoders only: the metadata names the family
         return dit.BY_FAMILY[fam[0]]
     return found
 
