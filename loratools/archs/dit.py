@@ -55,3 +55,10 @@ def for_checkpoint(keys) -> Optional[Layout]:
     """The layout of a single-file checkpoint (its transformer's marker weight), or None."""
     keys = set(keys)
     return next((lay for lay in LAYOUTS if lay.checkpoint_prefix(keys) is not None), None)
+
+
+def kept_original(name: str) -> bool:
+    """A module still under an original name no diffusers module has (`transformer.joint_blocks.0.x_block.attn.qkv`:
+    a LoRA that cannot be split, kept as read)."""
+    comp, _, local = name.partition(".")
+    return comp == COMPONENT and any(lay.lookup(local) and not lay.original_of(local) for lay in LAYOUTS)

@@ -248,9 +248,9 @@ def fuse(parts: Sequence[Optional[LoraModule]], fused: Fused, sizes: Sequence[in
         return dataclasses.replace(first, name=name)
     for p in present:
         _plain(p, fused, fused.original)
-    if any(p.is_dora for p in present) and len(present) != len(parts):
+    if any(p.is_dora for p in present) and not (len(present) == len(parts) and all(p.is_dora for p in present)):
         raise IncompatibleError(f"module {name}: DoRA on some of {', '.join(fused.parts)} only cannot be fused "
-                                "(the parts left out have no magnitude)")
+                                "(the other parts have no magnitude, whose rows would depend on the base weight)")
     dtype = first.up.dtype
     for p in present:
         dtype = torch.promote_types(dtype, p.up.dtype)

@@ -116,6 +116,9 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     back = {c: p for p, c in layout.text_encoders.items()}
     for m in rest:
         comp, _, local = canonical(m.name).partition(".")
+        if comp == "transformer" and layout.lookup(local):  # kept on its original module (a DoRA per input column)
+            items.append((DIFFUSION + local, m.name, m))
+            continue
         if comp not in back or not local:
             raise IncompatibleError(f"module {m.name}: original-names files hold a {layout.family} transformer and "
                                     f"its {', '.join(back.values())} only; write diffusers or peft")
@@ -131,6 +134,8 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
         out[key + ".lora_down.weight"] = m.down.contiguous()
         out[key + ".lora_up.weight"] = m.up.contiguous()
         out[key + ".alpha"] = _single.alpha_tensor(alpha, None if m.use_rslora else dtypes.get(name), m.down.dtype)
+        if m.op is not None:  # a DoRA normed per input column, as ComfyUI applies it ([1, in])
+            out[key + ".dora_scale"] = m.op.params["dora_scale"]
     return out
 
 

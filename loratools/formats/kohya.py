@@ -174,6 +174,8 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
         if m.magnitude is not None:
             shape = dora_shapes.get(m.name) or [m.magnitude.numel()] + [1] * (m.up.dim() - 1)
             out[ln + ".dora_scale"] = m.magnitude.reshape(shape)
+        elif m.op is not None:  # a DoRA normed per input column, as read ([1, in])
+            out[ln + ".dora_scale"] = m.op.params["dora_scale"]
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -12,7 +12,7 @@ from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
 from ..archs import NameMap, canonical, dit
 from ..archs.family import from_metadata
-from ..archs.fused import Layout
+from ..archs.fused import COMPONENT, Layout
 from ..errors import FormatError, IncompatibleError
 from ._parts import build_module
 
@@ -78,6 +78,9 @@ def original_items(adapter: LoraAdapter, layout: Layout) -> List[Tuple[str, Lora
     back = {c: p for p, c in layout.kohya_te.items()}
     for m in rest:
         comp, _, local = canonical(m.name).partition(".")
+        if comp == COMPONENT and layout.lookup(local):  # kept on its original module (a DoRA per input column)
+            items.append((UNET + local.replace(".", "_"), m, dtypes.get(UNET + local.replace(".", "_"))))
+            continue
         if comp not in back or not local:
             raise IncompatibleError(f"module {m.name}: a kohya {layout.family} LoRA holds the transformer and "
                                     f"{', '.join(back)} only")
