@@ -8,6 +8,7 @@ from diffusers import SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from loratools.archs import sd3
+from tests._dit import lora_factors
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
@@ -72,15 +73,8 @@ def kohya_lora(model, rank=4, alpha=6.0, seed=1, dtype=torch.float32, names=None
         if len(shapes[parts[0]]) == 4:  # x_embedder.proj: LoCon down [r, in, kh, kw], up [out, r, 1, 1]
             down = torch.randn((rank,) + shapes[parts[0]][1:], generator=g) * 0.3
             up = torch.randn(rows, rank, 1, 1, generator=g) * 0.3
-        elif split_qkv and len(parts) > 1:
-            down = torch.randn(rank * 3, cols, generator=g) * 0.3
-            up = torch.zeros(rows, rank * 3)
-            for j in range(3):
-                s = rows // 3
-                up[j * s:(j + 1) * s, j * rank:(j + 1) * rank] = torch.randn(s, rank, generator=g) * 0.3
         else:
-            down = torch.randn(rank, cols, generator=g) * 0.3
-            up = torch.randn(rows, rank, generator=g) * 0.3
+            down, up = lora_factors(g, rows, cols, rank, [rows // 3] * 3 if split_qkv and len(parts) > 1 else None)
         sd[ln + ".lora_down.weight"] = down.to(dtype)
         sd[ln + ".lora_up.weight"] = up.to(dtype)
         sd[ln + ".alpha"] = torch.tensor(alpha, dtype=dtype)

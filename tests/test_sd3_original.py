@@ -19,6 +19,7 @@ from loratools.archs.family import SD3, adapter_family
 from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
 from tests import _sd3
+from tests._dit import assert_round_trip
 from tests._tiny import ulp
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -98,18 +99,8 @@ def test_round_trips_are_bit_exact(tmp_path, split_qkv):
     path, sd = _kohya_file(tmp_path, _sd3.transformer(), split_qkv=split_qkv, dtype=torch.bfloat16)
     adapter = read_adapter(path)
     for fmt in ("kohya", "diffusers", "comfyui"):
-        out = write_adapter(adapter, tmp_path / f"a.{fmt}.safetensors", format=fmt)
-        assert detect(out) == fmt
-        again = read_adapter(out)
-        assert adapter_family(again)[0] == SD3
-        back = write_adapter(again, tmp_path / f"b.{fmt}.safetensors", format="kohya")
-        got, _ = safetensors_io.load(back)
-        assert set(got) == set(sd)
-        for k, v in sd.items():
-            if fmt == "diffusers" and k.endswith(".alpha"):  # diffusers keeps alphas in its fp32 metadata
-                assert float(got[k]) == float(v)
-            else:
-                assert got[k].dtype == v.dtype and torch.equal(got[k], v), (fmt, k)
+        out = assert_round_trip(adapter, sd, fmt, tmp_path)
+        assert detect(out) == fmt and adapter_family(read_adapter(out))[0] == SD3
     keys = set(safetensors_io.load(str(tmp_path / "a.comfyui.safetensors"))[0])
     assert {"diffusion_model.joint_blocks.0.x_block.attn2.qkv.lora_down.weight",
             "diffusion_model.x_embedder.proj.alpha"} <= keys
@@ -124,6 +115,9 @@ def _te_lora(g, shapes):
     return sd
 
 
+TE_NAMES = {"lora_te1_": "text_model.encoder.layers.0.self_attn.q_proj",
+            "lora_te2_": "text_model.encoder.layers.0.self_attn.v_proj",
+            "lora_te3_": "encoder.block.0.layer.0.SelfAttention.q"}
 TE = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (16, 16),
       "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": (16, 16),
       "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (12, 12)}
@@ -138,13 +132,10 @@ def test_kohya_sd3_text_encoders_are_clip_l_clip_g_t5(tmp_path):
     assert {m.name for m in adapter} == {
         "transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_k",
         "transformer.transformer_blocks.0.attn.to_v", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
-        "text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj", "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q"}
-    for fmt in ("kohya", "comfyui"):
-        out = write_adapter(adapter, tmp_path / f"o.{fmt}.safetensors", format=fmt)
-        again = write_adapter(read_adapter(out), tmp_path / f"k.{fmt}.safetensors", format="kohya")
-        got, _ = safetensors_io.load(again)
-        assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
-    keys = set(safetensors_io.load(str(tmp_path / "o.comfyui.safetensors"))[0])
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj",
+        "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q"}
+    assert_round_trip(adapter, sd, "kohya", tmp_path)
+    keys = set(safetensors_io.load(assert_round_trip(adapter, sd, "comfyui", tmp_path))[0])
     assert "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.v_proj.lora_up.weight" in keys
     assert "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.alpha" in keys
 
@@ -179,8 +170,7 @@ def test_merge_single_file(tmp_path, dtype):
         prefix = next(p for p in prefixes if ln.startswith(p))
         name = sd3.LAYOUT.unflatten(ln[len(prefix):]) if prefix == "lora_unet_" else None
         if name is None:  # text encoders: resolved through the real module names
-            name = {"lora_te1_": "text_model.encoder.layers.0.self_attn.q_proj", "lora_te2_":
-                    "text_model.encoder.layers.0.self_attn.v_proj", "lora_te3_": "encoder.block.0.layer.0.SelfAttention.q"}[prefix]
+            name = TE_NAMES[prefix]
         key = prefixes[prefix] + name + ".weight"
         exact = base_sd[key].double() + _sd3.delta(sd, ln, base_sd[key].shape)
         # fp32 accumulation, then one rounding: within one unit of the exact sum

@@ -5,7 +5,8 @@ names, as ComfyUI saves them and as ai-toolkit and BFL tools write Flux LoRAs:
     diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_down.weight …                           (SD3/3.5)
     diffusion_model.single_blocks.3.linear1.lora_A.weight / .lora_B.weight     (also read)
     text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight
-    text_encoders.clip_g.transformer.… (SD3), text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q…
+    text_encoders.clip_g.transformer.… (SD3)
+    text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight
 
 The transformer's modules are split exactly onto the diffusers modules when read (`archs.fused`) and
 fused back when written. `dora_scale` is read as kohya/LyCORIS store it ([1, in]: normed per input
