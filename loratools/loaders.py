@@ -12,7 +12,11 @@ of their loaders, restated here (not their code):
   them, which spells UNet attention projections `…attn1.processor.to_q` — a plain
   `…attn1.to_q` key matches nothing and is skipped with a warning, not loaded.
 - ComfyUI-form files (original checkpoint names, `diffusion_model.…`): ComfyUI loads them all;
-  diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones.
+  diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones. diffusers' SD3 loader reads
+  its own names only (no kohya or original-names conversion); its Flux and SD3 loaders drop `dora_scale`.
+- DoRA `dora_scale` [out, 1] (LyCORIS wd_on_output, PEFT's row norm): ComfyUI (comfy/weight_adapter/base.py)
+  divides by the norm of W, not of W + ΔW as LyCORIS does (older versions norm per input column), so it
+  does not load such a file exactly; [1, in] (per input column) it applies as LyCORIS does.
 - A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file.
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
@@ -25,7 +29,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
-from .archs import COMPONENTS
+from .archs import COMPONENTS, dit, sd3
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
 COMFY_ALGOS = {"lora", "loha", "lokr", "glora", "full"}
@@ -74,6 +78,11 @@ def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool,
         return False, "load_lora_weights takes one file: convert --to diffusers"
     if adapter.format == "diffusers":
         return True, "its own names"
+    layout = dit.for_adapter(adapter) if adapter.format in ("kohya", "comfyui") else None
+    if layout is sd3.LAYOUT:
+        return False, "its SD3 loader reads its own names only: convert --to diffusers"
+    if layout is not None and any(m.is_dora or m.op is not None for m in adapter):
+        return False, "its Flux loader drops dora_scale (DoRA): convert --to diffusers"
     if adapter.format == "comfyui":
         t5 = [n for n in adapter.modules if n.startswith("text_encoder_2.")]
         return (False, f"it drops the {len(t5)} T5 module(s)") if t5 else (True, "original names, converted on load")
@@ -91,6 +100,10 @@ def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool,
 def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
     if not diffusion:
         return False, "ComfyUI loads diffusion-model LoRAs"
+    rows = [m.name for m in adapter if m.is_dora]
+    if adapter.format in ("kohya", "lycoris", "comfyui") and rows:
+        return False, (f"it norms an [out, 1] dora_scale with W, not W + ΔW ({len(rows)} DoRA module(s), {rows[0]} …): "
+                       "merge it with loratools instead")
     if adapter.format in ("kohya", "lycoris"):
         bad = algos - COMFY_ALGOS
         if bad:

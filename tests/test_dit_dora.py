@@ -18,6 +18,7 @@ from loratools.adapter import LoraAdapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError
 from loratools.formats import read_adapter, write_adapter
+from loratools.loaders import compatibility
 from tests import _flux, _sd3
 from tests._dit import assert_round_trip
 
@@ -134,8 +135,10 @@ def test_dora_round_trips_are_bit_exact(family, tmp_path, axis):
     chain = ("kohya", "diffusers") if axis == "row" else ("kohya", "comfyui")
     for fmt in chain:
         assert_round_trip(adapter, sd, fmt, tmp_path)
-    if axis == "row":  # ComfyUI norms dora_scale per input column: a per-row magnitude would be misapplied
-        with pytest.raises(IncompatibleError, match="per input column"):
+    loads = compatibility(adapter)["ComfyUI"]
+    assert loads["ok"] == (axis == "column")  # ComfyUI norms an [out, 1] dora_scale with W, not W + ΔW
+    if axis == "row":  # so no ComfyUI file is written for a per-row magnitude
+        with pytest.raises(IncompatibleError, match="not W"):
             write_adapter(adapter, tmp_path / "c.safetensors", format="comfyui")
         assert not os.path.exists(tmp_path / "c.safetensors")
     else:

@@ -7,6 +7,7 @@ by diffusers), round trips bit-exact, and merges into single-file checkpoints (f
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -202,3 +203,18 @@ def test_flux_lora_into_sd3_file_is_named(tmp_path):
     with pytest.raises(IncompatibleError, match="Flux LoRA, SD3 checkpoint"):
         merge(str(base), [str(flux_lora)], str(tmp_path / "o.safetensors"))
     assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+def test_inspect_and_loaders_of_a_kohya_sd3_file(tmp_path, capsys):
+    from loratools.loaders import compatibility
+    from tests._tiny import run_cli
+    path, _ = _kohya_file(tmp_path, _sd3.transformer())
+    code, out, err = run_cli(capsys, "inspect", path, "--format", "json")
+    rep = json.loads(out)
+    assert code == 0 and err == "" and rep["unresolved"] == []
+    assert rep["family"] == {"name": SD3, "evidence": "metadata ss_base_model_version=sd3"}
+    assert "transformer.transformer_blocks.0.attn2.to_v" in out and "lora_unet_" not in out
+    loads = compatibility(read_adapter(path))
+    assert loads["ComfyUI"]["ok"] and not loads["diffusers"]["ok"] and "SD3 loader" in loads["diffusers"]["why"]
+    diffusers_file = write_adapter(read_adapter(path), tmp_path / "d.safetensors", format="diffusers")
+    assert compatibility(read_adapter(diffusers_file))["diffusers"]["ok"]

@@ -10,7 +10,8 @@ names, as ComfyUI saves them and as ai-toolkit and BFL tools write Flux LoRAs:
 
 The transformer's modules are split exactly onto the diffusers modules when read (`archs.fused`) and
 fused back when written. `dora_scale` is read as kohya/LyCORIS store it ([1, in]: normed per input
-column, as ComfyUI applies it; [out, 1]: per output row). ComfyUI loads every key of this form;
+column, as ComfyUI applies it; [out, 1]: per output row, which ComfyUI does not apply as LyCORIS does, so
+it is not written here). ComfyUI loads every key of this form;
 diffusers' Flux loader reads the transformer and CLIP-L keys (it drops T5 ones with a log line).
 """
 from __future__ import annotations
@@ -127,8 +128,9 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for key, name, m in items:
         if m.is_dora:
-            raise IncompatibleError(f"module {m.name}: ComfyUI applies dora_scale per input column; this DoRA "
-                                    "magnitude is per output row (PEFT, LyCORIS wd_on_output): write kohya or peft")
+            raise IncompatibleError(f"module {m.name}: a DoRA magnitude per output row (PEFT, LyCORIS wd_on_output) "
+                                    "is not applied by ComfyUI as by them (it norms W, not W + ΔW; older versions "
+                                    "norm per input column): write kohya (LyCORIS) or peft, or merge it")
         if m.mid is not None or m.kind == "embedding" or m.fan_in_fan_out:
             raise IncompatibleError(f"module {m.name}: original-names files hold plain LoRA modules only")
         alpha = m.alpha_value * (m.rank ** 0.5) if m.use_rslora else m.alpha_value
