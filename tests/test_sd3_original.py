@@ -15,7 +15,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from loratools import merge, safetensors_io
-from loratools.archs import sd3
+from loratools.archs import load_manifest, sd3
 from loratools.archs.family import SD3, adapter_family
 from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
@@ -44,6 +44,17 @@ def test_name_table_agrees_with_diffusers_single_file_converter():
             assert torch.equal(piece, conv[p + ".weight"]), (name, p)
     assert sd3.LAYOUT.lookup("joint_blocks.2.context_block.adaLN_modulation.1").swaps(32, 16)
     assert not sd3.LAYOUT.lookup("joint_blocks.0.context_block.adaLN_modulation.1").swaps(96, 16)
+
+
+@pytest.mark.parametrize("arch,count", [("sd3", 271), ("sd3.5-large", 385)])
+def test_every_manifest_module_has_an_original_name(arch, count):
+    table = load_manifest(arch)["components"]["transformer"]
+    names = sd3.LAYOUT.original_names(table)
+    assert {p for parts in names.values() for p in parts} == set(table) and len(names) == count
+    layers = max(int(n.split(".")[1]) for n in names if n.startswith("joint_blocks.")) + 1
+    assert f"joint_blocks.{layers - 1}.context_block.adaLN_modulation.1" in names  # pre-only: adaLN and qkv only
+    assert f"joint_blocks.{layers - 1}.context_block.mlp.fc1" not in names
+    assert all(sd3.LAYOUT.lookup(n) and sd3.LAYOUT.unflatten(n.replace(".", "_")) == n for n in names)
 
 
 def _kohya_file(tmp_path, model, name="k.safetensors", **kw):
