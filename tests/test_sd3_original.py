@@ -113,6 +113,8 @@ def test_round_trips_are_bit_exact(tmp_path, split_qkv):
     for fmt in ("kohya", "diffusers", "comfyui"):
         out = assert_round_trip(adapter, sd, fmt, tmp_path)
         assert detect(out) == fmt and adapter_family(read_adapter(out))[0] == SD3
+    meta = safetensors_io.load(str(tmp_path / "b.diffusers.safetensors"))[1]  # kohya written from diffusers names
+    assert meta["ss_network_module"] == "networks.lora_sd3"
     keys = set(safetensors_io.load(str(tmp_path / "a.comfyui.safetensors"))[0])
     assert {"diffusion_model.joint_blocks.0.x_block.attn2.qkv.lora_down.weight",
             "diffusion_model.x_embedder.proj.alpha"} <= keys

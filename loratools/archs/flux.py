@@ -38,7 +38,7 @@ LAYOUT = Layout(FLUX, [("double_blocks", "transformer_blocks", _DOUBLE),
                        ("single_blocks", "single_transformer_blocks", _SINGLE)], _GLOBAL,
                 swaps=("final_layer.adaLN_modulation.1",), rest_last=("linear1",), mlp_ratio=MLP_RATIO,
                 text_encoders=TEXT_ENCODERS, kohya_te={"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"},
-                manifest="flux", marker="double_blocks.0.img_attn.qkv.weight")
+                manifest="flux", marker="double_blocks.0.img_attn.qkv.weight", kohya_module="networks.lora_flux")
 lookup, unflatten, original_of = LAYOUT.lookup, LAYOUT.unflatten, LAYOUT.original_of
 to_original, from_original, is_flux_module = LAYOUT.to_original, LAYOUT.from_original, LAYOUT.is_module
 checkpoint_prefix = LAYOUT.checkpoint_prefix

@@ -55,13 +55,14 @@ class Layout:
     def __init__(self, family: str, blocks: Sequence[Tuple[str, str, Table]], globals_: Dict[str, str],
                  swaps: Iterable[str] = (), rest_last: Iterable[str] = (), mlp_ratio: int = 4,
                  text_encoders: Optional[Dict[str, str]] = None, kohya_te: Optional[Dict[str, str]] = None,
-                 manifest: str = "", marker: str = ""):
+                 manifest: str = "", marker: str = "", kohya_module: str = "networks.lora"):
         self.family, self.blocks, self.globals = family, tuple(blocks), dict(globals_)
         self.swap_leaves, self.rest_leaves = frozenset(swaps), frozenset(rest_last)
         self.mlp_ratio = mlp_ratio  # a missing rest_last part's rows / the input width
         self.text_encoders = dict(text_encoders or {})  # `text_encoders.clip_l.transformer.` -> text_encoder
         self.kohya_te = dict(kohya_te or {})  # `lora_te1_` -> text_encoder
         self.manifest, self.marker = manifest, marker  # marker: a weight every original checkpoint has
+        self.kohya_module = kohya_module  # sd-scripts' network module (kohya metadata ss_network_module)
         self._inverse: Dict[str, Tuple[str, int]] = {}  # diffusers name pattern -> (original, part index)
         self._global_inverse = {v: k for k, v in self.globals.items()}
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter
-from ..archs import KOHYA_PREFIXES, canonical, dit, resolve_kohya, split_kohya
+from ..archs import KOHYA_PREFIXES, canonical, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
 from . import _single, kohya_dit
 from ._parts import build_module, dora_in  # noqa: F401  (lycoris reads DoRA through kohya)
@@ -152,8 +152,8 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
                                 "write peft instead")
     alpha_dtypes = adapter.config.get("alpha_dtypes", {})
     dora_shapes = adapter.config.get("dora_shapes", {})
-    layout = dit.for_adapter(adapter)
-    if layout is not None and any(layout.is_module(m.name) for m in adapter):
+    layout = kohya_dit.write_layout(adapter)
+    if layout is not None:
         items = kohya_dit.original_items(adapter, layout)
     else:
         names = kohya_names(adapter)
@@ -193,7 +193,8 @@ def build_metadata(adapter: LoraAdapter, metadata: Optional[Dict[str, str]]) -> 
     main = [m for m in mods if all(m is not c for c in conv3)] or mods
     meta["ss_network_dim"] = _summary(str(m.rank) for m in main)
     meta["ss_network_alpha"] = _summary(str(float(alpha(m))) for m in main)
-    meta.setdefault("ss_network_module", "networks.lora")
+    layout = kohya_dit.write_layout(adapter)  # sd-scripts' own network module for Flux / SD3
+    meta.setdefault("ss_network_module", layout.kohya_module if layout else "networks.lora")
     if conv3:
         try:
             args = json.loads(meta.get("ss_network_args", "{}"))

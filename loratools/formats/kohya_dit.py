@@ -67,6 +67,12 @@ def read_original(groups, layout: Layout, metadata, path, base, allow_unmatched,
     return adapter
 
 
+def write_layout(adapter: LoraAdapter) -> Optional[Layout]:
+    """The layout a kohya file of this adapter names its transformer in (None: no DiT transformer module)."""
+    layout = dit.for_adapter(adapter)
+    return layout if layout is not None and any(layout.is_module(m.name) for m in adapter) else None
+
+
 def original_items(adapter: LoraAdapter, layout: Layout) -> List[Tuple[str, LoraModule, Optional[str]]]:
     """(kohya name, module, alpha dtype) of a DiT adapter: transformer LoRAs fused onto the original names."""
     fused, rest = layout.to_original(list(adapter))
