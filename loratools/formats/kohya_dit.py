@@ -22,9 +22,8 @@ UNET = "lora_unet_"
 def layout_of(groups, metadata: Dict[str, str]) -> Optional[Layout]:
     """The family layout of a kohya file's `lora_unet_` names, or None (an SD 1.x/2.x/XL LoRA)."""
     originals = [ln[len(UNET):] for ln in groups if ln.startswith(UNET)]
-    flat = {lay: [n for n in (lay.unflatten(o) for o in originals) if n] for lay in dit.LAYOUTS}
-    found = dit.for_names([n for names in flat.values() for n in names], metadata,
-                          clip_g=any(ln.startswith("lora_te2_") for ln in groups))
+    names = [n for n in (lay.unflatten(o) for lay in dit.LAYOUTS for o in originals) if n]
+    found = dit.for_names(names, metadata, clip_g=any(ln.startswith("lora_te2_") for ln in groups))
     fam = from_metadata(metadata)
     if not originals and fam and fam[0] in dit.BY_FAMILY:  # text encoders only: the metadata names the family
         return dit.BY_FAMILY[fam[0]]
