@@ -7,6 +7,8 @@ A LoRA on a fused weight is several LoRAs sharing A, each with a row slice of B;
 fuse back to one with A stacked and B block-diagonal (or, when they share A, B stacked: rank
 unchanged). Adaptive norms that hold two chunks store [shift; scale] in the original layout and
 [scale; shift] in diffusers' `AdaLayerNormContinuous`: B's (and a DoRA magnitude's) row halves swap.
+A DoRA magnitude per output row follows its rows (fusing needs one on every part); a DoRA normed per input
+column spans all rows of the fused weight, so it stays on the original module.
 """
 from __future__ import annotations
 
