@@ -1,9 +1,10 @@
-"""Which DiT family's original names (`archs.fused.Layout`: Flux.1, SD3/3.5) a file or an adapter uses.
+"""Which DiT family's original names (`archs.fused.Layout`: Flux.1, SD3/3.5, Wan 2.x) a file or an adapter uses.
 
-Files tell by their names: `double_blocks` is Flux, `joint_blocks` SD3; only the final layer's names are
-shared (and mean the same modules in both). Where the names do not tell, the metadata's family does, then
-SD3's CLIP-G text encoder; else Flux, the common case. Adapters in diffusers names tell by their family
-(metadata, names, a real model's widths), else by which table has every transformer module.
+Files tell by their names: `double_blocks` is Flux, `joint_blocks` SD3, `blocks` Wan; only the final layer's
+names are shared between Flux and SD3 (and mean the same modules in both). Where the names do not tell,
+the metadata's family does, then SD3's CLIP-G text encoder; else Flux, the common case. Adapters in diffusers
+names tell by their family (metadata, names, a real model's widths), else by which table has every transformer
+module.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Dict, Iterable, Optional
 
 from .family import adapter_family, from_metadata
 from .fused import COMPONENT, Layout
-from . import flux, sd3
+from . import flux, sd3, wan
 
-LAYOUTS = (flux.LAYOUT, sd3.LAYOUT)
+LAYOUTS = (flux.LAYOUT, sd3.LAYOUT, wan.LAYOUT)
 BY_FAMILY = {layout.family: layout for layout in LAYOUTS}
 
 
@@ -36,7 +37,7 @@ def for_names(originals: Iterable[str], metadata: Dict[str, str], clip_g: bool =
 
 def for_adapter(adapter) -> Optional[Layout]:
     """The layout to write an adapter's transformer modules in (None: no transformer module, or a family
-    with no original-names table, such as Wan)."""
+    with no original-names table)."""
     mods = [m for m in adapter if m.name.partition(".")[0] == COMPONENT]
     local = [m.name.partition(".")[2] for m in mods]
     if not local:

@@ -26,7 +26,8 @@ _VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("wan
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
                ("joint_blocks", SD3), ("context_block", SD3), ("transformer.pos_embed.", SD3),
-               ("transformer.blocks.", WAN), ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
+               ("transformer.blocks.", WAN), ("transformer.condition_embedder.", WAN),
+               ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
 
 # DiT families that share diffusers' transformer names (`transformer_blocks.N.attn.to_q` …): a LoRA on
 # those only is told apart by its shapes (hidden width 3072 for Flux.1, 1536 / 2432 for SD3 / 3.5 large)
@@ -80,8 +81,11 @@ def from_transformer_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tupl
 
 
 def adapter_family(adapter) -> Optional[Tuple[str, str]]:
-    """(family, evidence) of a LoraAdapter, or None when nothing tells."""
-    return from_metadata(adapter.metadata) or from_modules({m.name: m.weight_shape for m in adapter})
+    """(family, evidence) of a LoraAdapter, or None when nothing tells. A reader may name the family its
+    layout alone has (`config["family"]`: XLabs is Flux's)."""
+    layout = adapter.config.get("family")
+    return (from_metadata(adapter.metadata) or (tuple(layout) if layout else None)
+            or from_modules({m.name: m.weight_shape for m in adapter}))
 
 
 def pipeline_family(folder: str, components: Iterable[str]) -> Optional[str]:

@@ -33,12 +33,15 @@ MLP_RATIO = 4  # Flux.1's single-block MLP width / hidden width (sizes a missing
 # single-file Flux checkpoints and ComfyUI LoRAs: the text encoders' key prefixes -> pipeline component
 TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": "text_encoder",
                  "text_encoders.t5xxl.transformer.": "text_encoder_2"}
+# diffusers' names flattened: OneTrainer (`lora_transformer_`, T5 as te2), older ai-toolkit (`lora_unet_`)
+ONETRAINER = {"lora_transformer_": "transformer", "lora_te2_": "text_encoder_2", "lora_unet_": "transformer"}
 
 LAYOUT = Layout(FLUX, [("double_blocks", "transformer_blocks", _DOUBLE),
                        ("single_blocks", "single_transformer_blocks", _SINGLE)], _GLOBAL,
                 swaps=("final_layer.adaLN_modulation.1",), rest_last=("linear1",), mlp_ratio=MLP_RATIO,
                 text_encoders=TEXT_ENCODERS, kohya_te={"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"},
-                manifest="flux", marker="double_blocks.0.img_attn.qkv.weight", kohya_module="networks.lora_flux")
+                manifest="flux", markers=("double_blocks.0.img_attn.qkv.weight",), kohya_module="networks.lora_flux",
+                kohya_read=ONETRAINER)
 lookup, unflatten, original_of = LAYOUT.lookup, LAYOUT.unflatten, LAYOUT.original_of
 to_original, from_original, is_flux_module = LAYOUT.to_original, LAYOUT.from_original, LAYOUT.is_module
 checkpoint_prefix = LAYOUT.checkpoint_prefix

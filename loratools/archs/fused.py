@@ -52,19 +52,26 @@ class Fused:
 
 class Layout:
     """A family's original names: blocks (`original prefix`, `diffusers prefix`, {leaf: parts}) and global
-    modules, the text encoders' key prefixes in single files and ComfyUI LoRAs, and kohya's."""
+    modules, the text encoders' key prefixes in single files and ComfyUI LoRAs, and kohya's. A family whose
+    original names rename diffusers' one to one (Wan) is a table whose every entry has one part."""
 
     def __init__(self, family: str, blocks: Sequence[Tuple[str, str, Table]], globals_: Dict[str, str],
                  swaps: Iterable[str] = (), rest_last: Iterable[str] = (), mlp_ratio: int = 4,
                  text_encoders: Optional[Dict[str, str]] = None, kohya_te: Optional[Dict[str, str]] = None,
-                 manifest: str = "", marker: str = "", kohya_module: str = "networks.lora"):
+                 manifest: str = "", markers: Sequence[str] = (), kohya_module: str = "networks.lora",
+                 kohya_read: Optional[Dict[str, str]] = None, implicit_alpha: bool = False):
         self.family, self.blocks, self.globals = family, tuple(blocks), dict(globals_)
         self.swap_leaves, self.rest_leaves = frozenset(swaps), frozenset(rest_last)
         self.mlp_ratio = mlp_ratio  # a missing rest_last part's rows / the input width
         self.text_encoders = dict(text_encoders or {})  # `text_encoders.clip_l.transformer.` -> text_encoder
-        self.kohya_te = dict(kohya_te or {})  # `lora_te1_` -> text_encoder
-        self.manifest, self.marker = manifest, marker  # marker: a weight every original checkpoint has
+        self.kohya_te = dict(kohya_te or {})  # `lora_te1_` -> text_encoder (written and read)
+        # read only, after kohya_te: other trainers' prefixes (-> component; names resolved in the manifest)
+        self.kohya_read = {**self.kohya_te, **(kohya_read or {})}
+        self.manifest, self.markers = manifest, tuple(markers)  # markers: weights every original checkpoint has
         self.kohya_module = kohya_module  # sd-scripts' network module (kohya metadata ss_network_module)
+        # ComfyUI files: an alpha of 1·rank is left out unless one was read (diffusers' Wan loader raises on one
+        # beside the embedders and the head)
+        self.implicit_alpha = implicit_alpha
         self._inverse: Dict[str, Tuple[str, int]] = {}  # diffusers name pattern -> (original, part index)
         self._global_inverse = {v: k for k, v in self.globals.items()}
 
@@ -172,13 +179,15 @@ class Layout:
         """The transformer's key prefix in a single-file checkpoint of this family (ComfyUI-saved under
         `model.diffusion_model.`, or bare as released), or None if it is not one."""
         keys = set(keys)
-        for prefix in CHECKPOINT_PREFIXES:
-            if f"{prefix}{self.marker}" in keys:
-                return prefix
-        return None
+        return next((p for p in CHECKPOINT_PREFIXES if all(f"{p}{mark}" in keys for mark in self.markers)), None)
+
+    def not_covered(self, name: str) -> IncompatibleError:
+        """The error for a transformer module that has no original name in this family."""
+        return IncompatibleError(f"module {name}: {self.family}'s original names have no such transformer module "
+                                 "(they name its linear projections); write diffusers or peft")
 
 
-CHECKPOINT_PREFIXES = ("model.diffusion_model.", "")
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 # scaled-fp8 checkpoints keep a per-tensor scale beside the fp8 weight (ComfyUI `scaled_fp8`, `weight_scale`)
 SCALED_FP8_MARKS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".input_scale", ".scale_input")
 

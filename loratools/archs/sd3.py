@@ -36,4 +36,4 @@ LAYOUT = Layout(SD3, [("joint_blocks", "transformer_blocks", _JOINT)], _GLOBAL,
                 swaps=("context_block.adaLN_modulation.1", "final_layer.adaLN_modulation.1"),
                 text_encoders=TEXT_ENCODERS,
                 kohya_te={"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"},
-                manifest="sd3", marker="joint_blocks.0.x_block.attn.qkv.weight", kohya_module="networks.lora_sd3")
+                manifest="sd3", markers=("joint_blocks.0.x_block.attn.qkv.weight",), kohya_module="networks.lora_sd3")

@@ -1,6 +1,6 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `DitFileBase` (single-file Flux.1 / SD3),
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `DitFileBase` (single-file Flux.1 / SD3 / Wan 2.x),
 `GgufBase` (a llama.cpp / Ollama GGUF model), `QuantizedBase` (bitsandbytes 4-bit/8-bit or FP8 model
 folder). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""

@@ -1,5 +1,6 @@
 """One .safetensors file with a DiT family's original names (`archs.fused.Layout`): Flux.1
-(`double_blocks.N.img_attn.qkv.weight` …) or SD3/3.5 (`joint_blocks.N.x_block.attn.qkv.weight` …), bare as
+(`double_blocks.N.img_attn.qkv.weight` …), SD3/3.5 (`joint_blocks.N.x_block.attn.qkv.weight` …) or Wan 2.x
+(`blocks.N.self_attn.q.weight`, `head.head.weight` …; transformer only, either Wan 2.2 expert), bare as
 released or under `model.diffusion_model.` with the text encoders bundled as ComfyUI and Stability save them
 (`text_encoders.clip_l.transformer.`, SD3's `text_encoders.clip_g.transformer.`, `text_encoders.t5xxl.transformer.`;
 other keys such as the VAE's are copied). Adapters in diffusers names are fused onto the original modules
@@ -22,15 +23,16 @@ from .single_file import SingleFileBase
 
 
 class DitFileBase(SingleFileBase):
-    """A single-file Flux.1 or SD3/3.5 checkpoint (transformer, and the text encoders when bundled)."""
+    """A single-file Flux.1, SD3/3.5 or Wan 2.x checkpoint (transformer, and the text encoders when bundled)."""
 
     def __init__(self, path: str):  # reads, writes and shapes as SingleFileBase; names and fit are the family's
         self.ckpt = Checkpoint(path)
         self.path = os.path.join(self.ckpt.folder, self.ckpt.shards[0])
         layout = dit.for_checkpoint(self.ckpt.infos)
         if layout is None:
-            marks = " or ".join(lay.marker for lay in dit.LAYOUTS)
-            raise FormatError(f"{self.path}: no {marks}; not a Flux.1 or SD3 checkpoint")
+            marks = " or ".join(" and ".join(lay.markers) for lay in dit.LAYOUTS)
+            raise FormatError(f"{self.path}: no {marks}; not a {', '.join(lay.family for lay in dit.LAYOUTS)} "
+                              "checkpoint")
         scaled = [k for k in self.ckpt.infos if any(m in k for m in SCALED_FP8_MARKS)]
         if scaled:
             raise IncompatibleError(f"{self.path}: a scaled-fp8 checkpoint ({scaled[0]}); loratools merges into "
@@ -46,8 +48,8 @@ class DitFileBase(SingleFileBase):
 
     def _key(self, name: str) -> Optional[str]:
         comp, _, rest = name.partition(".")
-        if comp == "transformer":
-            return self.prefix + rest
+        if comp == "transformer":  # an original name (fit renamed the diffusers ones), not a look-alike one
+            return self.prefix + rest if self.layout.lookup(rest.rpartition(".")[0]) else None
         if comp not in self.text_encoders:
             return None
         key = self.text_encoders[comp] + rest

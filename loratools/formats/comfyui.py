@@ -8,11 +8,15 @@ names, as ComfyUI saves them and as ai-toolkit and BFL tools write Flux LoRAs:
     text_encoders.clip_g.transformer.… (SD3)
     text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight
 
+    diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight                     (Wan 2.x, renamed one to one)
+
 The transformer's modules are split exactly onto the diffusers modules when read (`archs.fused`) and
 fused back when written. `dora_scale` is read as kohya/LyCORIS store it ([1, in]: normed per input
 column, as ComfyUI applies it; [out, 1]: per output row, which ComfyUI does not apply as LyCORIS does, so
-it is not written here). ComfyUI loads every key of this form;
-diffusers' Flux loader reads the transformer and CLIP-L keys (it drops T5 ones with a log line).
+it is not written here). `.diff`/`.diff_b` (full weight and bias deltas) are refused with the reason.
+ComfyUI loads every key of this form; diffusers' Flux loader reads the transformer and CLIP-L keys (it drops
+T5 ones with a log line), its Wan loader every Wan key (an `.alpha` only beside blocks' modules: writing
+leaves out Wan's alphas of 1·rank unless they were read).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ DIFFUSION = "diffusion_model."
 TEXT_PREFIXES = sorted({p for lay in dit.LAYOUTS for p in lay.text_encoders}, key=len, reverse=True)
 CLIP_G = "text_encoders.clip_g.transformer."
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
-         ".alpha": "alpha", ".dora_scale": "dora"}
+         ".alpha": "alpha", ".dora_scale": "dora", ".diff": "diff", ".diff_b": "diff_b"}
 
 
 def parse_key(key: str) -> Optional[Tuple[str, str, str]]:
@@ -42,6 +46,8 @@ def parse_key(key: str) -> Optional[Tuple[str, str, str]]:
     if suffix is None:
         return None
     module, role = key[: -len(suffix)], ROLES[suffix]
+    if role in ("diff", "diff_b") and module.startswith(DIFFUSION):  # any module (norms too): read() refuses them
+        return "transformer", module[len(DIFFUSION):], role
     for prefix in TEXT_PREFIXES:
         if module.startswith(prefix) and len(module) > len(prefix):
             return prefix, module[len(prefix):], role
@@ -78,6 +84,10 @@ def read(path: str) -> LoraAdapter:
         parts[role] = t
     if bad:
         raise FormatError(f"{path}: {len(bad)} key(s) that are no original-names LoRA tensor: {', '.join(bad[:8])}")
+    diffs = sorted(f"{local}.{r}" for (_, local), parts in groups.items() for r in parts if r.startswith("diff"))
+    if diffs:
+        raise IncompatibleError(f"{path}: {len(diffs)} full weight or bias delta(s) (.diff / .diff_b, e.g. {diffs[0]}) "
+                                "that loratools does not carry (it reads LoRA factors only)")
     layout = _layout(groups, metadata)
     adapter = LoraAdapter(format="comfyui", metadata=metadata)
     alpha_dtypes = {}
@@ -109,8 +119,8 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     layout = dit.for_adapter(adapter)
     if layout is None and any(m.name.startswith("transformer.") for m in adapter):
         other = flux.other_family(adapter) or "this transformer LoRA"
-        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1 and SD3/3.5 transformers "
-                                "only; write diffusers or peft")
+        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1, SD3/3.5 and Wan 2.x "
+                                "transformers only; write diffusers or peft")
     layout = layout or flux.LAYOUT
     fused, rest = layout.to_original(list(adapter))
     dtypes = adapter.config.get("alpha_dtypes", {})
@@ -121,6 +131,8 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
         if comp == "transformer" and layout.lookup(local):  # kept on its original module (a DoRA per input column)
             items.append((DIFFUSION + local, m.name, m))
             continue
+        if comp == "transformer":
+            raise layout.not_covered(m.name)
         if comp not in back or not local:
             raise IncompatibleError(f"module {m.name}: original-names files hold a {layout.family} transformer and "
                                     f"its {', '.join(back.values())} only; write diffusers or peft")
@@ -136,7 +148,9 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
         alpha = m.alpha_value * (m.rank ** 0.5) if m.use_rslora else m.alpha_value
         out[key + ".lora_down.weight"] = m.down.contiguous()
         out[key + ".lora_up.weight"] = m.up.contiguous()
-        out[key + ".alpha"] = _single.alpha_tensor(alpha, None if m.use_rslora else dtypes.get(name), m.down.dtype)
+        if not layout.implicit_alpha or name in dtypes or m.scale != 1.0:
+            out[key + ".alpha"] = _single.alpha_tensor(alpha, None if m.use_rslora else dtypes.get(name),
+                                                       m.down.dtype)
         if m.op is not None:  # a DoRA normed per input column, as ComfyUI applies it ([1, in])
             out[key + ".dora_scale"] = m.op.params["dora_scale"]
     return out

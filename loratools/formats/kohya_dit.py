@@ -1,8 +1,10 @@
 """kohya LoRAs for DiT families that sd-scripts trains on the original checkpoint (`archs.fused.Layout`):
-Flux.1 (networks/lora_flux.py: `lora_unet_double_blocks_0_img_attn_qkv`, CLIP-L `lora_te1_`, T5 `lora_te3_`)
-and SD3/3.5 (networks/lora_sd3.py: `lora_unet_joint_blocks_0_x_block_attn_qkv`, CLIP-L / CLIP-G / T5 as
-`lora_te1_` / `lora_te2_` / `lora_te3_`). The transformer's LoRAs are split exactly onto the diffusers modules
-when read and fused back when written; the text encoders resolve against the family's manifest (or the base).
+Flux.1 (networks/lora_flux.py: `lora_unet_double_blocks_0_img_attn_qkv`, CLIP-L `lora_te1_`, T5 `lora_te3_`),
+SD3/3.5 (networks/lora_sd3.py: `lora_unet_joint_blocks_0_x_block_attn_qkv`, CLIP-L / CLIP-G / T5 as
+`lora_te1_` / `lora_te2_` / `lora_te3_`) and Wan 2.x (musubi-tuner: `lora_unet_blocks_0_self_attn_q`). The
+transformer's LoRAs are split exactly onto the diffusers modules when read and fused back when written; the
+text encoders resolve against the family's manifest (or the base). Also read: Flux transformers in diffusers'
+names flattened (OneTrainer `lora_transformer_…` with T5 as `lora_te2_`, older ai-toolkit `lora_unet_…`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,19 @@ def layout_of(groups, metadata: Dict[str, str]) -> Optional[Layout]:
     fam = from_metadata(metadata)
     if not originals and fam and fam[0] in dit.BY_FAMILY:  # text encoders only: the metadata names the family
         return dit.BY_FAMILY[fam[0]]
+    # diffusers' names flattened (SD3's original `context_embedder` is also Flux's diffusers name): most names win
+    flat = {lay: sum(1 for ln in groups if _flat_diffusers(lay, ln)) for lay in dit.LAYOUTS}
+    best = max(dit.LAYOUTS, key=flat.get)
+    if flat[best] > (sum(1 for n in names if found.lookup(n)) if found else 0):
+        return best
     return found
+
+
+def _flat_diffusers(layout: Layout, lora_name: str) -> List[str]:
+    """The transformer modules of the layout's manifest a name under a transformer alias prefix (OneTrainer's
+    `lora_transformer_`) flattens."""
+    prefix = next((p for p, c in layout.kohya_read.items() if c == COMPONENT and lora_name.startswith(p)), None)
+    return NameMap.from_manifest(layout.manifest).resolve(COMPONENT, lora_name[len(prefix):]) if prefix else []
 
 
 def read_original(groups, layout: Layout, metadata, path, base, allow_unmatched, keep_unmatched) -> LoraAdapter:
@@ -39,8 +53,8 @@ def read_original(groups, layout: Layout, metadata, path, base, allow_unmatched,
     for lora_name in sorted(groups):
         parts = groups[lora_name]
         original = layout.unflatten(lora_name[len(UNET):]) if lora_name.startswith(UNET) else None
-        prefix = next((p for p in layout.kohya_te if lora_name.startswith(p)), None)
-        hits = nm.resolve(layout.kohya_te[prefix], lora_name[len(prefix):]) if prefix else []
+        prefix = next((p for p in layout.kohya_read if lora_name.startswith(p)), None)
+        hits = nm.resolve(layout.kohya_read[prefix], lora_name[len(prefix):]) if prefix else []
         if original:
             mods = layout.from_original(original, build_module(f"transformer.{original}", lora_name, parts, path))
         elif len(hits) == 1:
@@ -86,6 +100,8 @@ def original_items(adapter: LoraAdapter, layout: Layout) -> List[Tuple[str, Lora
         if comp == COMPONENT and layout.lookup(local):  # kept on its original module (a DoRA per input column)
             items.append((UNET + local.replace(".", "_"), m, dtypes.get(UNET + local.replace(".", "_"))))
             continue
+        if comp == COMPONENT:
+            raise layout.not_covered(m.name)
         if comp not in back or not local:
             raise IncompatibleError(f"module {m.name}: a kohya {layout.family} LoRA holds the transformer and "
                                     f"{', '.join(back)} only")
