@@ -25,8 +25,8 @@ _VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("wan
                   ("stable-diffusion-3", SD3), ("v3", SD3), ("v2", SD2), ("sd2", SD2), ("v1", SD1), ("sd1", SD1))
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
-               ("joint_blocks", SD3), ("context_block", SD3), ("transformer.blocks.", WAN),
-               ("transformer.condition_embedder.", WAN),
+               ("joint_blocks", SD3), ("context_block", SD3), ("transformer.pos_embed.", SD3),
+               ("transformer.blocks.", WAN), ("transformer.condition_embedder.", WAN),
                ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
 
 # DiT families that share diffusers' transformer names (`transformer_blocks.N.attn.to_q` …): a LoRA on
@@ -56,6 +56,8 @@ def from_modules(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]
         for mark, fam in _NAME_MARKS:
             if mark in name and not (dit and fam == SDXL):
                 return fam, f"module {name}"
+        if name.startswith("transformer.transformer_blocks.") and ".attn2." in name:  # SD3.5's dual attention
+            return SD3, f"module {name}"
     found = from_transformer_shapes(shapes)
     if found:
         return found
