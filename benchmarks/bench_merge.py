@@ -159,7 +159,7 @@ def profile(n: int, base: str, adapter: str, out: str) -> None:
               + f"  {what}")
     busy = sum(med.get(k + " cpu", 0.0) for k in ("read", "compute", "write", "copy"))
     print(f"  workers' CPU {busy:.3f} s = {busy / med['workers']:.3f} s per worker thread; the timers' own cost "
-          "inflates wall times (they take the GIL), so trust the cpu column and the uninstrumented work time above")
+          "can inflate wall times (they take the GIL): the cpu column and the uninstrumented work time above hold")
 
 
 def main() -> None:
