@@ -6,7 +6,6 @@ memory at a time), keeping the shard layout and index and copying the folder's o
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import glob
