@@ -8,7 +8,9 @@ names, as ComfyUI saves them and as ai-toolkit and BFL tools write Flux LoRAs:
 
 Flux's transformer modules are split exactly onto the diffusers modules when read (`archs.flux`)
 and fused back when written. ComfyUI loads every key of this form; diffusers' Flux loader reads
-the transformer and CLIP-L keys (it drops T5 ones with a log line).
+the transformer and CLIP-L keys (it drops T5 ones with a log line). Qwen-Image's original names are
+diffusers' (`diffusion_model.transformer_blocks.0.img_mlp.net.0.proj`, also unprefixed as Lightning LoRAs
+have them, and PEFT's `lora_A.default.weight` as DiffSynth-Studio saves them): a rename (`archs.qwen`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
-from ..archs import canonical, flux
+from ..archs import canonical, flux, qwen
 from ..errors import FormatError, IncompatibleError
 from . import _single
 from .record import Format
@@ -26,7 +28,7 @@ from .record import Format
 DIFFUSION = "diffusion_model."
 TEXT_ENCODERS = flux.TEXT_ENCODERS
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
-         ".alpha": "alpha", ".dora_scale": "dora"}
+         ".lora_A.default.weight": "down", ".lora_B.default.weight": "up", ".alpha": "alpha", ".dora_scale": "dora"}
 
 
 def parse_key(key: str) -> Optional[Tuple[str, str, str]]:
@@ -38,17 +40,17 @@ def parse_key(key: str) -> Optional[Tuple[str, str, str]]:
     module = key[: -len(next(s for s in ROLES if key.endswith(s)))]
     if module.startswith(DIFFUSION):
         local = module[len(DIFFUSION):]
-        return ("transformer", local, role) if flux.lookup(local) else None
+        return ("transformer", local, role) if flux.lookup(local) or qwen.is_name(local) else None
     for prefix, comp in TEXT_ENCODERS.items():
         if module.startswith(prefix) and len(module) > len(prefix):
             return comp, module[len(prefix):], role
-    return ("transformer", module, role) if flux.lookup(module) else None  # bare BFL names
+    return ("transformer", module, role) if flux.lookup(module) or qwen.is_name(module) else None  # bare names
 
 
 def detect(path: str) -> bool:
     keys = _single.peek_keys(path)
-    return bool(keys) and all(parse_key(k) for k in keys) and any(k.endswith(("down.weight", "_A.weight"))
-                                                                   for k in keys)
+    parsed = [parse_key(k) for k in keys]
+    return bool(keys) and all(parsed) and any(p[2] == "down" for p in parsed)
 
 
 def read(path: str) -> LoraAdapter:
@@ -69,6 +71,7 @@ def read(path: str) -> LoraAdapter:
         raise FormatError(f"{path}: {len(bad)} key(s) that are no original-names LoRA tensor: {', '.join(bad[:8])}")
     adapter = LoraAdapter(format="comfyui", metadata=metadata)
     alpha_dtypes = {}
+    as_qwen = qwen.is_layout((local for comp, local in groups if comp == "transformer"), flux.lookup)
     for (comp, local), parts in sorted(groups.items()):
         for role in ("down", "up"):
             if role not in parts:
@@ -78,7 +81,9 @@ def read(path: str) -> LoraAdapter:
         alpha = _single.scalar(parts["alpha"], f"{path}: {local}.alpha") if "alpha" in parts else None
         down, up = parts["down"], parts["up"]
         kind = "conv" if down.dim() == 4 else "linear"
-        if comp == "transformer":
+        if comp == "transformer" and as_qwen and qwen.is_name(local):
+            mods = [LoraModule(f"transformer.{local}", down, up, alpha or None, kind)]
+        elif comp == "transformer":
             mods = flux.from_original(local, LoraModule(f"transformer.{local}", down, up, alpha or None, kind))
         else:
             mods = [LoraModule(canonical(f"{comp}.{local}"), down, up, alpha or None, kind)]
@@ -96,11 +101,14 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     if adapter.extra:
         raise IncompatibleError(f"original-names LoRA files cannot hold full tensors "
                                 f"({', '.join(sorted(adapter.extra)[:4])}); write peft instead")
-    other = flux.other_family(adapter)
-    if other:
-        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1 transformers only; "
-                                "write diffusers or peft")
-    fused, rest = flux.to_original(list(adapter))
+    if qwen.transformer_only(adapter, "ComfyUI"):  # Qwen-Image's original names are its diffusers names
+        fused, rest = {m.name.partition(".")[2]: m for m in adapter}, []
+    else:
+        other = flux.other_family(adapter)
+        if other:
+            raise IncompatibleError(f"{other}: loratools writes original names for Flux.1 and Qwen-Image "
+                                    "transformers only; write diffusers or peft")
+        fused, rest = flux.to_original(list(adapter))
     dtypes = adapter.config.get("alpha_dtypes", {})
     items = [(DIFFUSION + original, f"transformer.{original}", m) for original, m in fused.items()]
     back = {c: p for p, c in TEXT_ENCODERS.items()}

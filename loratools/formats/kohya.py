@@ -20,7 +20,7 @@ import torch
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
-from ..archs import KOHYA_PREFIXES, NameMap, canonical, flux, resolve_kohya, split_kohya
+from ..archs import KOHYA_PREFIXES, NameMap, canonical, flux, qwen, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
 from ..lycoris_algos import Transform
 from . import _single
@@ -126,9 +126,11 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
         raise FormatError(f"{path}: {len(other)} key(s) that are no kohya LoRA tensor: {', '.join(sorted(other)[:8])}")
     if not groups:
         raise FormatError(f"{path}: no LoRA modules")
-    if is_flux(groups):
+    as_qwen = qwen.is_kohya(groups)  # musubi-tuner's Qwen-Image names (its `img_in` is also a Flux name)
+    if is_flux(groups) and not as_qwen:
         return read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched)
-    mapping, unmatched, nm = resolve(list(groups), path, base, allow_unmatched, keep_unmatched)
+    names_from = qwen.kohya_map(base) if as_qwen else base
+    mapping, unmatched, nm = resolve(list(groups), path, names_from, allow_unmatched, keep_unmatched)
     adapter = LoraAdapter(format="kohya", metadata=metadata)
     keys, alpha_dtypes, dora_shapes = {}, {}, {}
     for lora_name in sorted(groups):
@@ -211,6 +213,8 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
     """Real module name -> kohya lora_name: the one read, else flattened from the name."""
     read_keys = adapter.config.get("keys", {})
     comps = {m.name.split(".", 1)[0] for m in adapter}
+    # musubi-tuner writes Qwen-Image's transformer as lora_unet_<its names>; diffusers and ComfyUI read them
+    prefixes = {"transformer": "lora_unet_"} if qwen.transformer_only(adapter, "kohya") else WRITE_PREFIXES
     out: Dict[str, str] = {}
     for m in adapter:
         comp, _, rest = canonical(m.name).partition(".")
@@ -220,14 +224,14 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
                 ln = ln[: len(ln) - len(split_kohya(ln)[1])] + rest.replace(".", "_")
             out[m.name] = ln
             continue
-        if comp not in WRITE_PREFIXES or not rest:
+        if comp not in prefixes or not rest:
             why = ("kohya names DiT transformers by their original checkpoint names, which loratools maps for "
                    "Flux.1 only (not SD3 or Wan yet); write diffusers or peft instead" if comp == "transformer" else
                    "its modules are one model's: write peft, or first name the component with "
                    "`loratools convert ADAPTER --component unet --to kohya`")
             raise IncompatibleError(f"module {m.name}: kohya needs a pipeline component prefix "
                                     f"({', '.join(WRITE_PREFIXES)}); {why}")
-        prefix = WRITE_PREFIXES[comp]
+        prefix = prefixes[comp]
         if comp == "text_encoder" and "text_encoder_2" in comps:
             prefix = "lora_te1_"
         out[m.name] = prefix + rest.replace(".", "_")
