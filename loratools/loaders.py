@@ -13,6 +13,10 @@ of their loaders, restated here (not their code):
   `…attn1.to_q` key matches nothing and is skipped with a warning, not loaded.
 - ComfyUI-form files (original checkpoint names, `diffusion_model.…`): ComfyUI loads them all;
   diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones.
+- Qwen-Image (diffusers' Qwen loader; ComfyUI's QwenImage key map): diffusers converts kohya/musubi
+  (`lora_unet_…`), `diffusion_model.` and unprefixed names itself, folding each module's own alpha, and
+  drops DoRA scales; ComfyUI maps `diffusion_model.`, `lora_unet_`, `transformer.` and bare names but takes
+  alphas from `.alpha` keys only (a diffusers file's `lora_adapter_metadata` alphas are ignored: scale 1).
 - A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file.
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
@@ -25,7 +29,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
-from .archs import COMPONENTS
+from .archs import COMPONENTS, qwen
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
 COMFY_ALGOS = {"lora", "loha", "lokr", "glora", "full"}
@@ -107,6 +111,28 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
     return False, "ComfyUI loads one file: convert --to kohya"
 
 
+def _qwen_diffusers(adapter: LoraAdapter, algos: set) -> Tuple[bool, str]:
+    if adapter.format == "peft_diffusion":
+        return False, "load_lora_weights takes one file: convert --to diffusers"
+    if algos - {"lora"}:
+        return False, f"no {'/'.join(sorted(algos - {'lora'}))} conversion: convert --to diffusers --rank K"
+    if adapter.is_dora:
+        return False, "its Qwen-Image loader drops DoRA scales: merge with loratools instead"
+    return True, "Qwen-Image names, each module's alpha folded on load"
+
+
+def _qwen_comfy(adapter: LoraAdapter, algos: set) -> Tuple[bool, str]:
+    if adapter.format not in ("kohya", "lycoris", "comfyui", "diffusers"):
+        return False, "ComfyUI loads one file: convert --to comfyui"
+    if algos - COMFY_ALGOS:
+        return False, f"no key rule for {'/'.join(sorted(algos - COMFY_ALGOS))} tensors: convert --to comfyui --rank K"
+    lost = [m.name for m in adapter if m.scale != 1] if "lora_adapter_metadata" in adapter.metadata else []
+    if lost:
+        return False, (f"it ignores lora_adapter_metadata, so {len(lost)} module(s) ({lost[0]} …) get scale 1 "
+                       "instead of alpha/rank: convert --to comfyui")
+    return True, "Qwen-Image names"
+
+
 def _a1111(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
     if not diffusion:
         return False, "A1111/Forge load diffusion-model LoRAs"
@@ -133,6 +159,9 @@ def _llama_cpp(adapter: LoraAdapter, diffusion: bool) -> Tuple[bool, str]:
 def compatibility(adapter: LoraAdapter) -> Dict[str, Dict[str, object]]:
     """{loader: {"ok": bool, "why": str}} for the file `adapter` was read from, in LOADERS order."""
     diffusion, algos = _diffusion(adapter), _algorithms(adapter)
-    results = (_peft(adapter, diffusion), _diffusers(adapter, diffusion, algos), _comfy(adapter, diffusion, algos),
+    qwen_image = diffusion and qwen.is_qwen(adapter)  # its loaders take every layout of its names
+    results = (_peft(adapter, diffusion),
+               _qwen_diffusers(adapter, algos) if qwen_image else _diffusers(adapter, diffusion, algos),
+               _qwen_comfy(adapter, algos) if qwen_image else _comfy(adapter, diffusion, algos),
                _a1111(adapter, diffusion, algos), _llama_cpp(adapter, diffusion))
     return {name: {"ok": ok, "why": why} for name, (ok, why) in zip(LOADERS, results)}
