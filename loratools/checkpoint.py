@@ -15,7 +15,7 @@ import os
 import queue
 import shutil
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -137,6 +137,18 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         with SafetensorsFile(os.path.join(self.folder, self.shard_of[name])) as f:
             return f.read(name)
+
+    def read_many(self, names) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(name, tensor) for each of `names` held here, one shard open at a time and one reused read
+        buffer: a tensor is valid only until the next one is yielded."""
+        wanted = {n for n in names if n in self.infos}
+        scratch = safetensors_io.ScratchBuffer()
+        for shard in self.shards:
+            todo = [n for n in self.infos if n in wanted and self.shard_of[n] == shard]
+            if todo:
+                with SafetensorsFile(os.path.join(self.folder, shard)) as f:
+                    for name in todo:
+                        yield name, f.read(name, scratch)
 
 
 # weights in other formats that a merge does not touch: copied, they would hand out the unmerged

@@ -19,7 +19,6 @@ from .checkpoint import Checkpoint
 from .dtypes import BASE_FLOATS, FLOATS
 from .errors import (FormatError, IncompatibleError, LoraToolsError, NonFiniteError, ShapeMismatchError)
 from .ops import all_finite
-from .safetensors_io import SafetensorsFile, ScratchBuffer
 
 MAX_SCALE = 16.0  # alpha/r above this is rare in practice (usual: 0.01 .. 4)
 MAX_DELTA_RATIO = 1.0  # an update larger than the weight it changes is almost always a mistake
@@ -193,16 +192,11 @@ def _norm(t: torch.Tensor, per_expert: bool):
 
 
 def _weight_norms(ckpt, targets, stacks=frozenset()) -> dict:
-    """‖W‖ of each target (a tensor of per-expert norms for the expert stacks among them)."""
-    if not isinstance(ckpt, Checkpoint):  # a diffusion base reads its virtual weights itself
-        return {t: _norm(ckpt.read(t), t in stacks) for t in targets}
-    norms, scratch = {}, ScratchBuffer()  # one shard open at a time, one reused read buffer
-    for shard in ckpt.shards:
-        with SafetensorsFile(os.path.join(ckpt.folder, shard)) as f:
-            for name in f.keys():
-                if name in targets:
-                    norms[name] = _norm(f.read(name, scratch), name in stacks)
-    return norms
+    """‖W‖ of each target (a tensor of per-expert norms for the expert stacks among them); bases that
+    read in bulk (one shard open at a time) do so, others read their (virtual) weights one by one."""
+    many = getattr(ckpt, "read_many", None)
+    pairs = many(targets) if many else ((t, ckpt.read(t)) for t in targets)
+    return {name: _norm(t, name in stacks) for name, t in pairs}
 
 
 def check_all(adapter: LoraAdapter, base=None, norms: bool = True) -> List[Finding]:

@@ -13,6 +13,8 @@ from _tiny import foreign_adapters, load_folder, peft_adapter, run_cli as run, s
 from loratools import merge, read_adapter
 from loratools.adapter import LoraAdapter, LoraModule
 from loratools.errors import IncompatibleError, NonFiniteError, ShapeMismatchError
+from loratools import checks, safetensors_io
+from loratools.bases import open_base
 from loratools.checks import check_adapter, check_all, raise_errors
 
 
@@ -98,6 +100,23 @@ def test_update_larger_than_weight_is_flagged_with_base(setup, tmp_path, capsys)
     assert run(capsys, "validate", tmp_path / "huge", "--base", setup / "base", "--strict")[0] == 1
     code, out, _ = run(capsys, "validate", tmp_path / "huge", "--base", setup / "base", "--no-norms")
     assert code == 0
+
+
+def test_norms_read_each_shard_once_and_match_the_weights(setup, monkeypatch):
+    """validate --base on a sharded folder: ‖W‖ from a bulk read (one open per shard, not per weight)
+    equals the norm of the weight itself."""
+    base = open_base(str(setup / "base"))
+    targets = sorted({m.target for m in base.fit(read_adapter(setup / "a"))})
+    opened = []
+    real = safetensors_io.SafetensorsFile.__init__
+    monkeypatch.setattr(safetensors_io.SafetensorsFile, "__init__",
+                        lambda self, path, *a, **k: (opened.append(path), real(self, path, *a, **k))[1])
+    norms = checks._weight_norms(base, set(targets))
+    assert len(opened) == len(set(opened)) and len(set(base.ckpt.shard_of[t] for t in targets)) == len(opened) > 1
+    ref = load_folder(setup / "base")
+    assert sorted(norms) == targets
+    for t in targets:
+        assert torch.allclose(norms[t], torch.linalg.vector_norm(ref[t].float()), rtol=1e-6)
 
 
 def test_merge_runs_the_same_checks_on_adapter_objects(setup, tmp_path):

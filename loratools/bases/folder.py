@@ -43,6 +43,9 @@ class ModelFolderBase:
     def read(self, name: str) -> torch.Tensor:
         return self.ckpt.read(name)
 
+    def read_many(self, names):
+        return self.ckpt.read_many(names)
+
     def plan(self, adapters: Sequence[Tuple[LoraAdapter, float]], out_type: Optional[str] = None) -> MergePlan:
         refuse_out_type(self, out_type)
         return plan_merge(self.ckpt, [(self.fit(a), w) for a, w in adapters])
