@@ -49,8 +49,8 @@ def parse_key(key: str) -> Optional[Tuple[str, str, str]]:
 
 def detect(path: str) -> bool:
     keys = _single.peek_keys(path)
-    parsed = [parse_key(k) for k in keys]
-    return bool(keys) and all(parsed) and any(p[2] == "down" for p in parsed)
+    parsed = [parse_key(k) for k in keys or ()]
+    return bool(parsed) and all(parsed) and any(p[2] == "down" for p in parsed)
 
 
 def read(path: str) -> LoraAdapter:
