@@ -60,11 +60,13 @@ def layout(sd, kind):
         a, b, alpha = sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"], torch.tensor(al[m])
         key, down, up = {"comfy": (f"diffusion_model.{m}", ".lora_down.weight", ".lora_up.weight"),
                          "comfy_ab": (f"diffusion_model.{m}", ".lora_A.weight", ".lora_B.weight"),
-                         "lightning": (m, ".lora_A.weight", ".lora_B.weight"),
+                         "aitoolkit": (f"diffusion_model.{m}", ".lora_A.weight", ".lora_B.weight"),
+                         "lightning": (m, ".lora_down.weight", ".lora_up.weight"),
+                         "bare_ab": (m, ".lora_A.weight", ".lora_B.weight"),
                          "diffsynth": (m, ".lora_A.default.weight", ".lora_B.default.weight"),
                          "musubi": ("lora_unet_" + m.replace(".", "_"), ".lora_down.weight", ".lora_up.weight")}[kind]
         out.update({key + down: a, key + up: b})
-        if kind != "diffsynth":  # DiffSynth-Studio saves PEFT's factors only (alpha = rank)
+        if kind not in ("diffsynth", "aitoolkit"):  # these save PEFT's factors only (alpha = rank)
             out[key + ".alpha"] = alpha
     return out
 
@@ -114,9 +116,10 @@ def test_manifest_names_are_diffusers_qwen_names():
     assert shipped["txt_in"] == [3072, 3584] and shipped["img_in"] == [3072, 64] and shipped["proj_out"] == [64, 3072]
 
 
-@pytest.mark.parametrize("kind", ["comfy", "comfy_ab", "lightning", "diffsynth", "musubi"])
-def test_every_layout_reads_as_diffusers_converts_it(tmp_path, kind):
-    sd = lora_sd(tiny())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["comfy", "comfy_ab", "aitoolkit", "lightning", "bare_ab", "diffsynth", "musubi"])
+def test_every_layout_reads_as_diffusers_converts_it(tmp_path, kind, dtype):
+    sd = {k: v.to(dtype) for k, v in lora_sd(tiny()).items()}
     path = str(tmp_path / f"{kind}.safetensors")
     save_file(layout(sd, kind), path)
     assert detect(path) == ("kohya" if kind == "musubi" else "comfyui")
@@ -125,7 +128,7 @@ def test_every_layout_reads_as_diffusers_converts_it(tmp_path, kind):
     for m in adapter:  # the factors are the file's, the alpha kept beside them
         local = m.name[len("transformer."):]
         assert torch.equal(m.down, sd[f"{local}.lora_A.weight"]) and torch.equal(m.up, sd[f"{local}.lora_B.weight"])
-        assert m.alpha_value == (4 if kind == "diffsynth" else al[local])
+        assert m.alpha_value == (4 if kind in ("diffsynth", "aitoolkit") else al[local])
 
 
 def test_diffusers_layout_and_what_we_write_reads_back_unchanged(tmp_path):
@@ -194,7 +197,7 @@ def _pipeline_folder(root, transformer):
     return root
 
 
-@pytest.mark.parametrize("kind", ["diffusers", "musubi"])
+@pytest.mark.parametrize("kind", ["diffusers", "musubi", "comfy"])
 def test_merge_qwen_pipeline_matches_fuse_lora(tmp_path, kind):
     base = tiny(2)
     root = _pipeline_folder(tmp_path / "qwenpipe", base)
@@ -204,8 +207,8 @@ def test_merge_qwen_pipeline_matches_fuse_lora(tmp_path, kind):
         QwenImagePipeline.save_lora_weights(str(tmp_path / "lora"), transformer_lora_layers=sd)
         lora = str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     else:
-        lora = str(tmp_path / "musubi.safetensors")
-        save_file(layout(sd, "musubi"), lora)
+        lora = str(tmp_path / f"{kind}.safetensors")
+        save_file(layout(sd, kind), lora)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
                              tokenizer=None, transformer=copy.deepcopy(base))
     pipe.load_lora_weights(lora)
