@@ -15,8 +15,10 @@ of their loaders, restated here (not their code):
   diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones.
 - Qwen-Image (diffusers' Qwen loader; ComfyUI's QwenImage key map): diffusers converts kohya/musubi
   (`lora_unet_…`), `diffusion_model.` and unprefixed names itself, folding each module's own alpha, and
-  drops DoRA scales; ComfyUI maps `diffusion_model.`, `lora_unet_`, `transformer.` and bare names but takes
-  alphas from `.alpha` keys only (a diffusers file's `lora_adapter_metadata` alphas are ignored: scale 1).
+  drops DoRA scales and text-encoder modules; a diffusers-named file with `.alpha` keys fails to load there
+  (its converter prefixes `transformer.` twice); ComfyUI maps `diffusion_model.`, `lora_unet_`, `transformer.`
+  and bare names but takes alphas from `.alpha` keys only (a diffusers file's `lora_adapter_metadata` alphas
+  are ignored: scale 1).
 - A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file.
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
@@ -118,6 +120,14 @@ def _qwen_diffusers(adapter: LoraAdapter, algos: set) -> Tuple[bool, str]:
         return False, f"no {'/'.join(sorted(algos - {'lora'}))} conversion: convert --to diffusers --rank K"
     if adapter.is_dora:
         return False, "its Qwen-Image loader drops DoRA scales: merge with loratools instead"
+    others = [m.name for m in adapter if m.name.split(".", 1)[0] != "transformer"]
+    if others:
+        return False, (f"its Qwen-Image loader loads the transformer only ({len(others)} module(s) dropped: "
+                       f"{others[0]} …)")
+    if adapter.format == "diffusers" and "lora_adapter_metadata" not in adapter.metadata and \
+            any(m.alpha is not None for m in adapter):  # alphas from `.alpha` keys
+        return False, ("its Qwen converter renames `transformer.…` modules with .alpha keys to "
+                       "`transformer.transformer.…` and fails: convert --to diffusers (alphas go to its metadata)")
     return True, "Qwen-Image names, each module's alpha folded on load"
 
 

@@ -3,17 +3,19 @@ the family and loaders shown, blends and resizes checked against the dense ΔW a
 `QwenImagePipeline.lora_state_dict`, a Qwen-Image LoRA named as such against a Flux pipeline."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, QwenImagePipeline
 from safetensors.torch import save_file
 
 from _tiny import run_cli as run
 from loratools.archs.family import QWEN
 from loratools.formats import read_adapter, write_adapter
-from test_qwen_image import _pipeline_folder, assert_reads_as_diffusers, layout, lora_sd, tiny
+from test_qwen_image import (_pipeline_folder, alphas, assert_loads_as_ours, assert_reads_as_diffusers, layout, lora_sd,
+                             tiny)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 
@@ -90,3 +92,27 @@ def test_validate_against_qwen_and_flux_pipelines(tmp_path, capsys):
         code, _, err = run(capsys, "merge", flux, path, "-o", tmp_path / "never")
         assert code == 1 and err.startswith("loratools: error: Qwen-Image LoRA, Flux pipeline"), err
     assert not (tmp_path / "never").exists()
+
+
+def test_diffusers_names_with_alpha_keys(tmp_path, capsys):
+    """diffusers 0.42 renames these `transformer.transformer.…` and fails to load them; we read them (ΔW equal
+    to the dense update with the file's alphas), inspect says so, and `--to diffusers` writes what it loads."""
+    model = tiny()
+    sd = lora_sd(model)
+    path = tmp_path / "alpha_keys.safetensors"
+    save_file({**{f"transformer.{k}": v for k, v in sd.items()},
+               **{f"transformer.{m}.alpha": torch.tensor(a) for m, a in alphas(sd).items()}}, str(path))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                             tokenizer=None, transformer=copy.deepcopy(model))
+    with pytest.raises(ValueError, match="not found in the base model"):
+        pipe.load_lora_weights(str(path))
+    adapter = read_adapter(str(path))
+    for m in adapter:
+        local = m.name[len("transformer."):]
+        want = alphas(sd)[local] / 4 * sd[f"{local}.lora_B.weight"].double() @ sd[f"{local}.lora_A.weight"].double()
+        torch.testing.assert_close(_delta(m), want, rtol=1e-12, atol=0, msg=m.name)
+    rep = json.loads(run(capsys, "inspect", path, "--format", "json")[1])["loads_in"]
+    assert not rep["diffusers"]["ok"] and "transformer.transformer." in rep["diffusers"]["why"]
+    out = tmp_path / "fixed"
+    assert run(capsys, "convert", path, "--to", "diffusers", "-o", out, "-q")[0] == 0
+    assert_loads_as_ours(str(out / "pytorch_lora_weights.safetensors"), adapter, model)
