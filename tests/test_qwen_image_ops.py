@@ -87,8 +87,8 @@ def test_validate_against_qwen_and_flux_pipelines(tmp_path, capsys):
     (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     for path in (musubi, comfy):
         code, out, err = run(capsys, "validate", path, "--base", flux)
-        assert code == 1 and out.startswith("error: Qwen-Image LoRA, Flux pipeline (the adapter was made for another"), \
-            (out, err)
+        want = "error: Qwen-Image LoRA, Flux pipeline (the adapter was made for another"
+        assert code == 1 and out.startswith(want), (out, err)
         code, _, err = run(capsys, "merge", flux, path, "-o", tmp_path / "never")
         assert code == 1 and err.startswith("loratools: error: Qwen-Image LoRA, Flux pipeline"), err
     assert not (tmp_path / "never").exists()
