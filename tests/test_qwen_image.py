@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from loratools import merge
 from loratools.adapter import LoraAdapter, LoraModule
@@ -23,6 +23,7 @@ from loratools.archs.family import FLUX, QWEN, adapter_family, pipeline_family
 from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
+from tests._tiny import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -221,3 +222,47 @@ def test_merge_qwen_pipeline_matches_fuse_lora(tmp_path, kind):
         torch.testing.assert_close(got.read(k), v, rtol=1e-5, atol=1e-5, msg=k)
     changed = [k for k, v in base.state_dict().items() if not torch.equal(want[k], v)]
     assert len(changed) == len(modules(sd))
+
+
+def _fused(base, lora):
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                             tokenizer=None, transformer=copy.deepcopy(base))
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora(components=["transformer"])
+    pipe.unload_lora_weights()
+    return pipe.transformer.state_dict()
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_merge_single_file_matches_fuse_lora(tmp_path, capsys, prefix):
+    """Comfy-Org's bare files and ComfyUI-saved ones; fp8 rounded once from the fp32 sum."""
+    base = tiny(4)
+    sd = lora_sd(base, seed=5)
+    lora = str(tmp_path / "musubi.safetensors")
+    save_file(layout(sd, "musubi"), lora)
+    want = _fused(base, lora)
+    weights = base.state_dict()
+    single = tmp_path / "qwen.safetensors"
+    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, str(single))
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q")
+    assert code == 0, err
+    got = load_file(str(out))
+    assert set(got) == {prefix + k for k in want}
+    for k, v in want.items():
+        torch.testing.assert_close(got[prefix + k], v, rtol=1e-5, atol=1e-5, msg=k)
+    fp8 = {prefix + k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in weights.items()}
+    save_file(fp8, str(single))
+    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q", "--overwrite")
+    assert code == 0, err
+    got = load_file(str(out))
+    for k, v in want.items():
+        if v.dim() == 2:  # the fp8 weight plus the fp32 update, rounded once
+            ref = (fp8[prefix + k].float() + (v - weights[k])).to(torch.float8_e4m3fn)
+            assert got[prefix + k].dtype == torch.float8_e4m3fn
+            assert torch.equal(got[prefix + k].float(), ref.float()), k
+    fp8[prefix + "transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(1)  # ComfyUI's scaled fp8
+    save_file(fp8, str(single))
+    code, _, err = run_cli(capsys, "merge", single, lora, "-o", tmp_path / "never.safetensors")
+    assert code == 1 and "scaled-fp8 checkpoint" in err and err.count("\n") == 1
+    assert not (tmp_path / "never.safetensors").exists()

@@ -21,6 +21,8 @@ ARCH = "qwen-image"
 COMPONENT = "transformer"
 KOHYA_PREFIX = "lora_unet_"
 _BLOCKS = "transformer_blocks_"
+# single-file checkpoints: bare (Comfy-Org, diffusers' from_single_file) or as ComfyUI saves them
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "")
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,6 +39,12 @@ def is_layout(locals_: Iterable[str], flux_lookup) -> bool:
     """True when the transformer names of a file are Qwen-Image's: one of them only Qwen-Image has
     (`flux_lookup(name)` is truthy for Flux's original names)."""
     return any(is_name(n) and not flux_lookup(n) for n in locals_)
+
+
+def checkpoint_prefix(keys) -> Optional[str]:
+    """The transformer's key prefix in a single-file Qwen-Image checkpoint, or None if it is not one."""
+    keys = set(keys)
+    return next((p for p in CHECKPOINT_PREFIXES if f"{p}transformer_blocks.0.img_mod.1.weight" in keys), None)
 
 
 def is_kohya(lora_names: Iterable[str]) -> bool:

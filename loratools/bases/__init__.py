@@ -1,14 +1,14 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
 `SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1),
-`GgufBase` (a llama.cpp / Ollama GGUF model), `QuantizedBase` (bitsandbytes 4-bit/8-bit or FP8 model
-folder). `open_base` picks the kind.
+`QwenFileBase` (single-file Qwen-Image), `GgufBase` (a llama.cpp / Ollama GGUF model), `QuantizedBase`
+(bitsandbytes 4-bit/8-bit or FP8 model folder). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
 import os
 
-from ..archs import COMPONENTS, flux
+from ..archs import COMPONENTS, flux, qwen
 from ..archs.ldm import is_ldm_checkpoint
 from ..checkpoint import Checkpoint, model_path
 from ..safetensors_io import SafetensorsFile
@@ -17,11 +17,13 @@ from .flux_file import FluxFileBase
 from .folder import ModelFolderBase
 from .gguf import GgufBase, open_gguf_base
 from .pipeline import PipelineBase
+from .qwen_file import QwenFileBase
 from .quantized import QuantizedBase, is_quantized, read_config
 from .single_file import SingleFileBase
 
 __all__ = ["Base", "MergePlan", "Term", "merge_tensor", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "GgufBase", "QuantizedBase"]
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "QwenFileBase", "GgufBase",
+           "QuantizedBase"]
 
 
 def open_base(base) -> Base:
@@ -40,6 +42,8 @@ def open_base(base) -> Base:
         with SafetensorsFile(path) as f:
             if flux.checkpoint_prefix(f.tensors) is not None:  # before LDM: ComfyUI uses its prefix too
                 return FluxFileBase(path)
+            if qwen.checkpoint_prefix(f.tensors) is not None:
+                return QwenFileBase(path)
             if is_ldm_checkpoint(f.tensors):
                 return SingleFileBase(path)
     ckpt = Checkpoint(path)

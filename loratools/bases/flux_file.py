@@ -8,15 +8,12 @@ files (a per-tensor scale beside each fp8 weight) are refused.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 from ..archs import flux
 from ..archs.family import FLUX
-from ..checkpoint import Checkpoint
-from ..errors import FormatError, IncompatibleError
 from .diffusion import Loc
-from .single_file import SingleFileBase
+from .single_file import SingleFileBase, open_dit_file
 
 
 class FluxFileBase(SingleFileBase):
@@ -25,21 +22,11 @@ class FluxFileBase(SingleFileBase):
     family = FLUX
 
     def __init__(self, path: str):  # reads, writes and shapes as SingleFileBase; names and fit are Flux's
-        self.ckpt = Checkpoint(path)
-        self.path = os.path.join(self.ckpt.folder, self.ckpt.shards[0])
-        prefix = flux.checkpoint_prefix(self.ckpt.infos)
-        if prefix is None:
-            raise FormatError(f"{self.path}: no double_blocks.0.img_attn.qkv.weight; not a Flux.1 checkpoint")
-        scaled = [k for k in self.ckpt.infos if any(m in k for m in flux.SCALED_FP8_MARKS)]
-        if scaled:
-            raise IncompatibleError(f"{self.path}: a scaled-fp8 checkpoint ({scaled[0]}); loratools merges into "
-                                    "bf16/fp16/fp32 and plain float8_e4m3fn/e5m2 Flux files, not scaled ones")
-        self.prefix = prefix
+        open_dit_file(self, path, flux.checkpoint_prefix, "double_blocks.0.img_attn.qkv.weight", "Flux.1")
         self.text_encoders = {c: p for p, c in flux.TEXT_ENCODERS.items()
                               if any(k.startswith(p) for k in self.ckpt.infos)}
         self.kind = "single-file Flux checkpoint"
         self.components = ["transformer"] + list(self.text_encoders)
-        self.folder, self.shards, self.infos = self.path, list(self.ckpt.shards), self.ckpt.infos
 
     def _key(self, name: str) -> Optional[str]:
         comp, _, rest = name.partition(".")
