@@ -8,13 +8,14 @@ import json
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, QwenImagePipeline
+from diffusers import (FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, QwenImagePipeline,
+                       QwenImageTransformer2DModel)
 from safetensors.torch import save_file
 
 from _tiny import run_cli as run
 from loratools.archs.family import QWEN
 from loratools.formats import read_adapter, write_adapter
-from test_qwen_image import (_pipeline_folder, alphas, assert_loads_as_ours, assert_reads_as_diffusers, layout, lora_sd,
+from test_qwen_image import (TINY, _pipeline_folder, alphas, assert_loads_as_ours, assert_reads_as_diffusers, layout, lora_sd,
                              tiny)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -116,3 +117,18 @@ def test_diffusers_names_with_alpha_keys(tmp_path, capsys):
     out = tmp_path / "fixed"
     assert run(capsys, "convert", path, "--to", "diffusers", "-o", out, "-q")[0] == 0
     assert_loads_as_ours(str(out / "pytorch_lora_weights.safetensors"), adapter, model)
+
+
+def test_convert_resolves_kohya_names_from_a_base(tmp_path, capsys):
+    """`--base` resolves musubi-tuner's names from the pipeline's transformer and checks their shapes."""
+    (musubi,) = _files(tmp_path, ("musubi",))
+    root = _pipeline_folder(tmp_path / "qwenpipe", tiny())
+    out = tmp_path / "c.safetensors"
+    code, _, err = run(capsys, "convert", musubi, "--base", root, "--to", "comfyui", "-o", out, "-q")
+    assert code == 0, err
+    assert_reads_as_diffusers(str(out), len(read_adapter(musubi)))
+    wide = QwenImageTransformer2DModel(**{**TINY, "attention_head_dim": 16, "axes_dims_rope": (4, 4, 8)})
+    other = _pipeline_folder(tmp_path / "wider", wide)
+    code, _, err = run(capsys, "convert", musubi, "--base", other, "--to", "comfyui", "-o", tmp_path / "x.safetensors")
+    assert code == 1 and "updates a" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.safetensors").exists()
