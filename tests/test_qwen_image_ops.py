@@ -1,4 +1,4 @@
-"""inspect, blend, resize and validate on Qwen-Image adapters (musubi-tuner's kohya names, ComfyUI's names):
+"""inspect, blend, resize, validate and convert --base on Qwen-Image adapters (musubi-tuner's kohya names, ComfyUI's names):
 the family and loaders shown, blends and resizes checked against the dense ΔW and read back by diffusers'
 `QwenImagePipeline.lora_state_dict`, a Qwen-Image LoRA named as such against a Flux pipeline."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from _tiny import run_cli as run
 from loratools.archs.family import QWEN
 from loratools.formats import read_adapter, write_adapter
-from test_qwen_image import (TINY, _pipeline_folder, alphas, assert_loads_as_ours, assert_reads_as_diffusers, layout, lora_sd,
-                             tiny)
+from test_qwen_image import (TINY, _pipeline_folder, alphas, assert_loads_as_ours, assert_reads_as_diffusers, layout,
+                             lora_sd, tiny)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 
