@@ -1,6 +1,6 @@
 """inspect, blend, resize, validate and convert --base on Qwen-Image adapters (musubi-tuner's kohya names,
-ComfyUI's names): the family and loaders shown, blends and resizes checked against the dense ΔW and read back by diffusers'
-`QwenImagePipeline.lora_state_dict`, a Qwen-Image LoRA named as such against a Flux pipeline."""
+ComfyUI's names): the family and loaders shown, blends and resizes checked against the dense ΔW and read back
+by diffusers' `QwenImagePipeline.lora_state_dict`, a Qwen-Image LoRA named as such against a Flux pipeline."""
 from __future__ import annotations
 
 import copy
