@@ -11,6 +11,7 @@ Qwen-Image has (its blocks, `proj_out`, `norm_out.linear`, `time_text_embed.…`
 from __future__ import annotations
 
 import functools
+import os
 from typing import FrozenSet, Iterable, Optional
 
 from ..errors import IncompatibleError
@@ -54,8 +55,8 @@ def is_kohya(lora_names: Iterable[str]) -> bool:
 
 def kohya_map(base: Optional[str] = None) -> NameMap:
     """Resolves `lora_unet_<flattened name>` to `transformer.<name>`: from the base's transformer when
-    given (a pipeline or transformer folder), else from the shipped manifest."""
-    if base:
+    given (a pipeline or transformer folder), else from the shipped manifest (also for a GGUF model's names)."""
+    if isinstance(base, (str, os.PathLike)):
         modules, _ = base_modules(base)
         source = f"base {base}"
     else:
