@@ -282,9 +282,12 @@ def _one_core_for_io():
 def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
                  out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None,
                  unchanged: Optional[Callable[[str], bool]] = None,
-                 scratch: Optional[safetensors_io.ScratchBuffer] = None) -> int:
+                 scratch: Optional[safetensors_io.ScratchBuffer] = None, stream=None) -> int:
     """Stream one safetensors file through `transform` into `dst` (same names, order and metadata);
-    see `rewrite`. Returns the bytes of tensor data written."""
+    see `rewrite`. Returns the bytes of tensor data written. `stream`: a `cuda_pipeline.DevicePipeline`
+    that merges the changed tensors on a GPU instead (the one place a merge leaves the host)."""
+    if stream is not None:
+        return stream.rewrite_file(src, dst, transform, out_dtype, on_tensor, unchanged)
     scratch = scratch if scratch is not None else safetensors_io.ScratchBuffer()
     with SafetensorsFile(src) as f, _one_core_for_io():
         names = f.keys()
@@ -314,7 +317,7 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
             out_dtype: Callable[[str], torch.dtype],
             on_tensor: Optional[Callable[[str], None]] = None,
             copy_others: bool = True,
-            unchanged: Optional[Callable[[str], bool]] = None) -> List[str]:
+            unchanged: Optional[Callable[[str], bool]] = None, stream=None) -> List[str]:
     """Write `transform(name, tensor)` for every tensor into `dst_folder`, shard by shard.
 
     `out_dtype(name)` must say up front what dtype each output tensor will have, so the
@@ -322,13 +325,13 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
     Tensors for which `unchanged(name)` is true (and whose dtype stays) are copied byte for byte
     without being read into memory. The tensor handed to `transform` lives in a reused buffer:
     it is valid only until `transform` returns (copy it to keep it). Returns what
-    `copy_other_files` left out.
+    `copy_other_files` left out. `stream`: see `rewrite_file`.
     """
     total = 0
     scratch = safetensors_io.ScratchBuffer()
     for shard in ckpt.shards:
         total += rewrite_file(os.path.join(ckpt.folder, shard), os.path.join(dst_folder, shard),
-                              transform, out_dtype, on_tensor, unchanged, scratch)
+                              transform, out_dtype, on_tensor, unchanged, scratch, stream)
     if ckpt.index is not None:
         index = dict(ckpt.index)
         index["metadata"] = dict(index.get("metadata") or {}, total_size=total)

@@ -39,6 +39,11 @@ class OutputExistsError(LoraToolsError, FileExistsError):
 class NonFiniteError(LoraToolsError, ArithmeticError):
     """A result contains NaN or Inf; nothing was written."""
 
+    @classmethod
+    def merged(cls, name: str, dtype) -> "NonFiniteError":
+        return cls(f"merging into {name} produced NaN or Inf in {dtype}; nothing was written "
+                   "(check the adapter and the weights)")
+
 
 class HubError(LoraToolsError, OSError):
     """The Hugging Face Hub refused or could not be reached."""

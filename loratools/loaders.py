@@ -13,13 +13,18 @@ of their loaders, restated here (not their code):
   `…attn1.to_q` key matches nothing and is skipped with a warning, not loaded.
 - ComfyUI-form files (original checkpoint names, `diffusion_model.…`): ComfyUI loads them all;
   diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones.
+- diffusers' Wan converters (0.42): the ComfyUI form raises on an `.alpha` beside a module outside the
+  blocks (embedders, head); musubi-tuner's `lora_unet_blocks_N_…` form needs every block 0…N-1 with
+  all its linears (10; 12 with I2V's k_img/v_img), each with an alpha, and nothing else.
+- diffusers reads XLabs files (ComfyUI's own key map does not) and OneTrainer's Flux names
+  (`lora_transformer_…`) for attention, global and CLIP-L (`lora_te1_`) modules only.
 - Qwen-Image (diffusers' Qwen loader; ComfyUI's QwenImage key map): diffusers converts kohya/musubi
   (`lora_unet_…`), `diffusion_model.` and unprefixed names itself, folding each module's own alpha, and
   drops DoRA scales and text-encoder modules; a diffusers-named file with `.alpha` keys fails to load there
   (its converter prefixes `transformer.` twice); ComfyUI maps `diffusion_model.`, `lora_unet_`, `transformer.`
   and bare names but takes alphas from `.alpha` keys only (a diffusers file's `lora_adapter_metadata` alphas
   are ignored: scale 1).
-- A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file.
+- A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file; no Wan (video).
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
   and has no DoRA magnitudes.
@@ -31,7 +36,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
-from .archs import COMPONENTS, qwen
+from .archs import COMPONENTS, qwen, wan
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
 COMFY_ALGOS = {"lora", "loha", "lokr", "glora", "full"}
@@ -73,7 +78,39 @@ def _lost_alphas(adapter: LoraAdapter) -> List[str]:
     return lost
 
 
+def _wan_diffusers(adapter: LoraAdapter) -> Tuple[bool, str]:
+    """diffusers' Wan converters on a file in Wan's original (ComfyUI) or musubi-tuner names."""
+    read_alphas = adapter.config.get("alpha_dtypes", {})
+    outside = [m.name for m in adapter if not wan.is_block_module(wan.original_name(m.name) or "")]
+    if adapter.format == "comfyui":
+        bad = [n for n in outside if n in read_alphas]
+        return ((False, f"it raises on the .alpha of {len(bad)} module(s) outside the blocks ({bad[0]} …): "
+                        "convert --to diffusers") if bad else (True, "original names, converted on load"))
+    counts = Counter(int(m.name.split(".")[2]) for m in adapter if m.name not in outside)  # transformer.blocks.N.…
+    i2v = any(n.endswith("add_k_proj") for n in adapter.modules)
+    full = (not outside and sorted(counts) == list(range(len(counts)))
+            and set(counts.values()) == {12 if i2v else 10} and all(m.name in read_alphas for m in adapter))
+    return ((True, "musubi-tuner names, converted on load") if full else
+            (False, "its musubi-tuner conversion needs every block's linears, each with an alpha, and nothing "
+                    "else: convert --to diffusers (or --to comfyui)"))
+
+
+def _onetrainer_diffusers(names) -> Tuple[bool, str]:
+    """diffusers' reading of OneTrainer's Flux names (`lora_transformer_…`, its "mixture" conversion)."""
+    bad = [n for n in names if not (n.startswith("lora_transformer_") and ("_attn_" in n or "blocks_" not in n)
+                                    or n.startswith("lora_te1_text_model_encoder_layers_"))]
+    return ((False, f"its OneTrainer conversion maps attention, global and CLIP-L modules only ({bad[0]} …): "
+                    "convert --to diffusers") if bad else (True, "OneTrainer names, converted on load"))
+
+
 def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
+    if adapter.format in ("kohya", "comfyui") and wan.is_wan(adapter):
+        return _wan_diffusers(adapter)
+    if adapter.format == "xlabs":
+        return True, "XLabs names, converted on load"
+    flux_names = adapter.config.get("flux_keys") or {}
+    if adapter.format == "kohya" and any(n.startswith("lora_transformer_") for n in flux_names):
+        return _onetrainer_diffusers(flux_names)
     if not diffusion:
         return False, "load_lora_weights is for diffusion pipelines"
     if adapter.format == "peft_diffusion":
@@ -110,6 +147,8 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         return True, "diffusers names its map lists"
     if adapter.format == "comfyui":
         return True, "original checkpoint names"
+    if adapter.format == "xlabs":
+        return False, "its key map has no XLabs names (XLabs' own nodes read them): convert --to comfyui"
     return False, "ComfyUI loads one file: convert --to kohya"
 
 
@@ -146,6 +185,8 @@ def _qwen_comfy(adapter: LoraAdapter, algos: set) -> Tuple[bool, str]:
 def _a1111(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
     if not diffusion:
         return False, "A1111/Forge load diffusion-model LoRAs"
+    if wan.is_wan(adapter):
+        return False, "A1111/Forge have no Wan (video) models"
     if adapter.format in ("kohya", "lycoris") and algos <= COMFY_ALGOS:
         return True, "kohya names"
     return False, "A1111/Forge read kohya names (lora_unet_…, lora_te_…): convert --to kohya"

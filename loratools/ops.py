@@ -6,8 +6,10 @@ also the oracle the kernel tests compare against.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
-from typing import Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 
@@ -94,12 +96,38 @@ def merge_(weight: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[to
     return merge_reference_(weight, ups, downs, coeffs)
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf. aminmax propagates NaN and is several times faster
-    than isfinite().all() on bf16 CPU tensors."""
+# set by `deferred_checks()`: all_finite then records a flag instead of reading it back
+_DEFERRED: contextvars.ContextVar = contextvars.ContextVar("loratools_deferred_checks", default=None)
+
+
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on t's device, True when no element is NaN or ±Inf (no host sync).
+    aminmax propagates NaN and is several times faster than isfinite().all() on bf16 CPU tensors."""
     if t.numel() == 0 or not t.is_floating_point():
-        return True
+        return torch.ones((), dtype=torch.bool, device=t.device)
     if t.dtype in FP8:  # no aminmax for fp8; e4m3fn has no Inf, an overflow is NaN
-        return bool(torch.isfinite(t.float()).all())
+        return torch.isfinite(t.float()).all()
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf. Inside `deferred_checks()`, the flag is recorded for
+    the caller to read later and this returns True (reading it now would wait for the GPU)."""
+    pending = _DEFERRED.get()
+    if pending is not None:
+        pending.append(finite_flag(t))
+        return True
+    return bool(finite_flag(t))
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[List[torch.Tensor]]:
+    """Within it, `all_finite` appends its flag to the yielded list and answers True: the CUDA merge
+    pipeline reads the flags back with the merged tensor, so queueing work never waits for the GPU."""
+    flags: List[torch.Tensor] = []
+    token = _DEFERRED.set(flags)
+    try:
+        yield flags
+    finally:
+        _DEFERRED.reset(token)

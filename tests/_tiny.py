@@ -80,6 +80,14 @@ def save_state_dict_folder(module: nn.Module, folder: str) -> str:
     return folder
 
 
+def conv_model_and_adapter(root) -> None:
+    """`root/base`: a TinyConvNet state-dict folder; `root/a`: a PEFT LoRA on its convs and head."""
+    torch.manual_seed(0)
+    net = TinyConvNet()
+    save_state_dict_folder(net, str(root / "base"))
+    peft_adapter(net, str(root / "a"), target_modules=["conv1", "conv2", "head"], r=3, lora_alpha=6)
+
+
 def load_folder(folder: str) -> dict:
     """All tensors of a (sharded) safetensors folder, read with the safetensors package (an oracle)."""
     from safetensors.torch import load_file

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import _formats_models as M
+from _late_backend import use_late_backend
 from loratools.cli.main import main
 from loratools.errors import LoraToolsError
+from loratools.bases.core import streamable
 from loratools.formats import detect, read_adapter
 from loratools.merging import merge
 
@@ -186,3 +188,19 @@ def test_dry_run_refuses_an_unfactored_transform_like_the_write(base, tmp_path, 
         err = capsys.readouterr().err
         assert "--rank" in err and err.count("\n") == 1, err
         assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("algo", ["ia3", "diag-oft", "full", "loha", "lokr"])
+def test_gpu_merge_streams_factored_updates_and_keeps_transforms_on_the_host(algo, base, tmp_path, monkeypatch):
+    """merge --device cuda (on a CPU stand-in for CUDA): LoHa/LoKr, factored into LoRA, stream through
+    the GPU pipeline; transforms of W (IA³, OFT …) merge on the host, whose tensors they hold."""
+    made = use_late_backend(monkeypatch)
+    path = _saved(algo, 7, str(tmp_path / f"{algo}.safetensors"))
+    merge(base, [path], str(tmp_path / "cpu"), device="cpu")
+    plan = merge(base, [path], str(tmp_path / "gpu"), device="cuda")
+    f = "unet/diffusion_pytorch_model.safetensors"
+    with open(os.path.join(tmp_path, "cpu", f), "rb") as a, open(os.path.join(tmp_path, "gpu", f), "rb") as b:
+        assert a.read() == b.read()
+    streamed = [n for n in plan.terms if streamable(plan, n)]
+    assert sum(b.h2d for b in made) == len(streamed)
+    assert bool(streamed) == (algo in ("loha", "lokr")), streamed

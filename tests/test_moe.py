@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ from safetensors.torch import save_file
 from transformers import (GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM)
 
+from _late_backend import use_late_backend
 from _tiny import load_folder, peft_adapter, run_cli as run, save_base
 from loratools import read_adapter, write_adapter
+from loratools.merging import merge
 
 EXPERTS = 4
 TARGET_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -96,6 +99,19 @@ def test_merge_matches_peft(moe, tmp_path, capsys):
     changed = [k for k in want if not torch.equal(want[k], load_folder(root / "base")[k])]
     assert any("experts" in k for k in changed) and any("q_proj" in k for k in changed)
     assert_same(got, want)
+
+
+def test_merge_streamed_on_the_gpu_path(moe, tmp_path, monkeypatch):
+    """merge --device cuda (on a CPU stand-in for CUDA, tests/_late_backend.py): the expert stacks,
+    merged slice by slice, stream through the GPU pipeline to PEFT's result and the CPU merge's bytes."""
+    kind, model, root, want = moe
+    made = use_late_backend(monkeypatch)
+    merge(root / "base", [root / "lora"], tmp_path / "cpu", device="cpu")
+    plan = merge(root / "base", [root / "lora"], tmp_path / "gpu", device="cuda")
+    assert sum(b.h2d for b in made) == len(plan.terms) and any("experts" in n for n in plan.terms)
+    assert_same(load_folder(tmp_path / "gpu"), want)
+    for f in os.listdir(tmp_path / "cpu"):
+        assert (tmp_path / "gpu" / f).read_bytes() == (tmp_path / "cpu" / f).read_bytes(), f
 
 
 def test_merge_undo_and_validate(moe, tmp_path, capsys):

@@ -266,3 +266,18 @@ def test_merge_single_file_matches_fuse_lora(tmp_path, capsys, prefix):
     code, _, err = run_cli(capsys, "merge", single, lora, "-o", tmp_path / "never.safetensors")
     assert code == 1 and "scaled-fp8 checkpoint" in err and err.count("\n") == 1
     assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_attention_only_kohya_names_need_the_metadata(tmp_path):
+    """Older ai-toolkit flattens Flux's diffusers names as musubi-tuner flattens Qwen-Image's: attention on the
+    first blocks alone is Flux's unless the metadata says Qwen-Image."""
+    sd = {k: v for k, v in lora_sd(tiny()).items() if ".attn.to_" in k}
+    path = tmp_path / "attn.safetensors"
+    for metadata, original in ((None, "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"),
+                               ({"ss_architecture": "qwen_image"},
+                                "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight")):
+        save_file(layout(sd, "musubi"), str(path), metadata=metadata)
+        adapter = read_adapter(str(path))
+        assert (adapter_family(adapter) or (None,))[0] == (QWEN if metadata else None)
+        out = write_adapter(adapter, tmp_path / "c.safetensors", format="comfyui", overwrite=True)
+        assert original in load_file(out)

@@ -4,6 +4,7 @@ a merge into a tiny Wan pipeline folder against `load_lora_weights` + `fuse_lora
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -95,15 +96,23 @@ def test_merge_wan_pipeline_matches_fuse_lora(tmp_path):
     assert len(changed) == len(TARGETS) * TINY["num_layers"]
 
 
-def test_wan_is_not_renamed_into_flux_names(tmp_path):
+def test_wan_is_written_under_wan_names_not_flux_names(tmp_path):
     torch.manual_seed(0)
     folder, _ = _lora_file(tmp_path, WanTransformer3DModel(**TINY))
-    adapter = read_adapter(str(folder / "pytorch_lora_weights.safetensors"))
-    for fmt, why in (("kohya", "Flux.1 only"), ("comfyui", "Wan LoRA")):
-        out = tmp_path / f"x.{fmt}.safetensors"
-        with pytest.raises(IncompatibleError, match=why):
-            write_adapter(adapter, out, format=fmt)
-        assert not out.exists()
+    path = str(folder / "pytorch_lora_weights.safetensors")
+    adapter = read_adapter(path)
+    for fmt, key in (("kohya", "lora_unet_blocks_0_self_attn_q.lora_down.weight"),
+                     ("comfyui", "diffusion_model.blocks.0.self_attn.q.lora_down.weight")):
+        out = write_adapter(adapter, tmp_path / f"x.{fmt}.safetensors", format=fmt)
+        keys = Checkpoint(out).infos
+        assert key in keys and not any("double_blocks" in k or "attn1" in k for k in keys)
+        back = read_adapter(out)  # the same modules, factors and scales
+        assert all(torch.equal(m.up, adapter.modules[m.name].up) and m.scale == 1.5 for m in back)
+    adapter.add(dataclasses.replace(next(iter(adapter)), name="transformer.blocks.0.norm2"))
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(IncompatibleError, match="blocks.0.norm2: Wan's original"):
+        write_adapter(adapter, out, format="comfyui")
+    assert not out.exists()
 
 
 def test_inspect_shows_wan(tmp_path, capsys):

@@ -1,10 +1,13 @@
 // CUDA kernel for loratools::merge_: W += sum_i c_i B_i A_i in one pass over W.
 //
-// The adapters are concatenated once per call into fp32 buffers on the device, Bc [rows, R]
-// (c_i folded in) and Ac [R, cols]; they are small next to W. Each thread block then owns a
-// 64 x 128 tile of W: it stages 16-deep slices of Bc and Ac in shared memory, accumulates the
-// rank-R product in registers (4 rows x 8 columns per thread), and only then reads its W values,
-// adds, rounds once (RNE) and writes them back, with 128-bit accesses where aligned.
+// Several adapters are concatenated once per call into fp32 buffers on the device, Bc [rows, R]
+// (c_i folded in) and Ac [R, cols]; they are small next to W. One adapter whose factors share a
+// dtype and do not overlap W is read in place instead (converted and scaled as it is staged, the
+// same fp32 values): no buffers, one launch, which matters when W itself moves in microseconds.
+// Each thread block owns a 64 x 128 tile of W: it stages 16-deep slices of B and A in shared
+// memory, accumulates the rank-R product in registers (4 rows x 8 columns per thread), and only
+// then reads its W values, adds, rounds once (RNE) and writes them back, with 128-bit accesses
+// where aligned.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -62,10 +65,27 @@ __device__ __forceinline__ void add_row(T* w, int valid, const float (&acc)[kTN]
   }
 }
 
-template <typename T>
+// Where the kernel reads B [rows, R] and A [R, cols] from, as fp32 with the coefficient folded in.
+struct Packed {  // the concatenated fp32 buffers (any number of adapters)
+  const float* __restrict__ bc;
+  const float* __restrict__ ac;
+  int64_t R, cols;
+  __device__ float b(int64_t r, int64_t k) const { return bc[r * R + k]; }
+  __device__ float a(int64_t k, int64_t c) const { return ac[k * cols + c]; }
+};
+template <typename F>
+struct Direct {  // one adapter's own tensors, through their strides
+  const F* __restrict__ up;
+  const F* __restrict__ down;
+  int64_t su0, su1, sd0, sd1;
+  float coeff;
+  __device__ float b(int64_t r, int64_t k) const { return coeff * Cvt<F>::to_f(up[r * su0 + k * su1]); }
+  __device__ float a(int64_t k, int64_t c) const { return Cvt<F>::to_f(down[k * sd0 + c * sd1]); }
+};
+
+template <typename T, typename Factors>
 __global__ void __launch_bounds__(kThreads)
-merge_kernel(T* __restrict__ w, int64_t ldw, int64_t rows, int64_t cols,
-             const float* __restrict__ bc, const float* __restrict__ ac, int64_t R) {
+merge_kernel(T* __restrict__ w, int64_t ldw, int64_t rows, int64_t cols, Factors f, int64_t R) {
   __shared__ float bs[kBK][kBM + 4];  // transposed: a thread's kTM rows are contiguous; +4 spreads banks
   __shared__ float as[kBK][kBN];
   const int tid = threadIdx.x;
@@ -78,12 +98,12 @@ merge_kernel(T* __restrict__ w, int64_t ldw, int64_t rows, int64_t cols,
     for (int e = tid; e < kBK * kBM; e += kThreads) {
       const int k = e % kBK, m = e / kBK;  // consecutive threads walk one Bc row
       const int64_t gr = row0 + m, gk = k0 + k;
-      bs[k][m] = (gr < rows && gk < R) ? bc[gr * R + gk] : 0.f;
+      bs[k][m] = (gr < rows && gk < R) ? f.b(gr, gk) : 0.f;
     }
     for (int e = tid; e < kBK * kBN; e += kThreads) {
       const int k = e / kBN, n = e % kBN;  // consecutive threads walk one Ac row
       const int64_t gk = k0 + k, gc = col0 + n;
-      as[k][n] = (gk < R && gc < cols) ? ac[gk * cols + gc] : 0.f;
+      as[k][n] = (gk < R && gc < cols) ? f.a(gk, gc) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -111,6 +131,39 @@ merge_kernel(T* __restrict__ w, int64_t ldw, int64_t rows, int64_t cols,
   }
 }
 
+template <typename Factors>
+void launch(at::Tensor& w, const Factors& f, int64_t R) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  const int64_t ldw = rows > 1 ? w.stride(0) : cols;
+  const int64_t row_tiles = (rows + kBM - 1) / kBM, col_tiles = (cols + kBN - 1) / kBN;
+  TORCH_CHECK(row_tiles < (int64_t{1} << 31) && col_tiles <= 65535, "merge_: weight ", w.sizes(),
+              " is too large for one launch");
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // == at::cuda::getCurrentCUDAStream
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      merge_kernel<float><<<grid, kThreads, 0, stream>>>(w.data_ptr<float>(), ldw, rows, cols, f, R);
+      break;
+    case at::kBFloat16:
+      merge_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+          reinterpret_cast<__nv_bfloat16*>(w.data_ptr<at::BFloat16>()), ldw, rows, cols, f, R);
+      break;
+    case at::kHalf:
+      merge_kernel<__half><<<grid, kThreads, 0, stream>>>(
+          reinterpret_cast<__half*>(w.data_ptr<at::Half>()), ldw, rows, cols, f, R);
+      break;
+    default:
+      TORCH_CHECK(false, "merge_: unsupported weight dtype ", w.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename F, typename S>
+Direct<F> direct(const at::Tensor& u, const at::Tensor& d, double coeff) {
+  return Direct<F>{reinterpret_cast<const F*>(u.data_ptr<S>()), reinterpret_cast<const F*>(d.data_ptr<S>()),
+                   u.stride(0), u.stride(1), d.stride(0), d.stride(1), static_cast<float>(coeff)};
+}
+
 // `w` has contiguous rows (see merge_any_layout).
 void merge_rows_cuda(at::Tensor& w, at::TensorList ups, at::TensorList downs, at::ArrayRef<double> coeffs) {
   const int64_t rows = w.size(0), cols = w.size(1);
@@ -118,6 +171,17 @@ void merge_rows_cuda(at::Tensor& w, at::TensorList ups, at::TensorList downs, at
   for (const auto& u : ups) R += u.size(1);
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(w.device());
+  // One adapter, read where it lies: only when its factors cannot change while W is written.
+  if (ups.size() == 1 && ups[0].scalar_type() == downs[0].scalar_type() &&
+      at::get_overlap_status(w, ups[0]) == at::MemOverlapStatus::No &&
+      at::get_overlap_status(w, downs[0]) == at::MemOverlapStatus::No) {
+    switch (ups[0].scalar_type()) {
+      case at::kFloat: return launch(w, direct<float, float>(ups[0], downs[0], coeffs[0]), R);
+      case at::kBFloat16: return launch(w, direct<__nv_bfloat16, at::BFloat16>(ups[0], downs[0], coeffs[0]), R);
+      case at::kHalf: return launch(w, direct<__half, at::Half>(ups[0], downs[0], coeffs[0]), R);
+      default: break;  // checked before: not reached
+    }
+  }
   // fp32 copies of all factors, made before W is written (so factors aliasing W are safe).
   auto opts = w.options().dtype(at::kFloat);
   at::Tensor bc = at::empty({rows, R}, opts);
@@ -129,30 +193,7 @@ void merge_rows_cuda(at::Tensor& w, at::TensorList ups, at::TensorList downs, at
     ac.narrow(0, off, r).copy_(downs[i]);
     off += r;
   }
-  const int64_t ldw = rows > 1 ? w.stride(0) : cols;
-  const int64_t row_tiles = (rows + kBM - 1) / kBM, col_tiles = (cols + kBN - 1) / kBN;
-  TORCH_CHECK(row_tiles < (int64_t{1} << 31) && col_tiles <= 65535, "merge_: weight ", w.sizes(),
-              " is too large for one launch");
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // == at::cuda::getCurrentCUDAStream
-  const float* b = bc.data_ptr<float>();
-  const float* a = ac.data_ptr<float>();
-  switch (w.scalar_type()) {
-    case at::kFloat:
-      merge_kernel<float><<<grid, kThreads, 0, stream>>>(w.data_ptr<float>(), ldw, rows, cols, b, a, R);
-      break;
-    case at::kBFloat16:
-      merge_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          reinterpret_cast<__nv_bfloat16*>(w.data_ptr<at::BFloat16>()), ldw, rows, cols, b, a, R);
-      break;
-    case at::kHalf:
-      merge_kernel<__half><<<grid, kThreads, 0, stream>>>(
-          reinterpret_cast<__half*>(w.data_ptr<at::Half>()), ldw, rows, cols, b, a, R);
-      break;
-    default:
-      TORCH_CHECK(false, "merge_: unsupported weight dtype ", w.scalar_type());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(w, Packed{bc.data_ptr<float>(), ac.data_ptr<float>(), R, cols}, R);
 }
 
 void merge_cuda(at::Tensor& weight, at::TensorList ups, at::TensorList downs, at::ArrayRef<double> coeffs) {

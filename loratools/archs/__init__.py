@@ -23,7 +23,8 @@ MANIFEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "manifes
 ARCHS = ("sd1", "sd2", "sdxl")
 # kohya name prefix -> diffusers pipeline component
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                  "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
+                  "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3",
+                  "lora_transformer_": "transformer"}  # OneTrainer's DiT LoRAs (diffusers names flattened)
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 
 Shape = Tuple[int, ...]

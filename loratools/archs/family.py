@@ -32,6 +32,7 @@ _VERSION_WORDS = (("qwen", QWEN), ("refiner", SDXL_REFINER), ("xl", SDXL), ("flu
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
                ("joint_blocks", SD3), ("context_block", SD3), ("transformer.blocks.", WAN),
+               ("transformer.condition_embedder.", WAN),
                *((mark, QWEN) for mark in ("img_mlp.net.", "txt_mlp.net.", "img_mod.1", "txt_mod.1",
                                            "img_mlp_net_", "txt_mlp_net_", "img_mod_1", "txt_mod_1")),
                ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
@@ -87,8 +88,11 @@ def from_transformer_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tupl
 
 
 def adapter_family(adapter) -> Optional[Tuple[str, str]]:
-    """(family, evidence) of a LoraAdapter, or None when nothing tells."""
-    return from_metadata(adapter.metadata) or from_modules({m.name: m.weight_shape for m in adapter})
+    """(family, evidence) of a LoraAdapter, or None when nothing tells. A reader may name the family its
+    layout alone has (`config["family"]`: XLabs is Flux's)."""
+    layout = adapter.config.get("family")
+    return (from_metadata(adapter.metadata) or (tuple(layout) if layout else None)
+            or from_modules({m.name: m.weight_shape for m in adapter}))
 
 
 def pipeline_family(folder: str, components: Iterable[str]) -> Optional[str]:

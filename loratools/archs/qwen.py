@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import FrozenSet, Iterable, Optional
+from typing import Dict, FrozenSet, Iterable, Optional
 
 from ..errors import IncompatibleError
 from . import NameMap, base_modules, load_manifest
-from .family import QWEN, adapter_family
+from .family import QWEN, adapter_family, from_metadata
 
 ARCH = "qwen-image"
 COMPONENT = "transformer"
 KOHYA_PREFIX = "lora_unet_"
-_BLOCKS = "transformer_blocks_"
 # single-file checkpoints: bare (Comfy-Org, diffusers' from_single_file) or as ComfyUI saves them
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "")
 
@@ -48,9 +47,28 @@ def checkpoint_prefix(keys) -> Optional[str]:
     return next((p for p in CHECKPOINT_PREFIXES if f"{p}transformer_blocks.0.img_mod.1.weight" in keys), None)
 
 
-def is_kohya(lora_names: Iterable[str]) -> bool:
-    """kohya / musubi-tuner names of Qwen-Image's blocks (`lora_unet_transformer_blocks_0_attn_to_q`)."""
-    return any(n.startswith(KOHYA_PREFIX + _BLOCKS) for n in lora_names)
+@functools.lru_cache(maxsize=None)
+def _flat() -> FrozenSet[str]:
+    return frozenset(n.replace(".", "_") for n in _names())
+
+
+@functools.lru_cache(maxsize=None)
+def _flat_qwen_only() -> FrozenSet[str]:
+    """Flattened Qwen-Image names that no Flux.1 module has flattened (diffusers' names or BFL's)."""
+    flux = load_manifest("flux")
+    names = set(flux["components"][COMPONENT]) | set(flux.get("original", {}).get(COMPONENT, {}))
+    return _flat() - {n.replace(".", "_") for n in names}
+
+
+def is_kohya(lora_names: Iterable[str], metadata: Optional[Dict[str, str]] = None) -> bool:
+    """kohya / musubi-tuner names of Qwen-Image (`lora_unet_transformer_blocks_0_img_mlp_net_0_proj`): one is a
+    module only Qwen-Image has (older ai-toolkit flattens Flux's diffusers names alike, attention included),
+    or the metadata says Qwen-Image and one is a Qwen-Image name."""
+    flats = [n[len(KOHYA_PREFIX):] for n in lora_names if n.startswith(KOHYA_PREFIX)]
+    if any(f in _flat_qwen_only() for f in flats):
+        return True
+    fam = from_metadata(metadata or {})
+    return fam is not None and fam[0] == QWEN and any(f in _flat() for f in flats)
 
 
 def kohya_map(base: Optional[str] = None) -> NameMap:

@@ -1,8 +1,8 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1),
-`QwenFileBase` (single-file Qwen-Image), `GgufBase` (a llama.cpp / Ollama GGUF model), `QuantizedBase`
-(bitsandbytes 4-bit/8-bit or FP8 model folder). `open_base` picks the kind.
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1), `WanFileBase`
+(single-file Wan 2.x), `QwenFileBase` (single-file Qwen-Image), `GgufBase` (a llama.cpp / Ollama GGUF model),
+`QuantizedBase` (bitsandbytes 4-bit/8-bit or FP8 model folder). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from .pipeline import PipelineBase
 from .qwen_file import QwenFileBase
 from .quantized import QuantizedBase, is_quantized, read_config
 from .single_file import SingleFileBase
+from .wan_file import WanFileBase, checkpoint_prefix as wan_prefix
 
 __all__ = ["Base", "MergePlan", "Term", "merge_tensor", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "QwenFileBase", "GgufBase",
-           "QuantizedBase"]
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "WanFileBase", "QwenFileBase",
+           "GgufBase", "QuantizedBase"]
 
 
 def open_base(base) -> Base:
@@ -42,6 +43,8 @@ def open_base(base) -> Base:
         with SafetensorsFile(path) as f:
             if flux.checkpoint_prefix(f.tensors) is not None:  # before LDM: ComfyUI uses its prefix too
                 return FluxFileBase(path)
+            if wan_prefix(f.tensors) is not None:
+                return WanFileBase(path)
             if qwen.checkpoint_prefix(f.tensors) is not None:
                 return QwenFileBase(path)
             if is_ldm_checkpoint(f.tensors):

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from .. import ops
+from .. import cuda_pipeline, ops
 from ..adapter import LoraAdapter, LoraModule, fit_adapter
 from ..dtypes import FLOATS
 from ..errors import IncompatibleError, NonFiniteError, UsageError
@@ -124,7 +124,7 @@ def apply_terms(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
     after, in order, in fp32."""
     for t in terms:  # one expert of a 3-D stack each: its 2-D slice, a view, merged in place
         if t.module.expert is not None:
-            u, d = t.module.factors_2d()
+            u, d = t.module.to(weight.device).factors_2d()
             ops.merge_(weight[t.module.expert], [u], [d], [t.coeff])
     terms = [t for t in terms if t.module.expert is None]
     plain = [t for t in terms if not (t.module.is_dora or t.module.op is not None)]
@@ -166,8 +166,8 @@ def _dora_merge(acc: torch.Tensor, term: Term) -> torch.Tensor:
 def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]], replacement: Optional[torch.Tensor],
                  target: torch.dtype, check_finite: bool = True, device: str = "cpu") -> torch.Tensor:
     """One merged tensor in dtype `target`: the replacement (if any) plus the terms, merged on `device`
-    and returned on the host. May modify `tensor`."""
-    if terms and device != "cpu":
+    and returned on the host (a tensor already on a device is merged and returned there). May modify `tensor`."""
+    if terms and device != "cpu" and tensor.device.type == "cpu" and _gpu_ready(terms):
         work = tensor.to(device) if replacement is None else replacement.to(device)
         return merge_tensor(name, work, terms, None, target, check_finite).cpu()
     if replacement is not None:  # never modify the adapter's own tensor in place
@@ -179,11 +179,34 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
                 else torch.float64 if torch.float64 in (tensor.dtype, target) else torch.float32)
         merged = apply_terms(tensor.to(work), terms).to(target)
         if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
-            raise NonFiniteError(f"merging into {name} produced NaN or Inf in {target}; nothing was "
-                                 "written (check the adapter and the weights)")
+            raise NonFiniteError.merged(name, target)
         return merged
     out = tensor.to(target)
     if check_finite and out.dtype != tensor.dtype and not ops.all_finite(out) and ops.all_finite(tensor):
         raise NonFiniteError(f"converting {name} to {target} overflowed to Inf; nothing was written "
                              "(choose a wider --dtype)")
     return out
+
+
+def _gpu_ready(terms: Sequence[Term]) -> bool:
+    """LyCORIS transforms (OFT, IA³ …) keep their tensors on the host: such a weight merges there."""
+    return all(t.module.op is None for t in terms)
+
+
+def streamable(plan: MergePlan, name: str) -> bool:
+    """Whether `name` goes through the GPU pipeline: LoRA terms only, no replacement tensor."""
+    return name in plan.terms and name not in plan.replace and _gpu_ready(plan.terms[name])
+
+
+def device_pipeline(plan: MergePlan, check_finite: bool,
+                    wanted: Callable[[str], bool]) -> Optional[cuda_pipeline.DevicePipeline]:
+    """The streaming pipeline for a merge planned on a GPU (None on the CPU): `checkpoint.rewrite`
+    sends it the tensors for which `wanted(name)` holds. The plan's factors move to the device once
+    here, so queueing a tensor never waits for a small host-to-device copy."""
+    if plan.device == "cpu":
+        return None
+    pipe = cuda_pipeline.DevicePipeline(cuda_pipeline.backend_for(plan.device), wanted, check_finite)
+    for name, terms in plan.terms.items():
+        for t in terms if streamable(plan, name) else ():
+            t.module = t.module.to(pipe.device)
+    return pipe

@@ -16,7 +16,7 @@ from ..adapter import LoraAdapter
 from ..archs.family import mismatch
 from ..errors import IncompatibleError
 from ..dtypes import MERGE_FLOATS, output_dtype
-from .core import MergePlan, merge_tensor, plan_merge, refuse_out_type
+from .core import MergePlan, device_pipeline, merge_tensor, plan_merge, refuse_out_type, streamable
 
 Real = Tuple[Optional[str], str]  # (pipeline component or None for a single file, tensor name)
 
@@ -107,6 +107,10 @@ class DiffusionBase:
         for name in list(plan.terms) + [n for n in plan.replace if n not in plan.terms]:
             loc = self.locate(name)
             groups.setdefault(loc.real, []).append((name, loc))
+        # on a GPU: stream the tensors that only LoRA terms change (a replacement stays on the host)
+        stream = device_pipeline(plan, check_finite,
+                                 lambda real: real in groups and all(streamable(plan, n) for n, _ in groups[real]))
+        device = stream.device if stream else plan.device
 
         def dtype_for(comp):
             def dtype_of(key: str) -> torch.dtype:
@@ -132,13 +136,14 @@ class DiffusionBase:
                     if loc.transpose:
                         view = view.t()
                     merged = merge_tensor(name, view.contiguous(), plan.terms.get(name), plan.replace.get(name),
-                                          work_dtype, check_finite, plan.device)
+                                          work_dtype, check_finite, device)
                     view.copy_(merged)
                 return merge_tensor(key, work, None, None, target, check_finite)
             return transform
 
         def writer_args(comp):
             return dict(transform=transform_for(comp), out_dtype=dtype_for(comp),
-                        unchanged=lambda key: (comp, key) not in groups)
+                        unchanged=lambda key: (comp, key) not in groups,
+                        stream=stream.routed(lambda key: stream.wanted((comp, key))) if stream else None)
         return writer_args
 

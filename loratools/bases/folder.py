@@ -13,7 +13,7 @@ from ..checkpoint import Checkpoint, rewrite
 from ..dtypes import output_dtype
 from ..formats.peft_experts import transposed_for
 from .experts import unfuse
-from .core import MergePlan, Progress, merge_tensor, plan_merge, refuse_out_type
+from .core import MergePlan, Progress, device_pipeline, merge_tensor, plan_merge, refuse_out_type, streamable
 from .quantized import read_config
 
 
@@ -61,12 +61,15 @@ class ModelFolderBase:
         def dtype_of(name: str) -> torch.dtype:
             return output_dtype(ckpt.dtype(name), out_dtype)
 
+        stream = device_pipeline(plan, check_finite, lambda n: streamable(plan, n))
+        device = stream.device if stream else plan.device
+
         def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
             return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name),
-                                check_finite, plan.device)
+                                check_finite, device)
 
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
-            plan.not_copied = rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress,
+            plan.not_copied = rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress, stream=stream,
                                       unchanged=lambda n: n not in plan.terms and n not in plan.replace)
 
     def describe(self) -> str:

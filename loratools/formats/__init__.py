@@ -15,12 +15,12 @@ from ..adapter import LoraAdapter, fold_scales
 from ..atomic import atomic_output
 from ..errors import FormatError, HubError, IncompatibleError, LoraToolsError, UsageError
 from ..checks import check_adapter, raise_errors
-from . import comfyui, diffusers, gguf, kohya, lycoris, peft, peft_diffusion
+from . import comfyui, diffusers, gguf, kohya, lycoris, peft, peft_diffusion, xlabs
 from .record import Format
 
 # name -> record; order is detection order
 FORMATS: Dict[str, Format] = {f.name: f for f in (gguf.FORMAT, peft.FORMAT, peft_diffusion.FORMAT, comfyui.FORMAT,
-                                                  diffusers.FORMAT, lycoris.FORMAT, kohya.FORMAT)}
+                                                  diffusers.FORMAT, lycoris.FORMAT, kohya.FORMAT, xlabs.FORMAT)}
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
 # what can be written without a base model (GGUF needs one for llama.cpp's names and layout)
 WRITABLE_ALONE = tuple(name for name in WRITABLE if "base" not in FORMATS[name].write_options)

@@ -20,7 +20,7 @@ import torch
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
-from ..archs import KOHYA_PREFIXES, NameMap, canonical, flux, qwen, resolve_kohya, split_kohya
+from ..archs import KOHYA_PREFIXES, NameMap, canonical, flux, qwen, resolve_kohya, split_kohya, wan
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
 from ..lycoris_algos import Transform
 from . import _single
@@ -33,7 +33,9 @@ LYCORIS_MARKERS = (".hada_", ".lokr_", ".diff", ".w_norm", ".b_norm", ".oft_", "
 WRITE_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
                   "text_encoder_3": "lora_te3_"}
 # Flux (sd-scripts lora_flux.py): the transformer under its BFL names, CLIP-L as te1, T5 as te3
-FLUX_PREFIXES = {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"}
+FLUX_PREFIXES = {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2",
+                 # diffusers' names flattened: OneTrainer (`lora_transformer_`, T5 as te2), older ai-toolkit
+                 "lora_transformer_": "transformer", "lora_te2_": "text_encoder_2", "lora_unet_": "transformer"}
 FLUX_WRITE = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 DROP_METADATA = ("format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
 
@@ -126,9 +128,11 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
         raise FormatError(f"{path}: {len(other)} key(s) that are no kohya LoRA tensor: {', '.join(sorted(other)[:8])}")
     if not groups:
         raise FormatError(f"{path}: no LoRA modules")
-    as_qwen = qwen.is_kohya(groups)  # musubi-tuner's Qwen-Image names (its `img_in` is also a Flux name)
+    as_qwen = qwen.is_kohya(groups, metadata)  # musubi-tuner's Qwen-Image names look like Flux's flattened ones
     if is_flux(groups) and not as_qwen:
         return read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched)
+    if is_wan(groups):
+        return read_wan(groups, metadata, path, allow_unmatched, keep_unmatched)
     names_from = qwen.kohya_map(base) if as_qwen else base
     mapping, unmatched, nm = resolve(list(groups), path, names_from, allow_unmatched, keep_unmatched)
     adapter = LoraAdapter(format="kohya", metadata=metadata)
@@ -153,7 +157,13 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
 
 
 def is_flux(groups) -> bool:
-    return any(ln.startswith("lora_unet_") and flux.unflatten(ln[len("lora_unet_"):]) for ln in groups)
+    """BFL names (sd-scripts), or a Flux transformer's diffusers names flattened (OneTrainer, older ai-toolkit)."""
+    names = NameMap.from_manifest("flux")
+    for ln in groups:
+        prefix = next((p for p in ("lora_unet_", "lora_transformer_") if ln.startswith(p)), None)
+        if prefix and (flux.unflatten(ln[len(prefix):]) or names.resolve("transformer", ln[len(prefix):])):
+            return True
+    return False
 
 
 def read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched) -> LoraAdapter:
@@ -165,8 +175,8 @@ def read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched) -> 
     for lora_name in sorted(groups):
         parts = groups[lora_name]
         original = flux.unflatten(lora_name[len("lora_unet_"):]) if lora_name.startswith("lora_unet_") else None
-        comp = next((c for p, c in FLUX_PREFIXES.items() if lora_name.startswith(p)), None)
-        hits = nm.resolve(comp, lora_name[len(FLUX_WRITE[comp]):]) if comp else []
+        prefix = next((p for p in FLUX_PREFIXES if lora_name.startswith(p)), "")
+        hits = nm.resolve(FLUX_PREFIXES[prefix], lora_name[len(prefix):]) if prefix else []
         if original:
             module = build_module(f"transformer.{original}", lora_name, parts, path)
             mods = flux.from_original(original, module)
@@ -188,6 +198,34 @@ def read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched) -> 
                           f"{nm.source}: {shown} (`loratools inspect` shows them)")
     adapter.config = {"flux_keys": keys, "alpha_dtypes": alpha_dtypes, "keys": {}, "dora_shapes": {},
                       **unresolved_config(unmatched, keep_unmatched), "names_from": nm.source}
+    return adapter
+
+
+def is_wan(groups) -> bool:
+    return any(ln.startswith("lora_unet_") and wan.unflatten(ln[len("lora_unet_"):]) for ln in groups)
+
+
+def read_wan(groups, metadata, path, allow_unmatched, keep_unmatched) -> LoraAdapter:
+    """A musubi-tuner Wan LoRA: `lora_unet_<Wan's original name>`, renamed one to one (`archs.wan`)."""
+    adapter = LoraAdapter(format="kohya", metadata=metadata)
+    keys, alpha_dtypes, unmatched = {}, {}, []
+    for lora_name in sorted(groups):
+        original = wan.unflatten(lora_name[len("lora_unet_"):]) if lora_name.startswith("lora_unet_") else None
+        if original is None:
+            unmatched.append(lora_name)
+            if keep_unmatched:
+                adapter.add(build_module(lora_name, lora_name, groups[lora_name], path))
+            continue
+        module = build_module(f"transformer.{wan.to_diffusers(original)}", lora_name, groups[lora_name], path)
+        adapter.add(module)
+        keys[module.name] = lora_name
+        if "alpha" in groups[lora_name]:
+            alpha_dtypes[module.name] = safetensors_io.dtype_name(groups[lora_name]["alpha"].dtype)
+    if unmatched and not (allow_unmatched or keep_unmatched):
+        raise FormatError(f"{path}: {len(unmatched)} module name(s) of this Wan LoRA have no Wan transformer "
+                          f"module: {', '.join(unmatched[:8])} (`loratools inspect` shows them)")
+    adapter.config = {"keys": keys, "alpha_dtypes": alpha_dtypes, "dora_shapes": {},
+                      **unresolved_config(unmatched, keep_unmatched), "names_from": "Wan's original names"}
     return adapter
 
 
@@ -213,8 +251,6 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
     """Real module name -> kohya lora_name: the one read, else flattened from the name."""
     read_keys = adapter.config.get("keys", {})
     comps = {m.name.split(".", 1)[0] for m in adapter}
-    # musubi-tuner writes Qwen-Image's transformer as lora_unet_<its names>; diffusers and ComfyUI read them
-    prefixes = {"transformer": "lora_unet_"} if qwen.transformer_only(adapter, "kohya") else WRITE_PREFIXES
     out: Dict[str, str] = {}
     for m in adapter:
         comp, _, rest = canonical(m.name).partition(".")
@@ -224,14 +260,14 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
                 ln = ln[: len(ln) - len(split_kohya(ln)[1])] + rest.replace(".", "_")
             out[m.name] = ln
             continue
-        if comp not in prefixes or not rest:
+        if comp not in WRITE_PREFIXES or not rest:
             why = ("kohya names DiT transformers by their original checkpoint names, which loratools maps for "
-                   "Flux.1 only (not SD3 or Wan yet); write diffusers or peft instead" if comp == "transformer" else
+                   "Flux.1 and Wan only (not SD3 yet); write diffusers or peft instead" if comp == "transformer" else
                    "its modules are one model's: write peft, or first name the component with "
                    "`loratools convert ADAPTER --component unet --to kohya`")
             raise IncompatibleError(f"module {m.name}: kohya needs a pipeline component prefix "
                                     f"({', '.join(WRITE_PREFIXES)}); {why}")
-        prefix = prefixes[comp]
+        prefix = WRITE_PREFIXES[comp]
         if comp == "text_encoder" and "text_encoder_2" in comps:
             prefix = "lora_te1_"
         out[m.name] = prefix + rest.replace(".", "_")
@@ -249,7 +285,12 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
                                 "write peft instead")
     alpha_dtypes = adapter.config.get("alpha_dtypes", {})
     dora_shapes = adapter.config.get("dora_shapes", {})
-    if any(flux.is_flux_module(m.name) for m in adapter) and flux.other_family(adapter) is None:
+    if wan.is_wan(adapter):  # musubi-tuner's names, which ComfyUI maps too
+        items = [("lora_unet_" + o.replace(".", "_"), m, alpha_dtypes.get(m.name)) for o, m in wan.originals(adapter)]
+    elif qwen.transformer_only(adapter, "kohya"):  # musubi-tuner's names, which diffusers and ComfyUI read
+        items = [("lora_unet_" + m.name.partition(".")[2].replace(".", "_"), m, alpha_dtypes.get(m.name))
+                 for m in adapter]
+    elif any(flux.is_flux_module(m.name) for m in adapter) and flux.other_family(adapter) is None:
         items = flux_items(adapter)
     else:
         names = kohya_names(adapter)
