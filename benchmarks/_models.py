@@ -14,6 +14,7 @@ import torch
 from loratools import safetensors_io
 
 LLAMA_1GB = dict(hidden=2048, intermediate=5632, layers=8, vocab=32000, heads=16, kv_heads=4)
+LLAMA_8B = dict(hidden=4096, intermediate=14336, layers=32, vocab=128256, heads=32, kv_heads=8)  # ~16 GB in bf16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

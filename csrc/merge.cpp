@@ -14,4 +14,6 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(loratools, m) {
   // weight += sum_i coeffs[i] * ups[i] @ downs[i], fp32 accumulation, one rounding per element.
   m.def("merge_(Tensor(a!) weight, Tensor[] ups, Tensor[] downs, float[] coeffs) -> ()");
+  // No NaN or Inf in t (fp32/bf16/fp16); CPU only.
+  m.def("all_finite(Tensor t) -> bool");
 }

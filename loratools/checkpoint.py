@@ -6,7 +6,6 @@ memory at a time), keeping the shard layout and index and copying the folder's o
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import glob
@@ -204,112 +203,156 @@ def _copy_tree(src: str, dst: str, roots: List[str], rel: str, skip: set, left_o
             shutil.copystat(s, d)
 
 
-class _PipelinedWriter:
-    """Writes on a background thread while the caller reads and merges the next tensor.
+# Rows of a weight merged at a time: small enough that a piece read into a worker's buffer is still
+# in that core's cache when the kernel merges it and when it is written to the page cache (so the
+# weight crosses memory once each way, as in a plain copy); big enough that per-piece costs vanish.
+PIECE_BYTES = 2 << 20
+MAX_WORKERS = 4  # past this a merge waits on the disk / page cache, not on the kernel
 
-    Two scratch buffers alternate: a buffer goes back to the reader only after the tensor read
-    into it has been written. File writes, reads and the merge kernel all release the GIL, so
-    on two cores the write of one tensor overlaps the read and merge of the next.
+RowMerges = Callable[[str], Optional[Callable[[torch.Tensor, int], None]]]
+Job = Callable[[safetensors_io.ScratchBuffer], None]
+
+
+class _Workers:
+    """Threads that run a shard's jobs: a piece of a weight (read, merge, write, all on one core in
+    one buffer), a kernel-side copy of an untouched tensor, or the write of a tensor the caller
+    transformed whole. Jobs write at fixed places of the output, so their order does not matter;
+    the queue is bounded, so is the memory. File I/O and the merge kernel release the GIL.
+
+    Each worker runs the kernel on one thread (torch's thread count is per thread once a thread
+    has used it): `n` single-threaded workers keep `n` cores busy without OpenMP teams competing.
+    The caller's own thread count is what is left (at least 1), for the tensors it transforms whole.
     """
 
-    def __init__(self, writer: safetensors_io.StreamingWriter, scratch: safetensors_io.ScratchBuffer):
-        self.writer = writer
-        self.free: "queue.Queue" = queue.Queue()
-        for buf in (scratch, safetensors_io.ScratchBuffer()):
-            self.free.put(buf)
-        self.work: "queue.Queue" = queue.Queue(maxsize=1)
+    def __init__(self, n: int):
         self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._run, name="loratools-writer", daemon=True)
-        self.thread.start()
+        self.jobs: "queue.Queue" = queue.Queue(maxsize=2 * n)
+        self.wholes: "queue.Queue" = queue.Queue()  # two grow-only buffers for whole tensors
+        for _ in range(2):
+            self.wholes.put(safetensors_io.ScratchBuffer())
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(1)  # what each worker takes on its first use of torch
+        ready = threading.Barrier(n + 1)
+        self.threads = [threading.Thread(target=self._run, args=(ready,), name=f"loratools-io-{i}", daemon=True)
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
+        ready.wait()
+        torch.set_num_threads(max(1, self.threads_before - n))
 
-    def _run(self) -> None:
+    def _run(self, ready: threading.Barrier) -> None:
+        torch.get_num_threads()  # fixes this thread's count at 1
+        ready.wait()
+        scratch = safetensors_io.ScratchBuffer()
         while True:
-            item = self.work.get()
+            item = self.jobs.get()
             if item is None:
                 return
-            kind, name, payload, buf = item
+            job, buf = item
             try:
                 if self.error is None:
-                    if kind == "copy":
-                        self.writer.copy_from(name, payload)
-                    else:
-                        self.writer.write(name, payload)
+                    job(scratch)
             except BaseException as e:  # reported to the caller on its next call
-                self.error = e
+                self.error = self.error or e
             finally:
                 if buf is not None:
-                    self.free.put(buf)
+                    self.wholes.put(buf)
 
     def _check(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def buffer(self) -> safetensors_io.ScratchBuffer:
+    def whole_buffer(self) -> safetensors_io.ScratchBuffer:
+        """A buffer for a tensor transformed whole (waits until a write frees one)."""
         self._check()
-        return self.free.get()
+        return self.wholes.get()
 
-    def submit(self, kind: str, name: str, payload, buf) -> None:
+    def submit(self, job: Job, buf: Optional[safetensors_io.ScratchBuffer] = None) -> None:
+        """Run `job(scratch)` on a worker; `buf` (if any) is freed after it."""
         self._check()
-        self.work.put((kind, name, payload, buf))
+        self.jobs.put((job, buf))
 
     def finish(self) -> None:
-        self.work.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.jobs.put(None)
+        self._join()
         self._check()
 
     def stop(self) -> None:
         self.error = self.error or RuntimeError("stopped")
-        while self.thread.is_alive():
+        while any(t.is_alive() for t in self.threads):
             try:
-                self.work.put(None, timeout=0.1)
+                self.jobs.put(None, timeout=0.1)
             except queue.Full:
                 continue
-            self.thread.join(timeout=5)
+        self._join()
 
-
-@contextlib.contextmanager
-def _one_core_for_io():
-    """Leave one core to the writer thread: OpenMP workers that share a core with it spin-wait
-    at every barrier, which made the merge kernel several times slower on two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    def _join(self) -> None:
+        for t in self.threads:
+            t.join()
+        torch.set_num_threads(self.threads_before)
 
 
 def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], torch.Tensor],
                  out_dtype: Callable[[str], torch.dtype], on_tensor: Optional[Callable[[str], None]] = None,
-                 unchanged: Optional[Callable[[str], bool]] = None,
-                 scratch: Optional[safetensors_io.ScratchBuffer] = None, stream=None) -> int:
+                 unchanged: Optional[Callable[[str], bool]] = None, row_merge: Optional[RowMerges] = None,
+                 stream=None) -> int:
     """Stream one safetensors file through `transform` into `dst` (same names, order and metadata);
     see `rewrite`. Returns the bytes of tensor data written. `stream`: a `cuda_pipeline.DevicePipeline`
     that merges the changed tensors on a GPU instead (the one place a merge leaves the host)."""
     if stream is not None:
         return stream.rewrite_file(src, dst, transform, out_dtype, on_tensor, unchanged)
-    scratch = scratch if scratch is not None else safetensors_io.ScratchBuffer()
-    with SafetensorsFile(src) as f, _one_core_for_io():
+    with SafetensorsFile(src) as f:
         names = f.keys()
         entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
         writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
-        pipe = _PipelinedWriter(writer, scratch)
+        workers = _Workers(max(1, min(torch.get_num_threads(), MAX_WORKERS)))
         try:
             for name in names:
-                if unchanged is not None and unchanged(name) and out_dtype(name) == f.tensors[name].dtype:
-                    pipe.submit("copy", name, f, None)
+                info = f.tensors[name]
+                merge_rows = row_merge(name) if row_merge is not None else None
+                if unchanged is not None and unchanged(name) and out_dtype(name) == info.dtype:
+                    pos = writer.claim(name, info.dtype, info.shape)
+                    workers.submit(functools.partial(_copy, writer, f, info, pos))
+                elif merge_rows is not None and info.shape:
+                    pos, row = writer.claim(name, info.dtype, info.shape), f.row_bytes(name)
+                    step = max(1, PIECE_BYTES // max(row, 1))
+                    for start in range(0, info.shape[0], step):
+                        stop = min(info.shape[0], start + step)
+                        workers.submit(functools.partial(_merge_piece, f, name, start, stop, merge_rows, writer,
+                                                         pos + start * row))
                 else:
-                    buf = pipe.buffer()
-                    pipe.submit("write", name, transform(name, f.read(name, buf)), buf)
+                    buf = workers.whole_buffer()
+                    out = transform(name, f.read(name, buf))
+                    pos = writer.claim(name, out.dtype, out.shape)
+                    workers.submit(functools.partial(_write, writer, pos, out), buf)
                 if on_tensor:
                     on_tensor(name)
-            pipe.finish()
+            workers.finish()
             writer.close()
         except BaseException:
-            pipe.stop()
+            workers.stop()
             writer.abort()
             raise
     return writer.data_size
+
+
+def _merge_piece(f: SafetensorsFile, name: str, start: int, stop: int, merge_rows: Callable[[torch.Tensor, int], None],
+                 writer: safetensors_io.StreamingWriter, pos: int, scratch: safetensors_io.ScratchBuffer) -> None:
+    """Rows [start, stop) of a weight: the read, compute and write stages, in one buffer on one core."""
+    piece = f.read_rows(name, start, stop, scratch)
+    merge_rows(piece, start)
+    writer.pwrite(pos, piece)
+
+
+def _copy(writer: safetensors_io.StreamingWriter, f: SafetensorsFile, info: TensorInfo, pos: int,
+          scratch: safetensors_io.ScratchBuffer) -> None:
+    writer.copy_range(f.fileno(), f.data_start + info.begin, pos, info.end - info.begin)
+
+
+def _write(writer: safetensors_io.StreamingWriter, pos: int, tensor: torch.Tensor,
+           scratch: safetensors_io.ScratchBuffer) -> None:
+    writer.pwrite(pos, tensor)
 
 
 def rewrite(ckpt: Checkpoint, dst_folder: str,
@@ -317,21 +360,22 @@ def rewrite(ckpt: Checkpoint, dst_folder: str,
             out_dtype: Callable[[str], torch.dtype],
             on_tensor: Optional[Callable[[str], None]] = None,
             copy_others: bool = True,
-            unchanged: Optional[Callable[[str], bool]] = None, stream=None) -> List[str]:
+            unchanged: Optional[Callable[[str], bool]] = None, row_merge: Optional[RowMerges] = None,
+            stream=None) -> List[str]:
     """Write `transform(name, tensor)` for every tensor into `dst_folder`, shard by shard.
 
     `out_dtype(name)` must say up front what dtype each output tensor will have, so the
     header can be written before the data. `on_tensor` is called after each tensor (progress).
     Tensors for which `unchanged(name)` is true (and whose dtype stays) are copied byte for byte
-    without being read into memory. The tensor handed to `transform` lives in a reused buffer:
-    it is valid only until `transform` returns (copy it to keep it). Returns what
+    without being read into memory. Tensors for which `row_merge(name)` gives a function are merged
+    in place by it a few rows at a time instead of by `transform`. The tensor handed to `transform`
+    lives in a reused buffer: it is valid only until `transform` returns (copy it to keep it). Returns what
     `copy_other_files` left out. `stream`: see `rewrite_file`.
     """
     total = 0
-    scratch = safetensors_io.ScratchBuffer()
     for shard in ckpt.shards:
         total += rewrite_file(os.path.join(ckpt.folder, shard), os.path.join(dst_folder, shard),
-                              transform, out_dtype, on_tensor, unchanged, scratch, stream)
+                              transform, out_dtype, on_tensor, unchanged, row_merge, stream)
     if ckpt.index is not None:
         index = dict(ckpt.index)
         index["metadata"] = dict(index.get("metadata") or {}, total_size=total)

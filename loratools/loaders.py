@@ -12,7 +12,11 @@ of their loaders, restated here (not their code):
   them, which spells UNet attention projections `…attn1.processor.to_q` — a plain
   `…attn1.to_q` key matches nothing and is skipped with a warning, not loaded.
 - ComfyUI-form files (original checkpoint names, `diffusion_model.…`): ComfyUI loads them all;
-  diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones.
+  diffusers reads their Flux transformer and CLIP-L keys and drops T5 ones. diffusers' SD3 loader reads
+  its own names only (no kohya or original-names conversion); its Flux and SD3 loaders drop `dora_scale`.
+- DoRA `dora_scale` [out, 1] (LyCORIS wd_on_output, PEFT's row norm): ComfyUI (comfy/weight_adapter/base.py)
+  divides by the norm of W, not of W + ΔW as LyCORIS does (older versions norm per input column), so it
+  does not load such a file exactly; [1, in] (per input column) it applies as LyCORIS does.
 - diffusers' Wan converters (0.42): the ComfyUI form raises on an `.alpha` beside a module outside the
   blocks (embedders, head); musubi-tuner's `lora_unet_blocks_N_…` form needs every block 0…N-1 with
   all its linears (10; 12 with I2V's k_img/v_img), each with an alpha, and nothing else.
@@ -36,7 +40,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
-from .archs import COMPONENTS, qwen, wan
+from .archs import COMPONENTS, dit, qwen, sd3, wan
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
 COMFY_ALGOS = {"lora", "loha", "lokr", "glora", "full"}
@@ -80,7 +84,7 @@ def _lost_alphas(adapter: LoraAdapter) -> List[str]:
 
 def _wan_diffusers(adapter: LoraAdapter) -> Tuple[bool, str]:
     """diffusers' Wan converters on a file in Wan's original (ComfyUI) or musubi-tuner names."""
-    read_alphas = adapter.config.get("alpha_dtypes", {})
+    read_alphas = _alphas_read(adapter)
     outside = [m.name for m in adapter if not wan.is_block_module(wan.original_name(m.name) or "")]
     if adapter.format == "comfyui":
         bad = [n for n in outside if n in read_alphas]
@@ -93,6 +97,14 @@ def _wan_diffusers(adapter: LoraAdapter) -> Tuple[bool, str]:
     return ((True, "musubi-tuner names, converted on load") if full else
             (False, "its musubi-tuner conversion needs every block's linears, each with an alpha, and nothing "
                     "else: convert --to diffusers (or --to comfyui)"))
+
+
+def _alphas_read(adapter: LoraAdapter) -> set:
+    """The modules of a Wan adapter whose file had an `.alpha` (kohya keys it by kohya name, ComfyUI by original)."""
+    dtypes = adapter.config.get("alpha_dtypes", {})
+    if adapter.format == "kohya":
+        return {n for ln in dtypes for n in adapter.config.get("original_keys", {}).get(ln, [])}
+    return {f"transformer.{wan.to_diffusers(k.partition('.')[2])}" for k in dtypes if k.startswith("transformer.")}
 
 
 def _onetrainer_diffusers(names) -> Tuple[bool, str]:
@@ -108,7 +120,7 @@ def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool,
         return _wan_diffusers(adapter)
     if adapter.format == "xlabs":
         return True, "XLabs names, converted on load"
-    flux_names = adapter.config.get("flux_keys") or {}
+    flux_names = adapter.config.get("original_keys") or {}
     if adapter.format == "kohya" and any(n.startswith("lora_transformer_") for n in flux_names):
         return _onetrainer_diffusers(flux_names)
     if not diffusion:
@@ -117,6 +129,11 @@ def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool,
         return False, "load_lora_weights takes one file: convert --to diffusers"
     if adapter.format == "diffusers":
         return True, "its own names"
+    layout = dit.for_adapter(adapter) if adapter.format in ("kohya", "comfyui") else None
+    if layout is sd3.LAYOUT:
+        return False, "its SD3 loader reads its own names only: convert --to diffusers"
+    if layout is not None and any(m.is_dora or m.op is not None for m in adapter):
+        return False, "its Flux loader drops dora_scale (DoRA): convert --to diffusers"
     if adapter.format == "comfyui":
         t5 = [n for n in adapter.modules if n.startswith("text_encoder_2.")]
         return (False, f"it drops the {len(t5)} T5 module(s)") if t5 else (True, "original names, converted on load")
@@ -134,6 +151,10 @@ def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool,
 def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
     if not diffusion:
         return False, "ComfyUI loads diffusion-model LoRAs"
+    rows = [m.name for m in adapter if m.is_dora]
+    if adapter.format in ("kohya", "lycoris", "comfyui") and rows:
+        return False, (f"it norms an [out, 1] dora_scale with W, not W + ΔW ({len(rows)} DoRA module(s), {rows[0]} …): "
+                       "merge it with loratools instead")
     if adapter.format in ("kohya", "lycoris"):
         bad = algos - COMFY_ALGOS
         if bad:

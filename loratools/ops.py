@@ -21,6 +21,7 @@ try:  # the extension registers torch.ops.loratools.* on import
     HAVE_EXTENSION = hasattr(torch.ops, "loratools") and hasattr(torch.ops.loratools, "merge_")
 except ImportError:  # built without the extension (LORATOOLS_NO_EXTENSION=1) or not built yet
     HAVE_EXTENSION = False
+HAVE_FINITE = HAVE_EXTENSION and hasattr(torch.ops.loratools, "all_finite")
 
 if HAVE_EXTENSION:
     # Shape-only implementation for FakeTensor / torch.compile tracing: the op mutates `weight` in
@@ -113,11 +114,15 @@ def finite_flag(t: torch.Tensor) -> torch.Tensor:
 
 def all_finite(t: torch.Tensor) -> bool:
     """True when no element is NaN or ±Inf. Inside `deferred_checks()`, the flag is recorded for
-    the caller to read later and this returns True (reading it now would wait for the GPU)."""
+    the caller to read later and this returns True (reading it now would wait for the GPU). On the
+    CPU, the extension's single-threaded pass over the exponent bits (aminmax would start OpenMP
+    threads even for a small tensor, which on a busy machine waits for a core)."""
     pending = _DEFERRED.get()
     if pending is not None:
         pending.append(finite_flag(t))
         return True
+    if HAVE_FINITE and t.device.type == "cpu" and t.dtype in MERGE_FLOATS and t.numel():
+        return bool(torch.ops.loratools.all_finite(t))
     return bool(finite_flag(t))
 
 

@@ -3,17 +3,22 @@
 Layout: 8-byte little-endian header length N, N bytes of JSON header, then the raw tensor bytes.
 The reader validates the whole header (length, JSON, dtypes, shapes against byte counts,
 offsets inside the file, no overlaps) before it allocates anything, and reads one tensor at a
-time with `readinto` (no mmap, so memory stays near the largest tensor). The writer takes all
-names, dtypes and shapes up front, writes the header, then accepts tensors one at a time.
+time (or a range of its rows) with positional reads (no mmap, so memory stays near what is read).
+The writer takes all names, dtypes and shapes up front, writes the header, then accepts each
+tensor's bytes at its fixed place, in pieces and from any thread.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import errno
 import json
 import math
 import os
 import struct
+import sys
+import threading
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -137,12 +142,31 @@ class SafetensorsFile:
         """The tensor `name`. With `scratch`, the bytes land in a reused buffer (valid until the
         next read into it): fresh memory costs a page fault per 4 KiB, which dominates big copies."""
         info = self.tensors[name]
-        size = info.end - info.begin
+        return self.read_rows(name, 0, info.shape[0] if info.shape else 1, scratch)
+
+    def row_bytes(self, name: str) -> int:
+        """Bytes per row (first dimension) of tensor `name`; a scalar is one row."""
+        info = self.tensors[name]
+        return nbytes(info.dtype, info.shape[1:])
+
+    def read_rows(self, name: str, start: int, stop: int, scratch: Optional["ScratchBuffer"] = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (see `read` for `scratch`). Positional reads only
+        (no seek), so several threads may read one file."""
+        info = self.tensors[name]
+        row = self.row_bytes(name)
+        size = (stop - start) * row
         buf = scratch.get(size) if scratch is not None else torch.empty(size, dtype=torch.uint8)
-        self._f.seek(self.data_start + info.begin)
-        if buf.numel() and self._f.readinto(buf.numpy()) != buf.numel():
-            raise self._bad(f"tensor {name!r} is truncated")
-        return buf.view(info.dtype).reshape(info.shape)
+        pos, got = self.data_start + info.begin + start * row, 0
+        while got < size:  # a read may return less than asked (signals, huge requests)
+            n = os.preadv(self._f.fileno(), [buf[got:].numpy()], pos + got)
+            if n <= 0:
+                raise self._bad(f"tensor {name!r} is truncated")
+            got += n
+        shape = ((stop - start),) + tuple(info.shape[1:]) if info.shape else ()
+        return buf.view(info.dtype).reshape(shape)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
     def close(self) -> None:
         self._f.close()
@@ -203,7 +227,10 @@ def load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
 
 class StreamingWriter:
-    """Writes a safetensors file whose entries are known up front, one tensor at a time, in order."""
+    """Writes a safetensors file whose entries are known up front. The header is written first and
+    each tensor has a fixed place, so its bytes may arrive in any order and from another thread:
+    `claim` takes the next entry (in order, checked), `pwrite` / `copy_range` fill it. `write` and
+    `copy_from` do both for a whole tensor."""
 
     def __init__(self, path: str, entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]],
                  metadata: Optional[Mapping[str, str]] = None):
@@ -212,60 +239,76 @@ class StreamingWriter:
         if metadata:
             header["__metadata__"] = dict(metadata)
         offset = 0
-        self._order: List[Tuple[str, torch.dtype, Tuple[int, ...], int]] = []
+        self._order: List[Tuple[str, torch.dtype, Tuple[int, ...], int, int]] = []
         for name, dtype, shape in entries:
             size = nbytes(dtype, shape)
             header[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self._order.append((name, dtype, tuple(shape), size))
+            self._order.append((name, dtype, tuple(shape), offset, size))
             offset += size
         self.data_size = offset
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
         self._f = open(path, "wb", buffering=0)  # unbuffered: large writes go straight through
-        self._write_all(struct.pack("<Q", len(raw)) + raw)
+        self.data_start = 8 + len(raw)
+        self._written, self._lock = 0, threading.Lock()  # tensor bytes written, from any thread
+        self._pwrite_all(0, struct.pack("<Q", len(raw)) + raw)
+        preallocate(self._f.fileno(), self.data_start + self.data_size)
         self._next = 0
 
-    def _write_all(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[self._f.write(view):]
-
-    def _expect(self, name: str, dtype: torch.dtype, shape) -> None:
-        want_name, want_dtype, want_shape, _ = self._order[self._next]
+    def claim(self, name: str, dtype: torch.dtype, shape) -> int:
+        """Take the next entry, which must be `name` with this dtype and shape; its file position."""
+        if self._next >= len(self._order):
+            raise ValueError(f"writer got {name} after its {len(self._order)} tensors")
+        want_name, want_dtype, want_shape, offset, _ = self._order[self._next]
         if name != want_name or dtype != want_dtype or tuple(shape) != want_shape:
             raise ValueError(f"writer expected {want_name} {want_dtype} {want_shape}, "
                              f"got {name} {dtype} {tuple(shape)}")
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._expect(name, tensor.dtype, tensor.shape)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel():
-            self._write_all(data.numpy())
         self._next += 1
+        return self.data_start + offset
 
-    def copy_from(self, name: str, src: "SafetensorsFile") -> None:
-        """Copy a tensor's bytes unchanged from another file, in the kernel where possible.
-        Positional reads only (no seek), so it may run while another thread reads `src`."""
-        info = src.tensors[name]
-        self._expect(name, info.dtype, info.shape)
-        offset, left = src.data_start + info.begin, info.end - info.begin
-        fast = True
+    def pwrite(self, pos: int, data) -> None:
+        """Write all of `data` (bytes-like or a CPU tensor) at file position `pos`."""
+        if isinstance(data, torch.Tensor):
+            data = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        n = self._pwrite_all(pos, data)
+        with self._lock:
+            self._written += n
+
+    def _pwrite_all(self, pos: int, data) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        while view:
+            view = view[os.pwrite(self._f.fileno(), view, pos + n - len(view)):]
+        return n
+
+    def copy_range(self, src_fd: int, src_pos: int, pos: int, size: int) -> None:
+        """Copy `size` bytes from another file, in the kernel where possible (no user-space copy)."""
+        fast, left = True, size
         while left > 0:
             n = 0
             if fast:
                 try:
-                    n = os.copy_file_range(src._f.fileno(), self._f.fileno(), left, offset)
+                    n = os.copy_file_range(src_fd, self._f.fileno(), left, src_pos, pos)
                 except OSError:  # e.g. across file systems on old kernels: plain reads and writes
                     n = 0
                 fast = n > 0
             if not fast:
-                chunk = os.pread(src._f.fileno(), min(left, 64 << 20), offset)
+                chunk = os.pread(src_fd, min(left, 64 << 20), src_pos)
                 if not chunk:
-                    raise FormatError(f"{src.path}: tensor {name!r} is truncated")
-                self._write_all(chunk)
-                n = len(chunk)
-            offset, left = offset + n, left - n
-        self._next += 1
+                    raise FormatError(f"copying into {self.path}: the source is truncated")
+                n = self._pwrite_all(pos, chunk)
+            src_pos, pos, left = src_pos + n, pos + n, left - n
+        with self._lock:
+            self._written += size
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.pwrite(self.claim(name, tensor.dtype, tensor.shape), tensor.detach().to("cpu"))
+
+    def copy_from(self, name: str, src: "SafetensorsFile") -> None:
+        """Copy a tensor's bytes unchanged from another file (see `copy_range`)."""
+        info = src.tensors[name]
+        pos = self.claim(name, info.dtype, info.shape)
+        self.copy_range(src.fileno(), src.data_start + info.begin, pos, info.end - info.begin)
 
     def close(self) -> None:
         # no fsync: like save_pretrained we rely on the OS for durability; atomicity comes from
@@ -273,9 +316,30 @@ class StreamingWriter:
         self._f.close()
         if self._next != len(self._order):
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
+        if self._written != self.data_size:
+            raise ValueError(f"writer closed after {self._written} of {self.data_size} bytes")
 
     def abort(self) -> None:
         self._f.close()
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_FALLOCATE = getattr(_LIBC, "fallocate", None)
+if _FALLOCATE is not None:
+    _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks up front (Linux fallocate): writes into reserved blocks cost the file
+    system less (ext4: ~1.5x faster page-cache writes), and a full disk fails here, before any data
+    is written. Not os.posix_fallocate: where the file system cannot, glibc would write zeros."""
+    if _FALLOCATE is None or size <= 0:
+        return
+    if _FALLOCATE(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, os.strerror(err))
+        # EOPNOTSUPP and the like: the file system cannot; it is only an optimisation
 
 
 def save(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None,

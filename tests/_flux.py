@@ -10,6 +10,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders import lora_conversion_utils as lcu
 
+from tests._dit import lora_factors
+
 DIM, HEADS, HEAD_DIM = 16, 2, 8
 CONFIG = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=HEAD_DIM,
               num_attention_heads=HEADS, joint_attention_dim=16, pooled_projection_dim=12, guidance_embeds=True,
@@ -47,17 +49,8 @@ def kohya_lora(model, rank=4, alpha=6.0, seed=1, dtype=torch.float32, names=None
             continue
         ln = "lora_unet_" + name.replace(".", "_")
         fused = flux.lookup(name)
-        if split_qkv and len(fused.parts) > 1:
-            n = len(fused.parts)
-            down = torch.randn(rank * n, cols, generator=g) * 0.3
-            up = torch.zeros(rows, rank * n)
-            row = 0
-            for j, size in enumerate(fused.sizes(rows, cols)):
-                up[row:row + size, j * rank:(j + 1) * rank] = torch.randn(size, rank, generator=g) * 0.3
-                row += size
-        else:
-            down = torch.randn(rank, cols, generator=g) * 0.3
-            up = torch.randn(rows, rank, generator=g) * 0.3
+        sizes = fused.sizes(rows, cols) if split_qkv and len(fused.parts) > 1 else None
+        down, up = lora_factors(g, rows, cols, rank, sizes)
         sd[ln + ".lora_down.weight"] = down.to(dtype)
         sd[ln + ".lora_up.weight"] = up.to(dtype)
         sd[ln + ".alpha"] = torch.tensor(alpha, dtype=dtype)

@@ -253,3 +253,22 @@ def test_fallback_warns_and_uses_reference(monkeypatch):
     with pytest.warns(RuntimeWarning, match="not built"):
         ops.merge_(w, [torch.ones(3, 1)], [torch.ones(1, 4)], [2.0])
     assert calls and torch.all(w == 2.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("wdtype", DTYPES)
+def test_all_finite_matches_isfinite(wdtype):
+    """The compiled check against torch.isfinite: Inf/NaN anywhere (block edges, the tail), any
+    layout; the largest finite values and subnormals are finite."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4096 + 77, generator=gen).to(wdtype)
+    info = torch.finfo(wdtype)
+    x[0, :4] = torch.tensor([info.max, -info.max, info.tiny / 4, -0.0])
+    assert torch.ops.loratools.all_finite(x) and ops.all_finite(x) and ops.all_finite(x.t())
+    for pos in (0, 4095, 4096, x.numel() - 1, 5000):
+        for bad in (float("inf"), -float("inf"), float("nan")):
+            y = x.clone()
+            y.view(-1)[pos] = bad
+            assert bool(torch.isfinite(y).all()) is False
+            assert not torch.ops.loratools.all_finite(y) and not ops.all_finite(y) and not ops.all_finite(y.t())
+    assert ops.all_finite(torch.empty(0, 5, dtype=wdtype))

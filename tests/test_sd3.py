@@ -14,19 +14,16 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from loratools import LoraAdapter, LoraModule, merge, safetensors_io
 from loratools.archs import load_manifest
 from loratools.archs.family import FLUX, SD3, adapter_family
 from loratools.checkpoint import Checkpoint
-from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
+from tests import _sd3
+from tests._sd3 import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
-TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
-            pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
 TARGETS = ["attn.to_q", "attn.to_k", "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "ff.net.2",
            "norm1_context.linear"]
 
@@ -62,12 +59,12 @@ def test_transformer_blocks_only_told_apart_by_width(width, family):
 
 
 def test_sd3_transformer_is_not_renamed_into_flux_names(tmp_path):
-    sd3 = _blocks_lora(1536)
-    for fmt in ("kohya", "comfyui"):
-        out = tmp_path / f"x.{fmt}.safetensors"
-        with pytest.raises(IncompatibleError, match="SD3|Flux.1 only"):
-            write_adapter(sd3, out, format=fmt)
-        assert not out.exists()
+    sd3 = _blocks_lora(1536)  # told apart from Flux by its width: written in SD3's own original names
+    for fmt, key in (("kohya", "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"),
+                     ("comfyui", "diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_down.weight")):
+        out = write_adapter(sd3, tmp_path / f"x.{fmt}.safetensors", format=fmt)
+        keys = set(safetensors_io.load(out)[0])
+        assert key in keys and not any("double_blocks" in k for k in keys)
     flux = write_adapter(_blocks_lora(3072), tmp_path / "f.safetensors", format="kohya")  # Flux still fuses
     keys = set(safetensors_io.load(flux)[0])
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
@@ -103,17 +100,6 @@ def test_diffusers_sd3_lora_round_trip_as_diffusers_reads_it(tmp_path):
 
 # ---- merging into a pipeline folder ---------------------------------------------------------------
 
-def _sd3_components():
-    torch.manual_seed(3)
-    clip = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
-                max_position_embeddings=16, projection_dim=12)
-    return {"transformer": SD3Transformer2DModel(**TINY),
-            "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval(),
-            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**dict(clip, projection_dim=10))).eval(),
-            "text_encoder_3": T5EncoderModel(T5Config(d_model=12, d_ff=24, d_kv=6, num_heads=2, num_layers=1,
-                                                      vocab_size=100)).eval()}
-
-
 def _lora_layers(model, seed, **cfg):
     """PEFT LoRA factors and config on a copy of `model`, as diffusers' trainers save them."""
     torch.manual_seed(seed)
@@ -125,7 +111,7 @@ def _lora_layers(model, seed, **cfg):
 @pytest.fixture(scope="module")
 def sd3_pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3pipe")
-    comps = _sd3_components()
+    comps = _sd3.components()
     for c, model in comps.items():
         model.save_pretrained(root / c)
     with open(root / "model_index.json", "w") as f:

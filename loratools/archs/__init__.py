@@ -207,8 +207,6 @@ def resolve_kohya(lora_names: Iterable[str], base: Optional[str] = None
     names = list(lora_names)
     if isinstance(base, GgufArch):  # merging into a GGUF model: its module names
         maps = [NameMap.for_llm(base)]
-    elif isinstance(base, NameMap):  # a family's own kohya name table (Qwen-Image: lora_unet_ is its transformer)
-        maps = [base]
     else:
         maps = [NameMap.from_base(base)] if base else [NameMap.from_manifest(a) for a in ARCHS]
     best = None

@@ -31,8 +31,8 @@ _VERSION_WORDS = (("qwen", QWEN), ("refiner", SDXL_REFINER), ("xl", SDXL), ("flu
                   ("sd1", SD1))
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
-               ("joint_blocks", SD3), ("context_block", SD3), ("transformer.blocks.", WAN),
-               ("transformer.condition_embedder.", WAN),
+               ("joint_blocks", SD3), ("context_block", SD3), ("transformer.pos_embed.", SD3),
+               ("transformer.blocks.", WAN), ("transformer.condition_embedder.", WAN),
                *((mark, QWEN) for mark in ("img_mlp.net.", "txt_mlp.net.", "img_mod.1", "txt_mod.1",
                                            "img_mlp_net_", "txt_mlp_net_", "img_mod_1", "txt_mod_1")),
                ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
@@ -65,6 +65,8 @@ def from_modules(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]
         for mark, fam in _NAME_MARKS:
             if mark in name and not (dit and fam == SDXL):
                 return fam, f"module {name}"
+        if name.startswith("transformer.transformer_blocks.") and ".attn2." in name:  # SD3.5's dual attention
+            return SD3, f"module {name}"
     found = from_transformer_shapes(shapes)
     if found:
         return found

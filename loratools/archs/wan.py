@@ -1,4 +1,4 @@
-"""Wan 2.x original module names <-> diffusers names.
+"""Wan 2.x's original module names: a one-to-one rename table (`archs.fused.Layout` with no fused entries).
 
 Wan-AI's checkpoints, ComfyUI (`diffusion_model.blocks.0.self_attn.q`) and musubi-tuner
 (`lora_unet_blocks_0_self_attn_q`) name the transformer's modules as Wan's own code does; diffusers
@@ -9,14 +9,11 @@ image keys/values `k_img`/`v_img` are `add_k_proj`/`add_v_proj`), `ffn.0`/`ffn.2
 """
 from __future__ import annotations
 
-import re
-from typing import List, Optional, Tuple
+from typing import Optional
 
-from ..adapter import LoraModule
-from ..errors import IncompatibleError
 from .family import WAN, adapter_family
+from .fused import COMPONENT, Layout
 
-COMPONENT = "transformer"
 _BLOCK = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
           "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
           "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0", "cross_attn.k_img": "attn2.add_k_proj",
@@ -28,34 +25,26 @@ _GLOBAL = {"text_embedding.0": "condition_embedder.text_embedder.linear_1",
            "time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out",
            "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
            "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2"}
-_INVERSE_BLOCK = {v: k for k, v in _BLOCK.items()}
-_INVERSE_GLOBAL = {v: k for k, v in _GLOBAL.items()}
-_FLAT_BLOCK = {k.replace(".", "_"): k for k in _BLOCK}
-_FLAT_GLOBAL = {k.replace(".", "_"): k for k in _GLOBAL}
+
+# no text encoder: diffusers' Wan loader takes transformer LoRAs only, and Wan trainers train the transformer
+LAYOUT = Layout(WAN, [("blocks", "blocks", {k: (v,) for k, v in _BLOCK.items()})], _GLOBAL, manifest="wan",
+                markers=("blocks.0.self_attn.q.weight", "head.head.weight"), kohya_module="networks.lora_wan",
+                implicit_alpha=True)
 
 
 def to_diffusers(original: str) -> Optional[str]:
     """`blocks.3.cross_attn.k_img` -> `blocks.3.attn2.add_k_proj` (no component prefix), or None."""
-    if original in _GLOBAL:
-        return _GLOBAL[original]
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", original)
-    return f"blocks.{m.group(1)}.{_BLOCK[m.group(2)]}" if m and m.group(2) in _BLOCK else None
+    fused = LAYOUT.lookup(original)
+    return fused.parts[0] if fused else None
 
 
 def to_original(name: str) -> Optional[str]:
     """The original name of a diffusers Wan transformer module (no component prefix), or None."""
-    if name in _INVERSE_GLOBAL:
-        return _INVERSE_GLOBAL[name]
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    return f"blocks.{m.group(1)}.{_INVERSE_BLOCK[m.group(2)]}" if m and m.group(2) in _INVERSE_BLOCK else None
+    found = LAYOUT.original_of(name)
+    return found[0].original if found else None
 
 
-def unflatten(flat: str) -> Optional[str]:
-    """The original name whose dots became `_` in a musubi-tuner name (`blocks_0_cross_attn_k_img`), or None."""
-    if flat in _FLAT_GLOBAL:
-        return _FLAT_GLOBAL[flat]
-    m = re.fullmatch(r"blocks_(\d+)_(.+)", flat)
-    return f"blocks.{m.group(1)}.{_FLAT_BLOCK[m.group(2)]}" if m and m.group(2) in _FLAT_BLOCK else None
+unflatten = LAYOUT.unflatten  # musubi-tuner's `blocks_0_cross_attn_k_img` -> `blocks.0.cross_attn.k_img`
 
 
 def is_block_module(original: str) -> bool:
@@ -73,16 +62,3 @@ def original_name(name: str) -> Optional[str]:
     """`transformer.blocks.0.attn1.to_q` -> `blocks.0.self_attn.q`, or None."""
     comp, _, local = name.partition(".")
     return to_original(local) if comp == COMPONENT else None
-
-
-def originals(adapter) -> List[Tuple[str, LoraModule]]:
-    """(original name, module) of every module of a Wan adapter; IncompatibleError names one without."""
-    out = []
-    for m in adapter:
-        orig = original_name(m.name)
-        if orig is None:
-            raise IncompatibleError(f"module {m.name}: Wan's original (ComfyUI) and musubi-tuner names cover its "
-                                    "transformer's attention, FFN, embedder and head projections only; "
-                                    "write diffusers or peft")
-        out.append((orig, m))
-    return out

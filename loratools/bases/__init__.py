@@ -1,30 +1,27 @@
 """Models to merge into, one class per kind behind the `Base` protocol (`core.Base`):
 `ModelFolderBase` (Hugging Face model folder), `PipelineBase` (diffusers pipeline folder),
-`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `FluxFileBase` (single-file Flux.1), `WanFileBase`
-(single-file Wan 2.x), `QwenFileBase` (single-file Qwen-Image), `GgufBase` (a llama.cpp / Ollama GGUF model),
-`QuantizedBase` (bitsandbytes 4-bit/8-bit or FP8 model folder). `open_base` picks the kind.
+`SingleFileBase` (single-file SD 1.x/2.x/SDXL checkpoint), `DitFileBase` (single-file Flux.1 / SD3 / Wan 2.x),
+`GgufBase` (a llama.cpp / Ollama GGUF model), `QuantizedBase` (bitsandbytes 4-bit/8-bit or FP8 model
+folder). `open_base` picks the kind.
 A new base kind is one module here plus one line in `open_base`."""
 from __future__ import annotations
 
 import os
 
-from ..archs import COMPONENTS, flux, qwen
+from ..archs import COMPONENTS, dit
 from ..archs.ldm import is_ldm_checkpoint
 from ..checkpoint import Checkpoint, model_path
 from ..safetensors_io import SafetensorsFile
 from .core import Base, MergePlan, Term, merge_tensor, plan_merge
-from .flux_file import FluxFileBase
+from .dit_file import DitFileBase
 from .folder import ModelFolderBase
 from .gguf import GgufBase, open_gguf_base
 from .pipeline import PipelineBase
-from .qwen_file import QwenFileBase
 from .quantized import QuantizedBase, is_quantized, read_config
 from .single_file import SingleFileBase
-from .wan_file import WanFileBase, checkpoint_prefix as wan_prefix
 
 __all__ = ["Base", "MergePlan", "Term", "merge_tensor", "plan_merge", "open_base",
-           "ModelFolderBase", "PipelineBase", "SingleFileBase", "FluxFileBase", "WanFileBase", "QwenFileBase",
-           "GgufBase", "QuantizedBase"]
+           "ModelFolderBase", "PipelineBase", "SingleFileBase", "DitFileBase", "GgufBase", "QuantizedBase"]
 
 
 def open_base(base) -> Base:
@@ -41,12 +38,8 @@ def open_base(base) -> Base:
         return PipelineBase(path)
     if os.path.isfile(path) and path.endswith(".safetensors"):
         with SafetensorsFile(path) as f:
-            if flux.checkpoint_prefix(f.tensors) is not None:  # before LDM: ComfyUI uses its prefix too
-                return FluxFileBase(path)
-            if wan_prefix(f.tensors) is not None:
-                return WanFileBase(path)
-            if qwen.checkpoint_prefix(f.tensors) is not None:
-                return QwenFileBase(path)
+            if dit.for_checkpoint(f.tensors) is not None:  # before LDM: ComfyUI uses its prefix too
+                return DitFileBase(path)
             if is_ldm_checkpoint(f.tensors):
                 return SingleFileBase(path)
     ckpt = Checkpoint(path)

@@ -15,13 +15,14 @@ import torch
 
 from .. import cuda_pipeline, ops
 from ..adapter import LoraAdapter, LoraModule, fit_adapter
-from ..dtypes import FLOATS
+from ..dtypes import FLOATS, MERGE_FLOATS
 from ..errors import IncompatibleError, NonFiniteError, UsageError
 from ..report import Report
 from ..checks import check_adapter, check_base, extra_target, raise_errors
 
 _FP32_MAX = torch.finfo(torch.float32).max
 Progress = Optional[Callable[[str], None]]
+RowMerge = Callable[[torch.Tensor, int], None]  # (rows of a weight, index of the first), in place
 
 
 @dataclass
@@ -210,3 +211,24 @@ def device_pipeline(plan: MergePlan, check_finite: bool,
         for t in terms if streamable(plan, name) else ():
             t.module = t.module.to(pipe.device)
     return pipe
+
+
+def row_merge(name: str, dtype: torch.dtype, terms: Optional[Sequence[Term]], replacement: Optional[torch.Tensor],
+              target: torch.dtype, check_finite: bool = True, device: str = "cpu") -> Optional[RowMerge]:
+    """For a merge that acts on each row of the weight alone and keeps its dtype (plain LoRA terms
+    on the CPU, the fused kernel's case), a function that merges a range of rows in place, bit for
+    bit as `merge_tensor` merges the whole: a writer can then stream the weight in pieces small
+    enough to stay in the CPU's cache. None for everything else (merged whole by `merge_tensor`)."""
+    if (device != "cpu" or replacement is not None or not terms or target != dtype or dtype not in MERGE_FLOATS
+            or any(t.bias or t.module.expert is not None or t.module.is_dora or t.module.op is not None
+                   for t in terms)):
+        return None
+    factors = [t.module.factors_2d() for t in terms]
+    ups, downs, coeffs = [u for u, _ in factors], [d for _, d in factors], [t.coeff for t in terms]
+
+    def merge_rows(rows: torch.Tensor, start: int) -> None:
+        stop = start + rows.shape[0]
+        ops.merge_(rows.reshape(rows.shape[0], -1), [u[start:stop] for u in ups], downs, coeffs)
+        if check_finite and not ops.all_finite(rows):
+            raise NonFiniteError.merged(name, target)
+    return merge_rows

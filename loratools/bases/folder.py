@@ -13,7 +13,8 @@ from ..checkpoint import Checkpoint, rewrite
 from ..dtypes import output_dtype
 from ..formats.peft_experts import transposed_for
 from .experts import unfuse
-from .core import MergePlan, Progress, device_pipeline, merge_tensor, plan_merge, refuse_out_type, streamable
+from .core import (MergePlan, Progress, device_pipeline, merge_tensor, plan_merge, refuse_out_type, row_merge,
+                   streamable)
 from .quantized import read_config
 
 
@@ -68,9 +69,14 @@ class ModelFolderBase:
             return merge_tensor(name, tensor, plan.terms.get(name), plan.replace.get(name), dtype_of(name),
                                 check_finite, device)
 
+        def rows_of(name: str):
+            return row_merge(name, ckpt.dtype(name), plan.terms.get(name), plan.replace.get(name), dtype_of(name),
+                             check_finite, plan.device)
+
         with atomic_output(output, overwrite=overwrite, directory=True) as tmp:
             plan.not_copied = rewrite(ckpt, tmp, transform, dtype_of, on_tensor=progress, stream=stream,
-                                      unchanged=lambda n: n not in plan.terms and n not in plan.replace)
+                                      unchanged=lambda n: n not in plan.terms and n not in plan.replace,
+                                      row_merge=rows_of)
 
     def describe(self) -> str:
         return f"{self.folder} ({self.kind}, {len(self.ckpt.shards)} shard(s), {self.num_tensors} tensors)"

@@ -7,10 +7,11 @@ import os
 from typing import Dict, List, Optional
 
 from .. import paths
+from ..archs import dit
 from ..archs.family import pipeline_family
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, copy_other_files, rewrite
-from ..errors import FormatError
+from ..errors import FormatError, IncompatibleError
 from .diffusion import DiffusionBase, Loc
 
 
@@ -47,6 +48,11 @@ class PipelineBase(DiffusionBase):
         if bad:
             raise FormatError(f"{self.folder}: component(s) {', '.join(bad)} hold only .bin/.pt weights; loratools "
                               "merges safetensors (re-save with `save_pretrained(..., safe_serialization=True)`)")
+        kept = [m.name for a, _ in adapters for m in a if m.op is not None and dit.kept_original(m.name)]
+        if kept:  # read from kohya/ComfyUI, left on the fused module (`Layout.from_original`)
+            raise IncompatibleError(f"module {kept[0]}: a DoRA normed per input column spans all rows of this fused "
+                                    "original module, which diffusers splits; merge it into a single-file checkpoint "
+                                    "in the original layout instead")
         return super().plan(adapters, out_type)
 
     def locate(self, name: str) -> Optional[Loc]:

@@ -4,12 +4,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..archs import flux
 from ..archs.family import LDM_ARCHS
 from ..archs.ldm import LdmLayout
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, rewrite_file
-from ..errors import FormatError, IncompatibleError
+from ..errors import FormatError
 from .diffusion import DiffusionBase, Loc
 
 
@@ -49,19 +48,3 @@ class SingleFileBase(DiffusionBase):
         writer_args = self._writer_args(plan, out_dtype, check_finite)
         with atomic_output(output, overwrite=overwrite, directory=False) as tmp:
             rewrite_file(self.path, tmp, on_tensor=progress, **writer_args(None))
-
-
-def open_dit_file(base: SingleFileBase, path: str, prefix_of, marker: str, family: str) -> None:
-    """Set up a single-file DiT base (Flux.1, Qwen-Image): its checkpoint and the transformer's key prefix
-    (`prefix_of(keys)`; FormatError without `marker`); a scaled-fp8 file (a per-tensor scale beside each fp8
-    weight) is refused: loratools rounds into plain fp8 only."""
-    base.ckpt = Checkpoint(path)
-    base.path = os.path.join(base.ckpt.folder, base.ckpt.shards[0])
-    base.prefix = prefix_of(base.ckpt.infos)
-    if base.prefix is None:
-        raise FormatError(f"{base.path}: no {marker}; not a {family} checkpoint")
-    scaled = [k for k in base.ckpt.infos if any(m in k for m in flux.SCALED_FP8_MARKS)]
-    if scaled:
-        raise IncompatibleError(f"{base.path}: a scaled-fp8 checkpoint ({scaled[0]}); loratools merges into "
-                                f"bf16/fp16/fp32 and plain float8_e4m3fn/e5m2 {family} files, not scaled ones")
-    base.folder, base.shards, base.infos = base.path, list(base.ckpt.shards), base.ckpt.infos

@@ -23,6 +23,7 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (gguf.FORMAT, peft.FORMAT, peft
                                                   diffusers.FORMAT, lycoris.FORMAT, kohya.FORMAT, xlabs.FORMAT)}
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
 # what can be written without a base model (GGUF needs one for llama.cpp's names and layout)
+DORA_IN_FORMATS = ("kohya", "comfyui")
 WRITABLE_ALONE = tuple(name for name in WRITABLE if "base" not in FORMATS[name].write_options)
 
 
@@ -185,7 +186,8 @@ def check_writable_alone(fmt: str, command: str) -> None:
 
 def writable_format(adapter: LoraAdapter, format: Optional[str]) -> str:
     fmt = format or adapter.format
-    ops = [m for m in adapter if m.op is not None]
+    # kohya and ComfyUI files hold a LoRA with a DoRA normed per input column as it was read (`dora_scale`)
+    ops = [m for m in adapter if m.op is not None and not (m.op.algo == "dora" and fmt in DORA_IN_FORMATS)]
     if ops:
         raise IncompatibleError(
             f"module {ops[0].name}: a LyCORIS {ops[0].op.label} update is no LoRA ({len(ops)} such module(s)); "

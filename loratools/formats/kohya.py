@@ -9,7 +9,6 @@ The writer computes kohya's metadata (`ss_network_dim`, `ss_network_alpha`, …)
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -19,11 +18,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import safetensors_io
-from ..adapter import LoraAdapter, LoraModule
-from ..archs import KOHYA_PREFIXES, NameMap, canonical, flux, qwen, resolve_kohya, split_kohya, wan
+from ..adapter import LoraAdapter
+from ..archs import KOHYA_PREFIXES, canonical, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
-from ..lycoris_algos import Transform
-from . import _single
+from . import _single, kohya_dit
+from ._parts import build_module, dora_in  # noqa: F401  (lycoris reads DoRA through kohya)
 from .record import Format
 
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid",
@@ -32,11 +31,6 @@ LYCORIS_MARKERS = (".hada_", ".lokr_", ".diff", ".w_norm", ".b_norm", ".oft_", "
 # component -> kohya prefix when writing (text_encoder becomes lora_te1_ next to a text_encoder_2)
 WRITE_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
                   "text_encoder_3": "lora_te3_"}
-# Flux (sd-scripts lora_flux.py): the transformer under its BFL names, CLIP-L as te1, T5 as te3
-FLUX_PREFIXES = {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2",
-                 # diffusers' names flattened: OneTrainer (`lora_transformer_`, T5 as te2), older ai-toolkit
-                 "lora_transformer_": "transformer", "lora_te2_": "text_encoder_2", "lora_unet_": "transformer"}
-FLUX_WRITE = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 DROP_METADATA = ("format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
 
 
@@ -87,39 +81,6 @@ def unresolved_config(unmatched: List[str], kept: bool) -> dict:
     return {"unmatched": [] if kept else sorted(unmatched), "unresolved": sorted(unmatched) if kept else []}
 
 
-def build_module(name: str, lora_name: str, parts: Dict[str, torch.Tensor], path: str) -> LoraModule:
-    for role in ("down", "up"):
-        if role not in parts:
-            raise FormatError(f"{path}: module {lora_name} has no lora_{role} tensor")
-    down, up, mid = parts["down"], parts["up"], parts.get("mid")
-    alpha = _single.scalar(parts["alpha"], f"{path}: {lora_name}.alpha") if "alpha" in parts else None
-    if alpha == 0:  # sd-scripts treats alpha 0 (or none) as alpha = rank
-        alpha = None
-    magnitude = None
-    d = parts.get("dora")
-    input_axis = d is not None and d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] == down.shape[1] != 1
-    if d is not None and not input_axis:
-        if d.dim() < 2 or d.shape[0] != up.shape[0] or d[0].numel() != 1:
-            raise ShapeMismatchError(
-                f"{path}: {lora_name}.dora_scale has shape {tuple(d.shape)}; LyCORIS writes [{up.shape[0]}, 1…] "
-                f"(wd_on_output) or [1, {down.shape[1]}, …]")
-        magnitude = d.reshape(-1)
-    kind = "conv" if down.dim() == 4 or mid is not None else "linear"
-    module = LoraModule(name=name, down=down, up=up, alpha=alpha, kind=kind, magnitude=magnitude, mid=mid)
-    return dora_in(module, d) if input_axis else module
-
-
-def dora_in(module: LoraModule, dora: torch.Tensor) -> LoraModule:
-    """LyCORIS DoRA normed per input column (wd_on_output=False): no PEFT/diffusers equivalent, so an
-    exact transform (`lycoris_algos`) that merge applies and `convert --rank` factors."""
-    up, down = module.up.flatten(1).float(), module.down.float()
-    if module.mid is not None:
-        down = torch.einsum("abhw,bi->aihw", module.mid.float(), down.flatten(1))
-    delta = (up @ down.flatten(1)) * module.scale
-    op = Transform("dora", {"delta": delta, "dora_scale": dora, "on_output": False})
-    return dataclasses.replace(module, op=op)
-
-
 def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
          keep_unmatched: bool = False) -> LoraAdapter:
     tensors, metadata = _single.load(path)
@@ -128,13 +89,10 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
         raise FormatError(f"{path}: {len(other)} key(s) that are no kohya LoRA tensor: {', '.join(sorted(other)[:8])}")
     if not groups:
         raise FormatError(f"{path}: no LoRA modules")
-    as_qwen = qwen.is_kohya(groups, metadata)  # musubi-tuner's Qwen-Image names look like Flux's flattened ones
-    if is_flux(groups) and not as_qwen:
-        return read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched)
-    if is_wan(groups):
-        return read_wan(groups, metadata, path, allow_unmatched, keep_unmatched)
-    names_from = qwen.kohya_map(base) if as_qwen else base
-    mapping, unmatched, nm = resolve(list(groups), path, names_from, allow_unmatched, keep_unmatched)
+    layout = kohya_dit.layout_of(groups, metadata)
+    if layout is not None:
+        return kohya_dit.read_original(groups, layout, metadata, path, base, allow_unmatched, keep_unmatched)
+    mapping, unmatched, nm = resolve(list(groups), path, base, allow_unmatched, keep_unmatched)
     adapter = LoraAdapter(format="kohya", metadata=metadata)
     keys, alpha_dtypes, dora_shapes = {}, {}, {}
     for lora_name in sorted(groups):
@@ -156,97 +114,6 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False,
     return adapter
 
 
-def is_flux(groups) -> bool:
-    """BFL names (sd-scripts), or a Flux transformer's diffusers names flattened (OneTrainer, older ai-toolkit)."""
-    names = NameMap.from_manifest("flux")
-    for ln in groups:
-        prefix = next((p for p in ("lora_unet_", "lora_transformer_") if ln.startswith(p)), None)
-        if prefix and (flux.unflatten(ln[len(prefix):]) or names.resolve("transformer", ln[len(prefix):])):
-            return True
-    return False
-
-
-def read_flux(groups, metadata, path, base, allow_unmatched, keep_unmatched) -> LoraAdapter:
-    """A kohya Flux LoRA: `lora_unet_<BFL name>` split onto the diffusers modules (exactly), the
-    text encoders resolved from the Flux manifest (or the base's names)."""
-    nm = NameMap.from_base(base) if base else NameMap.from_manifest("flux")
-    adapter = LoraAdapter(format="kohya", metadata=metadata)
-    keys, alpha_dtypes, unmatched = {}, {}, []
-    for lora_name in sorted(groups):
-        parts = groups[lora_name]
-        original = flux.unflatten(lora_name[len("lora_unet_"):]) if lora_name.startswith("lora_unet_") else None
-        prefix = next((p for p in FLUX_PREFIXES if lora_name.startswith(p)), "")
-        hits = nm.resolve(FLUX_PREFIXES[prefix], lora_name[len(prefix):]) if prefix else []
-        if original:
-            module = build_module(f"transformer.{original}", lora_name, parts, path)
-            mods = flux.from_original(original, module)
-        elif len(hits) == 1:
-            mods = [build_module(hits[0], lora_name, parts, path)]
-        else:
-            unmatched.append(lora_name)
-            if keep_unmatched:
-                adapter.add(build_module(lora_name, lora_name, parts, path))
-            continue
-        for m in mods:
-            adapter.add(m)
-        keys[lora_name] = [m.name for m in mods]
-        if "alpha" in parts:
-            alpha_dtypes[lora_name] = safetensors_io.dtype_name(parts["alpha"].dtype)
-    if unmatched and not (allow_unmatched or keep_unmatched):
-        shown = ", ".join(unmatched[:8]) + (" …" if len(unmatched) > 8 else "")
-        raise FormatError(f"{path}: {len(unmatched)} module name(s) of this Flux LoRA match no module of "
-                          f"{nm.source}: {shown} (`loratools inspect` shows them)")
-    adapter.config = {"flux_keys": keys, "alpha_dtypes": alpha_dtypes, "keys": {}, "dora_shapes": {},
-                      **unresolved_config(unmatched, keep_unmatched), "names_from": nm.source}
-    return adapter
-
-
-def is_wan(groups) -> bool:
-    return any(ln.startswith("lora_unet_") and wan.unflatten(ln[len("lora_unet_"):]) for ln in groups)
-
-
-def read_wan(groups, metadata, path, allow_unmatched, keep_unmatched) -> LoraAdapter:
-    """A musubi-tuner Wan LoRA: `lora_unet_<Wan's original name>`, renamed one to one (`archs.wan`)."""
-    adapter = LoraAdapter(format="kohya", metadata=metadata)
-    keys, alpha_dtypes, unmatched = {}, {}, []
-    for lora_name in sorted(groups):
-        original = wan.unflatten(lora_name[len("lora_unet_"):]) if lora_name.startswith("lora_unet_") else None
-        if original is None:
-            unmatched.append(lora_name)
-            if keep_unmatched:
-                adapter.add(build_module(lora_name, lora_name, groups[lora_name], path))
-            continue
-        module = build_module(f"transformer.{wan.to_diffusers(original)}", lora_name, groups[lora_name], path)
-        adapter.add(module)
-        keys[module.name] = lora_name
-        if "alpha" in groups[lora_name]:
-            alpha_dtypes[module.name] = safetensors_io.dtype_name(groups[lora_name]["alpha"].dtype)
-    if unmatched and not (allow_unmatched or keep_unmatched):
-        raise FormatError(f"{path}: {len(unmatched)} module name(s) of this Wan LoRA have no Wan transformer "
-                          f"module: {', '.join(unmatched[:8])} (`loratools inspect` shows them)")
-    adapter.config = {"keys": keys, "alpha_dtypes": alpha_dtypes, "dora_shapes": {},
-                      **unresolved_config(unmatched, keep_unmatched), "names_from": "Wan's original names"}
-    return adapter
-
-
-def flux_items(adapter: LoraAdapter) -> List[Tuple[str, LoraModule, Optional[str]]]:
-    """(kohya name, module, alpha dtype) of a Flux adapter: transformer LoRAs fused onto BFL names."""
-    fused, rest = flux.to_original(list(adapter))
-    dtypes = adapter.config.get("alpha_dtypes", {})
-    items = []
-    for original, m in fused.items():
-        ln = "lora_unet_" + original.replace(".", "_")
-        items.append((ln, m, dtypes.get(ln)))
-    for m in rest:
-        comp, _, local = canonical(m.name).partition(".")
-        if comp not in FLUX_WRITE or not local:
-            raise IncompatibleError(f"module {m.name}: a kohya Flux LoRA holds the transformer and text_encoder "
-                                    "(CLIP-L) / text_encoder_2 (T5) only")
-        ln = FLUX_WRITE[comp] + local.replace(".", "_")
-        items.append((ln, m, dtypes.get(ln)))
-    return items
-
-
 def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
     """Real module name -> kohya lora_name: the one read, else flattened from the name."""
     read_keys = adapter.config.get("keys", {})
@@ -262,7 +129,7 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
             continue
         if comp not in WRITE_PREFIXES or not rest:
             why = ("kohya names DiT transformers by their original checkpoint names, which loratools maps for "
-                   "Flux.1 and Wan only (not SD3 yet); write diffusers or peft instead" if comp == "transformer" else
+                   "Flux.1, SD3 and Wan only; write diffusers or peft instead" if comp == "transformer" else
                    "its modules are one model's: write peft, or first name the component with "
                    "`loratools convert ADAPTER --component unet --to kohya`")
             raise IncompatibleError(f"module {m.name}: kohya needs a pipeline component prefix "
@@ -285,13 +152,9 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
                                 "write peft instead")
     alpha_dtypes = adapter.config.get("alpha_dtypes", {})
     dora_shapes = adapter.config.get("dora_shapes", {})
-    if wan.is_wan(adapter):  # musubi-tuner's names, which ComfyUI maps too
-        items = [("lora_unet_" + o.replace(".", "_"), m, alpha_dtypes.get(m.name)) for o, m in wan.originals(adapter)]
-    elif qwen.transformer_only(adapter, "kohya"):  # musubi-tuner's names, which diffusers and ComfyUI read
-        items = [("lora_unet_" + m.name.partition(".")[2].replace(".", "_"), m, alpha_dtypes.get(m.name))
-                 for m in adapter]
-    elif any(flux.is_flux_module(m.name) for m in adapter) and flux.other_family(adapter) is None:
-        items = flux_items(adapter)
+    layout = kohya_dit.write_layout(adapter)
+    if layout is not None:
+        items = kohya_dit.original_items(adapter, layout)
     else:
         names = kohya_names(adapter)
         items = [(names[m.name], m, alpha_dtypes.get(m.name)) for m in adapter]
@@ -311,6 +174,8 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
         if m.magnitude is not None:
             shape = dora_shapes.get(m.name) or [m.magnitude.numel()] + [1] * (m.up.dim() - 1)
             out[ln + ".dora_scale"] = m.magnitude.reshape(shape)
+        elif m.op is not None:  # a DoRA normed per input column, as read ([1, in])
+            out[ln + ".dora_scale"] = m.op.params["dora_scale"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -328,7 +193,8 @@ def build_metadata(adapter: LoraAdapter, metadata: Optional[Dict[str, str]]) -> 
     main = [m for m in mods if all(m is not c for c in conv3)] or mods
     meta["ss_network_dim"] = _summary(str(m.rank) for m in main)
     meta["ss_network_alpha"] = _summary(str(float(alpha(m))) for m in main)
-    meta.setdefault("ss_network_module", "networks.lora")
+    layout = kohya_dit.write_layout(adapter)  # sd-scripts' own network module for Flux / SD3
+    meta.setdefault("ss_network_module", layout.kohya_module if layout else "networks.lora")
     if conv3:
         try:
             args = json.loads(meta.get("ss_network_args", "{}"))

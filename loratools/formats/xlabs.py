@@ -5,7 +5,8 @@
     single_blocks.0.processor.qkv_lora …    the q, k, v rows of linear1 (not its MLP rows); proj_lora: linear2
 
 optionally under `diffusion_model.`. x-flux's processors add `lora_weight · up(down(x))` with no alpha in the
-file (alpha = rank); fused q, k, v are split exactly onto diffusers' modules (`archs.flux`), as diffusers'
+file (alpha = rank); fused q, k, v are split exactly onto diffusers' modules (`archs.fused` with Flux's
+`Layout`), as diffusers'
 `_convert_xlabs_flux_lora_to_diffusers` does. Not written: x-flux's processors cover attention only, and every
 loader that reads XLabs files (diffusers, XLabs' own ComfyUI nodes) reads the diffusers or ComfyUI form too.
 """
@@ -20,6 +21,7 @@ import torch
 from ..adapter import LoraAdapter, LoraModule
 from ..archs import flux
 from ..archs.family import FLUX
+from ..archs.fused import Fused, split
 from ..errors import FormatError
 from . import _single
 from .record import Format
@@ -57,7 +59,7 @@ def read(path: str) -> LoraAdapter:
     for original, parts in sorted(groups.items()):
         if set(parts) != {"down", "up"}:
             raise FormatError(f"{path}: {original} has no {'down' if 'up' in parts else 'up'} tensor")
-        for m in flux.split(LoraModule(f"transformer.{original}", parts["down"], parts["up"]), _fused(original)):
+        for m in split(LoraModule(f"transformer.{original}", parts["down"], parts["up"]), _fused(original)):
             adapter.add(m)
     if not len(adapter):
         raise FormatError(f"{path}: no LoRA modules")
@@ -66,8 +68,8 @@ def read(path: str) -> LoraAdapter:
     return adapter
 
 
-def _fused(original: str) -> flux.Fused:
-    fused = flux.lookup(original)
+def _fused(original: str) -> Fused:
+    fused = flux.LAYOUT.lookup(original)
     if original.endswith("linear1"):  # x-flux's single-block qkv LoRA leaves linear1's MLP rows alone
         fused = dataclasses.replace(fused, parts=fused.parts[:3])
     return fused
