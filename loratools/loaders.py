@@ -22,6 +22,12 @@ of their loaders, restated here (not their code):
   all its linears (10; 12 with I2V's k_img/v_img), each with an alpha, and nothing else.
 - diffusers reads XLabs files (ComfyUI's own key map does not) and OneTrainer's Flux names
   (`lora_transformer_…`) for attention, global and CLIP-L (`lora_te1_`) modules only.
+- Qwen-Image (diffusers' Qwen loader; ComfyUI's QwenImage key map): diffusers converts kohya/musubi
+  (`lora_unet_…`), `diffusion_model.` and unprefixed names itself, folding each module's own alpha, and
+  drops DoRA scales and text-encoder modules; a diffusers-named file with `.alpha` keys fails to load there
+  (its converter prefixes `transformer.` twice); ComfyUI maps `diffusion_model.`, `lora_unet_`, `transformer.`
+  and bare names but takes alphas from `.alpha` keys only (a diffusers file's `lora_adapter_metadata` alphas
+  are ignored: scale 1).
 - A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file; no Wan (video).
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
@@ -34,7 +40,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
-from .archs import COMPONENTS, dit, sd3, wan
+from .archs import COMPONENTS, dit, qwen, sd3, wan
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
 COMFY_ALGOS = {"lora", "loha", "lokr", "glora", "full"}
@@ -167,6 +173,36 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
     return False, "ComfyUI loads one file: convert --to kohya"
 
 
+def _qwen_diffusers(adapter: LoraAdapter, algos: set) -> Tuple[bool, str]:
+    if adapter.format == "peft_diffusion":
+        return False, "load_lora_weights takes one file: convert --to diffusers"
+    if algos - {"lora"}:
+        return False, f"no {'/'.join(sorted(algos - {'lora'}))} conversion: convert --to diffusers --rank K"
+    if adapter.is_dora:
+        return False, "its Qwen-Image loader drops DoRA scales: merge with loratools instead"
+    others = [m.name for m in adapter if m.name.split(".", 1)[0] != "transformer"]
+    if others:
+        return False, (f"its Qwen-Image loader loads the transformer only ({len(others)} module(s) dropped: "
+                       f"{others[0]} …)")
+    if adapter.format == "diffusers" and "lora_adapter_metadata" not in adapter.metadata and \
+            any(m.alpha is not None for m in adapter):  # alphas from `.alpha` keys
+        return False, ("its Qwen converter renames `transformer.…` modules with .alpha keys to "
+                       "`transformer.transformer.…` and fails: convert --to diffusers (alphas go to its metadata)")
+    return True, "Qwen-Image names, each module's alpha folded on load"
+
+
+def _qwen_comfy(adapter: LoraAdapter, algos: set) -> Tuple[bool, str]:
+    if adapter.format not in ("kohya", "lycoris", "comfyui", "diffusers"):
+        return False, "ComfyUI loads one file: convert --to comfyui"
+    if algos - COMFY_ALGOS:
+        return False, f"no key rule for {'/'.join(sorted(algos - COMFY_ALGOS))} tensors: convert --to comfyui --rank K"
+    lost = [m.name for m in adapter if m.scale != 1] if "lora_adapter_metadata" in adapter.metadata else []
+    if lost:
+        return False, (f"it ignores lora_adapter_metadata, so {len(lost)} module(s) ({lost[0]} …) get scale 1 "
+                       "instead of alpha/rank: convert --to comfyui")
+    return True, "Qwen-Image names"
+
+
 def _a1111(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
     if not diffusion:
         return False, "A1111/Forge load diffusion-model LoRAs"
@@ -195,6 +231,9 @@ def _llama_cpp(adapter: LoraAdapter, diffusion: bool) -> Tuple[bool, str]:
 def compatibility(adapter: LoraAdapter) -> Dict[str, Dict[str, object]]:
     """{loader: {"ok": bool, "why": str}} for the file `adapter` was read from, in LOADERS order."""
     diffusion, algos = _diffusion(adapter), _algorithms(adapter)
-    results = (_peft(adapter, diffusion), _diffusers(adapter, diffusion, algos), _comfy(adapter, diffusion, algos),
+    qwen_image = diffusion and qwen.is_qwen(adapter)  # its loaders take every layout of its names
+    results = (_peft(adapter, diffusion),
+               _qwen_diffusers(adapter, algos) if qwen_image else _diffusers(adapter, diffusion, algos),
+               _qwen_comfy(adapter, algos) if qwen_image else _comfy(adapter, diffusion, algos),
                _a1111(adapter, diffusion, algos), _llama_cpp(adapter, diffusion))
     return {name: {"ok": ok, "why": why} for name, (ok, why) in zip(LOADERS, results)}

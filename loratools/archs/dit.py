@@ -1,6 +1,8 @@
-"""Which DiT family's original names (`archs.fused.Layout`: Flux.1, SD3/3.5, Wan 2.x) a file or an adapter uses.
+"""Which DiT family's original names (`archs.fused.Layout`: Flux.1, SD3/3.5, Wan 2.x, Qwen-Image) a file or an
+adapter uses.
 
-Files tell by their names: `double_blocks` is Flux, `joint_blocks` SD3, `blocks` Wan; only the final layer's
+Files tell by their names: `double_blocks` is Flux, `joint_blocks` SD3, `blocks` Wan, `transformer_blocks`
+Qwen-Image (whose `img_in` / `txt_in` are also Flux names: most names win); only the final layer's
 names are shared between Flux and SD3 (and mean the same modules in both). Where the names do not tell,
 the metadata's family does, then SD3's CLIP-G text encoder; else Flux, the common case. Adapters in diffusers
 names tell by their family (metadata, names, a real model's widths), else by which table has every transformer
@@ -12,9 +14,9 @@ from typing import Dict, Iterable, Optional
 
 from .family import adapter_family, from_metadata
 from .fused import COMPONENT, Layout
-from . import flux, sd3, wan
+from . import flux, qwen, sd3, wan
 
-LAYOUTS = (flux.LAYOUT, sd3.LAYOUT, wan.LAYOUT)
+LAYOUTS = (flux.LAYOUT, sd3.LAYOUT, wan.LAYOUT, qwen.LAYOUT)
 BY_FAMILY = {layout.family: layout for layout in LAYOUTS}
 
 

@@ -1,7 +1,8 @@
-"""Which model family (SD 1.x, SD 2.x, SDXL, Flux, SD3, Wan …) an adapter or a base belongs to.
+"""Which model family (SD 1.x, SD 2.x, SDXL, Flux, SD3, Wan, Qwen-Image …) an adapter or a base belongs to.
 
 An adapter says it in its metadata (kohya `ss_base_model_version`, `ss_v2`, `modelspec.architecture`)
-or shows it in its names (a second text encoder is SDXL; `double_blocks` is Flux; `transformer.blocks.` is Wan)
+or shows it in its names (a second text encoder is SDXL; `double_blocks` is Flux; `transformer.blocks.` is Wan;
+`img_mlp.net.` / `img_mod.1` are Qwen-Image's)
 and shapes (the UNet's cross-attention width: 768 for SD 1.x's CLIP-L, 1024 for SD 2.x's OpenCLIP-H, 2048 for SDXL).
 Used to name an architecture mismatch instead of listing the modules it breaks.
 """
@@ -14,24 +15,32 @@ from typing import Dict, Iterable, Optional, Tuple
 from . import load_manifest
 
 SD1, SD2, SDXL, SDXL_REFINER, FLUX, SD3, WAN = "SD 1.x", "SD 2.x", "SDXL", "SDXL refiner", "Flux", "SD3", "Wan"
+QWEN = "Qwen-Image"
 # LdmLayout.arch -> family
 LDM_ARCHS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
 # diffusers pipeline class -> family (SD 1.x and 2.x share a class: the UNet's width tells them apart)
 PIPELINES = {"StableDiffusionXLPipeline": SDXL, "StableDiffusionXLImg2ImgPipeline": SDXL, "FluxPipeline": FLUX,
-             "StableDiffusion3Pipeline": SD3, "WanPipeline": WAN, "WanImageToVideoPipeline": WAN}
+             "StableDiffusion3Pipeline": SD3, "WanPipeline": WAN, "WanImageToVideoPipeline": WAN,
+             **{f"QwenImage{task}Pipeline": QWEN for task in ("", "Img2Img", "Inpaint", "Edit", "EditPlus",
+                                                              "EditInpaint", "ControlNet", "ControlNetInpaint",
+                                                              "Layered")}}
 CROSS_ATTENTION = {768: SD1, 1024: SD2, 2048: SDXL}
 # substrings of sd-scripts' ss_base_model_version / modelspec.architecture, most specific first
-_VERSION_WORDS = (("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("wan", WAN), ("sd3", SD3),
-                  ("stable-diffusion-3", SD3), ("v3", SD3), ("v2", SD2), ("sd2", SD2), ("v1", SD1), ("sd1", SD1))
+_VERSION_WORDS = (("qwen", QWEN), ("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("wan", WAN),
+                  ("sd3", SD3), ("stable-diffusion-3", SD3), ("v3", SD3), ("v2", SD2), ("sd2", SD2), ("v1", SD1),
+                  ("sd1", SD1))
 # module name fragments (real or still flattened kohya names) that only one family has
 _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transformer_blocks", FLUX),
                ("joint_blocks", SD3), ("context_block", SD3), ("transformer.pos_embed.", SD3),
                ("transformer.blocks.", WAN), ("transformer.condition_embedder.", WAN),
+               *((mark, QWEN) for mark in ("img_mlp.net.", "txt_mlp.net.", "img_mod.1", "txt_mod.1",
+                                           "img_mlp_net_", "txt_mlp_net_", "img_mod_1", "txt_mod_1")),
                ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
 
 # DiT families that share diffusers' transformer names (`transformer_blocks.N.attn.to_q` …): a LoRA on
-# those only is told apart by its shapes (hidden width 3072 for Flux.1, 1536 / 2432 for SD3 / 3.5 large)
-_SHAPE_MANIFESTS = (("flux", FLUX), ("sd3", SD3), ("sd3.5-large", SD3))
+# those only is told apart by its shapes (hidden width 3072 for Flux.1, 1536 / 2432 for SD3 / 3.5 large); Qwen-Image's
+# attention is as wide as Flux's: its 60 blocks (Flux has 19 of that name) or its own modules tell it
+_SHAPE_MANIFESTS = (("flux", FLUX), ("qwen-image", QWEN), ("sd3", SD3), ("sd3.5-large", SD3))
 
 
 def _from_version(text: str) -> Optional[str]:
@@ -40,7 +49,7 @@ def _from_version(text: str) -> Optional[str]:
 
 
 def from_metadata(metadata: Dict[str, str]) -> Optional[Tuple[str, str]]:
-    for key in ("modelspec.architecture", "ss_base_model_version"):
+    for key in ("modelspec.architecture", "ss_base_model_version", "ss_architecture"):  # the last: musubi-tuner
         fam = _from_version(metadata.get(key) or "")
         if fam:
             return fam, f"metadata {key}={metadata[key]}"

@@ -1,4 +1,5 @@
-"""Generate the module-name manifests of the known diffusion architectures (SD 1.x/2.x/XL, Flux.1, SD3/3.5, Wan 2.x).
+"""Generate the module-name manifests of the known diffusion architectures (SD 1.x/2.x/XL, Flux.1, SD3/3.5, Wan 2.x,
+Qwen-Image).
 
     python -m loratools.archs.generate            # rewrite loratools/archs/manifests/*.json.gz
     python -m loratools.archs.generate --check    # exit 1 if the shipped files differ
@@ -73,6 +74,11 @@ WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=
                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_1_3B = dict(WAN_14B, num_attention_heads=12, ffn_dim=8960, num_layers=30)
 
+# Qwen/Qwen-Image transformer/config.json (the Edit, Edit-2509 and Edit-2511 transformers have the same modules);
+# the Qwen2.5-VL text encoder is left out: Qwen-Image LoRAs train the transformer only
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+
 # arch -> component -> (class name, config)
 ARCHS = {
     "sd1": {"unet": ("UNet2DConditionModel", UNET_SD1), "text_encoder": ("CLIPTextModel", CLIP_L)},
@@ -85,13 +91,14 @@ ARCHS = {
     "sd3.5-large": {"transformer": ("SD3Transformer2DModel", SD35_LARGE), **_SD3_TEXT},
     "wan": {"transformer": ("WanTransformer3DModel", WAN_14B)},
     "wan-1.3b": {"transformer": ("WanTransformer3DModel", WAN_1_3B)},
+    "qwen-image": {"transformer": ("QwenImageTransformer2DModel", QWEN_IMAGE)},
 }
 
 
 def build_meta(cls_name: str, config: dict):
     """Instantiate a component on the meta device (no weights allocated)."""
     import torch
-    if cls_name.startswith(("UNet", "Flux", "SD3", "Wan")):  # diffusers models; the rest are transformers'.
+    if cls_name.startswith(("UNet", "Flux", "SD3", "Wan", "QwenImage")):  # diffusers models; the rest: transformers.
         import diffusers
         with torch.device("meta"):
             return getattr(diffusers, cls_name)(**config)

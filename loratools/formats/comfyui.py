@@ -9,6 +9,8 @@ names, as ComfyUI saves them and as ai-toolkit and BFL tools write Flux LoRAs:
     text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight
 
     diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight                     (Wan 2.x, renamed one to one)
+    diffusion_model.transformer_blocks.0.img_mlp.net.0.proj.lora_down.weight    (Qwen-Image: diffusers' names;
+    also unprefixed as Lightning LoRAs have them, and `lora_A.default.weight` as DiffSynth-Studio saves them)
 
 The transformer's modules are split exactly onto the diffusers modules when read (`archs.fused`) and
 fused back when written. `dora_scale` is read as kohya/LyCORIS store it ([1, in]: normed per input
@@ -36,6 +38,7 @@ DIFFUSION = "diffusion_model."
 TEXT_PREFIXES = sorted({p for lay in dit.LAYOUTS for p in lay.text_encoders}, key=len, reverse=True)
 CLIP_G = "text_encoders.clip_g.transformer."
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
+         ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",  # PEFT's adapter name (DiffSynth-Studio)
          ".alpha": "alpha", ".dora_scale": "dora", ".diff": "diff", ".diff_b": "diff_b"}
 
 
@@ -56,9 +59,8 @@ def parse_key(key: str) -> Optional[Tuple[str, str, str]]:
 
 
 def detect(path: str) -> bool:
-    keys = _single.peek_keys(path)
-    return bool(keys) and all(parse_key(k) for k in keys) and any(k.endswith(("down.weight", "_A.weight"))
-                                                                   for k in keys)
+    parsed = [parse_key(k) for k in _single.peek_keys(path) or ()]
+    return bool(parsed) and all(parsed) and any(p[2] == "down" for p in parsed)
 
 
 def _layout(groups, metadata):
@@ -119,8 +121,8 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     layout = dit.for_adapter(adapter)
     if layout is None and any(m.name.startswith("transformer.") for m in adapter):
         other = flux.other_family(adapter) or "this transformer LoRA"
-        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1, SD3/3.5 and Wan 2.x "
-                                "transformers only; write diffusers or peft")
+        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1, SD3/3.5, Wan 2.x and "
+                                "Qwen-Image transformers only; write diffusers or peft")
     layout = layout or flux.LAYOUT
     fused, rest = layout.to_original(list(adapter))
     dtypes = adapter.config.get("alpha_dtypes", {})
@@ -134,8 +136,9 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
         if comp == "transformer":
             raise layout.not_covered(m.name)
         if comp not in back or not local:
-            raise IncompatibleError(f"module {m.name}: original-names files hold a {layout.family} transformer and "
-                                    f"its {', '.join(back.values())} only; write diffusers or peft")
+            encoders = f" and its {', '.join(back.values())}" if back else ""
+            raise IncompatibleError(f"module {m.name}: original-names files hold a {layout.family} transformer"
+                                    f"{encoders} only; write diffusers or peft")
         items.append((back[comp] + local, m.name, m))
     out: Dict[str, torch.Tensor] = {}
     for key, name, m in items:

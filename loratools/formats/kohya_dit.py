@@ -1,7 +1,8 @@
 """kohya LoRAs for DiT families that sd-scripts trains on the original checkpoint (`archs.fused.Layout`):
 Flux.1 (networks/lora_flux.py: `lora_unet_double_blocks_0_img_attn_qkv`, CLIP-L `lora_te1_`, T5 `lora_te3_`),
 SD3/3.5 (networks/lora_sd3.py: `lora_unet_joint_blocks_0_x_block_attn_qkv`, CLIP-L / CLIP-G / T5 as
-`lora_te1_` / `lora_te2_` / `lora_te3_`) and Wan 2.x (musubi-tuner: `lora_unet_blocks_0_self_attn_q`). The
+`lora_te1_` / `lora_te2_` / `lora_te3_`), Wan 2.x (musubi-tuner: `lora_unet_blocks_0_self_attn_q`) and Qwen-Image
+(musubi-tuner: `lora_unet_transformer_blocks_0_img_mlp_net_0_proj`). The
 transformer's LoRAs are split exactly onto the diffusers modules when read and fused back when written; the
 text encoders resolve against the family's manifest (or the base). Also read: Flux transformers in diffusers'
 names flattened (OneTrainer `lora_transformer_…` with T5 as `lora_te2_`, older ai-toolkit `lora_unet_…`).
@@ -12,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
-from ..archs import NameMap, canonical, dit
+from ..archs import NameMap, canonical, dit, qwen
 from ..archs.family import from_metadata
 from ..archs.fused import COMPONENT, Layout
 from ..errors import FormatError, IncompatibleError
@@ -32,7 +33,12 @@ def layout_of(groups, metadata: Dict[str, str]) -> Optional[Layout]:
     # diffusers' names flattened (SD3's original `context_embedder` is also Flux's diffusers name): most names win
     flat = {lay: sum(1 for ln in groups if _flat_diffusers(lay, ln)) for lay in dit.LAYOUTS}
     best = max(dit.LAYOUTS, key=flat.get)
-    if flat[best] > (sum(1 for n in names if found.lookup(n)) if found else 0):
+    count = sum(1 for n in names if found.lookup(n)) if found else 0
+    if flat[best] > count:
+        return best
+    # Qwen-Image's original names are diffusers' own: attention alone on the first blocks is also Flux's
+    # flattened (older ai-toolkit); the metadata tells, else Flux as before
+    if found is qwen.LAYOUT and flat[best] == count and not qwen.says_qwen(metadata):
         return best
     return found
 
@@ -103,8 +109,9 @@ def original_items(adapter: LoraAdapter, layout: Layout) -> List[Tuple[str, Lora
         if comp == COMPONENT:
             raise layout.not_covered(m.name)
         if comp not in back or not local:
-            raise IncompatibleError(f"module {m.name}: a kohya {layout.family} LoRA holds the transformer and "
-                                    f"{', '.join(back)} only")
+            encoders = f" and {', '.join(back)}" if back else ""
+            raise IncompatibleError(f"module {m.name}: a kohya {layout.family} LoRA holds the transformer{encoders} "
+                                    "only")
         ln = back[comp] + local.replace(".", "_")
         items.append((ln, m, dtypes.get(ln)))
     return items
