@@ -1,7 +1,8 @@
-"""Which DiT family's original names (`archs.fused.Layout`: Flux.1, SD3/3.5, Wan 2.x, Qwen-Image) a file or an
-adapter uses.
+"""Which DiT family's original names (`archs.fused.Layout`: Flux.1, SD3/3.5, Wan 2.x, Qwen-Image, FLUX.2) a file
+or an adapter uses.
 
-Files tell by their names: `double_blocks` is Flux, `joint_blocks` SD3, `blocks` Wan, `transformer_blocks`
+Files tell by their names: `double_blocks` is Flux (Flux.1 or FLUX.2: the shared modulations, or else the MLP
+widths, tell which; attention alone reads the same in both), `joint_blocks` SD3, `blocks` Wan, `transformer_blocks`
 Qwen-Image (whose `img_in` / `txt_in` are also Flux names: most names win); only the final layer's
 names are shared between Flux and SD3 (and mean the same modules in both). Where the names do not tell,
 the metadata's family does, then SD3's CLIP-G text encoder; else Flux, the common case. Adapters in diffusers
@@ -10,25 +11,31 @@ module.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 from .family import adapter_family, from_metadata
 from .fused import COMPONENT, Layout
-from . import flux, qwen, sd3, wan
+from . import flux, flux2, qwen, sd3, wan
 
-LAYOUTS = (flux.LAYOUT, sd3.LAYOUT, wan.LAYOUT, qwen.LAYOUT)
+LAYOUTS = (flux.LAYOUT, sd3.LAYOUT, wan.LAYOUT, qwen.LAYOUT, flux2.LAYOUT)
+# single files: FLUX.2's marker (a shared modulation) is no Flux.1 weight, Flux.1's (double_blocks.0's qkv) is both's
+_CHECKPOINT_ORDER = (flux2.LAYOUT,) + LAYOUTS[:-1]
 BY_FAMILY = {layout.family: layout for layout in LAYOUTS}
 
 
-def for_names(originals: Iterable[str], metadata: Dict[str, str], clip_g: bool = False) -> Optional[Layout]:
+def for_names(originals: Iterable[str], metadata: Dict[str, str], clip_g: bool = False,
+              shapes: Optional[Dict[str, Tuple[int, int]]] = None) -> Optional[Layout]:
     """The layout of a file whose transformer modules have these original names (None: no layout has any).
-    `clip_g`: the file has LoRAs on a CLIP-G text encoder (kohya `lora_te2_`, `text_encoders.clip_g.…`)."""
+    `clip_g`: the file has LoRAs on a CLIP-G text encoder (kohya `lora_te2_`, `text_encoders.clip_g.…`);
+    `shapes`: original name -> (rows, input width) of its LoRA (Flux.1 and FLUX.2 share names, not widths)."""
     names = list(originals)
     counts = [sum(1 for n in names if layout.lookup(n)) for layout in LAYOUTS]
     if not any(counts):
         return None
     best = max(counts)
     hits = [layout for layout, c in zip(LAYOUTS, counts) if c == best]
+    fitting = [lay for lay in hits if all(lay.fits(n, *s) for n, s in (shapes or {}).items() if lay.lookup(n))]
+    hits = fitting or hits
     if len(hits) == 1:
         return hits[0]
     fam = from_metadata(metadata)
@@ -57,7 +64,7 @@ def for_adapter(adapter) -> Optional[Layout]:
 def for_checkpoint(keys) -> Optional[Layout]:
     """The layout of a single-file checkpoint (its transformer's marker weight), or None."""
     keys = set(keys)
-    return next((lay for lay in LAYOUTS if lay.checkpoint_prefix(keys) is not None), None)
+    return next((lay for lay in _CHECKPOINT_ORDER if lay.checkpoint_prefix(keys) is not None), None)
 
 
 def kept_original(name: str) -> bool:

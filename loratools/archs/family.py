@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict, Iterable, Optional, Tuple
 
 from . import load_manifest
 
 SD1, SD2, SDXL, SDXL_REFINER, FLUX, SD3, WAN = "SD 1.x", "SD 2.x", "SDXL", "SDXL refiner", "Flux", "SD3", "Wan"
-QWEN = "Qwen-Image"
+QWEN, FLUX2 = "Qwen-Image", "FLUX.2"
 # LdmLayout.arch -> family
 LDM_ARCHS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
 # diffusers pipeline class -> family (SD 1.x and 2.x share a class: the UNet's width tells them apart)
@@ -23,10 +24,13 @@ PIPELINES = {"StableDiffusionXLPipeline": SDXL, "StableDiffusionXLImg2ImgPipelin
              "StableDiffusion3Pipeline": SD3, "WanPipeline": WAN, "WanImageToVideoPipeline": WAN,
              **{f"QwenImage{task}Pipeline": QWEN for task in ("", "Img2Img", "Inpaint", "Edit", "EditPlus",
                                                               "EditInpaint", "ControlNet", "ControlNetInpaint",
-                                                              "Layered")}}
+                                                              "Layered")},
+             **{f"Flux2{kind}Pipeline": FLUX2 for kind in ("", "Klein", "KleinInpaint", "KleinKV")}}
 CROSS_ATTENTION = {768: SD1, 1024: SD2, 2048: SDXL}
 # substrings of sd-scripts' ss_base_model_version / modelspec.architecture, most specific first
-_VERSION_WORDS = (("qwen", QWEN), ("refiner", SDXL_REFINER), ("xl", SDXL), ("flux", FLUX), ("wan", WAN),
+_VERSION_WORDS = (("qwen", QWEN), ("refiner", SDXL_REFINER), ("xl", SDXL),
+                  *((word, FLUX2) for word in ("flux2", "flux.2", "flux_2", "flux-2", "flux 2", "klein")),
+                  ("flux", FLUX), ("wan", WAN),
                   ("sd3", SD3), ("stable-diffusion-3", SD3), ("v3", SD3), ("v2", SD2), ("sd2", SD2), ("v1", SD1),
                   ("sd1", SD1))
 # module name fragments (real or still flattened kohya names) that only one family has
@@ -37,10 +41,16 @@ _NAME_MARKS = (("double_blocks", FLUX), ("single_blocks", FLUX), ("single_transf
                                            "img_mlp_net_", "txt_mlp_net_", "img_mod_1", "txt_mod_1")),
                ("text_encoder_2.", SDXL), ("lora_te2_", SDXL))
 
+# FLUX.2's diffusers names (also flattened) that Flux.1 has not; looked for in every name first, since the two
+# share `single_transformer_blocks` / `double_blocks` (a single block's `attn.to_out` is FLUX.2's only, too)
+_FLUX2_MARKS = ("to_qkv_mlp_proj", "ff.linear_", "ff_context.linear_", "ff_linear_", "ff_context_linear_",
+                "time_guidance_embed", "stream_modulation")
+_FLUX2_SINGLE_OUT = re.compile(r".*single_transformer_blocks[._]\d+[._]attn[._]to_out")
+
 # DiT families that share diffusers' transformer names (`transformer_blocks.N.attn.to_q` …): a LoRA on
 # those only is told apart by its shapes (hidden width 3072 for Flux.1, 1536 / 2432 for SD3 / 3.5 large); Qwen-Image's
 # attention is as wide as Flux's: its 60 blocks (Flux has 19 of that name) or its own modules tell it
-_SHAPE_MANIFESTS = (("flux", FLUX), ("qwen-image", QWEN), ("sd3", SD3), ("sd3.5-large", SD3))
+_SHAPE_MANIFESTS = (("flux", FLUX), ("flux2", FLUX2), ("qwen-image", QWEN), ("sd3", SD3), ("sd3.5-large", SD3))
 
 
 def _from_version(text: str) -> Optional[str]:
@@ -61,6 +71,9 @@ def from_metadata(metadata: Dict[str, str]) -> Optional[Tuple[str, str]]:
 def from_modules(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]]:
     """From module names and the weight shapes they update (`name` -> shape)."""
     dit = any(n.startswith("transformer.") for n in shapes)  # Flux/SD3 keep T5 or CLIP-G as text_encoder_2
+    for name in shapes:
+        if any(mark in name for mark in _FLUX2_MARKS) or _FLUX2_SINGLE_OUT.fullmatch(name):
+            return FLUX2, f"module {name}"
     for name in shapes:
         for mark, fam in _NAME_MARKS:
             if mark in name and not (dit and fam == SDXL):

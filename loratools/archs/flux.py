@@ -29,6 +29,8 @@ _GLOBAL = {"img_in": "x_embedder", "txt_in": "context_embedder",
            "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
            "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
            "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
+# rows / input width of the modules whose widths tell Flux.1 from FLUX.2 (same names, other MLP)
+RATIOS = {"img_mlp.0": 4, "txt_mlp.0": 4, "img_mlp.2": 1 / 4, "txt_mlp.2": 1 / 4, "linear1": 7, "linear2": 1 / 5}
 MLP_RATIO = 4  # Flux.1's single-block MLP width / hidden width (sizes a missing proj_mlp part)
 # single-file Flux checkpoints and ComfyUI LoRAs: the text encoders' key prefixes -> pipeline component
 TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": "text_encoder",
@@ -41,7 +43,7 @@ LAYOUT = Layout(FLUX, [("double_blocks", "transformer_blocks", _DOUBLE),
                 swaps=("final_layer.adaLN_modulation.1",), rest_last=("linear1",), mlp_ratio=MLP_RATIO,
                 text_encoders=TEXT_ENCODERS, kohya_te={"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"},
                 manifest="flux", markers=("double_blocks.0.img_attn.qkv.weight",), kohya_module="networks.lora_flux",
-                kohya_read=ONETRAINER)
+                kohya_read=ONETRAINER, ratios=RATIOS)
 lookup, unflatten, original_of = LAYOUT.lookup, LAYOUT.unflatten, LAYOUT.original_of
 to_original, from_original, is_flux_module = LAYOUT.to_original, LAYOUT.from_original, LAYOUT.is_module
 checkpoint_prefix = LAYOUT.checkpoint_prefix

@@ -59,7 +59,8 @@ class Layout:
                  swaps: Iterable[str] = (), rest_last: Iterable[str] = (), mlp_ratio: int = 4,
                  text_encoders: Optional[Dict[str, str]] = None, kohya_te: Optional[Dict[str, str]] = None,
                  manifest: str = "", markers: Sequence[str] = (), kohya_module: str = "networks.lora",
-                 kohya_read: Optional[Dict[str, str]] = None, implicit_alpha: bool = False):
+                 kohya_read: Optional[Dict[str, str]] = None, implicit_alpha: bool = False,
+                 ratios: Optional[Dict[str, float]] = None):
         self.family, self.blocks, self.globals = family, tuple(blocks), dict(globals_)
         self.swap_leaves, self.rest_leaves = frozenset(swaps), frozenset(rest_last)
         self.mlp_ratio = mlp_ratio  # a missing rest_last part's rows / the input width
@@ -72,6 +73,8 @@ class Layout:
         # ComfyUI files: an alpha of 1·rank is left out unless one was read (diffusers' Wan loader raises on one
         # beside the embedders and the head)
         self.implicit_alpha = implicit_alpha
+        # leaf -> rows / input width where it tells this family from one with the same names (Flux.1 / FLUX.2)
+        self.ratios = dict(ratios or {})
         self._inverse: Dict[str, Tuple[str, int]] = {}  # diffusers name pattern -> (original, part index)
         self._global_inverse = {v: k for k, v in self.globals.items()}
 
@@ -87,6 +90,11 @@ class Layout:
             if m and m.group(2) in table:
                 return self._entry(original, m.group(2), tuple(f"{diff}.{m.group(1)}.{p}" for p in table[m.group(2)]))
         return None
+
+    def fits(self, original: str, rows: int, in_features: int) -> bool:
+        """False when a LoRA of `rows` x `in_features` on this original module has another family's widths."""
+        ratio = None if original in self.globals else self.ratios.get(original.split(".", 2)[-1])
+        return ratio is None or rows == round(ratio * in_features)
 
     def unflatten(self, flat: str) -> Optional[str]:
         """The original name whose dots became `_` in a kohya name (`double_blocks_0_img_attn_qkv`), or None."""

@@ -1,5 +1,5 @@
 """Generate the module-name manifests of the known diffusion architectures (SD 1.x/2.x/XL, Flux.1, SD3/3.5, Wan 2.x,
-Qwen-Image).
+Qwen-Image, FLUX.2).
 
     python -m loratools.archs.generate            # rewrite loratools/archs/manifests/*.json.gz
     python -m loratools.archs.generate --check    # exit 1 if the shipped files differ
@@ -79,6 +79,14 @@ WAN_1_3B = dict(WAN_14B, num_attention_heads=12, ffn_dim=8960, num_layers=30)
 QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
                   num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
 
+# black-forest-labs/FLUX.2-dev transformer/config.json: diffusers' Flux2Transformer2DModel defaults are its values
+# (8 double and 48 single blocks, 48 heads of 128, Mistral-3's 3 x 5120 = 15360 wide text states); the Mistral
+# text encoder is left out: FLUX.2 LoRAs train the transformer only (diffusers' loader takes nothing else).
+# FLUX.2 [klein] has the same module names at other widths.
+FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                 num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+                 axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True)
+
 # arch -> component -> (class name, config)
 ARCHS = {
     "sd1": {"unet": ("UNet2DConditionModel", UNET_SD1), "text_encoder": ("CLIPTextModel", CLIP_L)},
@@ -92,6 +100,7 @@ ARCHS = {
     "wan": {"transformer": ("WanTransformer3DModel", WAN_14B)},
     "wan-1.3b": {"transformer": ("WanTransformer3DModel", WAN_1_3B)},
     "qwen-image": {"transformer": ("QwenImageTransformer2DModel", QWEN_IMAGE)},
+    "flux2": {"transformer": ("Flux2Transformer2DModel", FLUX2_DEV)},
 }
 
 

@@ -35,6 +35,13 @@ def build_module(name: str, lora_name: str, parts: Dict[str, torch.Tensor], path
     return dora_in(module, d) if input_axis else module
 
 
+def lora_shape(parts: Dict[str, torch.Tensor]):
+    """(rows, input width) of a plain LoRA's tensors, or None (a factor missing, or not 2-D)."""
+    down, up = parts.get("down"), parts.get("up")
+    ok = down is not None and up is not None and down.dim() == 2 and up.dim() == 2
+    return (int(up.shape[0]), int(down.shape[1])) if ok else None
+
+
 def dora_in(module: LoraModule, dora: torch.Tensor) -> LoraModule:
     """LyCORIS DoRA normed per input column (wd_on_output=False): no PEFT/diffusers equivalent, so an
     exact transform (`lycoris_algos`) that merge applies and `convert --rank` factors."""

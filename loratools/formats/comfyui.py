@@ -31,7 +31,7 @@ from ..adapter import LoraAdapter
 from ..archs import canonical, dit, flux, sd3
 from ..errors import FormatError, IncompatibleError
 from . import _single
-from ._parts import build_module
+from ._parts import build_module, lora_shape
 from .record import Format
 
 DIFFUSION = "diffusion_model."
@@ -66,7 +66,8 @@ def detect(path: str) -> bool:
 def _layout(groups, metadata):
     transformer = [local for kind, local in groups if kind == "transformer"]
     clip_g = any(kind == CLIP_G for kind, _ in groups)
-    found = dit.for_names(transformer, metadata, clip_g=clip_g)
+    shapes = {local: lora_shape(groups[("transformer", local)]) for local in transformer}
+    found = dit.for_names(transformer, metadata, clip_g=clip_g, shapes={n: s for n, s in shapes.items() if s})
     return found or (sd3.LAYOUT if clip_g else flux.LAYOUT)
 
 

@@ -17,7 +17,7 @@ from ..archs import NameMap, canonical, dit, qwen
 from ..archs.family import from_metadata
 from ..archs.fused import COMPONENT, Layout
 from ..errors import FormatError, IncompatibleError
-from ._parts import build_module
+from ._parts import build_module, lora_shape
 
 UNET = "lora_unet_"
 
@@ -25,8 +25,15 @@ UNET = "lora_unet_"
 def layout_of(groups, metadata: Dict[str, str]) -> Optional[Layout]:
     """The family layout of a kohya file's `lora_unet_` names, or None (an SD 1.x/2.x/XL LoRA)."""
     originals = [ln[len(UNET):] for ln in groups if ln.startswith(UNET)]
-    names = [n for n in (lay.unflatten(o) for lay in dit.LAYOUTS for o in originals) if n]
-    found = dit.for_names(names, metadata, clip_g=any(ln.startswith("lora_te2_") for ln in groups))
+    names, shapes = [], {}
+    for lay in dit.LAYOUTS:
+        for o in originals:
+            name = lay.unflatten(o)
+            if name:
+                names.append(name)
+                shapes[name] = lora_shape(groups[UNET + o])
+    found = dit.for_names(names, metadata, clip_g=any(ln.startswith("lora_te2_") for ln in groups),
+                          shapes={n: s for n, s in shapes.items() if s})
     fam = from_metadata(metadata)
     if not originals and fam and fam[0] in dit.BY_FAMILY:  # text encoders only: the metadata names the family
         return dit.BY_FAMILY[fam[0]]
