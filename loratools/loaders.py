@@ -40,7 +40,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
-from .archs import COMPONENTS, dit, qwen, sd3, wan
+from .archs import COMPONENTS, dit, flux2, qwen, sd3, wan
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
 COMFY_ALGOS = {"lora", "loha", "lokr", "glora", "full"}
@@ -115,6 +115,26 @@ def _onetrainer_diffusers(names) -> Tuple[bool, str]:
                     "convert --to diffusers") if bad else (True, "OneTrainer names, converted on load"))
 
 
+def _flux2_diffusers(adapter: LoraAdapter, algos: set) -> Tuple[bool, str]:
+    """diffusers' FLUX.2 loader on a kohya or original-names file (its conversions, 0.42)."""
+    if algos - {"lora"} or any(m.is_dora or m.op is not None for m in adapter):
+        return False, "its FLUX.2 conversions take plain LoRA factors: convert --to diffusers"
+    if adapter.format == "comfyui" and not adapter.config.get("lora_ab"):
+        return False, ("it reads `diffusion_model.` files with lora_A/lora_B keys only (drops these): "
+                       "convert --to diffusers")
+    if adapter.format == "comfyui" and adapter.config.get("alpha_dtypes"):
+        return False, "its original-names conversion refuses .alpha keys: convert --to diffusers"
+    if "transformer.norm_out.linear" in adapter.modules:
+        return False, ("it reads the final adaLN's LoRA in BFL's [shift; scale] row order unswapped: "
+                       "convert --to diffusers")
+    if adapter.format == "kohya":
+        dropped = [m.name for m in adapter if not flux2.KOHYA_DIFFUSERS.fullmatch(m.name)]
+        if dropped:
+            return False, (f"its kohya conversion drops {len(dropped)} module(s) ({dropped[0]} …): "
+                           "convert --to diffusers")
+    return True, "FLUX.2 original names, converted on load"
+
+
 def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str]:
     if adapter.format in ("kohya", "comfyui") and wan.is_wan(adapter):
         return _wan_diffusers(adapter)
@@ -130,6 +150,8 @@ def _diffusers(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool,
     if adapter.format == "diffusers":
         return True, "its own names"
     layout = dit.for_adapter(adapter) if adapter.format in ("kohya", "comfyui") else None
+    if layout is flux2.LAYOUT:
+        return _flux2_diffusers(adapter, algos)
     if layout is sd3.LAYOUT:
         return False, "its SD3 loader reads its own names only: convert --to diffusers"
     if layout is not None and any(m.is_dora or m.op is not None for m in adapter):

@@ -13,9 +13,10 @@ from tests._dit import lora_factors
 TINY = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=12, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2))
 # BFL's names of the non-linear weights (q/k norms): the single-file converter's table, inverted
-_NORMS = {"attn.norm_q": ("img_attn.norm.query_norm", "norm.query_norm"), "attn.norm_k": ("img_attn.norm.key_norm",
-                                                                                         "norm.key_norm"),
-          "attn.norm_added_q": ("txt_attn.norm.query_norm", None), "attn.norm_added_k": ("txt_attn.norm.key_norm", None)}
+_NORMS = {"attn.norm_q": ("img_attn.norm.query_norm", "norm.query_norm"),
+          "attn.norm_k": ("img_attn.norm.key_norm", "norm.key_norm"),
+          "attn.norm_added_q": ("txt_attn.norm.query_norm", None),
+          "attn.norm_added_k": ("txt_attn.norm.key_norm", None)}
 # the modules diffusers' kohya FLUX.2 converter maps (it drops the modulations, guidance and the final adaLN)
 KOHYA_MAPPED = ("qkv", "proj", "mlp", "linear1", "linear2", "img_in", "txt_in", "time_in", "final_layer.linear")
 

@@ -10,6 +10,8 @@ block names (`double_blocks`, `single_blocks`, `img_mlp.0`), but its widths diff
 """
 from __future__ import annotations
 
+import re
+
 from .family import FLUX2
 from .fused import Layout
 
@@ -36,3 +38,8 @@ LAYOUT = Layout(FLUX2, [("double_blocks", "transformer_blocks", _DOUBLE),
                 swaps=("final_layer.adaLN_modulation.1",), manifest="flux2",
                 markers=("single_stream_modulation.lin.weight",), kohya_module="networks.lora_flux_2",
                 ratios=RATIOS, implicit_alpha=True)
+# the diffusers modules whose kohya names diffusers' FLUX.2 converter maps (0.42: it drops the modulations, the
+# guidance embedder and the final adaLN with a warning)
+KOHYA_DIFFUSERS = re.compile(r"transformer\.(transformer_blocks\.\d+\.(attn|ff|ff_context)\.\w+(\.0)?"
+                             r"|single_transformer_blocks\.\d+\.attn\.\w+|x_embedder|context_embedder|proj_out"
+                             r"|time_guidance_embed\.timestep_embedder\.linear_[12])")

@@ -111,7 +111,8 @@ def read(path: str) -> LoraAdapter:
             alpha_dtypes[f"{comp}.{local}"] = safetensors_io.dtype_name(parts["alpha"].dtype)
     if not len(adapter):
         raise FormatError(f"{path}: no LoRA modules")
-    adapter.config = {"alpha_dtypes": alpha_dtypes}
+    # ai-toolkit's `lora_A` keys: diffusers' FLUX.2 loader reads those only (it drops `lora_down` ones)
+    adapter.config = {"alpha_dtypes": alpha_dtypes, "lora_ab": any(".lora_A." in k for k in tensors)}
     return adapter
 
 

@@ -1,0 +1,102 @@
+"""inspect, blend and resize on FLUX.2 adapters (kohya and ai-toolkit names): the family with its evidence and where
+each file loads, blends and resizes checked against the dense ΔW and read back by `Flux2Pipeline.lora_state_dict`;
+a Flux.1 LoRA refused by a FLUX.2 pipeline."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import Flux2Pipeline, FluxTransformer2DModel
+from safetensors.torch import save_file
+
+from loratools.archs.family import FLUX2
+from loratools.formats import read_adapter, write_adapter
+from tests._flux2 import KOHYA_MAPPED, file_layout, folded, original_lora, tiny
+from tests._tiny import run_cli as run
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
+
+
+def _files(tmp_path, kinds=("kohya", "aitoolkit")):
+    model = tiny()
+    out = []
+    for seed, kind in enumerate(kinds, start=1):
+        path = tmp_path / f"{kind}{seed}.safetensors"
+        save_file(file_layout(original_lora(model, seed=seed, only=KOHYA_MAPPED), kind), str(path))
+        out.append(str(path))
+    return out
+
+
+def _delta(m):
+    return m.scale * m.up.double() @ m.down.double()
+
+
+def _reads_back(path, n):
+    """What diffusers' FLUX.2 loader reads from our kohya file is our module, alpha folded."""
+    adapter, want = read_adapter(path), Flux2Pipeline.lora_state_dict(path)
+    assert len(adapter) == n == len(want) // 2
+    for m in adapter:
+        down, up = folded(m)
+        assert torch.equal(down, want[f"{m.name}.lora_A.weight"]) and torch.equal(up, want[f"{m.name}.lora_B.weight"])
+    return adapter
+
+
+def test_inspect_shows_flux2_its_evidence_and_where_it_loads(tmp_path, capsys):
+    kohya, aitoolkit = _files(tmp_path)
+    for path, fmt in ((kohya, "kohya"), (aitoolkit, "comfyui")):
+        code, out, err = run(capsys, "inspect", path, "--format", "json")
+        rep = json.loads(out)
+        assert code == 0 and err == "" and rep["unresolved"] == [] and rep["format"] == fmt
+        assert rep["family"]["name"] == FLUX2 and "ff.linear_" in rep["family"]["evidence"], rep["family"]
+        assert rep["loads_in"]["diffusers"]["ok"] and rep["loads_in"]["ComfyUI"]["ok"], rep["loads_in"]
+        code, text, _ = run(capsys, "inspect", path)
+        assert code == 0 and f"family      {FLUX2} (from module transformer." in text
+    # ComfyUI's own form (lora_down + .alpha) is one diffusers' FLUX.2 loader drops: inspect says so
+    out = write_adapter(read_adapter(kohya), tmp_path / "c.safetensors", format="comfyui")
+    rep = json.loads(run(capsys, "inspect", out, "--format", "json")[1])["loads_in"]
+    assert not rep["diffusers"]["ok"] and "lora_A/lora_B" in rep["diffusers"]["why"] and rep["ComfyUI"]["ok"]
+
+
+def test_blend_cat_is_the_exact_weighted_sum(tmp_path, capsys):
+    kohya, aitoolkit = _files(tmp_path)
+    out = tmp_path / "blend.safetensors"
+    code, _, err = run(capsys, "blend", f"{kohya}:0.7", f"{aitoolkit}:-0.4", "-m", "cat", "-o", out, "-q",
+                       "--to", "kohya")
+    assert code == 0, err
+    a, b = read_adapter(kohya), read_adapter(aitoolkit)
+    got = _reads_back(str(out), len(a))
+    for m in got:
+        want = 0.7 * _delta(a.modules[m.name]) - 0.4 * _delta(b.modules[m.name])
+        torch.testing.assert_close(_delta(m), want, rtol=1e-6, atol=1e-6, msg=m.name)  # fp32 factors
+
+
+def test_resize_is_the_best_lower_rank(tmp_path, capsys):
+    (kohya,) = _files(tmp_path, ("kohya",))
+    out = tmp_path / "r2.safetensors"
+    code, _, err = run(capsys, "resize", kohya, "--rank", "2", "-o", out, "-q")
+    assert code == 0, err
+    src = read_adapter(kohya)
+    got = _reads_back(str(out), len(src))
+    for m in got:
+        u, s, vh = torch.linalg.svd(_delta(src.modules[m.name]), full_matrices=False)
+        assert m.rank == 2 and s[2] > 0.1  # what rank 2 leaves out is far above the fp32 tolerance
+        torch.testing.assert_close(_delta(m), (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-5, msg=m.name)
+
+
+def test_flux1_lora_refused_by_a_flux2_pipeline(tmp_path, capsys):
+    root = tmp_path / "pipe"
+    tiny().save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    torch.manual_seed(0)
+    flux1 = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    w = flux1.single_transformer_blocks[0].proj_mlp.weight
+    path = tmp_path / "flux1.safetensors"
+    save_file({"lora_unet_single_blocks_0_linear1.lora_down.weight": torch.ones(2, w.shape[1]),
+               "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.ones(w.shape[1] * 3 + w.shape[0], 2)},
+              str(path))
+    code, _, err = run(capsys, "merge", root, path, "-o", tmp_path / "never")
+    assert code == 1 and err.startswith("loratools: error: Flux LoRA, FLUX.2 pipeline"), err
+    assert not (tmp_path / "never").exists()
