@@ -1,6 +1,7 @@
 """One .safetensors file with a DiT family's original names (`archs.fused.Layout`): Flux.1
-(`double_blocks.N.img_attn.qkv.weight` …), SD3/3.5 (`joint_blocks.N.x_block.attn.qkv.weight` …) or Wan 2.x
-(`blocks.N.self_attn.q.weight`, `head.head.weight` …; transformer only, either Wan 2.2 expert), bare as
+(`double_blocks.N.img_attn.qkv.weight` …), SD3/3.5 (`joint_blocks.N.x_block.attn.qkv.weight` …), Wan 2.x
+(`blocks.N.self_attn.q.weight`, `head.head.weight` …; transformer only, either Wan 2.2 expert), Qwen-Image or FLUX.2
+(`single_stream_modulation.lin.weight`, `double_blocks.N.img_attn.qkv.weight` …), bare as
 released or under `model.diffusion_model.` with the text encoders bundled as ComfyUI and Stability save them
 (`text_encoders.clip_l.transformer.`, SD3's `text_encoders.clip_g.transformer.`, `text_encoders.t5xxl.transformer.`;
 other keys such as the VAE's are copied). Adapters in diffusers names are fused onto the original modules
