@@ -68,7 +68,7 @@ def test_flux1_and_flux2_told_apart_both_ways(tmp_path):
     assert adapter_family(_adapter({t + "transformer_blocks.7.attn.to_q": (6144, 6144)}))[0] == FLUX2
     assert adapter_family(_adapter({t + "transformer_blocks.7.attn.to_q": (3072, 3072)}))[0] == FLUX
     for key, value in (("ss_base_model_version", "flux2_dev"), ("modelspec.architecture", "flux.2-klein-4b/lora"),
-                       ("ss_architecture", "flux_2")):
+                       ("ss_architecture", "flux_2_dev")):
         assert adapter_family(_adapter({t + "x": (8, 8)}, {key: value}))[0] == FLUX2
     assert adapter_family(_adapter({t + "x": (8, 8)}, {"ss_base_model_version": "flux1"}))[0] == FLUX
     for cls, fam in (("Flux2Pipeline", FLUX2), ("Flux2KleinPipeline", FLUX2), ("FluxPipeline", FLUX)):
