@@ -49,6 +49,12 @@ def test_name_table_against_diffusers_single_file_converter_and_manifest():
     assert table["single_transformer_blocks.47.attn.to_qkv_mlp_proj"] == [55296, 6144]
     assert table["context_embedder"] == [6144, 15360] and table["x_embedder"] == [6144, 128]
     assert all(flux2.LAYOUT.unflatten(n.replace(".", "_")) == n for n in names)
+    for arch, hidden, double, single, text in (("flux2-klein-4b", 3072, 5, 20, 7680),
+                                               ("flux2-klein-9b", 4096, 8, 24, 12288)):
+        klein = load_manifest(arch)["components"]["transformer"]
+        names = flux2.LAYOUT.original_names(klein)  # the same names, no guidance embedder
+        assert {p for parts in names.values() for p in parts} == set(klein) and len(names) == double * 8 + single * 2 + 9
+        assert klein["context_embedder"] == [hidden, text] and f"double_blocks.{double - 1}.img_attn.qkv" in names
 
 
 def _adapter(shapes, metadata=None):
@@ -67,6 +73,8 @@ def test_flux1_and_flux2_told_apart_both_ways(tmp_path):
     # attention alone: the real models' widths (dev's 6144, Flux.1's 3072)
     assert adapter_family(_adapter({t + "transformer_blocks.7.attn.to_q": (6144, 6144)}))[0] == FLUX2
     assert adapter_family(_adapter({t + "transformer_blocks.7.attn.to_q": (3072, 3072)}))[0] == FLUX
+    assert adapter_family(_adapter({t + "transformer_blocks.7.attn.to_q": (4096, 4096)}))[0] == FLUX2  # klein 9B
+    assert adapter_family(_adapter({t + "context_embedder": (3072, 7680)}))[0] == FLUX2  # klein 4B's Qwen3 states
     for key, value in (("ss_base_model_version", "flux2_dev"), ("modelspec.architecture", "flux.2-klein-4b/lora"),
                        ("ss_architecture", "flux_2_dev")):
         assert adapter_family(_adapter({t + "x": (8, 8)}, {key: value}))[0] == FLUX2

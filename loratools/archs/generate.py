@@ -82,10 +82,15 @@ QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, 
 # black-forest-labs/FLUX.2-dev transformer/config.json: diffusers' Flux2Transformer2DModel defaults are its values
 # (8 double and 48 single blocks, 48 heads of 128, Mistral-3's 3 x 5120 = 15360 wide text states); the Mistral
 # text encoder is left out: FLUX.2 LoRAs train the transformer only (diffusers' loader takes nothing else).
-# FLUX.2 [klein] has the same module names at other widths.
+# FLUX.2 [klein] 4B / 9B (and their base models): the same names at other widths, no guidance embedder (the configs
+# of diffusers' scripts/convert_flux2_to_diffusers.py; Qwen3-4B / -8B text states, 3 x 2560 / 3 x 4096 wide)
 FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
                  num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
                  axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True)
+FLUX2_KLEIN_4B = dict(FLUX2_DEV, num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+                      guidance_embeds=False)
+FLUX2_KLEIN_9B = dict(FLUX2_DEV, num_layers=8, num_single_layers=24, num_attention_heads=32,
+                      joint_attention_dim=12288, guidance_embeds=False)
 
 # arch -> component -> (class name, config)
 ARCHS = {
@@ -101,6 +106,8 @@ ARCHS = {
     "wan-1.3b": {"transformer": ("WanTransformer3DModel", WAN_1_3B)},
     "qwen-image": {"transformer": ("QwenImageTransformer2DModel", QWEN_IMAGE)},
     "flux2": {"transformer": ("Flux2Transformer2DModel", FLUX2_DEV)},
+    "flux2-klein-4b": {"transformer": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B)},
+    "flux2-klein-9b": {"transformer": ("Flux2Transformer2DModel", FLUX2_KLEIN_9B)},
 }
 
 
