@@ -237,3 +237,23 @@ def test_merge_single_file_matches_fuse_lora(tmp_path, capsys, prefix):
             ref = (fp8[prefix + k].float() + (v - weights[k])).to(torch.float8_e4m3fn)
             assert got[prefix + k].dtype == torch.float8_e4m3fn
             assert torch.equal(got[prefix + k].float(), ref.float()), k
+
+
+def test_original_names_lora_merges_into_the_original_file_as_is(tmp_path, capsys):
+    """An ai-toolkit LoRA on every BFL module (the final adaLN too: split, swapped into diffusers' order and back)
+    adds B @ A to exactly its weight of a BFL single file."""
+    base = tiny(6)
+    lora = original_lora(base, seed=7)
+    path = tmp_path / "a.safetensors"
+    save_file(file_layout(lora, "aitoolkit"), str(path))
+    weights = original_state_dict(base)
+    single = tmp_path / "flux2.safetensors"
+    save_file(weights, str(single))
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run_cli(capsys, "merge", single, path, "-o", out, "-q")
+    assert code == 0, err
+    got = load_file(str(out))
+    for k, v in weights.items():
+        name = k[: -len(".weight")]
+        want = v + lora[name][1] @ lora[name][0] if name in lora else v
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-5, msg=k)

@@ -51,7 +51,8 @@ _FLUX2_SINGLE_OUT = re.compile(r".*single_transformer_blocks[._]\d+[._]attn[._]t
 # those only is told apart by its shapes (hidden width 3072 for Flux.1, 1536 / 2432 for SD3 / 3.5 large); Qwen-Image's
 # attention is as wide as Flux's: its 60 blocks (Flux has 19 of that name) or its own modules tell it; so is FLUX.2
 # [klein] 4B's (Flux.1 is looked at first: the attention's split is the same)
-_SHAPE_MANIFESTS = (("flux", FLUX), ("flux2", FLUX2), ("flux2-klein-4b", FLUX2), ("flux2-klein-9b", FLUX2), ("qwen-image", QWEN), ("sd3", SD3), ("sd3.5-large", SD3))
+_SHAPE_MANIFESTS = (("flux", FLUX), ("flux2", FLUX2), ("flux2-klein-4b", FLUX2), ("flux2-klein-9b", FLUX2),
+                    ("qwen-image", QWEN), ("sd3", SD3), ("sd3.5-large", SD3))
 
 
 def _from_version(text: str) -> Optional[str]:
