@@ -182,6 +182,9 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         if bad:
             return False, f"no key rule for {'/'.join(sorted(bad))} tensors: convert --to kohya --base BASE --rank K"
         return True, "kohya names"
+    if adapter.format == "diffusers" and flux2.is_flux2(adapter):
+        return False, ("its diffusers key map spells Flux.1's names (`ff.net.0.proj`, split single blocks), not "
+                       "FLUX.2's: convert --to comfyui")
     if adapter.format == "diffusers":
         skipped = sum(1 for n in adapter.modules if _DIFFUSERS_ATTN.match(n))
         if skipped:

@@ -56,6 +56,9 @@ def test_inspect_shows_flux2_its_evidence_and_where_it_loads(tmp_path, capsys):
     out = write_adapter(read_adapter(kohya), tmp_path / "c.safetensors", format="comfyui")
     rep = json.loads(run(capsys, "inspect", out, "--format", "json")[1])["loads_in"]
     assert not rep["diffusers"]["ok"] and "lora_A/lora_B" in rep["diffusers"]["why"] and rep["ComfyUI"]["ok"]
+    out = write_adapter(read_adapter(kohya), tmp_path / "d.safetensors", format="diffusers")
+    rep = json.loads(run(capsys, "inspect", out, "--format", "json")[1])["loads_in"]
+    assert rep["diffusers"]["ok"] and not rep["ComfyUI"]["ok"] and "FLUX.2" in rep["ComfyUI"]["why"]
 
 
 def test_blend_cat_is_the_exact_weighted_sum(tmp_path, capsys):
