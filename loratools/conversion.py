@@ -135,9 +135,9 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
     """Read `source` (a path, Hub reference or LoraAdapter) and write it to `output` in format `to`.
     With `dry_run` (or no `output`), check everything and write nothing. `device`: where LoHa/LoKr
     are factored (auto, cpu, cuda, cuda:N). `uniform_scale`: one alpha for all modules, the rest of
-    each scale folded into B (PEFT output). `fused_rank`: kohya / comfyui output, every fused projection whose
-    exact fusion has a higher rank becomes its best rank-`fused_rank` LoRA (errors reported). `options`: a ConvertOptions instead of the keyword
-    options. Returns a ConvertReport."""
+    each scale folded into B (PEFT output). `fused_rank`: kohya / comfyui output, every fused projection
+    whose exact fusion has a higher rank becomes its best rank-`fused_rank` LoRA (errors in the report's
+    `fused`). `options`: a ConvertOptions instead of the keyword options. Returns a ConvertReport."""
     opts = build(ConvertOptions, options, to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
                  component=component, device=device, uniform_scale=uniform_scale, fused_rank=fused_rank)
     if opts.base is not None:

@@ -37,8 +37,8 @@ from .batch import batched, stem
 @overwrite_option
 @format_option
 @quiet_option
-def command(source, output, to, from_, base, rank, fused_rank, allow_unmatched, component, uniform_scale, dry_run, device,
-            overwrite, fmt, quiet):
+def command(source, output, to, from_, base, rank, fused_rank, allow_unmatched, component, uniform_scale, dry_run,
+            device, overwrite, fmt, quiet):
     """Convert the LoRA adapter SOURCE to another format, exactly where the target can hold it.
 
     \b
