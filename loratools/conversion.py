@@ -17,7 +17,7 @@ from .inspection import adapter_bytes
 from .fusing import ORIGINAL_FORMATS
 from .options import build, resolve_device
 from .report import Report
-from .resizing import resize_fused
+from .resizing import ModuleResize, resize_fused
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,6 +69,7 @@ class ConvertReport(Report):
     dropped_unmatched: List[str] = field(default_factory=list, repr=False)
     retained: Optional[dict] = field(default=None, repr=False)
     fused: Optional[dict] = field(default=None, repr=False)  # --fused-rank: the SVD's relative errors
+    fused_modules: List[ModuleResize] = field(default_factory=list, repr=False)  # and what each kept
     dry_run: bool = False
     adapter: Optional[LoraAdapter] = field(default=None, repr=False)
 
@@ -77,7 +78,8 @@ class ConvertReport(Report):
                 "dry_run": self.dry_run}
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("adapter", "from_", "source")}
+        skip = ("adapter", "from_", "source", "fused_modules")
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return {"input": self.source, "from": self.from_, **d}
 
 
@@ -155,7 +157,7 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
                            rank=opts.rank, device=opts.device)
     read_config = adapter.config
     adapter = uniform(_for_target(adapter, opts), opts.to, opts.uniform_scale)
-    fused = None
+    fused, refactored = None, []
     if opts.fused_rank is not None:
         adapter, refactored = resize_fused(adapter, opts.to, opts.fused_rank, opts.device)
         errors = {m.name: m.rel_error for m in refactored}
@@ -169,7 +171,7 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
         bytes=adapter_bytes(adapter),
         names_from=read_config.get("names_from"), dropped_unmatched=read_config.get("unmatched", []),
         retained={"min": min(kept.values()), "mean": sum(kept.values()) / len(kept), "per_module": kept}
-        if kept else None, fused=fused, dry_run=dry_run or output is None, adapter=adapter)
+        if kept else None, fused=fused, fused_modules=refactored, dry_run=dry_run or output is None, adapter=adapter)
     if output is not None and not dry_run:
         report.output = write_adapter(adapter, output, format=opts.to, overwrite=overwrite, base=opts.base)
     return report

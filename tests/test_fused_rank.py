@@ -97,10 +97,13 @@ def test_fused_rank_at_or_above_the_block_rank_is_exact(tmp_path, capsys, split_
     assert set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_sd3_comfyui_fused_rank(tmp_path):
+def test_sd3_comfyui_fused_rank(tmp_path, capsys):
     path, sd = _file(tmp_path, "sd3.safetensors", family="sd3", split_qkv=True, rank=2)  # fused qkv rank 6
     out = tmp_path / "c.safetensors"
     rep = convert(path, out, to="comfyui", fused_rank=3)
+    code, _, err = run(capsys, "convert", path, "--to", "comfyui", "--fused-rank", 3, "-o", tmp_path / "cli.safetensors")
+    assert code == 0 and "transformer.joint_blocks.0.x_block.attn.qkv" in err and "rel. error" in err, err
+    assert f"worst {rep.fused['worst']:.3e}" in err
     got, _ = safetensors_io.load(str(out))
     checked = 0
     for key in _modules(got):

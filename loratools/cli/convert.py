@@ -10,6 +10,7 @@ from .common import check_dry_output
 from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
                      overwrite_option, quiet_option, size, table, uniform_scale_option)
 from .batch import batched, stem
+from .resize import REPORT_HEADERS, report_rows
 
 
 @click.command("convert")
@@ -67,6 +68,8 @@ def command(source, output, to, from_, base, rank, fused_rank, allow_unmatched, 
                    f"mean {rep.retained['mean']:.6f}", err=True)
     if rep.fused is not None:
         f = rep.fused
+        if rep.fused_modules and not quiet:
+            click.echo(table(report_rows(rep.fused_modules), REPORT_HEADERS), err=True)
         click.echo(f"fused projections refactored to rank {f['rank']} by SVD: {f['modules']} module(s); relative "
                    f"Frobenius error of ΔW worst {f['worst']:.3e}, mean {f['mean']:.3e}"
                    + ("" if f["modules"] else " (every fused projection already at or below that rank: exact)"),
