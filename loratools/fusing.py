@@ -29,14 +29,14 @@ def original_layout(adapter: LoraAdapter, fmt: str) -> Optional[Layout]:
 def fused_groups(adapter: LoraAdapter, layout: Layout) -> Groups:
     """{`transformer.<original>`: (the exact fused LoRA, the names of the parts it replaces)} for every original
     module that holds several diffusers parts, as the writer would fuse them."""
-    fused, _ = layout.to_original(list(adapter))
-    out: Groups = {}
-    for original, m in fused.items():
-        parts = layout.lookup(original).parts
-        if len(parts) > 1:
-            names = [f"{COMPONENT}.{p}" for p in parts if f"{COMPONENT}.{p}" in adapter.modules]
-            out[m.name] = (m, names)
-    return out
+    parts: Dict[str, List[str]] = {}
+    for m in adapter:
+        comp, _, local = m.name.partition(".")
+        found = layout.original_of(local) if comp == COMPONENT else None
+        if found is not None and len(found[0].parts) > 1:
+            parts.setdefault(f"{COMPONENT}.{found[0].original}", []).append(m.name)
+    fused, _ = layout.to_original([adapter.modules[n] for names in parts.values() for n in names])
+    return {m.name: (m, parts[m.name]) for m in fused.values()}
 
 
 def replace_groups(adapter: LoraAdapter, groups: Groups) -> LoraAdapter:

@@ -251,7 +251,7 @@ def resize_fused(adapter: LoraAdapter, fmt: str, rank: int, device: str = "cpu"
     for name, (m, parts) in fused_groups(adapter, layout).items():
         if m.rank <= rank:
             continue
-        if m.is_dora or m.op is not None:
+        if m.is_dora:
             raise IncompatibleError(f"module {name}: --fused-rank {rank} would replace this DoRA's direction by an "
                                     f"SVD, which its magnitude norms exactly: use --fused-rank {m.rank} or more")
         new, report = resize_module(m, rank=rank, device=device)
