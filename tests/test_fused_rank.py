@@ -15,7 +15,7 @@ from _tiny import run_cli as run
 from loratools import LoraAdapter, LoraModule, safetensors_io
 from loratools.archs import flux
 from loratools.conversion import convert
-from loratools.errors import IncompatibleError
+from loratools.errors import IncompatibleError, UsageError
 from tests import _flux, _sd3
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -50,6 +50,23 @@ def _modules(sd):
     return [k[: -len(".lora_down.weight")] for k in sd if k.endswith(".lora_down.weight")]
 
 
+def _assert_diffusers_reads(got):
+    """diffusers' reading of a written kohya Flux state dict: each part's ΔW is its row slice of the fused one."""
+    ref = _flux.diffusers_kohya(dict(got))
+    checked = 0
+    for ln in _modules(got):
+        entry = flux.LAYOUT.lookup(flux.LAYOUT.unflatten(ln[len(UNET):]))
+        if len(entry.parts) == 1:
+            continue
+        have, row = _dense(got, ln), 0
+        for part, size in zip(entry.parts, entry.sizes(*have.shape)):
+            a, b = ref[f"transformer.{part}.lora_A.weight"], ref[f"transformer.{part}.lora_B.weight"]
+            torch.testing.assert_close(b.double() @ a.double(), have[row:row + size], rtol=1e-5, atol=1e-6)
+            row += size
+        checked += 1
+    assert checked == 6
+
+
 def test_flux_fused_rank_is_the_best_rank_k_and_diffusers_reads_it(tmp_path, capsys):
     path, sd = _file(tmp_path, "split.safetensors", split_qkv=True, rank=4)  # fused qkv rank 12, linear1 16
     out = tmp_path / "k6.safetensors"
@@ -72,13 +89,7 @@ def test_flux_fused_rank_is_the_best_rank_k_and_diffusers_reads_it(tmp_path, cap
         err_ = _rel(have, want)
         assert err_ == pytest.approx(_eckart_young(want, 6), rel=1e-5), ln
         assert fused["per_module"]["transformer." + original] == pytest.approx(err_, rel=1e-5), ln
-        # diffusers' reading of the written file: the parts' ΔW are the row slices of the fused one
-        ref = _flux.diffusers_kohya(dict(got))
-        entry, row = flux.LAYOUT.lookup(original), 0
-        for part, size in zip(entry.parts, entry.sizes(*have.shape)):
-            a, b = ref[f"transformer.{part}.lora_A.weight"], ref[f"transformer.{part}.lora_B.weight"]
-            torch.testing.assert_close(b.double() @ a.double(), have[row:row + size], rtol=1e-5, atol=1e-6)
-            row += size
+    _assert_diffusers_reads(got)
     # two qkv per double block, one linear1 per single block
     assert len(refactored) == 2 * 2 + 2 and sorted(fused["per_module"]) == sorted(refactored)
     errors = list(fused["per_module"].values())
@@ -135,6 +146,7 @@ def test_resize_of_a_kohya_flux_lora_resizes_the_fused_modules(tmp_path, capsys)
         original = flux.LAYOUT.unflatten(ln[len(UNET):])
         if len(flux.LAYOUT.lookup(original).parts) > 1:
             assert reported["transformer." + original]["rel_error"] == pytest.approx(_rel(have, want), rel=1e-5)
+    _assert_diffusers_reads(got)
 
 
 def test_blend_svd_to_kohya_honours_the_rank_on_fused_modules(tmp_path, capsys):
@@ -160,6 +172,14 @@ def test_fused_rank_usage_errors(tmp_path, capsys, args, needle):
     code, _, err = run(capsys, "convert", path, *to, *args, "-o", out)
     assert code == 2 and needle in err and err.strip().count("\n") == 0, err
     assert not out.exists()
+
+
+def test_fused_rank_needs_a_dit_transformer():
+    name = "unet.down_blocks.0.attentions.0.proj_in"
+    adapter = LoraAdapter(modules={name: LoraModule(name=name, down=torch.ones(2, 4), up=torch.ones(4, 2))},
+                          format="kohya")
+    with pytest.raises(UsageError, match="no transformer LoRA"):
+        convert(adapter, None, to="kohya", fused_rank=1)
 
 
 def test_fused_rank_refuses_to_svd_a_dora(tmp_path):
