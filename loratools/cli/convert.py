@@ -47,7 +47,6 @@ def command(source, output, to, from_, base, rank, fused_rank, allow_unmatched, 
       loratools convert my_lora.safetensors --to diffusers -o pytorch_lora_weights.safetensors
       loratools convert peft_unet/ --component unet --to kohya -o my_lora.safetensors
       loratools convert loha.safetensors --to kohya --rank 16 -o lora.safetensors
-      loratools convert flux_diffusers.safetensors --to kohya --fused-rank 16 -o flux_kohya.safetensors
       loratools convert peft_lora/ --to gguf --base Qwen/Qwen2.5-0.5B -o lora.gguf
     """
     opts = ConvertOptions(to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
