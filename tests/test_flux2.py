@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from loratools import merge, safetensors_io
 from loratools.adapter import LoraAdapter, LoraModule
 from loratools.archs import dit, flux, flux2, load_manifest
-from loratools.archs.family import FLUX, FLUX2, adapter_family, pipeline_family
+from loratools.archs.family import FLUX, FLUX2, SD3, adapter_family, mismatch, pipeline_family
 from loratools.checkpoint import Checkpoint
 from loratools.formats import detect, read_adapter, write_adapter
 from tests._dit import assert_round_trip
@@ -75,6 +75,11 @@ def test_flux1_and_flux2_told_apart_both_ways(tmp_path):
     assert adapter_family(_adapter({t + "transformer_blocks.7.attn.to_q": (3072, 3072)}))[0] == FLUX
     assert adapter_family(_adapter({t + "transformer_blocks.7.attn.to_q": (4096, 4096)}))[0] == FLUX2  # klein 9B
     assert adapter_family(_adapter({t + "context_embedder": (3072, 7680)}))[0] == FLUX2  # klein 4B's Qwen3 states
+    # attention at 3072 alone is reported as Flux.1 but fits klein 4B (and Qwen-Image) bases too: not refused there
+    attn = _adapter({t + "transformer_blocks.0.attn.to_q": (3072, 3072)})
+    assert mismatch(attn, FLUX2, "pipeline") is None and mismatch(attn, FLUX, "pipeline") is None
+    assert mismatch(attn, SD3, "pipeline").startswith("Flux LoRA, SD3 pipeline")
+    assert mismatch(_adapter({t + "transformer_blocks.0.ff.linear_in": (96, 16)}), FLUX, "pipeline")
     for key, value in (("ss_base_model_version", "flux2_dev"), ("modelspec.architecture", "flux.2-klein-4b/lora"),
                        ("ss_architecture", "flux_2_dev")):
         assert adapter_family(_adapter({t + "x": (8, 8)}, {key: value}))[0] == FLUX2

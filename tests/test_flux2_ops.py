@@ -10,6 +10,7 @@ import torch
 from diffusers import Flux2Pipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 
+from loratools.archs import flux2
 from loratools.archs.family import FLUX2
 from loratools.formats import read_adapter, write_adapter
 from tests._flux2 import KOHYA_MAPPED, file_layout, folded, original_lora, tiny
@@ -80,11 +81,15 @@ def test_resize_is_the_best_lower_rank(tmp_path, capsys):
     code, _, err = run(capsys, "resize", kohya, "--rank", "2", "-o", out, "-q")
     assert code == 0, err
     src = read_adapter(kohya)
-    got = _reads_back(str(out), len(src))
-    for m in got:
-        u, s, vh = torch.linalg.svd(_delta(src.modules[m.name]), full_matrices=False)
+    _reads_back(str(out), len(src))
+    # kohya's modules are the fused ones (q, k, v together): each is the best rank-2 LoRA of its fused ΔW
+    want, _ = flux2.LAYOUT.to_original(list(src))
+    got, _ = flux2.LAYOUT.to_original(list(read_adapter(str(out))))
+    assert set(got) == set(want) and any(n.endswith(".qkv") for n in got)
+    for name, m in got.items():
+        u, s, vh = torch.linalg.svd(_delta(want[name]), full_matrices=False)
         assert m.rank == 2 and s[2] > 0.1  # what rank 2 leaves out is far above the fp32 tolerance
-        torch.testing.assert_close(_delta(m), (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-5, msg=m.name)
+        torch.testing.assert_close(_delta(m), (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_flux1_lora_refused_by_a_flux2_pipeline(tmp_path, capsys):

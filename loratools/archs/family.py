@@ -93,15 +93,23 @@ def from_modules(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]
 
 def from_transformer_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tuple[str, str]]:
     """The DiT family whose manifest has every `transformer.` module with its shape, or None."""
-    mods = {n[len("transformer."):]: tuple(s) for n, s in shapes.items() if n.startswith("transformer.")}
-    if not mods:
+    found = shape_families(shapes)
+    if not found:
         return None
-    for arch, fam in _SHAPE_MANIFESTS:
+    arch, fam = found[0]
+    name, shape = next((n, s) for n, s in shapes.items() if n.startswith("transformer."))
+    return fam, f"transformer shapes of {arch} (transformer.{name} {list(shape)})"
+
+
+def shape_families(shapes: Dict[str, Tuple[int, ...]]):
+    """[(manifest, family)] of every DiT manifest that has each `transformer.` module with its shape."""
+    mods = {n[len("transformer."):]: tuple(s) for n, s in shapes.items() if n.startswith("transformer.")}
+    out = []
+    for arch, fam in _SHAPE_MANIFESTS if mods else ():
         table = load_manifest(arch)["components"]["transformer"]
         if all(tuple(table.get(n, ())) == s for n, s in mods.items()):
-            name, shape = next(iter(mods.items()))
-            return fam, f"transformer shapes of {arch} (transformer.{name} {list(shape)})"
-    return None
+            out.append((arch, fam))
+    return out
 
 
 def adapter_family(adapter) -> Optional[Tuple[str, str]]:
@@ -141,4 +149,7 @@ def mismatch(adapter, base_family: Optional[str], base_kind: str) -> Optional[st
     fam = adapter_family(adapter)
     if fam is None or base_family is None or fam[0] == base_family:
         return None
+    if fam[1].startswith("transformer shapes of ") and base_family in {
+            f for _, f in shape_families({m.name: m.weight_shape for m in adapter})}:
+        return None  # widths several families share (attention at 3072: Flux.1, FLUX.2 klein 4B, Qwen-Image)
     return f"{fam[0]} LoRA, {base_family} {base_kind} (the adapter was made for another model; {fam[1]})"
