@@ -98,7 +98,7 @@ def from_transformer_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Optional[Tupl
         return None
     arch, fam = found[0]
     name, shape = next((n, s) for n, s in shapes.items() if n.startswith("transformer."))
-    return fam, f"transformer shapes of {arch} (transformer.{name} {list(shape)})"
+    return fam, f"transformer shapes of {arch} ({name} {list(shape)})"
 
 
 def shape_families(shapes: Dict[str, Tuple[int, ...]]):
