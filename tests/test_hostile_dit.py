@@ -1,0 +1,65 @@
+"""Regressions from a hostile review of the DiT single-file merges: each attack that once got through."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loratools import merge
+from loratools.adapter import LoraModule
+from loratools.bases.core import Term, merge_tensor
+from loratools.errors import NonFiniteError
+from loratools.quant import QuantWeight, quantize
+from tests import _flux
+from tests._tiny import run_cli
+
+QKV = "lora_unet_double_blocks_0_img_attn_qkv"
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_rounding_never_clips_an_overflow(dtype):
+    big = torch.finfo(dtype).max
+    w = torch.zeros(2, 4, dtype=dtype)
+    # a plain LoRA whose B @ A puts 1.2·max in one element
+    m = LoraModule(name="m", down=torch.tensor([[1.0, 0, 0, 0]]), up=torch.tensor([[1.2 * big], [0.5]]), alpha=1.0)
+    with pytest.raises(NonFiniteError, match="beyond its range"):
+        merge_tensor("m.weight", w.clone(), [Term(m, 1.0)], None, dtype)
+    # what rounds to max by round-to-nearest is no overflow: kept, bit for bit as torch rounds it
+    m.up = torch.tensor([[big * 1.01], [0.5]])
+    got = merge_tensor("m.weight", w.clone(), [Term(m, 1.0)], None, dtype)
+    assert float(got[0, 0].float()) == big and float(got[1, 0].float()) == 0.5
+
+
+def test_fp8_flux_file_refuses_a_merge_past_448(tmp_path, capsys):
+    model = _flux.transformer()
+    bfl = _flux.bfl_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+    base = tmp_path / "flux_fp8.safetensors"
+    save_file({k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 else v).contiguous() for k, v in bfl.items()}, str(base))
+    sd = _flux.kohya_lora(model)
+    sd[QKV + ".alpha"] = torch.tensor(1e4)
+    lora = tmp_path / "k.safetensors"
+    save_file(sd, str(lora), {"ss_base_model_version": "flux1"})
+    dense = 1e4 / 4 * sd[QKV + ".lora_up.weight"].double() @ sd[QKV + ".lora_down.weight"].double()
+    assert (dense.abs() > 464).any()  # the oracle: the exact sum leaves fp8's range
+    before = {p: open(p, "rb").read() for p in (base, lora)}
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(capsys, "merge", base, lora, "-o", out, "-q")
+    assert code == 1 and "beyond its range" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["flux_fp8.safetensors", "k.safetensors"]
+    assert all(open(p, "rb").read() == b for p, b in before.items())
+    sd[QKV + ".alpha"] = torch.tensor(6.0)  # within range: merges
+    save_file(sd, str(lora), {"ss_base_model_version": "flux1"})
+    merge(str(base), [str(lora)], str(out))
+    assert load_file(str(out))["double_blocks.0.img_attn.qkv.weight"].dtype == torch.float8_e4m3fn
+
+
+
+def test_unscaled_fp8_requantize_refuses_what_it_would_clip():
+    qw = QuantWeight("w", "fp8", {"data": "w"}, (2, 2), torch.bfloat16, {"qdtype": torch.float8_e4m3fn, "block": None})
+    like = {"data": torch.zeros(2, 2, dtype=torch.float8_e4m3fn)}
+    ok = quantize(qw, torch.tensor([[1.0, -448.0], [460.0, 0.5]]), like)["data"]
+    assert ok.float().tolist() == [[1.0, -448.0], [448.0, 0.5]]  # round-to-nearest, as a cast does
+    with pytest.raises(NonFiniteError, match="beyond its range"):
+        quantize(qw, torch.tensor([[1.0, 600.0], [0.0, 0.0]]), like)
