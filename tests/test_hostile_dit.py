@@ -63,3 +63,22 @@ def test_unscaled_fp8_requantize_refuses_what_it_would_clip():
     assert ok.float().tolist() == [[1.0, -448.0], [448.0, 0.5]]  # round-to-nearest, as a cast does
     with pytest.raises(NonFiniteError, match="beyond its range"):
         quantize(qw, torch.tensor([[1.0, 600.0], [0.0, 0.0]]), like)
+
+
+def test_ctrl_c_while_a_class_is_made_is_an_interrupt(tmp_path, capsys, monkeypatch):
+    """Ctrl-C that lands in a class body's __set_name__ (a lazy import: dataclass fields) reaches the CLI
+    as a RuntimeError in Python 3.11; it is still an interrupt (130), not an unexpected failure (1)."""
+    class Field:
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+
+    def importing(*args, **kwargs):
+        type("Late", (), {"f": Field()})
+
+    monkeypatch.setattr("loratools.cli.merge.open_base", importing)
+    base, lora = tmp_path / "b.safetensors", tmp_path / "l.safetensors"
+    save_file({"w": torch.zeros(1)}, str(base))
+    save_file(_flux.kohya_lora(_flux.transformer()), str(lora))
+    code, _, err = run_cli(capsys, "merge", base, lora, "-o", tmp_path / "o.safetensors")
+    assert (code, err) == (130, "loratools: interrupted; no output was written\n")
+    assert sorted(os.listdir(tmp_path)) == ["b.safetensors", "l.safetensors"]
