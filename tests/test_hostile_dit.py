@@ -82,3 +82,15 @@ def test_ctrl_c_while_a_class_is_made_is_an_interrupt(tmp_path, capsys, monkeypa
     code, _, err = run_cli(capsys, "merge", base, lora, "-o", tmp_path / "o.safetensors")
     assert (code, err) == (130, "loratools: interrupted; no output was written\n")
     assert sorted(os.listdir(tmp_path)) == ["b.safetensors", "l.safetensors"]
+
+
+def test_fused_rows_that_do_not_split_evenly_are_refused_not_cut(tmp_path, capsys):
+    """A kohya Flux qkv LoRA with 47 rows: three parts of 15 would silently drop two rows of ΔW."""
+    sd = _flux.kohya_lora(_flux.transformer())
+    sd[QKV + ".lora_up.weight"] = torch.randn(47, sd[QKV + ".lora_up.weight"].shape[1])
+    lora = tmp_path / "k.safetensors"
+    save_file(sd, str(lora), {"ss_base_model_version": "flux1"})
+    for cmd in (("validate", lora), ("convert", lora, "--to", "diffusers", "-o", tmp_path / "d.safetensors")):
+        code, _, err = run_cli(capsys, *cmd)
+        assert code == 1 and "47 rows do not split" in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == ["k.safetensors"]
