@@ -94,3 +94,29 @@ def test_fused_rows_that_do_not_split_evenly_are_refused_not_cut(tmp_path, capsy
         code, _, err = run_cli(capsys, *cmd)
         assert code == 1 and "47 rows do not split" in err and len(err.strip().splitlines()) == 1, err
     assert os.listdir(tmp_path) == ["k.safetensors"]
+
+
+def _flux_file(path, edit=None):
+    bfl = _flux.bfl_state_dict({k: v.detach().clone() for k, v in _flux.transformer().state_dict().items()})
+    sd = {"model.diffusion_model." + k: v.contiguous() for k, v in bfl.items()}
+    save_file(edit(sd) if edit else sd, str(path))
+
+
+@pytest.mark.parametrize("case", ["1-D qkv", "two prefixes", "bool alpha"])
+def test_malformed_flux_single_file_merges_fail_in_one_line(tmp_path, capsys, case):
+    key = "model.diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    base, lora = tmp_path / "flux.safetensors", tmp_path / "k.safetensors"
+    edits = {"1-D qkv": lambda sd: {**sd, key: torch.zeros(768)},  # was an IndexError from the catch-all
+             # the bare copy would have been left unmerged beside the merged one
+             "two prefixes": lambda sd: {**sd, key[len("model.diffusion_model."):]: sd[key].clone()}}
+    _flux_file(base, edits.get(case))
+    sd = _flux.kohya_lora(_flux.transformer())
+    if case == "bool alpha":  # read as alpha 1
+        sd[QKV + ".alpha"] = torch.tensor(True)
+    save_file(sd, str(lora), {"ss_base_model_version": "flux1"})
+    before = {p: open(p, "rb").read() for p in (base, lora)}
+    code, _, err = run_cli(capsys, "merge", base, lora, "-o", tmp_path / "o.safetensors")
+    want = {"1-D qkv": "does not split into", "two prefixes": "under two prefixes", "bool alpha": "must be a number"}
+    assert code == 1 and want[case] in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["flux.safetensors", "k.safetensors"]
+    assert all(open(p, "rb").read() == b for p, b in before.items())
