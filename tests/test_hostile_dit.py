@@ -13,6 +13,7 @@ from loratools.bases.core import Term, merge_tensor
 from loratools.errors import NonFiniteError
 from loratools.quant import QuantWeight, quantize
 from tests import _flux
+from tests._late_backend import use_late_backend
 from tests._tiny import run_cli
 
 QKV = "lora_unet_double_blocks_0_img_attn_qkv"
@@ -120,3 +121,28 @@ def test_malformed_flux_single_file_merges_fail_in_one_line(tmp_path, capsys, ca
     assert code == 1 and want[case] in err and len(err.strip().splitlines()) == 1, err
     assert sorted(os.listdir(tmp_path)) == ["flux.safetensors", "k.safetensors"]
     assert all(open(p, "rb").read() == b for p, b in before.items())
+
+
+def test_fp8_overflow_is_found_on_the_streamed_device_path_too(tmp_path, monkeypatch):
+    """The GPU pipeline defers its finite checks (no sync): the fp8 overflow still fails the merge there, with
+    the CPU's message, and an in-range merge streams to the CPU merge's bytes (scheduling driven on the CPU)."""
+    late = use_late_backend(monkeypatch)
+    model = _flux.transformer()
+    bfl = _flux.bfl_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+    base = tmp_path / "flux_fp8.safetensors"
+    save_file({k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 else v).contiguous() for k, v in bfl.items()}, str(base))
+    sd = _flux.kohya_lora(model)
+    lora = tmp_path / "k.safetensors"
+    save_file(sd, str(lora), {"ss_base_model_version": "flux1"})
+    merge(str(base), [str(lora)], str(tmp_path / "cpu.safetensors"), device="cpu")
+    merge(str(base), [str(lora)], str(tmp_path / "gpu.safetensors"), device="cuda")
+    assert (tmp_path / "gpu.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
+    assert sum(b.h2d for b in late) > 0
+    save_file({**sd, QKV + ".alpha": torch.tensor(1e4)}, str(lora), {"ss_base_model_version": "flux1"})
+    errors = []
+    for device in ("cpu", "cuda"):
+        with pytest.raises(NonFiniteError) as e:
+            merge(str(base), [str(lora)], str(tmp_path / f"o_{device}.safetensors"), device=device)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "beyond its range" in errors[0]
+    assert sorted(os.listdir(tmp_path)) == ["cpu.safetensors", "flux_fp8.safetensors", "gpu.safetensors", "k.safetensors"]
