@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools import merge
-from loratools.adapter import LoraModule
+from loratools.adapter import LoraAdapter, LoraModule
 from loratools.bases.core import Term, merge_tensor
-from loratools.errors import NonFiniteError
+from loratools.errors import IncompatibleError, NonFiniteError
 from loratools.quant import QuantWeight, quantize
 from tests import _flux
 from tests._late_backend import use_late_backend
@@ -146,3 +146,14 @@ def test_fp8_overflow_is_found_on_the_streamed_device_path_too(tmp_path, monkeyp
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "beyond its range" in errors[0]
     assert sorted(os.listdir(tmp_path)) == ["cpu.safetensors", "flux_fp8.safetensors", "gpu.safetensors", "k.safetensors"]
+
+
+def test_an_sd_adapter_into_a_dit_file_names_the_files_own_component(tmp_path):
+    base = tmp_path / "flux.safetensors"
+    _flux_file(base)
+    a = LoraAdapter(format="kohya")
+    a.add(LoraModule(name="text_encoder.text_model.encoder.layers.0.mlp.fc1", down=torch.ones(2, 16),
+                     up=torch.ones(16, 2), alpha=2.0))
+    with pytest.raises(IncompatibleError, match=r"e\.g\. transformer\.…; an adapter for another model\?"):
+        merge(str(base), [a], str(tmp_path / "o.safetensors"))
+    assert os.listdir(tmp_path) == ["flux.safetensors"]
