@@ -10,6 +10,7 @@ from .adapter import LoraAdapter
 from .archs import COMPONENTS
 from . import paths
 from .atomic import check_output
+from .bases import open_base
 from .errors import IncompatibleError, UsageError
 from .formats import (FORMATS, WRITABLE, check_uniform_scale, detect, output_is_folder, read_adapter, uniform,
                       writable_format, write_adapter)
@@ -128,6 +129,20 @@ def _for_target(adapter: LoraAdapter, opts: ConvertOptions) -> LoraAdapter:
     return adapter
 
 
+def _weights_of(base: Optional[str]):
+    """A base weight by name (None where it has none), the base opened on first use: only LyCORIS
+    transforms factored with --rank read one."""
+    if base is None:
+        return None
+    opened = []
+
+    def weight(name: str):
+        if not opened:
+            opened.append(open_base(base))
+        return opened[0].read(name) if name in opened[0] else None
+    return weight
+
+
 @paths.guarded
 def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to: Optional[str] = None,
             from_: Optional[str] = None, base: Optional[str] = None, rank: Optional[int] = None,
@@ -154,7 +169,7 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
     if opts.rank is not None and in_fmt != "lycoris":
         raise UsageError("--rank applies to LyCORIS/kohya input only (resize a LoRA with `loratools resize`)")
     adapter = read_adapter(source, format=in_fmt, base=opts.base, allow_unmatched=opts.allow_unmatched or None,
-                           rank=opts.rank, device=opts.device)
+                           rank=opts.rank, device=opts.device, base_weight=_weights_of(opts.base))
     read_config = adapter.config
     adapter = uniform(_for_target(adapter, opts), opts.to, opts.uniform_scale)
     fused, refactored = None, []

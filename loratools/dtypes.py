@@ -2,6 +2,7 @@
 merge or an SVD handles, and how `--dtype` applies to a tensor."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -16,6 +17,13 @@ FLOATS = MERGE_FLOATS + (torch.float64,)  # what a LoRA factor or a difference m
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # unscaled fp8 weights merge in fp32, rounded once back; scaled
 # ones (weight_scale_inv …) are dequantized by quant.py first
 BASE_FLOATS = FLOATS + FP8  # what a base weight may be to merge into
+
+
+def fp8_limit(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds past the largest `dtype` number: an overflow, which torch's
+    cast into fp8 hides by clipping to ±max (e4m3fn has no Inf)."""
+    fi = torch.finfo(dtype)
+    return fi.max + fi.eps * 2.0 ** math.floor(math.log2(fi.max)) / 2  # max + half its ulp
 
 
 def parse_dtype(name: Optional[Union[str, torch.dtype]]) -> Optional[torch.dtype]:

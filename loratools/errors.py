@@ -41,7 +41,8 @@ class NonFiniteError(LoraToolsError, ArithmeticError):
 
     @classmethod
     def merged(cls, name: str, dtype) -> "NonFiniteError":
-        return cls(f"merging into {name} produced NaN or Inf in {dtype}; nothing was written "
+        beyond = " (or values beyond its range)" if getattr(dtype, "itemsize", 4) == 1 else ""  # fp8 clips
+        return cls(f"merging into {name} produced NaN or Inf{beyond} in {dtype}; nothing was written "
                    "(check the adapter and the weights)")
 
 

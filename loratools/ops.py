@@ -106,7 +106,7 @@ def finite_flag(t: torch.Tensor) -> torch.Tensor:
     aminmax propagates NaN and is several times faster than isfinite().all() on bf16 CPU tensors."""
     if t.numel() == 0 or not t.is_floating_point():
         return torch.ones((), dtype=torch.bool, device=t.device)
-    if t.dtype in FP8:  # no aminmax for fp8; e4m3fn has no Inf, an overflow is NaN
+    if t.dtype in FP8:  # no aminmax for fp8 (torch clips an overflow into e4m3fn: bases/core checks it)
         return torch.isfinite(t.float()).all()
     lo, hi = torch.aminmax(t)
     return torch.isfinite(lo) & torch.isfinite(hi)

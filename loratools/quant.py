@@ -23,8 +23,8 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .dtypes import FP8
-from .errors import FormatError, IncompatibleError
+from .dtypes import FP8, fp8_limit
+from .errors import FormatError, IncompatibleError, NonFiniteError
 
 QS_PREFIX = ".quant_state.bitsandbytes__"
 BNB4_PARTS = {"absmax": ".absmax", "quant_map": ".quant_map", "nested_absmax": ".nested_absmax",
@@ -237,8 +237,10 @@ def quantize(qw: QuantWeight, w: torch.Tensor, like: Dict[str, torch.Tensor]) ->
 def _quantize_fp8(qw: QuantWeight, w: torch.Tensor, like: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     qdtype = qw.state["qdtype"]
     qmax = torch.finfo(qdtype).max
-    if "scale" not in like:
-        return {"data": torch.clamp(w, -qmax, qmax).to(qdtype)}
+    if "scale" not in like:  # clipping would change the merged weight without a word
+        if bool((w.abs() >= fp8_limit(qdtype)).any()):
+            raise NonFiniteError.merged(qw.name, qdtype)
+        return {"data": w.to(qdtype)}
     sdtype = like["scale"].dtype
     if not sdtype.is_floating_point or sdtype in FP8:
         raise IncompatibleError(f"{qw.name}: requantizing with {sdtype} scales is not supported; write bf16 instead")

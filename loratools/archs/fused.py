@@ -236,7 +236,7 @@ def split(m: LoraModule, fused: Fused, component: str = COMPONENT) -> List[LoraM
     up = _swap(m.up) if swap else m.up
     mag = None if m.magnitude is None else (_swap(m.magnitude) if swap else m.magnitude)
     sizes = fused.sizes(up.shape[0], m.down.shape[1])
-    if min(sizes) <= 0:
+    if min(sizes) <= 0 or sum(sizes) != up.shape[0]:  # thirds of 47 rows would drop two
         raise IncompatibleError(f"module {m.name}: {up.shape[0]} rows do not split into {', '.join(fused.parts)}")
     r = _block_ranks(up, sizes)
     out, row = [], 0

@@ -15,7 +15,7 @@ import torch
 
 from .. import cuda_pipeline, ops
 from ..adapter import LoraAdapter, LoraModule, fit_adapter
-from ..dtypes import FLOATS, MERGE_FLOATS
+from ..dtypes import FLOATS, FP8, MERGE_FLOATS, fp8_limit
 from ..errors import IncompatibleError, NonFiniteError, UsageError
 from ..report import Report
 from ..checks import check_adapter, check_base, extra_target, raise_errors
@@ -178,15 +178,30 @@ def merge_tensor(name: str, tensor: torch.Tensor, terms: Optional[Sequence[Term]
         # once into the output dtype
         work = (tensor.dtype if target == tensor.dtype and tensor.dtype in FLOATS
                 else torch.float64 if torch.float64 in (tensor.dtype, target) else torch.float32)
-        merged = apply_terms(tensor.to(work), terms).to(target)
+        merged = apply_terms(tensor.to(work), terms)
+        if check_finite and target in FP8:
+            merged = _fp8_overflow_as_nan(merged, target)
+        merged = merged.to(target)
         if check_finite and not ops.all_finite(merged):  # after rounding: fp16 overflows to Inf
             raise NonFiniteError.merged(name, target)
         return merged
+    if check_finite and target in FP8 and tensor.dtype not in FP8:  # a weight merged in fp32, rounded back
+        out = _fp8_overflow_as_nan(tensor, target).to(target)
+        if not ops.all_finite(out) and ops.all_finite(tensor):
+            raise NonFiniteError.merged(name, target)
+        return out
     out = tensor.to(target)
     if check_finite and out.dtype != tensor.dtype and not ops.all_finite(out) and ops.all_finite(tensor):
         raise NonFiniteError(f"converting {name} to {target} overflowed to Inf; nothing was written "
                              "(choose a wider --dtype)")
     return out
+
+
+def _fp8_overflow_as_nan(t: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """torch rounds into fp8 by clipping to ±max (e4m3fn has no Inf), which would hide an overflow:
+    values that would round past the largest fp8 number become NaN, which the finite check sees
+    (on the device too, without a sync)."""
+    return t.masked_fill(t.abs() >= fp8_limit(target), float("nan"))
 
 
 def _gpu_ready(terms: Sequence[Term]) -> bool:

@@ -93,7 +93,8 @@ class DiffusionBase:
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             raise IncompatibleError(
                 f"{len(unknown)} adapter module(s) name no component of this {self.kind} "
-                f"(it has {', '.join(self.components)}; names must start with one, e.g. unet.…): {shown}")
+                f"(it has {', '.join(self.components)}; names must start with one, e.g. {self.components[0]}.…; "
+                f"an adapter for another model?): {shown}")
         return plan_merge(self, [(self.fit(a), w) for a, w in adapters])
 
     def fit(self, adapter: LoraAdapter) -> LoraAdapter:

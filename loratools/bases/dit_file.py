@@ -16,7 +16,7 @@ from typing import Optional
 
 from ..archs import dit
 from ..archs.family import mismatch
-from ..archs.fused import SCALED_FP8_MARKS
+from ..archs.fused import CHECKPOINT_PREFIXES, SCALED_FP8_MARKS
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, IncompatibleError
 from .diffusion import Loc
@@ -41,6 +41,10 @@ class DitFileBase(SingleFileBase):
                                     "ones")
         self.layout, self.family = layout, layout.family
         self.prefix = layout.checkpoint_prefix(self.ckpt.infos)
+        other = self._second_copy()
+        if other is not None:
+            raise FormatError(f"{self.path}: transformer weights under two prefixes ({other!r} beside "
+                              f"{self.prefix or 'bare'!r} ones): only one copy would be merged; keep one of them")
         self.text_encoders = {c: p for p, c in layout.text_encoders.items()
                               if any(k.startswith(p) for k in self.ckpt.infos)}
         self.kind = f"single-file {layout.family} checkpoint"
@@ -68,8 +72,25 @@ class DitFileBase(SingleFileBase):
         key = self.prefix + found[0].original + ".weight" if found else None
         if key not in self.ckpt:
             return None
-        shape = self.ckpt.shape(key)
-        return (found[0].sizes(shape[0], shape[1])[found[1]],) + tuple(shape[1:])
+        shape = tuple(self.ckpt.shape(key))
+        if len(found[0].parts) == 1:
+            return shape
+        sizes = found[0].sizes(shape[0], shape[1]) if len(shape) == 2 else [0]
+        if min(sizes) <= 0 or sum(sizes) != shape[0]:
+            raise FormatError(f"{self.path}: {key} has shape {shape}, which does not split into "
+                              f"{', '.join(found[0].parts)}; not a {self.family} checkpoint loratools can merge into")
+        return (sizes[found[1]],) + shape[1:]
+
+    def _second_copy(self) -> Optional[str]:
+        """A transformer weight under another of the prefixes a single file may use (ComfyUI's or bare):
+        only the copy under `prefix` would be merged, the other left as it was."""
+        for key in self.ckpt.infos:
+            if self.prefix and key.startswith(self.prefix):
+                continue
+            for p in CHECKPOINT_PREFIXES:
+                if p != self.prefix and key.startswith(p) and self.layout.lookup(key[len(p):].rpartition(".")[0]):
+                    return key
+        return None
 
     def fit(self, adapter):
         named = mismatch(adapter, self.family, self.noun)  # Flux and SD3 share many diffusers names

@@ -143,11 +143,25 @@ def _main(argv) -> int:
         _error(f"{where}{why}")
         return 1
     except Exception as e:  # an unexpected failure still gets one line
+        if _interrupted(e):  # Ctrl-C while a class is made (an import) comes wrapped in a RuntimeError
+            click.echo("loratools: interrupted; no output was written", err=True)
+            return 130
         if _debug():
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
         _error(f"{e.__class__.__name__}: {msg} (set LORATOOLS_DEBUG=1 for a traceback)")
         return 1
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether `e` was caused by a KeyboardInterrupt (Ctrl-C, or SIGTERM through _raise_interrupt)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _error(message: str) -> None:

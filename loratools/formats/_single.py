@@ -45,6 +45,8 @@ def load(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 def scalar(t: torch.Tensor, what: str) -> float:
     if t.numel() != 1:
         raise FormatError(f"{what} must be a scalar, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:  # True would read as 1: a number was meant, or the key is not an alpha
+        raise FormatError(f"{what} must be a number, got a {t.dtype} tensor")
     return float(t.reshape(()).item())
 
 

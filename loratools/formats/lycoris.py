@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
-from .. import bases as model_bases, lycoris_algos  # a module, not open_base: bases imports formats as it loads
+from .. import lycoris_algos
 from ..adapter import LoraAdapter, LoraModule, placeholders
 from ..errors import FormatError, IncompatibleError, UsageError
 from ..lycoris_algos import Transform
 from ..linalg import exact_svd, retained, split_factors
 from . import _single, kohya
 from .record import Format
+
+BaseWeight = Callable[[str], Optional[torch.Tensor]]  # a weight of the base by name, None if it has none
 
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -148,22 +150,22 @@ def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dt
     return module, retained(s, k)[0]
 
 
-def _base_weight(bases: dict, base: Optional[str], name: str, what: str) -> torch.Tensor:
-    if base is None:
+def _base_weight(base_weight: Optional[BaseWeight], base: Optional[str], name: str, what: str) -> torch.Tensor:
+    if base is None or base_weight is None:
         raise UsageError(f"{what} depends on the base weight: give --base (the model it was trained on) to "
                          "factor it into LoRA")
-    if "b" not in bases:
-        bases["b"] = model_bases.open_base(base)
-    b = bases["b"]
-    if name + ".weight" not in b:
+    w = base_weight(name + ".weight")
+    if w is None:
         raise FormatError(f"{what}: {base} has no weight {name}.weight")
-    return b.read(name + ".weight")
+    return w
 
 
 def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, rank: Optional[int] = None,
-         keep_unmatched: bool = False, device: Optional[str] = None) -> LoraAdapter:
+         keep_unmatched: bool = False, device: Optional[str] = None,
+         base_weight: Optional[BaseWeight] = None) -> LoraAdapter:
     """With `rank` (convert), every module is factored into LoRA (transforms of the base weight read
-    it from `base`); without, transforms stay exact for `merge`. SVDs run on `device`."""
+    it through `base_weight`, which the caller opens from `base`: formats sit below bases); without,
+    transforms stay exact for `merge`. SVDs run on `device`."""
     if rank is not None and rank < 1:
         raise UsageError("--rank must be at least 1")
     tensors, metadata = _single.load(path)
@@ -183,7 +185,6 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
     kept: Dict[str, float] = {}
     algos: Dict[str, str] = {}
     native: Dict[str, dict] = {}
-    bases: dict = {}
     flat: Dict[str, str] = {}
     for lora_name in sorted(groups):
         if lora_name not in mapping:
@@ -201,7 +202,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
             native[name] = native_rank_alpha(algo, p, module.rank, f"{what}.alpha")
         if rank is not None and (module.op is not None or algo in ("loha", "lokr") or module.mid is not None):
             label = module.op.label if module.op is not None else algo
-            w = _base_weight(bases, base, name, f"{what} ({label})") if module.op is not None and \
+            w = _base_weight(base_weight, base, name, f"{what} ({label})") if module.op is not None and \
                 module.op.algo != "full" else None
             delta = module.op.delta(w) if w is not None else (
                 module.op.params["diff"].float() if module.op is not None else module.dense_delta())
@@ -251,4 +252,4 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
 
 
 FORMAT = Format("lycoris", detect, read, None, folder=False,
-                options=("base", "allow_unmatched", "rank", "keep_unmatched", "device"))
+                options=("base", "allow_unmatched", "rank", "keep_unmatched", "device", "base_weight"))
