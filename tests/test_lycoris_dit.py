@@ -23,7 +23,7 @@ from tests._tiny import run_cli
 lycoris = pytest.importorskip("lycoris")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 
-ALGOS = {"lokr": ("lokr", {"factor": 4, "decompose_both": True}), "lokr_full": ("lokr", {"full_matrix": True}),
+ALGOS = {"lokr": ("lokr", {"factor": 4, "decompose_both": True, "dim": 2}), "lokr_full": ("lokr", {"full_matrix": True}),
          "loha": ("loha", {}), "full": ("full", {})}
 QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
@@ -52,8 +52,10 @@ def _linears(model, blocks_only=True):
 def _wrap(model, names, prefix, algo, seed):
     """LyCORIS on `names` of `model` (its forward now includes the update), trained-looking random factors."""
     kind, kw = ALGOS[algo]
+    kw = dict(kw)
+    dim = kw.pop("dim", 4)
     lycoris.LycorisNetwork.apply_preset({"target_name": list(names), "lora_prefix": prefix, "target_module": []})
-    net = lycoris.create_lycoris(model, 1.0, 4, 2.0, algo=kind, **kw)
+    net = lycoris.create_lycoris(model, 1.0, dim, 2.0, algo=kind, **kw)
     net.apply_to()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -62,15 +64,17 @@ def _wrap(model, names, prefix, algo, seed):
     return net
 
 
-def _effective(model, names) -> dict:
-    """name -> the weight the wrapped module applies: (f(I) - b)ᵀ, f its LyCORIS forward."""
+def _effective(model, names, bias=()) -> dict:
+    """name -> the weight the wrapped module applies: (f(I) - f(0))ᵀ, f its LyCORIS forward."""
     mods = dict(model.named_modules())
     out = {}
     with torch.no_grad():
         for n in names:
             m = mods[n]
-            y = m(torch.eye(m.in_features))
-            out[n] = (y - (m.bias if m.bias is not None else 0)).T.contiguous()
+            eye = torch.eye(m.in_features)
+            out[n] = (m(eye) - m(torch.zeros_like(eye))).T.contiguous()
+            if bias and f"{n}.bias" in bias:  # full (diff) also updates the bias: f(0)
+                out[f"{n}.bias"] = m(torch.zeros(m.in_features))
     return out
 
 
@@ -83,9 +87,11 @@ def _pipeline(tmp_path, model, cls):
 
 
 def _assert_pipeline(out, want: dict, changed):
+    """`want`: module name -> weight, or full tensor key -> tensor."""
     got = Checkpoint(str(out / "transformer"))
     for n, w in want.items():
-        torch.testing.assert_close(got.read(f"{n}.weight"), w, rtol=1e-5, atol=1e-5, msg=n)
+        key = n if n.endswith((".weight", ".bias")) or n in got.infos else f"{n}.weight"
+        torch.testing.assert_close(got.read(key), w, rtol=1e-5, atol=1e-5, msg=n)
     assert changed, "the adapter changes nothing: the test would prove nothing"
 
 
@@ -136,3 +142,66 @@ def test_flux_lokr_on_diffusers_names_merges_into_the_original_single_file(tmp_p
     got, _ = safetensors_io.load(str(out))
     for k, v in _flux.bfl_state_dict(merged).items():  # q, k, v of the LoKr modules fused back into qkv rows
         torch.testing.assert_close(got["model.diffusion_model." + k], v, rtol=1e-5, atol=1e-5, msg=k)
+
+
+class _Original(nn.Module):
+    """The original checkpoint's linear modules (fused qkv rows) as a module tree LyCORIS can wrap."""
+
+    def __init__(self, sd: dict):
+        super().__init__()
+        self.names = sorted(k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)
+        for n in self.names:
+            *path, leaf = n.split(".")
+            parent = self
+            for p in path:
+                if not hasattr(parent, p):
+                    parent.add_module(p, nn.Module())
+                parent = getattr(parent, p)
+            w, b = sd[f"{n}.weight"], sd.get(f"{n}.bias")
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(b)
+            parent.add_module(leaf, lin)
+
+
+def _original_file(tmp_path, family, algo):
+    """A LyCORIS file on the original modules in kohya names, the original state dict and the merged one."""
+    model, cls, meta = _model(family)
+    clean = {k: v.clone() for k, v in model.state_dict().items()}
+    original = _flux.bfl_state_dict(clean) if family == "flux" else _sd3.original_state_dict(clean)
+    tree = _Original(original)
+    net = _wrap(tree, tree.names, "lora_unet", algo, seed=len(algo))
+    eff = _effective(tree, tree.names, bias=set(original))
+    merged = dict(original, **{k if k.endswith(".bias") else f"{k}.weight": w for k, w in eff.items()})
+    path = tmp_path / f"{family}_{algo}_kohya.safetensors"
+    net.save_weights(str(path), torch.float32, {"ss_base_model_version": meta})
+    net.restore()
+    return str(path), model, cls, original, merged
+
+
+def _to_diffusers(family, sd):
+    return (_flux.diffusers_from_bfl if family == "flux" else _sd3.diffusers_from_original)(sd)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("algo", ["lokr", "lokr_full", "loha", "full"])
+def test_lycoris_on_fused_original_modules_merges_as_its_forward(tmp_path, family, algo):
+    path, model, cls, original, merged = _original_file(tmp_path, family, algo)
+    assert detect(path) == "lycoris"
+    first = {"lokr": "lokr_w2_a", "lokr_full": "lokr_w1", "loha": "hada_w1_a", "full": "diff"}[algo]
+    assert any(k.endswith("attn_qkv." + first) for k in safetensors_io.load(path)[0])  # on the fused module
+    base = tmp_path / "base.safetensors"
+    safetensors_io.save(str(base), {"model.diffusion_model." + k: v for k, v in original.items()}, {})
+    out = tmp_path / "merged.safetensors"
+    merge(str(base), [path], str(out))
+    got, _ = safetensors_io.load(str(out))
+    for k, v in merged.items():
+        torch.testing.assert_close(got["model.diffusion_model." + k], v, rtol=1e-5, atol=1e-5, msg=k)
+    assert any(not torch.equal(merged[k], original[k]) for k in merged if "qkv" in k)
+    # a pipeline folder holds q, k, v apart: the exact update's row slices
+    out = tmp_path / "merged_pipe"
+    merge(_pipeline(tmp_path, model, cls), [path], str(out))
+    want = _to_diffusers(family, {k: v.clone() for k, v in merged.items()})
+    _assert_pipeline(out, want, True)  # biases too: a full (diff) update changes them
