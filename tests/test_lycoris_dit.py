@@ -16,15 +16,15 @@ from torch import nn
 from loratools import merge, safetensors_io
 from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError
-from loratools.formats import detect, read_adapter, write_adapter
+from loratools.formats import detect, read_adapter
 from tests import _flux, _sd3
-from tests._tiny import run_cli
+from loratools.cli.main import main
 
 lycoris = pytest.importorskip("lycoris")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 
 ALGOS = {"lokr": ("lokr", {"factor": 4, "decompose_both": True, "dim": 2}), "lokr_full": ("lokr", {"full_matrix": True}),
-         "loha": ("loha", {}), "full": ("full", {})}
+         "loha": ("loha", {}), "full": ("full", {}), "ia3": ("ia3", {}), "oft": ("diag-oft", {})}
 QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -60,7 +60,7 @@ def _wrap(model, names, prefix, algo, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if algo == "oft" else 0.2))
     return net
 
 
@@ -205,3 +205,75 @@ def test_lycoris_on_fused_original_modules_merges_as_its_forward(tmp_path, famil
     merge(_pipeline(tmp_path, model, cls), [path], str(out))
     want = _to_diffusers(family, {k: v.clone() for k, v in merged.items()})
     _assert_pipeline(out, want, True)  # biases too: a full (diff) update changes them
+
+
+@pytest.mark.parametrize("algo", ["ia3", "oft"])
+def test_transforms_on_fused_modules_merge_into_single_files_and_are_refused_by_pipelines(tmp_path, algo):
+    path, model, cls, original, merged = _original_file(tmp_path, "flux", algo)
+    adapter = read_adapter(path)
+    assert "transformer.double_blocks.0.img_attn.qkv" in adapter.modules  # its rows are coupled: kept fused
+    base = tmp_path / "base.safetensors"
+    safetensors_io.save(str(base), {"model.diffusion_model." + k: v for k, v in original.items()}, {})
+    out = tmp_path / "merged.safetensors"
+    merge(str(base), [path], str(out))
+    got, _ = safetensors_io.load(str(out))
+    for k, v in merged.items():
+        torch.testing.assert_close(got["model.diffusion_model." + k], v, rtol=1e-5, atol=1e-5, msg=k)
+    with pytest.raises(IncompatibleError, match="single-file checkpoint"):
+        merge(_pipeline(tmp_path, model, cls), [path], str(tmp_path / "pipe_out"))
+    assert not (tmp_path / "pipe_out").exists()
+
+
+def _dense(adapter) -> dict:
+    return {m.name: m.dense_delta().double() for m in adapter}
+
+
+@pytest.mark.parametrize("to", ["kohya", "comfyui", "diffusers"])
+def test_fused_lokr_converts_exactly_and_by_svd_at_a_rank(tmp_path, to, capsys):
+    path, model, _, original, merged = _original_file(tmp_path, "flux", "lokr")
+    want = _dense(read_adapter(path))
+    out = tmp_path / f"out.{to}.safetensors"
+    assert main(["convert", path, "--to", to, "-o", str(out)]) == 0
+    assert "retained Frobenius fraction min 1.0" in capsys.readouterr().err
+    got = _dense(read_adapter(str(out)))
+    assert set(got) == set(want)
+    for n, d in want.items():
+        torch.testing.assert_close(got[n], d, rtol=1e-5, atol=1e-6, msg=n)
+    # the LyCORIS forward's ΔW of the fused module, split by rows (q, k, v of block 0's image attention)
+    fused = (merged["double_blocks.0.img_attn.qkv.weight"] - original["double_blocks.0.img_attn.qkv.weight"]).double()
+    parts = torch.cat([got[f"transformer.transformer_blocks.0.attn.to_{p}"] for p in "qkv"])
+    torch.testing.assert_close(parts, fused, rtol=1e-5, atol=1e-6)
+    low = tmp_path / "rank1.safetensors"
+    assert main(["convert", path, "--to", to, "--rank", "1", "-o", str(low), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["retained"]["min"] < 0.999
+    one = read_adapter(str(low))
+    assert max(m.rank for m in one) == 1
+
+
+def test_inspect_validate_and_resize_of_a_dit_lycoris_file(tmp_path, capsys):
+    path, *_ = _original_file(tmp_path, "sd3", "loha")
+    assert main(["inspect", path, "--format", "json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["format"] == "lycoris" and rep["algorithms"] == {"loha": rep["modules"]}
+    assert rep["family"]["name"] == "SD3"
+    assert {m["rank"] for m in rep["module_list"]} == {4}  # LoHa's dim, not that of the LoRA it is factored into
+    assert any(m["name"] == "transformer.transformer_blocks.0.attn.to_k" for m in rep["module_list"])
+    assert main(["validate", path]) == 0
+    out = tmp_path / "r.safetensors"
+    assert main(["resize", path, "--rank", "2", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "convert ADAPTER --to kohya --rank K" in err and not out.exists()
+
+
+def test_qwen_lokr_merges_into_a_single_file(tmp_path):
+    path, model, _, clean, want = _diffusers_file(tmp_path, "qwen", "lokr", dotted=False)
+    base = tmp_path / "qwen.safetensors"
+    safetensors_io.save(str(base), clean, {})  # bare, as Comfy-Org ships it
+    out = tmp_path / "merged.safetensors"
+    merge(str(base), [path], str(out))
+    got, _ = safetensors_io.load(str(out))
+    for k, v in clean.items():
+        n = k[: -len(".weight")]
+        torch.testing.assert_close(got[k], want.get(n, v) if k.endswith(".weight") else v, rtol=1e-5, atol=1e-5,
+                                   msg=k)
