@@ -277,3 +277,51 @@ def test_qwen_lokr_merges_into_a_single_file(tmp_path):
         n = k[: -len(".weight")]
         torch.testing.assert_close(got[k], want.get(n, v) if k.endswith(".weight") else v, rtol=1e-5, atol=1e-5,
                                    msg=k)
+
+
+def _renamed(path, out, rename):
+    sd, md = safetensors_io.load(path)
+    safetensors_io.save(str(out), {rename(k.partition(".")[0]) + "." + k.partition(".")[2]: v for k, v in sd.items()},
+                        md)
+    return str(out)
+
+
+def _same_modules(a, b):
+    assert set(a.modules) == set(b.modules)
+    for n, m in a.modules.items():
+        torch.testing.assert_close(m.dense_delta(), b.modules[n].dense_delta(), rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_original_names_dotted_as_ai_toolkit_writes_them(tmp_path):
+    """`diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1`: the kohya file's modules, dotted."""
+    path, _, _, original, _ = _original_file(tmp_path, "flux", "lokr")
+    names = {"lora_unet_" + n.replace(".", "_"): n for n in _Original(original).names}
+    dotted = _renamed(path, tmp_path / "dotted.safetensors", lambda ln: "diffusion_model." + names[ln])
+    assert detect(dotted) == "lycoris"
+    _same_modules(read_adapter(dotted), read_adapter(path))
+
+
+def test_wan_original_and_musubi_names(tmp_path):
+    from loratools.archs import wan
+    path, *_ = _diffusers_file(tmp_path, "wan", "loha", dotted=False)
+    want = read_adapter(path)
+
+    def original(ln):
+        return wan.LAYOUT.original_of(next(n for n in want.modules if "lycoris_" + n[len("transformer."):]
+                                           .replace(".", "_") == ln)[len("transformer."):])[0].original
+    musubi = _renamed(path, tmp_path / "musubi.safetensors", lambda ln: "lora_unet_" + original(ln).replace(".", "_"))
+    comfy = _renamed(path, tmp_path / "comfy.safetensors", lambda ln: "diffusion_model." + original(ln))
+    for p in (musubi, comfy):
+        assert detect(p) == "lycoris"
+        _same_modules(read_adapter(p), want)
+    assert any(k.startswith("diffusion_model.blocks.0.self_attn.q.") for k in safetensors_io.load(comfy)[0])
+
+
+def test_names_no_module_has_are_one_line_errors(tmp_path, capsys):
+    path, *_ = _diffusers_file(tmp_path, "flux", "lokr", dotted=False)
+    bad = _renamed(path, tmp_path / "bad.safetensors", lambda ln: ln.replace("attn_to_q", "attn_to_zz"))
+    assert main(["convert", bad, "--to", "diffusers", "-o", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "match no module" in err and "attn_to_zz" in err and "\n" not in err.strip()
+    assert not (tmp_path / "o.safetensors").exists()
+    assert main(["inspect", bad]) == 0  # inspect shows them as they are
