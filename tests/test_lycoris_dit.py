@@ -325,3 +325,22 @@ def test_names_no_module_has_are_one_line_errors(tmp_path, capsys):
     assert "match no module" in err and "attn_to_zz" in err and "\n" not in err.strip()
     assert not (tmp_path / "o.safetensors").exists()
     assert main(["inspect", bad]) == 0  # inspect shows them as they are
+
+
+def test_wan_loha_merges_into_an_original_names_single_file(tmp_path):
+    from loratools.archs import wan
+    path, _, _, clean, want = _diffusers_file(tmp_path, "wan", "loha", dotted=True)
+
+    def original(k):
+        module, _, param = k.rpartition(".")
+        return f"{wan.to_original(module)}.{param}" if wan.to_original(module) else k
+    base = tmp_path / "wan.safetensors"
+    safetensors_io.save(str(base), {original(k): v for k, v in clean.items()}, {})
+    out = tmp_path / "merged.safetensors"
+    merge(str(base), [path], str(out))
+    got, _ = safetensors_io.load(str(out))
+    assert "blocks.0.self_attn.q.weight" in got
+    for k, v in clean.items():
+        n = k[: -len(".weight")]
+        torch.testing.assert_close(got[original(k)], want.get(n, v) if k.endswith(".weight") else v, rtol=1e-5,
+                                   atol=1e-5, msg=k)
