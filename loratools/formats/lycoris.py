@@ -11,7 +11,8 @@ LyCORIS as ComfyUI applies it:
 There is no LoRA with the same factors, so each ΔW is built exactly (fp32) and factored by an
 exact SVD at `rank` (default: its numerical rank, which is exact to fp32). The Frobenius
 fraction each module keeps is in `adapter.config["retained"]`. Plain `lora_down/up` modules in
-the same file are kept exactly.
+the same file are kept exactly. DiT families' files (`lycoris_` and dotted names, original fused modules) are
+named by `lycoris_dit` and split onto the diffusers modules by `kohya_dit`.
 """
 from __future__ import annotations
 
