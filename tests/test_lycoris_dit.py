@@ -344,3 +344,23 @@ def test_wan_loha_merges_into_an_original_names_single_file(tmp_path):
         n = k[: -len(".weight")]
         torch.testing.assert_close(got[original(k)], want.get(n, v) if k.endswith(".weight") else v, rtol=1e-5,
                                    atol=1e-5, msg=k)
+
+
+def test_simpletuner_lycoris_on_an_sd_unet(tmp_path):
+    """SimpleTuner's SD 1.x/XL LyCORIS: the UNet wrapped, `lycoris_down_blocks_0_…` names."""
+    from tests import _formats_models as M
+    base = M.save_pipeline(str(tmp_path / "base"))
+    M.pipeline().save_pretrained(base)
+    unet = M.unet()
+    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and "down_blocks.0." in n]
+    net = _wrap(unet, names, "lycoris", "lokr", seed=5)
+    want = _effective(unet, names)
+    path = tmp_path / "sd_lokr.safetensors"
+    net.save_weights(str(path), torch.float32, None)
+    net.restore()
+    assert detect(str(path)) == "lycoris"
+    assert {m.name for m in read_adapter(str(path))} == {f"unet.{n}" for n in names}  # from the SD 1.x manifest
+    merge(base, [str(path)], str(tmp_path / "out"))
+    got = Checkpoint(str(tmp_path / "out" / "unet"))
+    for n, w in want.items():
+        torch.testing.assert_close(got.read(f"{n}.weight"), w, rtol=1e-5, atol=1e-5, msg=n)

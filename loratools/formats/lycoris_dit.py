@@ -4,7 +4,8 @@ Flux.1, SD3/3.5, Wan 2.x, Qwen-Image), as the trainers write them:
     lora_unet_double_blocks_0_img_attn_qkv.lokr_w1        kohya names of the original checkpoint (LyCORIS' kohya
                                                            wrapper in sd-scripts / musubi-tuner), fused q, k, v
     lycoris_transformer_blocks_0_attn_to_q.lokr_w1        LyCORIS wrapping the diffusers transformer (SimpleTuner):
-                                                           its module paths with `.` flattened to `_`
+                                                           its module paths with `.` flattened to `_` (also an SD
+                                                           UNet's: `lycoris_down_blocks_1_attentions_0_…`)
     diffusion_model.transformer_blocks.0.attn.to_q.lokr_w1   dotted paths (ai-toolkit; also `transformer.` or bare),
     diffusion_model.double_blocks.0.img_attn.qkv.hada_w1_a   in diffusers or original names
 
@@ -21,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..archs import NameMap, dit
+from ..archs import ARCHS, NameMap, dit
 from ..archs.family import from_metadata
 from ..archs.fused import COMPONENT
 from ..errors import FormatError
@@ -65,12 +66,12 @@ def _maps(base: Optional[str], metadata: Dict[str, str]) -> List[NameMap]:
     fam = from_metadata(metadata)
     first = dit.BY_FAMILY.get(fam[0]) if fam else None
     layouts = ([first] if first else []) + [lay for lay in dit.LAYOUTS if lay is not first]
-    return [NameMap.from_manifest(lay.manifest) for lay in layouts]
+    return [NameMap.from_manifest(lay.manifest) for lay in layouts] + [NameMap.from_manifest(a) for a in ARCHS]
 
 
 def _diffusers_name(nm: NameMap, name: str) -> Optional[str]:
-    if name.startswith(PREFIX):
-        hits = nm.resolve(COMPONENT, name[len(PREFIX):])
+    if name.startswith(PREFIX):  # a wrapped transformer, or an SD UNet (SimpleTuner's SD 1.x/XL LyCORIS)
+        hits = [h for comp in (COMPONENT, "unet") for h in nm.resolve(comp, name[len(PREFIX):])]
         return hits[0] if len(hits) == 1 else None
     full = f"{COMPONENT}.{_local(name)}"
     return full if full in nm.shapes else None
