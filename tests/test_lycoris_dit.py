@@ -364,3 +364,29 @@ def test_simpletuner_lycoris_on_an_sd_unet(tmp_path):
     got = Checkpoint(str(tmp_path / "out" / "unet"))
     for n, w in want.items():
         torch.testing.assert_close(got.read(f"{n}.weight"), w, rtol=1e-5, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("case", ["lokr_w1_full", "lokr_both_factored", "lokr_w2_full", "loha", "too_wide"])
+def test_lowrank_factors_are_the_exact_update_without_building_it(case):
+    """Full-size modules (Flux's qkv: 9216 x 3072) are factored from these, not by an SVD of the dense ΔW."""
+    from loratools.lycoris_algos import loha_delta, lokr_delta, lowrank_factors
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).float()
+    p = {"alpha": torch.tensor(3.0)}
+    if case == "loha":
+        p.update(hada_w1_a=r(48, 3), hada_w1_b=r(3, 40), hada_w2_a=r(48, 3), hada_w2_b=r(3, 40))
+    elif case == "too_wide":  # rank 8 * 5 = 40 is no smaller than the 48 x 40 ΔW: the dense path is no worse
+        p.update(lokr_w1=r(8, 8), lokr_w2=r(6, 5))
+    else:
+        p.update(lokr_w1=r(4, 2)) if case != "lokr_both_factored" else p.update(lokr_w1_a=r(4, 1), lokr_w1_b=r(1, 2))
+        p.update(lokr_w2=r(12, 20)) if case == "lokr_w2_full" else p.update(lokr_w2_a=r(12, 2), lokr_w2_b=r(2, 20))
+    pair = lowrank_factors("loha" if case == "loha" else "lokr", p)
+    if case == "too_wide":
+        assert pair is None
+        return
+    dense = (loha_delta if case == "loha" else lokr_delta)(p).double()
+    up, down = pair
+    assert up.shape[1] < min(dense.shape)
+    torch.testing.assert_close(up.double() @ down.double(), dense, rtol=1e-5, atol=1e-6)

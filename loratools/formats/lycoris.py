@@ -26,7 +26,7 @@ from .. import bases as model_bases, lycoris_algos  # a module, not open_base: b
 from ..adapter import LoraAdapter, LoraModule, placeholders
 from ..errors import FormatError, IncompatibleError, UsageError
 from ..lycoris_algos import Transform
-from ..linalg import exact_svd, retained, split_factors
+from ..linalg import exact_svd, lowrank_svd, retained, split_factors
 from ..archs import NameMap
 from . import _single, kohya, kohya_dit, lycoris_dit
 from .record import Format
@@ -133,13 +133,17 @@ def _transform(algo: str, p: Dict[str, torch.Tensor], lora_name: str, path: str)
     return Transform(algo, keep)
 
 
-def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dtype: torch.dtype,
-           magnitude: Optional[torch.Tensor], device: Optional[str] = None):
-    """Best rank-k LoRA of ΔW (exact SVD, fp32, on `device`): (module, retained Frobenius fraction)."""
-    mat = delta.reshape(shape[0], -1).to(device or "cpu")
-    u, s, vh = exact_svd(mat)
+def factor(name: str, delta: Optional[torch.Tensor], shape: tuple, rank: Optional[int], dtype: torch.dtype,
+           magnitude: Optional[torch.Tensor], device: Optional[str] = None, pair=None):
+    """Best rank-k LoRA of ΔW (exact SVD, fp32, on `device`): (module, retained Frobenius fraction). With `pair`
+    (up, down), an exact LoRA of ΔW, the SVD is taken from its factors (the QR trick) and ΔW is never built."""
+    if pair is not None:
+        u, s, vh = lowrank_svd(pair[0].to(device or "cpu"), pair[1].to(device or "cpu"))
+    else:
+        u, s, vh = exact_svd(delta.reshape(shape[0], -1).to(device or "cpu"))
     if rank is None:  # numerical rank: singular values above fp32 round-off of the largest
-        tol = float(s[0]) * max(mat.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+        width = max(shape[0], math.prod(shape[1:]))
+        tol = float(s[0]) * width * torch.finfo(torch.float32).eps if s.numel() else 0.0
         k = max(1, int((s > tol).sum()))
     else:
         k = max(1, min(rank, s.numel()))
@@ -238,14 +242,18 @@ class _Reader:
         label = module.op.label if module.op is not None else algo
         w = _base_weight(self.bases, self.base, name, f"{what} ({label})") if module.op is not None and \
             module.op.algo != "full" else None
-        delta = module.op.delta(w) if w is not None else (
-            module.op.params["diff"].float() if module.op is not None else module.dense_delta())
+        pair = None
+        if module.op is None and module.mid is None and module.magnitude is None:  # an exact LoRA: no ΔW needed
+            pair, delta = (module.up.float().flatten(1) * module.scale, module.down.float().flatten(1)), None
+        else:
+            delta = module.op.delta(w) if w is not None else (
+                module.op.params["diff"].float() if module.op is not None else module.dense_delta())
         if module.op is not None and module.op.bias is not None:
             raise IncompatibleError(f"{what}: the full (diff) update also changes the bias, which LoRA cannot "
                                     "hold; merge it instead")
-        shape = tuple(w.shape) if w is not None else tuple(delta.shape)
-        module, self.kept[name] = factor(name, delta.reshape(shape), shape, self.rank, torch.float32, None,
-                                         self.device)
+        shape = tuple(w.shape) if w is not None else module.weight_shape if delta is None else tuple(delta.shape)
+        delta = None if delta is None else delta.reshape(shape)
+        module, self.kept[name] = factor(name, delta, shape, self.rank, torch.float32, None, self.device, pair)
         return module
 
     def follow(self, split: Dict[str, List[str]]) -> None:
@@ -274,11 +282,12 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
         build = lycoris_algos.loha_delta if algo == "loha" else lycoris_algos.lokr_delta
         shape = _weight_shape(_probe(build, p, algo, where), name, nm, flat)
         try:
-            delta = build(p)
+            pair = lycoris_algos.lowrank_factors(algo, p)
+            delta = build(p).reshape(shape) if pair is None else None
         except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
             raise FormatError(f"{where}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
         dtype = next(v.dtype for k, v in p.items() if k != "alpha")
-        module, retained[name] = factor(name, delta.reshape(shape), shape, None, dtype, None, device)
+        module, retained[name] = factor(name, delta, shape, None, dtype, None, device, pair)
         if "dora_scale" in p:
             d = p["dora_scale"]
             if d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] != 1:
