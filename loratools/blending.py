@@ -23,6 +23,7 @@ from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .dtypes import parse_dtype
 from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, UsageError
+from .fusing import fuse_for_format
 from .formats import check_uniform_scale, check_writable_alone, read_adapter, uniform, write_adapter
 from .provenance import stamp
 from .linalg import exact_svd, gram_dot, lowrank_svd, randomized_svd, split_factors
@@ -377,6 +378,9 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
     if output is not None:
         check_output(output, overwrite)
     loaded = [(read_adapter(a), w) for a, w in zip(adapters, weights)]
+    fmt = opts.to or loaded[0][0].format
+    # kohya / ComfyUI DiT output: blend each fused projection (its parts' ΔW together), so it has the rank asked for
+    loaded = [(fuse_for_format(a, fmt), w) for a, w in loaded]
     first = loaded[0][0]
     extra = _extras(loaded)
     groups = _group(loaded)
@@ -394,7 +398,6 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
         report.modules.append(mod_report)
         if progress:
             progress(name)
-    fmt = opts.to or first.format
     metadata = stamp({}, "blend", [a for a in adapters if not isinstance(a, LoraAdapter)], method=opts.method,
                      weights=weights, rank=opts.rank, density=opts.density, seed=opts.seed,
                      retained=report.totals().get("retained"))

@@ -14,8 +14,10 @@ from .errors import IncompatibleError, UsageError
 from .formats import (FORMATS, WRITABLE, check_uniform_scale, detect, output_is_folder, read_adapter, uniform,
                       writable_format, write_adapter)
 from .inspection import adapter_bytes
+from .fusing import ORIGINAL_FORMATS
 from .options import build, resolve_device
 from .report import Report
+from .resizing import ModuleResize, resize_fused
 
 PathLike = Union[str, os.PathLike]
 
@@ -32,6 +34,7 @@ class ConvertOptions:
     component: Optional[str] = None
     device: str = "auto"  # where LyCORIS modules are factored (becomes 'cpu' or 'cuda:N')
     uniform_scale: bool = False  # one alpha for all modules (PEFT output)
+    fused_rank: Optional[int] = None  # kohya / comfyui: fused projections above this rank refactored to it by SVD
 
     def __post_init__(self):
         if self.to not in WRITABLE:
@@ -42,6 +45,11 @@ class ConvertOptions:
             raise UsageError(f"unknown component {self.component!r}: use one of {', '.join(COMPONENTS)}")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.fused_rank is not None and self.fused_rank < 1:
+            raise UsageError(f"--fused-rank must be at least 1, got {self.fused_rank}")
+        if self.fused_rank is not None and self.to not in ORIGINAL_FORMATS:
+            raise UsageError(f"--fused-rank applies to --to {' or '.join(ORIGINAL_FORMATS)} (fused projections), "
+                             f"not {self.to}")
         if self.uniform_scale:
             check_uniform_scale(self.to)
         object.__setattr__(self, "device", resolve_device(self.device))
@@ -60,6 +68,8 @@ class ConvertReport(Report):
     names_from: Optional[str] = None
     dropped_unmatched: List[str] = field(default_factory=list, repr=False)
     retained: Optional[dict] = field(default=None, repr=False)
+    fused: Optional[dict] = field(default=None, repr=False)  # --fused-rank: the SVD's relative errors
+    fused_modules: List[ModuleResize] = field(default_factory=list, repr=False)  # and what each kept
     dry_run: bool = False
     adapter: Optional[LoraAdapter] = field(default=None, repr=False)
 
@@ -68,7 +78,8 @@ class ConvertReport(Report):
                 "dry_run": self.dry_run}
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("adapter", "from_", "source")}
+        skip = ("adapter", "from_", "source", "fused_modules")
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return {"input": self.source, "from": self.from_, **d}
 
 
@@ -122,14 +133,15 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
             from_: Optional[str] = None, base: Optional[str] = None, rank: Optional[int] = None,
             allow_unmatched: bool = False, component: Optional[str] = None, overwrite: bool = False,
             dry_run: bool = False, device: str = "auto", uniform_scale: bool = False,
-            options: Optional[ConvertOptions] = None) -> ConvertReport:
+            fused_rank: Optional[int] = None, options: Optional[ConvertOptions] = None) -> ConvertReport:
     """Read `source` (a path, Hub reference or LoraAdapter) and write it to `output` in format `to`.
     With `dry_run` (or no `output`), check everything and write nothing. `device`: where LoHa/LoKr
     are factored (auto, cpu, cuda, cuda:N). `uniform_scale`: one alpha for all modules, the rest of
-    each scale folded into B (PEFT output). `options`: a ConvertOptions instead of the keyword
-    options. Returns a ConvertReport."""
+    each scale folded into B (PEFT output). `fused_rank`: kohya / comfyui output, every fused projection
+    whose exact fusion has a higher rank becomes its best rank-`fused_rank` LoRA (errors in the report's
+    `fused`). `options`: a ConvertOptions instead of the keyword options. Returns a ConvertReport."""
     opts = build(ConvertOptions, options, to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
-                 component=component, device=device, uniform_scale=uniform_scale)
+                 component=component, device=device, uniform_scale=uniform_scale, fused_rank=fused_rank)
     if opts.base is not None:
         paths.note_input(opts.base)  # names are read from it: it is an input the output may not replace
     if output is not None:
@@ -145,6 +157,12 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
                            rank=opts.rank, device=opts.device)
     read_config = adapter.config
     adapter = uniform(_for_target(adapter, opts), opts.to, opts.uniform_scale)
+    fused, refactored = None, []
+    if opts.fused_rank is not None:
+        adapter, refactored = resize_fused(adapter, opts.to, opts.fused_rank, opts.device)
+        errors = {m.name: m.rel_error for m in refactored}
+        fused = {"rank": opts.fused_rank, "modules": len(errors), "worst": max(errors.values(), default=0.0),
+                 "mean": sum(errors.values()) / len(errors) if errors else 0.0, "per_module": errors}
     writable_format(adapter, opts.to)  # a dry run refuses what the write would (e.g. an unfactored OFT)
     kept = read_config.get("retained")
     report = ConvertReport(
@@ -153,7 +171,7 @@ def convert(source: Union[PathLike, LoraAdapter], output: Optional[PathLike], to
         bytes=adapter_bytes(adapter),
         names_from=read_config.get("names_from"), dropped_unmatched=read_config.get("unmatched", []),
         retained={"min": min(kept.values()), "mean": sum(kept.values()) / len(kept), "per_module": kept}
-        if kept else None, dry_run=dry_run or output is None, adapter=adapter)
+        if kept else None, fused=fused, fused_modules=refactored, dry_run=dry_run or output is None, adapter=adapter)
     if output is not None and not dry_run:
         report.output = write_adapter(adapter, output, format=opts.to, overwrite=overwrite, base=opts.base)
     return report

@@ -17,7 +17,8 @@ import torch
 from . import paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_outputs, check_output
-from .errors import LoraToolsError, NonFiniteError, UsageError
+from .errors import IncompatibleError, LoraToolsError, NonFiniteError, UsageError
+from .fusing import fuse_for_format, fused_groups, original_layout, replace_groups
 from .formats import (WRITABLE, check_uniform_scale, output_is_folder, read_adapter, uniform, writable_format,
                       write_into)
 from .ops import all_finite
@@ -43,9 +44,15 @@ class ModuleResize:
     sv_ratio: Optional[float]  # σ_max / σ_k (None for an all-zero module)
     spectrum: List[float] = field(default_factory=list, repr=False)  # σ, descending (for --plot)
 
+    @property
+    def rel_error(self) -> float:
+        """||ΔW − ΔW_k||_F / ||ΔW||_F: by Eckart–Young the norm of the σ left out, √(1 − retained²)."""
+        return max(0.0, 1.0 - self.fro_retained ** 2) ** 0.5
+
     def as_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "old_rank": self.old_rank, "new_rank": self.new_rank,
-                "fro_retained": self.fro_retained, "sum_retained": self.sum_retained, "sv_ratio": self.sv_ratio}
+                "fro_retained": self.fro_retained, "sum_retained": self.sum_retained, "sv_ratio": self.sv_ratio,
+                "rel_error": self.rel_error}
 
 
 @dataclass(repr=False)
@@ -165,6 +172,8 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
             check_output(path, overwrite)
     paths.check_distinct(output, plot)
     src = read_adapter(adapter)
+    # kohya / ComfyUI DiT files: resize each fused projection (its parts' ΔW together), so it keeps the new rank
+    src = fuse_for_format(src, src.format)
     if not len(src):
         raise UsageError("the adapter has no LoRA modules to resize")
     if output is not None and src.format not in WRITABLE:  # resize writes its input's format
@@ -231,3 +240,26 @@ def require_matplotlib():
     except ImportError:
         raise LoraToolsError("--plot needs matplotlib: pip install 'loratools[plot]'") from None
     return Figure
+
+
+def resize_fused(adapter: LoraAdapter, fmt: str, rank: int, device: str = "cpu"
+                 ) -> Tuple[LoraAdapter, List[ModuleResize]]:
+    """`convert --fused-rank K`: every original module of several diffusers parts whose exact fusion (A stacked,
+    B block-diagonal) has rank above `rank` becomes the best rank-`rank` LoRA of its fused ΔW (SVD from the
+    factors, alpha = scale·K); one of rank `rank` or less keeps its parts, written exactly. Returns the adapter
+    and what each refactored module kept (`rel_error`: ||ΔW − ΔW_K||_F / ||ΔW||_F)."""
+    layout = original_layout(adapter, fmt)
+    if layout is None:
+        raise UsageError(f"--fused-rank: the adapter has no transformer LoRA that {fmt} writes on fused projections "
+                         "(Flux.1, SD3/3.5)")
+    chosen, reports = {}, []
+    for name, (m, parts) in fused_groups(adapter, layout).items():
+        if m.rank <= rank:
+            continue
+        if m.is_dora:
+            raise IncompatibleError(f"module {name}: --fused-rank {rank} would replace this DoRA's direction by an "
+                                    f"SVD, which its magnitude norms exactly: use --fused-rank {m.rank} or more")
+        new, report = resize_module(m, rank=rank, device=device)
+        chosen[name] = (new, parts)
+        reports.append(report)
+    return replace_groups(adapter, chosen), reports

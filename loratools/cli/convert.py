@@ -10,6 +10,7 @@ from .common import check_dry_output
 from .common import (adapter_output_option, device_option, dry_run_line, dry_run_option, emit_json, format_option,
                      overwrite_option, quiet_option, size, table, uniform_scale_option)
 from .batch import batched, stem
+from .resize import REPORT_HEADERS, report_rows
 
 
 @click.command("convert")
@@ -24,6 +25,9 @@ from .batch import batched, stem
 @click.option("--rank", type=int, default=None,
               help="LyCORIS/kohya input: factor LoHa, LoKr, Tucker and base-dependent updates (OFT, IA³ …, "
                    "which need --base) into LoRA at this rank; the retained energy is reported.")
+@click.option("--fused-rank", type=int, default=None,
+              help="--to kohya/comfyui (Flux.1, SD3): refactor each fused projection (qkv …) whose exact fusion of "
+                   "the split LoRAs has a higher rank (block-diagonal B) to this rank by SVD; errors are reported.")
 @click.option("--allow-unmatched", is_flag=True, help="Drop kohya/LyCORIS modules no known module matches (listed).")
 @click.option("--component", type=click.Choice(COMPONENTS), default=None,
               help="Which pipeline component an adapter of one model (e.g. a PEFT UNet LoRA) belongs to; "
@@ -34,8 +38,8 @@ from .batch import batched, stem
 @overwrite_option
 @format_option
 @quiet_option
-def command(source, output, to, from_, base, rank, allow_unmatched, component, uniform_scale, dry_run, device,
-            overwrite, fmt, quiet):
+def command(source, output, to, from_, base, rank, fused_rank, allow_unmatched, component, uniform_scale, dry_run,
+            device, overwrite, fmt, quiet):
     """Convert the LoRA adapter SOURCE to another format, exactly where the target can hold it.
 
     \b
@@ -46,7 +50,7 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, u
       loratools convert peft_lora/ --to gguf --base Qwen/Qwen2.5-0.5B -o lora.gguf
     """
     opts = ConvertOptions(to=to, from_=from_, base=base, rank=rank, allow_unmatched=allow_unmatched,
-                          component=component, device=device, uniform_scale=uniform_scale)
+                          component=component, device=device, uniform_scale=uniform_scale, fused_rank=fused_rank)
     rep = convert(source, output, overwrite=overwrite, dry_run=dry_run, options=opts)
     if dry_run:
         check_dry_output(output)
@@ -62,6 +66,14 @@ def command(source, output, to, from_, base, rank, allow_unmatched, component, u
     if rep.retained:
         click.echo(f"LyCORIS factored to LoRA: retained Frobenius fraction min {rep.retained['min']:.6f}, "
                    f"mean {rep.retained['mean']:.6f}", err=True)
+    if rep.fused is not None:
+        f = rep.fused
+        if rep.fused_modules and not quiet:
+            click.echo(table(report_rows(rep.fused_modules), REPORT_HEADERS), err=True)
+        click.echo(f"fused projections refactored to rank {f['rank']} by SVD: {f['modules']} module(s); relative "
+                   f"Frobenius error of ΔW worst {f['worst']:.3e}, mean {f['mean']:.3e}"
+                   + ("" if f["modules"] else " (every fused projection already at or below that rank: exact)"),
+                   err=True)
     if dry_run:
         click.echo(dry_run_line(output, to, rep.bytes, rep.bytes), err=True)
     else:

@@ -29,10 +29,10 @@ def fmt(x, digits: int = 4) -> str:
 
 def report_rows(modules):
     return [[m.name, m.kind, m.old_rank, m.new_rank, fmt(m.fro_retained), fmt(m.sum_retained),
-             fmt(m.sv_ratio, 2)] for m in modules]
+             fmt(m.sv_ratio, 2), f"{m.rel_error:.2e}"] for m in modules]
 
 
-REPORT_HEADERS = ["module", "kind", "old rank", "new rank", "fro retained", "sum(σ) retained", "σmax/σk"]
+REPORT_HEADERS = ["module", "kind", "old rank", "new rank", "fro retained", "sum(σ) retained", "σmax/σk", "rel. error"]
 
 
 @click.command("resize")
