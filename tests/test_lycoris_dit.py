@@ -390,3 +390,23 @@ def test_lowrank_factors_are_the_exact_update_without_building_it(case):
     up, down = pair
     assert up.shape[1] < min(dense.shape)
     torch.testing.assert_close(up.double() @ down.double(), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_as_diffusers_bakes_it_into_ai_toolkit_lokr(tmp_path):
+    """diffusers' own reading of an ai-toolkit LoKr (`_convert_non_diffusers_lokr_to_diffusers`, which its Z-Image
+    and Flux.2 loaders use: alpha / rank baked into w1) gives each module the ΔW we read."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lokr_to_diffusers
+    path, *_ = _diffusers_file(tmp_path, "qwen", "lokr", dotted=True)
+    sd, _ = safetensors_io.load(path)
+    assert any(k.endswith(".alpha") for k in sd) and any(k.endswith(".lokr_w2_b") for k in sd)
+    theirs = _convert_non_diffusers_lokr_to_diffusers({k: v.clone() for k, v in sd.items()})
+    ours = read_adapter(path)
+    assert {k.rpartition(".")[0] for k in theirs} == set(ours.modules)
+    for name, m in ours.modules.items():
+        w1 = theirs.get(f"{name}.lokr_w1")
+        if w1 is None:
+            w1 = theirs[f"{name}.lokr_w1_a"] @ theirs[f"{name}.lokr_w1_b"]
+        w2 = theirs.get(f"{name}.lokr_w2")
+        if w2 is None:
+            w2 = theirs[f"{name}.lokr_w2_a"] @ theirs[f"{name}.lokr_w2_b"]
+        torch.testing.assert_close(m.dense_delta(), torch.kron(w1, w2), rtol=1e-5, atol=1e-6, msg=name)
