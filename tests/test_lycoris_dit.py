@@ -410,3 +410,14 @@ def test_alpha_as_diffusers_bakes_it_into_ai_toolkit_lokr(tmp_path):
         if w2 is None:
             w2 = theirs[f"{name}.lokr_w2_a"] @ theirs[f"{name}.lokr_w2_b"]
         torch.testing.assert_close(m.dense_delta(), torch.kron(w1, w2), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer.", "model.diffusion_model."])
+def test_other_dotted_prefixes_read_alike(tmp_path, prefix):
+    """Bare dotted paths (SimpleTuner's exports), `transformer.` and ComfyUI's `model.diffusion_model.`."""
+    path, *_ = _diffusers_file(tmp_path, "sd3", "loha", dotted=True)
+    other = str(tmp_path / "other.safetensors")
+    sd, md = safetensors_io.load(path)
+    safetensors_io.save(other, {prefix + k[len("diffusion_model."):]: v for k, v in sd.items()}, md)
+    assert detect(other) == "lycoris"
+    _same_modules(read_adapter(other), read_adapter(path))

@@ -47,8 +47,7 @@ def detect(path: str) -> bool:
     keys = _single.peek_keys(path)
     own = set(HADA + LOKR + OTHER) - {"weight"}  # IA³'s `weight` alone ends every checkpoint key
     groups, unknown = lycoris_dit.group(dict.fromkeys(keys or ()), KNOWN)
-    return bool(groups) and not unknown and any(own.intersection(p) for p in groups.values()) and all(
-        kohya.is_kohya_key(n) or lycoris_dit.is_own(n) for n in groups)
+    return bool(groups) and not unknown and any(own.intersection(p) for p in groups.values())
 
 
 def algorithm(p: Dict[str, torch.Tensor]) -> str:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..archs import ARCHS, NameMap, dit
+from ..archs import ARCHS, NameMap, dit, split_kohya
 from ..archs.family import from_metadata
 from ..archs.fused import COMPONENT
 from ..errors import FormatError
@@ -50,8 +50,8 @@ def group(tensors: Dict[str, torch.Tensor], known) -> Tuple[Groups, List[str]]:
 
 
 def is_own(name: str) -> bool:
-    """A name this module resolves (LyCORIS' flattened paths, dotted paths), not a kohya one."""
-    return name.startswith(PREFIX) or "." in name
+    """A name this module resolves (LyCORIS' flattened paths, module paths: `proj_out` bare too), not a kohya one."""
+    return name.startswith(PREFIX) or split_kohya(name)[0] is None
 
 
 def _local(name: str) -> str:
