@@ -62,6 +62,35 @@ def lokr_delta(p: Dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.kron(w1.contiguous(), w2.contiguous()) * scale
 
 
+def _sides(p: Dict[str, torch.Tensor], key: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) with u @ v = the block: its factors, or a full block beside an identity on its shorter side."""
+    if key in p:
+        w = p[key].float()
+        return (w, torch.eye(w.shape[1])) if w.shape[1] <= w.shape[0] else (torch.eye(w.shape[0]), w)
+    return p[key + "_a"].float(), p[key + "_b"].float()
+
+
+def lowrank_factors(algo: str, p: Dict[str, torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """An exact LoRA (up [out, R], down [R, in]) of a LoHa or LoKr ΔW (scale folded into up) without building ΔW:
+    LoKr kron(U1 V1, U2 V2) = kron(U1, U2) @ kron(V1, V2); LoHa (A1 B1) ⊙ (A2 B2) = rows of A1 ⊗ A2 times
+    columns of B1 ⊗ B2. None where that rank R is no smaller than ΔW (or for Tucker and conv blocks)."""
+    if any(k in p for k in ("hada_t1", "lokr_t2")) or any(v.dim() > 2 for v in p.values()):
+        return None
+    if algo == "loha":
+        a1, b1, a2, b2 = (p[k].float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        up = (a1[:, :, None] * a2[:, None, :]).flatten(1)
+        down = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
+        scale = p["alpha"].float().item() / b1.shape[0] if "alpha" in p else 1.0
+    else:
+        (u1, v1), (u2, v2) = _sides(p, "lokr_w1"), _sides(p, "lokr_w2")
+        up, down = torch.kron(u1, u2), torch.kron(v1, v2)
+        dim = next((p[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in p), None)
+        scale = p["alpha"].float().item() / dim if "alpha" in p and dim else 1.0
+    if up.shape[1] >= min(up.shape[0], down.shape[1]):
+        return None
+    return up * scale, down
+
+
 def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ per block, Q = B − Bᵀ scaled to norm `constraint` when above it (all blocks)."""
     eye = torch.eye(blocks.shape[-1], dtype=torch.float32)

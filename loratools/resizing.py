@@ -19,7 +19,8 @@ from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_outputs, check_output
 from .errors import IncompatibleError, LoraToolsError, NonFiniteError, UsageError
 from .fusing import fuse_for_format, fused_groups, original_layout, replace_groups
-from .formats import check_uniform_scale, output_is_folder, read_adapter, uniform, writable_format, write_into
+from .formats import (WRITABLE, check_uniform_scale, output_is_folder, read_adapter, uniform, writable_format,
+                      write_into)
 from .ops import all_finite
 from .provenance import stamp
 from .report import Report
@@ -175,6 +176,10 @@ def resize(adapter: Union[str, os.PathLike, LoraAdapter], output: Optional[Union
     src = fuse_for_format(src, src.format)
     if not len(src):
         raise UsageError("the adapter has no LoRA modules to resize")
+    if output is not None and src.format not in WRITABLE:  # resize writes its input's format
+        raise UsageError(f"resize writes the adapter's own format, and loratools reads {src.format} files only: "
+                         "`loratools convert ADAPTER --to kohya --rank K` factors it at rank K (retained energy "
+                         "reported), or convert it first and resize that")
     if opts.uniform_scale:  # the output keeps the input's format
         check_uniform_scale(src.format)
     modules: Dict[str, LoraModule] = {}

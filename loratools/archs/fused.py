@@ -161,6 +161,8 @@ class Layout:
         fused = self.lookup(original)
         if fused is None:
             raise IncompatibleError(f"module {original}: no {self.family} transformer module has this name")
+        if m.op is not None and m.op.algo == "full":  # a dense ΔW (and bias delta): its rows are the parts'
+            return split_full(m, fused)
         if m.op is not None and (len(fused.parts) > 1 or fused.swaps(m.up.shape[0], m.down.shape[1])):
             return [dataclasses.replace(m, name=f"{COMPONENT}.{original}")]
         return split(m, fused)
@@ -260,10 +262,50 @@ def _shares_down(present: Sequence[LoraModule]) -> bool:
                     for p in present))
 
 
+def _rows(t: Optional[torch.Tensor], swap: bool, sizes: Sequence[int]) -> List[Optional[torch.Tensor]]:
+    if t is None:
+        return [None] * len(sizes)
+    return list(torch.split(_swap(t) if swap else t, list(sizes)))
+
+
+def split_full(m: LoraModule, fused: Fused, component: str = COMPONENT) -> List[LoraModule]:
+    """A LyCORIS full (diff) update on a fused weight as one on each part: row slices of ΔW and of the bias delta."""
+    diff, bias = m.op.params["diff"], m.op.bias
+    rows, in_f = diff.shape[0], diff.shape[1]
+    swap = fused.swaps(rows, in_f)
+    sizes = fused.sizes(rows, in_f)
+    if min(sizes) <= 0:
+        raise IncompatibleError(f"module {m.name}: {rows} rows do not split into {', '.join(fused.parts)}")
+    out = []
+    for part, d, b in zip(fused.parts, _rows(diff, swap, sizes), _rows(bias, swap, sizes)):
+        op = dataclasses.replace(m.op, params={"diff": d.contiguous()}, bias=None if b is None else b.contiguous())
+        out.append(dataclasses.replace(m, name=f"{component}.{part}", up=m.up.new_zeros(d.shape[0], 1), op=op))
+    return out
+
+
+def _fuse_full(parts: Sequence[Optional[LoraModule]], fused: Fused, sizes: Sequence[int], name: str) -> LoraModule:
+    """Full (diff) updates on parts as one on the fused weight (zero rows for parts without one)."""
+    first = next(p for p in parts if p is not None)
+    in_f = first.op.params["diff"].shape[1]
+
+    def cat(get, width):
+        if all(p is None or get(p) is None for p in parts):
+            return None
+        t = torch.cat([get(p) if p is not None and get(p) is not None else first.up.new_zeros((size,) + width)
+                       for p, size in zip(parts, sizes)])
+        return _swap(t) if fused.swaps(t.shape[0], in_f) else t
+    diff = cat(lambda p: p.op.params["diff"], (in_f,))
+    bias = cat(lambda p: p.op.bias, ())
+    op = dataclasses.replace(first.op, params={"diff": diff}, bias=bias)
+    return dataclasses.replace(first, name=name, up=first.up.new_zeros(diff.shape[0], 1), op=op)
+
+
 def fuse(parts: Sequence[Optional[LoraModule]], fused: Fused, sizes: Sequence[int], name: str) -> LoraModule:
     """One LoRA on the fused weight from LoRAs on its parts (None: part not adapted, its rows stay 0)."""
     present = [p for p in parts if p is not None]
     first = present[0]
+    if all(p.op is not None and p.op.algo == "full" for p in present):
+        return _fuse_full(parts, fused, sizes, name)
     if len(parts) == 1 and not fused.swaps(first.up.shape[0], first.down.shape[1]):
         return dataclasses.replace(first, name=name)
     for p in present:

@@ -50,9 +50,9 @@ class PipelineBase(DiffusionBase):
                               "merges safetensors (re-save with `save_pretrained(..., safe_serialization=True)`)")
         kept = [m.name for a, _ in adapters for m in a if m.op is not None and dit.kept_original(m.name)]
         if kept:  # read from kohya/ComfyUI, left on the fused module (`Layout.from_original`)
-            raise IncompatibleError(f"module {kept[0]}: a DoRA normed per input column spans all rows of this fused "
-                                    "original module, which diffusers splits; merge it into a single-file checkpoint "
-                                    "in the original layout instead")
+            raise IncompatibleError(f"module {kept[0]}: a DoRA normed per input column (or a LyCORIS IA³/OFT/GLoRA "
+                                    "update) spans all rows of this fused original module, which diffusers splits; "
+                                    "merge it into a single-file checkpoint in the original layout instead")
         return super().plan(adapters, out_type)
 
     def locate(self, name: str) -> Optional[Loc]:

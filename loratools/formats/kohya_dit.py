@@ -57,10 +57,12 @@ def _flat_diffusers(layout: Layout, lora_name: str) -> List[str]:
     return NameMap.from_manifest(layout.manifest).resolve(COMPONENT, lora_name[len(prefix):]) if prefix else []
 
 
-def read_original(groups, layout: Layout, metadata, path, base, allow_unmatched, keep_unmatched) -> LoraAdapter:
+def read_original(groups, layout: Layout, metadata, path, base, allow_unmatched, keep_unmatched,
+                  build=build_module, nm: Optional[NameMap] = None) -> LoraAdapter:
     """A kohya LoRA of a DiT family: `lora_unet_<original name>` split onto the diffusers modules (exactly),
-    the text encoders resolved from the family's manifest (or the base's names)."""
-    nm = NameMap.from_base(base) if base else NameMap.from_manifest(layout.manifest)
+    the text encoders resolved from the family's manifest (or the base's names). `build(name, lora_name, parts,
+    path)` makes one module of a file's tensors (LyCORIS files: `lycoris`)."""
+    nm = nm or (NameMap.from_base(base) if base else NameMap.from_manifest(layout.manifest))
     adapter = LoraAdapter(format="kohya", metadata=metadata)
     keys, alpha_dtypes, unmatched = {}, {}, []
     for lora_name in sorted(groups):
@@ -69,13 +71,13 @@ def read_original(groups, layout: Layout, metadata, path, base, allow_unmatched,
         prefix = next((p for p in layout.kohya_read if lora_name.startswith(p)), None)
         hits = nm.resolve(layout.kohya_read[prefix], lora_name[len(prefix):]) if prefix else []
         if original:
-            mods = layout.from_original(original, build_module(f"transformer.{original}", lora_name, parts, path))
+            mods = layout.from_original(original, build(f"transformer.{original}", lora_name, parts, path))
         elif len(hits) == 1:
-            mods = [build_module(hits[0], lora_name, parts, path)]
+            mods = [build(hits[0], lora_name, parts, path)]
         else:
             unmatched.append(lora_name)
             if keep_unmatched:
-                adapter.add(build_module(lora_name, lora_name, parts, path))
+                adapter.add(build(lora_name, lora_name, parts, path))
             continue
         for m in mods:
             adapter.add(m)

@@ -11,13 +11,14 @@ LyCORIS as ComfyUI applies it:
 There is no LoRA with the same factors, so each ΔW is built exactly (fp32) and factored by an
 exact SVD at `rank` (default: its numerical rank, which is exact to fp32). The Frobenius
 fraction each module keeps is in `adapter.config["retained"]`. Plain `lora_down/up` modules in
-the same file are kept exactly.
+the same file are kept exactly. DiT families' files (`lycoris_` and dotted names, original fused modules) are
+named by `lycoris_dit` and split onto the diffusers modules by `kohya_dit`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -25,8 +26,9 @@ from .. import lycoris_algos
 from ..adapter import LoraAdapter, LoraModule, placeholders
 from ..errors import FormatError, IncompatibleError, UsageError
 from ..lycoris_algos import Transform
-from ..linalg import exact_svd, retained, split_factors
-from . import _single, kohya
+from ..linalg import exact_svd, lowrank_svd, retained, split_factors
+from ..archs import NameMap
+from . import _single, kohya, kohya_dit, lycoris_dit
 from .record import Format
 
 BaseWeight = Callable[[str], Optional[torch.Tensor]]  # a weight of the base by name, None if it has none
@@ -45,9 +47,9 @@ MAX_DELTA_ELEMENTS = 1 << 28
 
 def detect(path: str) -> bool:
     keys = _single.peek_keys(path)
-    own = set(HADA + LOKR + OTHER)
-    return bool(keys) and any(k.split(".", 1)[-1] in own for k in keys) and all(
-        kohya.is_kohya_key(k) for k in keys)
+    own = set(HADA + LOKR + OTHER) - {"weight"}  # IA³'s `weight` alone ends every checkpoint key
+    groups, unknown = lycoris_dit.group(dict.fromkeys(keys or ()), KNOWN)
+    return bool(groups) and not unknown and any(own.intersection(p) for p in groups.values())
 
 
 def algorithm(p: Dict[str, torch.Tensor]) -> str:
@@ -102,6 +104,8 @@ def _weight_shape(delta: torch.Tensor, name: str, nm, flat: Dict[str, str]) -> t
         return tuple(delta.shape)
     if known and math.prod(known) == delta.numel() and known[0] == delta.shape[0]:
         return known
+    if len(known) == 2:  # a linear module of the name list (of a smaller model of the family: merge checks)
+        return tuple(delta.shape)
     if name.startswith(("unet.", "transformer.")):  # may be a flattened conv: only a base can tell
         why = f"it does not fit {known} in {nm.source}" if known else f"{nm.source} has no such module"
         flat[name] = f"cannot tell the weight shape of a {tuple(delta.shape)} update ({why}; --base resolves it)"
@@ -130,13 +134,17 @@ def _transform(algo: str, p: Dict[str, torch.Tensor], lora_name: str, path: str)
     return Transform(algo, keep)
 
 
-def factor(name: str, delta: torch.Tensor, shape: tuple, rank: Optional[int], dtype: torch.dtype,
-           magnitude: Optional[torch.Tensor], device: Optional[str] = None):
-    """Best rank-k LoRA of ΔW (exact SVD, fp32, on `device`): (module, retained Frobenius fraction)."""
-    mat = delta.reshape(shape[0], -1).to(device or "cpu")
-    u, s, vh = exact_svd(mat)
+def factor(name: str, delta: Optional[torch.Tensor], shape: tuple, rank: Optional[int], dtype: torch.dtype,
+           magnitude: Optional[torch.Tensor], device: Optional[str] = None, pair=None):
+    """Best rank-k LoRA of ΔW (exact SVD, fp32, on `device`): (module, retained Frobenius fraction). With `pair`
+    (up, down), an exact LoRA of ΔW, the SVD is taken from its factors (the QR trick) and ΔW is never built."""
+    if pair is not None:
+        u, s, vh = lowrank_svd(pair[0].to(device or "cpu"), pair[1].to(device or "cpu"))
+    else:
+        u, s, vh = exact_svd(delta.reshape(shape[0], -1).to(device or "cpu"))
     if rank is None:  # numerical rank: singular values above fp32 round-off of the largest
-        tol = float(s[0]) * max(mat.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+        width = max(shape[0], math.prod(shape[1:]))
+        tol = float(s[0]) * width * torch.finfo(torch.float32).eps if s.numel() else 0.0
         k = max(1, int((s > tol).sum()))
     else:
         k = max(1, min(rank, s.numel()))
@@ -169,53 +177,97 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
     if rank is not None and rank < 1:
         raise UsageError("--rank must be at least 1")
     tensors, metadata = _single.load(path)
-    groups: Dict[str, Dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, t in tensors.items():
-        lora_name, _, part = key.partition(".")
-        if part in KNOWN:
-            groups.setdefault(lora_name, {})[part] = t
-        else:
-            unknown.append(key)
+    raw, unknown = lycoris_dit.group(tensors, KNOWN)
+    if not raw:
+        raise FormatError(f"{path}: no LyCORIS modules")
     if unknown:
         raise FormatError(f"{path}: {len(unknown)} key(s) of no LyCORIS algorithm loratools reads (norm modules?): "
                           f"{', '.join(sorted(unknown)[:8])}")
-    mapping, unmatched, nm = kohya.resolve(list(groups), path, base, allow_unmatched, keep_unmatched)
-    adapter = LoraAdapter(format="lycoris", metadata=metadata)
-    kept: Dict[str, float] = {}
-    algos: Dict[str, str] = {}
-    native: Dict[str, dict] = {}
-    flat: Dict[str, str] = {}
-    for lora_name in sorted(groups):
-        if lora_name not in mapping:
-            continue
-        name, p = mapping[lora_name], groups[lora_name]
-        algo = algos[name] = algorithm(p)
-        what = f"{path}: {lora_name}"
+    groups, direct, unmatched, dnm = lycoris_dit.rename(raw, metadata, base)
+    if unmatched and not (allow_unmatched or keep_unmatched):
+        raise lycoris_dit.unresolved_error(path, unmatched, dnm)
+    if keep_unmatched:  # shown as they are in the file
+        direct.update({n: n for n in unmatched})
+    layout = kohya_dit.layout_of(groups, metadata) if groups else None
+    if layout is not None:  # a DiT family's original (fused) names
+        nm = NameMap.from_base(base) if base else NameMap.from_manifest(layout.manifest)
+        reader = _Reader(path, base, rank, device, lycoris_dit.with_original_shapes(nm, layout), base_weight)
+        adapter = kohya_dit.read_original(groups, layout, metadata, path, base, allow_unmatched, keep_unmatched,
+                                          build=reader.build, nm=nm)
+        reader.follow(adapter.config["original_keys"])
+        unmatched += adapter.config["unmatched"] + adapter.config["unresolved"]
+        adapter = dataclasses.replace(adapter, format="lycoris")
+    else:
+        mapping, more, nm = kohya.resolve(list(groups), path, base, allow_unmatched, keep_unmatched) if groups \
+            else ({}, [], dnm)
+        unmatched += more
+        reader = _Reader(path, base, rank, device, nm, base_weight)
+        adapter = LoraAdapter(format="lycoris", metadata=metadata)
+        for lora_name in sorted(groups):
+            if lora_name in mapping:
+                adapter.add(reader.build(mapping[lora_name], lora_name, groups[lora_name]))
+    for lora_name in sorted(direct):
+        adapter.add(reader.build(direct[lora_name], lora_name, raw[lora_name]))
+    adapter.config = {"retained": reader.kept, "algorithms": reader.algos, "native": reader.native,
+                      "flat": reader.flat, **kohya.unresolved_config(unmatched, keep_unmatched),
+                      "names_from": nm.source}
+    return adapter
+
+
+class _Reader:
+    """Builds each module of one file and records what it was (algorithm, native rank/alpha, retained energy)."""
+
+    def __init__(self, path: str, base: Optional[str], rank: Optional[int], device: Optional[str], nm,
+                 base_weight: Optional[BaseWeight] = None):
+        self.path, self.base, self.rank, self.device, self.nm = path, base, rank, device, nm
+        self.base_weight = base_weight
+        self.kept: Dict[str, float] = {}
+        self.algos: Dict[str, str] = {}
+        self.native: Dict[str, dict] = {}
+        self.flat: Dict[str, str] = {}
+        self.names: Dict[str, str] = {}  # file name -> the module name it was built under
+
+    def build(self, name: str, lora_name: str, p: Dict[str, torch.Tensor], path: str = "") -> LoraModule:
+        algo = self.algos[name] = algorithm(p)
+        self.names[lora_name] = name
+        what = f"{self.path}: {lora_name}"
         try:
-            module = _module(algo, name, lora_name, p, path, nm, kept, flat, device)
+            module = _module(algo, name, lora_name, p, self.path, self.nm, self.kept, self.flat, self.device)
         except KeyError as e:
             raise FormatError(f"{what}: {algo} module without its {e} tensor") from None
         if module.op is not None:
-            native[name] = {"algorithm": algo, "rank": 1, "alpha": 1.0}
+            self.native[name] = {"algorithm": algo, "rank": 1, "alpha": 1.0}
         elif algo in ("loha", "lokr"):
-            native[name] = native_rank_alpha(algo, p, module.rank, f"{what}.alpha")
-        if rank is not None and (module.op is not None or algo in ("loha", "lokr") or module.mid is not None):
-            label = module.op.label if module.op is not None else algo
-            w = _base_weight(base_weight, base, name, f"{what} ({label})") if module.op is not None and \
-                module.op.algo != "full" else None
+            self.native[name] = native_rank_alpha(algo, p, module.rank, f"{what}.alpha")
+        if self.rank is None or not (module.op is not None or algo in ("loha", "lokr") or module.mid is not None):
+            return module
+        label = module.op.label if module.op is not None else algo
+        w = _base_weight(self.base_weight, self.base, name, f"{what} ({label})") if module.op is not None and \
+            module.op.algo != "full" else None
+        pair = None
+        if module.op is None and module.mid is None and module.magnitude is None:  # an exact LoRA: no ΔW needed
+            pair, delta = (module.up.float().flatten(1) * module.scale, module.down.float().flatten(1)), None
+        else:
             delta = module.op.delta(w) if w is not None else (
                 module.op.params["diff"].float() if module.op is not None else module.dense_delta())
-            if module.op is not None and module.op.bias is not None:
-                raise IncompatibleError(f"{what}: the full (diff) update also changes the bias, which LoRA cannot "
-                                        "hold; merge it instead")
-            shape = tuple(w.shape) if w is not None else tuple(delta.shape)
-            module, kept[name] = factor(name, delta.reshape(shape), shape, rank, torch.float32, None, device)
-        adapter.add(module)
-    adapter.config = {"retained": kept, "algorithms": algos, "native": native, "flat": flat,
-                      **kohya.unresolved_config(unmatched, keep_unmatched),
-                      "names_from": nm.source}
-    return adapter
+        if module.op is not None and module.op.bias is not None:
+            raise IncompatibleError(f"{what}: the full (diff) update also changes the bias, which LoRA cannot "
+                                    "hold; merge it instead")
+        shape = tuple(w.shape) if w is not None else module.weight_shape if delta is None else tuple(delta.shape)
+        delta = None if delta is None else delta.reshape(shape)
+        module, self.kept[name] = factor(name, delta, shape, self.rank, torch.float32, None, self.device, pair)
+        return module
+
+    def follow(self, split: Dict[str, List[str]]) -> None:
+        """What was recorded for a module on a fused original name holds for each diffusers part it became."""
+        for lora_name, parts in split.items():
+            name = self.names.get(lora_name)
+            for table in (self.kept, self.algos, self.native, self.flat):
+                if name in table:
+                    for part in parts:
+                        table[part] = table[name]
+                    if name not in parts:
+                        del table[name]
 
 
 def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], path: str, nm,
@@ -232,11 +284,12 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
         build = lycoris_algos.loha_delta if algo == "loha" else lycoris_algos.lokr_delta
         shape = _weight_shape(_probe(build, p, algo, where), name, nm, flat)
         try:
-            delta = build(p)
+            pair = lycoris_algos.lowrank_factors(algo, p)
+            delta = build(p).reshape(shape) if pair is None else None
         except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
             raise FormatError(f"{where}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
         dtype = next(v.dtype for k, v in p.items() if k != "alpha")
-        module, retained[name] = factor(name, delta.reshape(shape), shape, None, dtype, None, device)
+        module, retained[name] = factor(name, delta, shape, None, dtype, None, device, pair)
         if "dora_scale" in p:
             d = p["dora_scale"]
             if d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] != 1:
