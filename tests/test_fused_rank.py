@@ -197,3 +197,41 @@ def test_fused_rank_refuses_to_svd_a_dora(tmp_path):
     assert not out.exists()
     rep = convert(adapter, out, to="kohya", fused_rank=6)  # the exact fusion: rank 6, no SVD
     assert rep.fused["modules"] == 0 and out.exists()
+
+
+def _qkv_only(specs):
+    """A diffusers Flux LoRA on one block's to_q/to_k/to_v only: (rank, alpha, rsLoRA, dtype) per part or None."""
+    g = torch.Generator().manual_seed(3)
+    mods = {}
+    for part, spec in zip(("to_q", "to_k", "to_v"), specs):
+        if spec is not None:
+            name = f"transformer.transformer_blocks.0.attn.{part}"
+            r, alpha, rs, dtype = spec
+            mods[name] = LoraModule(name=name, down=torch.randn(r, _flux.DIM, generator=g).to(dtype),
+                                    up=torch.randn(_flux.DIM, r, generator=g).to(dtype), alpha=alpha, use_rslora=rs)
+    exact = torch.cat([mods[n].scale * mods[n].up.double() @ mods[n].down.double() if n in mods
+                       else torch.zeros(_flux.DIM, _flux.DIM, dtype=torch.float64)
+                       for n in (f"transformer.transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v"))])
+    return LoraAdapter(modules=mods, format="diffusers", metadata={"ss_base_model_version": "flux1"}), exact
+
+
+F32, B16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("specs,k", [
+    ([(2, 2.0, False, F32), (4, 4.0, False, F32), (3, 1.0, False, F32)], 5),  # mixed ranks and scales
+    ([(4, 4.0, True, F32), (4, 4.0, False, F32), (4, 8.0, True, F32)], 5),  # rsLoRA beside plain
+    ([(4, 4.0, False, F32), None, (4, 2.0, False, F32)], 3),  # to_k not adapted: its rows are 0
+    ([(3, 3.0, False, B16), (3, 2.0, False, F32), (3, 3.0, False, F32)], 4),  # bf16 beside fp32
+    ([(3, 3.0, False, B16), (3, 2.0, False, F32), (3, 3.0, False, F32)], 9)])  # ... written exactly
+def test_an_adapter_of_fused_parts_only_is_written_at_the_best_rank_k(tmp_path, specs, k):
+    """Refactored modules are on original names; an adapter with nothing else is still written as a Flux file
+    (it was refused as 'kohya needs a pipeline component prefix'), and a bf16 part first no longer rounds an
+    fp32 part's A to bf16 in the exact fusion."""
+    adapter, exact = _qkv_only(specs)
+    out = tmp_path / "o.safetensors"
+    convert(adapter, out, to="kohya", fused_rank=k)
+    got, _ = safetensors_io.load(str(out))
+    ln = UNET + "double_blocks_0_img_attn_qkv"
+    assert set(_modules(got)) == {ln}
+    assert _rel(_dense(got, ln), exact) == pytest.approx(_eckart_young(exact, k), rel=1e-4, abs=1e-6)

@@ -325,15 +325,17 @@ def fuse(parts: Sequence[Optional[LoraModule]], fused: Fused, sizes: Sequence[in
         total = sum(p.rank for p in present)
         same = all(p.scale == first.scale for p in present)
         up = torch.zeros(sum(sizes), total, dtype=dtype)
-        row, col, downs = 0, 0, []
+        row, col = 0, 0
         for p, size in zip(parts, sizes):
             if p is not None:
                 block = p.up if same else (p.up.float() * p.scale).to(dtype)
                 up[row:row + size, col:col + p.rank] = block
-                downs.append(p.down.to(torch.promote_types(p.down.dtype, first.down.dtype)))
                 col += p.rank
             row += size
-        down = torch.cat([d.to(downs[0].dtype) for d in downs])
+        down_dtype = first.down.dtype  # the widest: a bf16 part first must not round an fp32 part's A
+        for p in present:
+            down_dtype = torch.promote_types(down_dtype, p.down.dtype)
+        down = torch.cat([p.down.to(down_dtype) for p in present])
         alpha, rslora = (first.scale * total if same else float(total)), False
     mag = torch.cat([p.magnitude for p in parts]) if first.is_dora else None
     if fused.swaps(up.shape[0], down.shape[1]):

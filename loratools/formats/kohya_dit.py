@@ -98,7 +98,14 @@ def read_original(groups, layout: Layout, metadata, path, base, allow_unmatched,
 def write_layout(adapter: LoraAdapter) -> Optional[Layout]:
     """The layout a kohya file of this adapter names its transformer in (None: no DiT transformer module)."""
     layout = dit.for_adapter(adapter)
-    return layout if layout is not None and any(layout.is_module(m.name) for m in adapter) else None
+    return layout if layout is not None and any(_written_by(layout, m.name) for m in adapter) else None
+
+
+def _written_by(layout: Layout, name: str) -> bool:
+    """A transformer module of the layout, under its diffusers name or already on its original one (a fused
+    projection `convert --fused-rank` refactored: an adapter of those only is still a DiT file)."""
+    comp, _, local = name.partition(".")
+    return layout.is_module(name) or (comp == COMPONENT and layout.lookup(local) is not None)
 
 
 def original_items(adapter: LoraAdapter, layout: Layout) -> List[Tuple[str, LoraModule, Optional[str]]]:
