@@ -235,3 +235,20 @@ def test_an_adapter_of_fused_parts_only_is_written_at_the_best_rank_k(tmp_path, 
     ln = UNET + "double_blocks_0_img_attn_qkv"
     assert set(_modules(got)) == {ln}
     assert _rel(_dense(got, ln), exact) == pytest.approx(_eckart_young(exact, k), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("command", ["resize", "blend"])
+def test_resize_and_blend_of_a_kohya_flux_lora_on_qkv_only(tmp_path, capsys, command):
+    """A kohya Flux LoRA trained on the fused qkv projections only: fused first, nothing is left under a diffusers
+    name, and the writer still names the file's transformer (it refused with 'needs a pipeline component prefix')."""
+    qkv = [n for n in _flux.bfl_shapes(_flux.transformer()) if n.endswith("attn.qkv")]
+    path, sd = _file(tmp_path, "qkv.safetensors", split_qkv=True, rank=4, names=qkv)
+    out = tmp_path / "o.safetensors"
+    args = ("--rank", 5) if command == "resize" else ("-m", "svd", "--rank", 5)
+    code, _, err = run(capsys, command, path, *args, "-o", out, "-q")
+    assert code == 0, err
+    got, _ = safetensors_io.load(str(out))
+    assert set(_modules(got)) == set(_modules(sd)) and len(_modules(sd)) == 4
+    for ln in _modules(sd):
+        want = _dense(sd, ln)
+        assert _rel(_dense(got, ln), want) == pytest.approx(_eckart_young(want, 5), rel=1e-4, abs=1e-6), ln
