@@ -77,12 +77,17 @@ def lowrank_factors(algo: str, p: Dict[str, torch.Tensor]) -> Optional[Tuple[tor
     if any(k in p for k in ("hada_t1", "lokr_t2")) or any(v.dim() > 2 for v in p.values()):
         return None
     if algo == "loha":
-        a1, b1, a2, b2 = (p[k].float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        a1, b1, a2, b2 = (p[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        if a1.shape[1] * a2.shape[1] >= min(a1.shape[0], b1.shape[1]):  # before building: R may dwarf ΔW
+            return None
+        a1, b1, a2, b2 = a1.float(), b1.float(), a2.float(), b2.float()
         up = (a1[:, :, None] * a2[:, None, :]).flatten(1)
         down = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
         scale = p["alpha"].float().item() / b1.shape[0] if "alpha" in p else 1.0
     else:
         (u1, v1), (u2, v2) = _sides(p, "lokr_w1"), _sides(p, "lokr_w2")
+        if u1.shape[1] * u2.shape[1] >= min(u1.shape[0] * u2.shape[0], v1.shape[1] * v2.shape[1]):
+            return None
         up, down = torch.kron(u1, u2), torch.kron(v1, v2)
         dim = next((p[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in p), None)
         scale = p["alpha"].float().item() / dim if "alpha" in p and dim else 1.0

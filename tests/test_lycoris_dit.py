@@ -392,6 +392,24 @@ def test_lowrank_factors_are_the_exact_update_without_building_it(case):
     torch.testing.assert_close(up.double() @ down.double(), dense, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_a_rank_too_high_for_the_factors_allocates_nothing(algo):
+    """A LoHa of rank 64 on a 512 x 512 layer has an exact factorization of rank 64² = 4096 > 512: the dense path is
+    taken, decided from the shapes (building the factors first cost out · r² floats: 1.9 GB RSS for a 6 MB file)."""
+    from loratools.lycoris_algos import lowrank_factors
+    g = torch.Generator().manual_seed(0)
+    n, r = 512, 64
+    if algo == "loha":
+        p = {k: torch.randn(*s, generator=g) for k, s in (("hada_w1_a", (n, r)), ("hada_w1_b", (r, n)),
+                                                          ("hada_w2_a", (n, r)), ("hada_w2_b", (r, n)))}
+    else:  # kron of rank-16 and rank-32 blocks: 512 ≥ min(16 · 32, 16 · 32)
+        p = {k: torch.randn(*s, generator=g) for k, s in (("lokr_w1_a", (16, 16)), ("lokr_w1_b", (16, 16)),
+                                                          ("lokr_w2_a", (32, 32)), ("lokr_w2_b", (32, 32)))}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        assert lowrank_factors(algo, p) is None
+    assert max((e.cpu_memory_usage for e in prof.key_averages()), default=0) == 0
+
+
 def test_alpha_as_diffusers_bakes_it_into_ai_toolkit_lokr(tmp_path):
     """diffusers' own reading of an ai-toolkit LoKr (`_convert_non_diffusers_lokr_to_diffusers`, which its Z-Image
     and Flux.2 loaders use: alpha / rank baked into w1) gives each module the ΔW we read."""
