@@ -271,11 +271,18 @@ def _rows(t: Optional[torch.Tensor], swap: bool, sizes: Sequence[int]) -> List[O
 def split_full(m: LoraModule, fused: Fused, component: str = COMPONENT) -> List[LoraModule]:
     """A LyCORIS full (diff) update on a fused weight as one on each part: row slices of ΔW and of the bias delta."""
     diff, bias = m.op.params["diff"], m.op.bias
-    rows, in_f = diff.shape[0], diff.shape[1]
+    if diff.dim() != 2:
+        raise IncompatibleError(f"module {m.name}: a {tuple(diff.shape)} full (diff) update on "
+                                f"{fused.original}, a linear weight: the file is not for this model")
+    rows, in_f = diff.shape
     swap = fused.swaps(rows, in_f)
     sizes = fused.sizes(rows, in_f)
-    if min(sizes) <= 0:
+    if min(sizes) <= 0 or sum(sizes) != rows:  # thirds of 47 rows would drop two
         raise IncompatibleError(f"module {m.name}: {rows} rows do not split into {', '.join(fused.parts)}")
+    if bias is not None and tuple(bias.shape) != (rows,):
+        raise IncompatibleError(f"module {m.name}: its bias update has shape {tuple(bias.shape)}, its weight "
+                                f"update {rows} rows: the file is "
+                                f"inconsistent (re-export it from the trainer)")
     out = []
     for part, d, b in zip(fused.parts, _rows(diff, swap, sizes), _rows(bias, swap, sizes)):
         op = dataclasses.replace(m.op, params={"diff": d.contiguous()}, bias=None if b is None else b.contiguous())

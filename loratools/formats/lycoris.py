@@ -300,6 +300,8 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
         return module
     op = _transform(algo, p, lora_name, path)
     shape = _transform_shape(algo, p, name, nm)
+    if len(shape) < 2:  # a weight is 2-D or more (a 1-D `diff` is a bias's size)
+        raise FormatError(f"{where}: its {algo} update has shape {shape}, which no weight has; the file is damaged")
     _cap(shape, algo, where)  # GLoRA's b1·b2 is built from small factors; the rest are W-sized
     return LoraModule(name=name, **placeholders(shape), op=op)
 

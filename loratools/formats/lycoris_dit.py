@@ -94,7 +94,11 @@ def rename(groups: Groups, metadata: Dict[str, str], base: Optional[str]
     direct, unmatched = {}, []
     for n in own:
         if originals and n in dotted:
-            kohya[UNET + _local(n).replace(".", "_")] = groups[n]
+            ln = UNET + _local(n).replace(".", "_")
+            if ln in kohya:  # one module under its kohya and its dotted name: which one to keep is no guess
+                raise FormatError(f"module {ln} appears twice (also as {n}): "
+                                  "the file is inconsistent; keep one of them")
+            kohya[ln] = groups[n]
             continue
         hit = _diffusers_name(nm, n)
         if hit:
