@@ -15,7 +15,7 @@ import os
 from typing import Optional
 
 from ..archs import dit
-from ..archs.family import mismatch
+from ..archs.family import adapter_family, mismatch
 from ..archs.fused import CHECKPOINT_PREFIXES, SCALED_FP8_MARKS
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, IncompatibleError
@@ -99,4 +99,6 @@ class DitFileBase(SingleFileBase):
         fused, rest = self.layout.to_original(list(adapter), self.diffusers_shape)
         modules = {m.name: m for m in rest}
         modules.update({m.name: m for m in fused.values()})
-        return super().fit(dataclasses.replace(adapter, modules=modules))
+        # the family is the adapter's own: the checkpoint's names (`double_blocks`, Flux.1's and FLUX.2's) tell none
+        family = adapter_family(adapter) or (self.family, "the checkpoint's names")
+        return super().fit(dataclasses.replace(adapter, modules=modules, config={**adapter.config, "family": family}))
