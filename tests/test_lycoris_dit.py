@@ -24,7 +24,11 @@ lycoris = pytest.importorskip("lycoris")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 
 ALGOS = {"lokr": ("lokr", {"factor": 4, "decompose_both": True, "dim": 2}), "lokr_full": ("lokr", {"full_matrix": True}),
-         "loha": ("loha", {}), "full": ("full", {}), "ia3": ("ia3", {}), "oft": ("diag-oft", {})}
+         "loha": ("loha", {}), "full": ("full", {}), "ia3": ("ia3", {}), "oft": ("diag-oft", {}),
+         # LoKr's most balanced factors (factor -1), and LyCORIS' DoRA (weight_decompose) on fused modules
+         "lokr_balanced": ("lokr", {"factor": -1, "decompose_both": True, "dim": 2}),
+         "lokr_dora": ("lokr", {"factor": 4, "weight_decompose": True, "dim": 2}),
+         "loha_dora": ("loha", {"weight_decompose": True})}
 QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -185,13 +189,8 @@ def _to_diffusers(family, sd):
     return (_flux.diffusers_from_bfl if family == "flux" else _sd3.diffusers_from_original)(sd)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-@pytest.mark.parametrize("algo", ["lokr", "lokr_full", "loha", "full"])
-def test_lycoris_on_fused_original_modules_merges_as_its_forward(tmp_path, family, algo):
-    path, model, cls, original, merged = _original_file(tmp_path, family, algo)
-    assert detect(path) == "lycoris"
-    first = {"lokr": "lokr_w2_a", "lokr_full": "lokr_w1", "loha": "hada_w1_a", "full": "diff"}[algo]
-    assert any(k.endswith("attn_qkv." + first) for k in safetensors_io.load(path)[0])  # on the fused module
+def _assert_single_file(tmp_path, path, original: dict, merged: dict) -> None:
+    """`path` merged into the original state dict saved as a ComfyUI single file gives `merged`."""
     base = tmp_path / "base.safetensors"
     safetensors_io.save(str(base), {"model.diffusion_model." + k: v for k, v in original.items()}, {})
     out = tmp_path / "merged.safetensors"
@@ -199,6 +198,16 @@ def test_lycoris_on_fused_original_modules_merges_as_its_forward(tmp_path, famil
     got, _ = safetensors_io.load(str(out))
     for k, v in merged.items():
         torch.testing.assert_close(got["model.diffusion_model." + k], v, rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("algo", ["lokr", "lokr_full", "loha", "full", "lokr_balanced", "lokr_dora", "loha_dora"])
+def test_lycoris_on_fused_original_modules_merges_as_its_forward(tmp_path, family, algo):
+    path, model, cls, original, merged = _original_file(tmp_path, family, algo)
+    assert detect(path) == "lycoris"
+    first = "diff" if algo == "full" else "hada_" if algo.startswith("loha") else "lokr_"
+    assert any("attn_qkv." + first in k for k in safetensors_io.load(path)[0])  # on the fused module
+    _assert_single_file(tmp_path, path, original, merged)
     assert any(not torch.equal(merged[k], original[k]) for k in merged if "qkv" in k)
     # a pipeline folder holds q, k, v apart: the exact update's row slices
     out = tmp_path / "merged_pipe"
@@ -212,13 +221,7 @@ def test_transforms_on_fused_modules_merge_into_single_files_and_are_refused_by_
     path, model, cls, original, merged = _original_file(tmp_path, "flux", algo)
     adapter = read_adapter(path)
     assert "transformer.double_blocks.0.img_attn.qkv" in adapter.modules  # its rows are coupled: kept fused
-    base = tmp_path / "base.safetensors"
-    safetensors_io.save(str(base), {"model.diffusion_model." + k: v for k, v in original.items()}, {})
-    out = tmp_path / "merged.safetensors"
-    merge(str(base), [path], str(out))
-    got, _ = safetensors_io.load(str(out))
-    for k, v in merged.items():
-        torch.testing.assert_close(got["model.diffusion_model." + k], v, rtol=1e-5, atol=1e-5, msg=k)
+    _assert_single_file(tmp_path, path, original, merged)
     with pytest.raises(IncompatibleError, match="single-file checkpoint"):
         merge(_pipeline(tmp_path, model, cls), [path], str(tmp_path / "pipe_out"))
     assert not (tmp_path / "pipe_out").exists()
