@@ -112,7 +112,8 @@ def test_sd3_comfyui_fused_rank(tmp_path, capsys):
     path, sd = _file(tmp_path, "sd3.safetensors", family="sd3", split_qkv=True, rank=2)  # fused qkv rank 6
     out = tmp_path / "c.safetensors"
     rep = convert(path, out, to="comfyui", fused_rank=3)
-    code, _, err = run(capsys, "convert", path, "--to", "comfyui", "--fused-rank", 3, "-o", tmp_path / "cli.safetensors")
+    code, _, err = run(capsys, "convert", path, "--to", "comfyui", "--fused-rank", 3,
+                       "-o", tmp_path / "cli.safetensors")
     assert code == 0 and "transformer.joint_blocks.0.x_block.attn.qkv" in err and "rel. error" in err, err
     assert f"worst {rep.fused['worst']:.3e}" in err
     got, _ = safetensors_io.load(str(out))

@@ -145,7 +145,8 @@ def test_fp8_overflow_is_found_on_the_streamed_device_path_too(tmp_path, monkeyp
             merge(str(base), [str(lora)], str(tmp_path / f"o_{device}.safetensors"), device=device)
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "beyond its range" in errors[0]
-    assert sorted(os.listdir(tmp_path)) == ["cpu.safetensors", "flux_fp8.safetensors", "gpu.safetensors", "k.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["cpu.safetensors", "flux_fp8.safetensors", "gpu.safetensors",
+                                            "k.safetensors"]
 
 
 def test_an_sd_adapter_into_a_dit_file_names_the_files_own_component(tmp_path):

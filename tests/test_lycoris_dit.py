@@ -23,7 +23,8 @@ from loratools.cli.main import main
 lycoris = pytest.importorskip("lycoris")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 
-ALGOS = {"lokr": ("lokr", {"factor": 4, "decompose_both": True, "dim": 2}), "lokr_full": ("lokr", {"full_matrix": True}),
+ALGOS = {"lokr": ("lokr", {"factor": 4, "decompose_both": True, "dim": 2}),
+         "lokr_full": ("lokr", {"full_matrix": True}),
          "loha": ("loha", {}), "full": ("full", {}), "ia3": ("ia3", {}), "oft": ("diag-oft", {}),
          # LoKr's most balanced factors (factor -1), and LyCORIS' DoRA (weight_decompose) on fused modules
          "lokr_balanced": ("lokr", {"factor": -1, "decompose_both": True, "dim": 2}),
