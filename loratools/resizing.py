@@ -251,7 +251,7 @@ def resize_fused(adapter: LoraAdapter, fmt: str, rank: int, device: str = "cpu"
     layout = original_layout(adapter, fmt)
     if layout is None:
         raise UsageError(f"--fused-rank: the adapter has no transformer LoRA that {fmt} writes on fused projections "
-                         "(Flux.1, SD3/3.5)")
+                         "(Flux.1, FLUX.2, SD3/3.5)")
     chosen, reports = {}, []
     for name, (m, parts) in fused_groups(adapter, layout).items():
         if m.rank <= rank:

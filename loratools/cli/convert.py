@@ -26,8 +26,9 @@ from .resize import REPORT_HEADERS, report_rows
               help="LyCORIS/kohya input: factor LoHa, LoKr, Tucker and base-dependent updates (OFT, IA³ …, "
                    "which need --base) into LoRA at this rank; the retained energy is reported.")
 @click.option("--fused-rank", type=int, default=None,
-              help="--to kohya/comfyui (Flux.1, SD3): refactor each fused projection (qkv …) whose exact fusion of "
-                   "the split LoRAs has a higher rank (block-diagonal B) to this rank by SVD; errors are reported.")
+              help="--to kohya/comfyui (Flux.1, FLUX.2, SD3): refactor each fused projection (qkv …) whose exact "
+                   "fusion of the split LoRAs has a higher rank (block-diagonal B) to this rank by SVD; errors are "
+                   "reported.")
 @click.option("--allow-unmatched", is_flag=True, help="Drop kohya/LyCORIS modules no known module matches (listed).")
 @click.option("--component", type=click.Choice(COMPONENTS), default=None,
               help="Which pipeline component an adapter of one model (e.g. a PEFT UNet LoRA) belongs to; "

@@ -123,7 +123,7 @@ def state_dict(adapter: LoraAdapter) -> Dict[str, torch.Tensor]:
     layout = dit.for_adapter(adapter)
     if layout is None and any(m.name.startswith("transformer.") for m in adapter):
         other = flux.other_family(adapter) or "this transformer LoRA"
-        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1, SD3/3.5, Wan 2.x and "
+        raise IncompatibleError(f"{other}: loratools writes original names for Flux.1, FLUX.2, SD3/3.5, Wan 2.x and "
                                 "Qwen-Image transformers only; write diffusers or peft")
     layout = layout or flux.LAYOUT
     fused, rest = layout.to_original(list(adapter))

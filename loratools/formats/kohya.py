@@ -128,8 +128,9 @@ def kohya_names(adapter: LoraAdapter) -> Dict[str, str]:
             out[m.name] = ln
             continue
         if comp not in WRITE_PREFIXES or not rest:
-            why = ("kohya names DiT transformers by their original checkpoint names, which loratools maps for "
-                   "Flux.1, SD3 and Wan only; write diffusers or peft instead" if comp == "transformer" else
+            why = ("kohya names DiT transformers by their original checkpoint names, which loratools maps for Flux.1, "
+                   "FLUX.2, SD3/3.5, Wan 2.x and Qwen-Image only; write diffusers or peft instead"
+                   if comp == "transformer" else
                    "its modules are one model's: write peft, or first name the component with "
                    "`loratools convert ADAPTER --component unet --to kohya`")
             raise IncompatibleError(f"module {m.name}: kohya needs a pipeline component prefix "
