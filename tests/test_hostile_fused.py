@@ -10,7 +10,8 @@ import torch
 
 from safetensors.torch import save_file
 
-from loratools import safetensors_io
+from loratools import merge, safetensors_io
+from loratools.formats import read_adapter
 from tests import _flux, _flux2
 from tests._tiny import run_cli
 
@@ -76,3 +77,32 @@ def test_a_flux2_lora_on_qkv_only_is_not_called_flux1_by_a_wider_flux2_file(tmp_
         code, _, err = run_cli(capsys, "merge", base, lora, "-o", tmp_path / "out.safetensors")
         assert code == 1 and needle in err and "Flux LoRA" not in err.replace(needle, ""), err
     assert not (tmp_path / "out.safetensors").exists() and _digest(base) == before
+
+
+def test_a_flux2_lycoris_file_in_original_names_is_read_as_flux2(tmp_path):
+    """FLUX.2's widths (linear1 9·hidden, img_mlp.0 6·hidden) tell it from Flux.1 in plain kohya files; a LyCORIS file
+    of the same names was read as Flux.1 (its LoKr tensors gave no shape): linear1 split as Flux.1's q, k, v, mlp and
+    every FLUX.2 base refused it as a "Flux LoRA". Oracle: lycoris-lora's own LoKr ΔW, added to the single file."""
+    lokr = pytest.importorskip("lycoris.functional.lokr")
+    sd = _flux2.original_state_dict(_flux2.tiny())
+    g = torch.Generator().manual_seed(0)
+    tensors, want = {}, {}
+    for name in ("single_blocks.0.linear1", "double_blocks.0.img_mlp.0", "double_blocks.0.img_attn.qkv"):
+        rows, cols = sd[f"{name}.weight"].shape
+        w1, w2a, w2b = (torch.randn(*s, generator=g) * 0.1 for s in ((rows // 8, 2), (8, 2), (2, cols // 2)))
+        ln = "lora_unet_" + name.replace(".", "_")
+        tensors.update({f"{ln}.lokr_w1": w1, f"{ln}.lokr_w2_a": w2a, f"{ln}.lokr_w2_b": w2b,
+                        f"{ln}.alpha": torch.tensor(3.0)})
+        want[f"{name}.weight"] = sd[f"{name}.weight"] + lokr.diff_weight(w1, None, None, None, w2a, w2b, None,
+                                                                          gamma=3.0)  # its scale: gamma / rank
+    path = tmp_path / "flux2_lokr.safetensors"
+    save_file(tensors, str(path))
+    names = set(read_adapter(str(path)).modules)
+    assert "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj" in names, names
+    assert "transformer.transformer_blocks.0.ff.linear_in" in names, names
+    base = tmp_path / "flux2.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(base))
+    merge(str(base), [str(path)], str(tmp_path / "out.safetensors"))
+    got, _ = safetensors_io.load(str(tmp_path / "out.safetensors"))
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=1e-5, atol=1e-6, msg=key)

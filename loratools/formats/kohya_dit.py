@@ -22,8 +22,9 @@ from ._parts import build_module, lora_shape
 UNET = "lora_unet_"
 
 
-def layout_of(groups, metadata: Dict[str, str]) -> Optional[Layout]:
-    """The family layout of a kohya file's `lora_unet_` names, or None (an SD 1.x/2.x/XL LoRA)."""
+def layout_of(groups, metadata: Dict[str, str], shape_of=lora_shape) -> Optional[Layout]:
+    """The family layout of a kohya file's `lora_unet_` names, or None (an SD 1.x/2.x/XL LoRA). `shape_of(group)`:
+    the (rows, input width) a module's update has, or None (the widths tell FLUX.2's MLP from Flux.1's)."""
     originals = [ln[len(UNET):] for ln in groups if ln.startswith(UNET)]
     names, shapes = [], {}
     for lay in dit.LAYOUTS:
@@ -31,7 +32,7 @@ def layout_of(groups, metadata: Dict[str, str]) -> Optional[Layout]:
             name = lay.unflatten(o)
             if name:
                 names.append(name)
-                shapes[name] = lora_shape(groups[UNET + o])
+                shapes[name] = shape_of(groups[UNET + o])
     found = dit.for_names(names, metadata, clip_g=any(ln.startswith("lora_te2_") for ln in groups),
                           shapes={n: s for n, s in shapes.items() if s})
     fam = from_metadata(metadata)

@@ -29,6 +29,7 @@ from ..lycoris_algos import Transform
 from ..linalg import exact_svd, lowrank_svd, retained, split_factors
 from ..archs import NameMap
 from . import _single, kohya, kohya_dit, lycoris_dit
+from ._parts import lora_shape
 from .record import Format
 
 BaseWeight = Callable[[str], Optional[torch.Tensor]]  # a weight of the base by name, None if it has none
@@ -76,6 +77,23 @@ def native_rank_alpha(algo: str, p: Dict[str, torch.Tensor], factored: int, what
         return {"algorithm": algo, "rank": factored, "alpha": float(factored)}
     alpha = _single.scalar(p["alpha"], what) if "alpha" in p else float(dim)
     return {"algorithm": algo, "rank": dim, "alpha": alpha}
+
+
+def _update_shape(p: Dict[str, torch.Tensor]) -> Optional[tuple]:
+    """(rows, input width) of a module's linear update as its tensors' shapes tell (meta: nothing is built), or None
+    (conv, a side only the base tells, or tensors that do not fit: the module's own read says why)."""
+    try:
+        algo = algorithm(p)
+        if algo == "lora":
+            return lora_shape({"down": p.get("lora_down.weight"), "up": p.get("lora_up.weight")})
+        if algo in ("loha", "lokr"):
+            build = lycoris_algos.loha_delta if algo == "loha" else lycoris_algos.lokr_delta
+            shape = tuple(build({k: v.to("meta") for k, v in p.items() if k != "alpha"}).shape)
+        else:
+            shape = lycoris_algos.weight_shape(algo, p)
+    except (FormatError, KeyError, RuntimeError, IndexError):
+        return None
+    return shape if len(shape) == 2 and min(shape) > 0 else None
 
 
 def _probe(build, p: Dict[str, torch.Tensor], algo: str, where: str) -> torch.Tensor:
@@ -188,7 +206,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
         raise lycoris_dit.unresolved_error(path, unmatched, dnm)
     if keep_unmatched:  # shown as they are in the file
         direct.update({n: n for n in unmatched})
-    layout = kohya_dit.layout_of(groups, metadata) if groups else None
+    layout = kohya_dit.layout_of(groups, metadata, _update_shape) if groups else None
     if layout is not None:  # a DiT family's original (fused) names
         nm = NameMap.from_base(base) if base else NameMap.from_manifest(layout.manifest)
         reader = _Reader(path, base, rank, device, lycoris_dit.with_original_shapes(nm, layout), base_weight)
