@@ -40,6 +40,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
+from . import loaders_dit
 from .archs import COMPONENTS, dit, flux2, qwen, sd3, wan
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
@@ -181,6 +182,8 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         bad = algos - COMFY_ALGOS
         if bad:
             return False, f"no key rule for {'/'.join(sorted(bad))} tensors: convert --to kohya --base BASE --rank K"
+        if loaders_dit.layout(adapter) is not None:  # a DiT family's LyCORIS file: which of its names are mapped
+            return loaders_dit.comfy(adapter)
         return True, "kohya names"
     if adapter.format == "diffusers" and flux2.is_flux2(adapter):
         return False, ("its diffusers key map spells Flux.1's names (`ff.net.0.proj`, split single blocks), not "
@@ -233,6 +236,8 @@ def _a1111(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         return False, "A1111/Forge load diffusion-model LoRAs"
     if wan.is_wan(adapter):
         return False, "A1111/Forge have no Wan (video) models"
+    if loaders_dit.layout(adapter) is not None and algos <= COMFY_ALGOS:
+        return loaders_dit.a1111(adapter)
     if adapter.format in ("kohya", "lycoris") and algos <= COMFY_ALGOS:
         return True, "kohya names"
     return False, "A1111/Forge read kohya names (lora_unet_…, lora_te_…): convert --to kohya"
@@ -256,8 +261,10 @@ def _llama_cpp(adapter: LoraAdapter, diffusion: bool) -> Tuple[bool, str]:
 def compatibility(adapter: LoraAdapter) -> Dict[str, Dict[str, object]]:
     """{loader: {"ok": bool, "why": str}} for the file `adapter` was read from, in LOADERS order."""
     diffusion, algos = _diffusion(adapter), _algorithms(adapter)
-    qwen_image = diffusion and qwen.is_qwen(adapter)  # its loaders take every layout of its names
+    lycodit = diffusion and loaders_dit.layout(adapter) is not None  # judged by the names the file uses
+    qwen_image = diffusion and qwen.is_qwen(adapter) and not lycodit  # its loaders take every layout of its names
     results = (_peft(adapter, diffusion),
+               loaders_dit.diffusers(adapter, algos) if lycodit else
                _qwen_diffusers(adapter, algos) if qwen_image else _diffusers(adapter, diffusion, algos),
                _qwen_comfy(adapter, algos) if qwen_image else _comfy(adapter, diffusion, algos),
                _a1111(adapter, diffusion, algos), _llama_cpp(adapter, diffusion))

@@ -1,0 +1,102 @@
+"""inspect's "loads in" line for LyCORIS files of the DiT families, judged by the names the file uses. diffusers'
+✓ and ✗ are checked by loading the file into the tiny FLUX.2 pipeline (its LoKr loader; 0.42); ComfyUI's and
+A1111/Forge's follow their key maps as loaders_dit restates them (ComfyUI comfy/lora.py + comfy/utils.py
+flux_to_diffusers, Forge backend/patcher/lora.py, A1111 Lora networks.py): none of them is installed here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loratools.inspection import inspect
+from tests import _flux2
+import test_lycoris_dit as T
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
+TOOLS = ("diffusers", "ComfyUI", "A1111/Forge")
+
+
+def _loads(path):
+    rep = inspect(str(path)).to_dict()["loads_in"]
+    return tuple(rep[t]["ok"] for t in TOOLS), {t: rep[t]["why"] for t in TOOLS}
+
+
+def _dotted(tmp_path, path, want, prefix, name="dotted"):
+    """The file's `lycoris_` module names as dotted paths under `prefix` (ai-toolkit, SimpleTuner exports …)."""
+    flat = {"lycoris_" + n.replace(".", "_"): n for n in want}
+    return T._renamed(path, tmp_path / f"{name}.safetensors", lambda ln: prefix + flat[ln])
+
+
+# family, naming -> (diffusers, ComfyUI, A1111/Forge)
+DIFFUSERS_NAMED = {
+    ("flux", "lycoris_"): (False, True, True), ("flux", "transformer."): (False, True, True),
+    ("flux", ""): (False, True, False), ("flux", "diffusion_model."): (False, False, False),
+    ("sd3", "lycoris_"): (False, True, False), ("sd3", "transformer."): (False, True, False),
+    ("sd3", ""): (False, False, False),
+    ("qwen", "lycoris_"): (False, True, False), ("qwen", "diffusion_model."): (False, True, False),
+    ("qwen", "model.diffusion_model."): (False, False, False),
+    ("wan", "lycoris_"): (False, False, False), ("wan", "transformer."): (False, False, False),
+}
+
+
+@pytest.mark.parametrize("family,naming", sorted(DIFFUSERS_NAMED))
+def test_diffusers_named_files_by_each_tools_key_map(tmp_path, family, naming):
+    path, _, _, _, want = T._diffusers_file(tmp_path, family, "lokr", dotted=False)
+    if naming != "lycoris_":
+        path = _dotted(tmp_path, path, want, naming)
+    ok, why = _loads(path)
+    assert ok == DIFFUSERS_NAMED[family, naming], why
+    if not ok[1]:  # ComfyUI skips them with "lora key not loaded"; its original names are what it maps everywhere
+        assert "ComfyUI skips: convert --to comfyui" in why["ComfyUI"]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_original_names_load_in_comfyui_and_in_forge_or_a1111(tmp_path, family):
+    path, _, _, original, _ = T._original_file(tmp_path, family, "loha")
+    ok, why = _loads(path)
+    assert ok == (False, True, True), why
+    assert ("Forge" if family == "flux" else "A1111 1.10") in why["A1111/Forge"]
+    # the same modules as `diffusion_model.double_blocks.0.img_attn.qkv`
+    names = {"lora_unet_" + n.replace(".", "_"): n for n in T._Original(original).names}
+    dotted = T._renamed(path, tmp_path / "d.safetensors", lambda ln: "diffusion_model." + names[ln])
+    ok, why = _loads(dotted)
+    assert ok == (False, True, family == "flux"), why  # A1111 looks kohya names up; Forge also dotted ones
+
+
+def _flux2_file(tmp_path, algo="lokr", blocks_only=True):
+    model = _flux2.tiny()
+    clean = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n in T._linears(model, blocks_only=False) if "blocks" in n or not blocks_only]
+    net = T._wrap(model, names, "lycoris", algo, seed=3)
+    want = T._effective(model, names)
+    path = tmp_path / f"flux2_{algo}.safetensors"
+    net.save_weights(str(path), torch.float32, {"ss_base_model_version": "flux2"})
+    net.restore()
+    model.load_state_dict(clean)
+    return str(path), model, clean, want
+
+
+def _diffusers_applies(path, model, want) -> bool:
+    """diffusers' own answer: load_lora_weights + fuse_lora give the LyCORIS forward's weights, or not (or raise)."""
+    pipe = _flux2.pipeline(model)
+    try:
+        pipe.load_lora_weights(path)
+        pipe.fuse_lora()
+    except (ValueError, KeyError, RuntimeError):
+        return False
+    mods = dict(pipe.transformer.named_modules())
+    return all(n in mods and torch.allclose(mods[n].weight, w, rtol=1e-5, atol=1e-5) for n, w in want.items())
+
+
+@pytest.mark.parametrize("case", ["lycoris_", "bare", "transformer.", "diffusion_model.", "globals", "loha"])
+def test_flux2_lycoris_verdicts_are_what_diffusers_and_comfyui_do(tmp_path, case):
+    path, model, clean, want = _flux2_file(tmp_path, "loha" if case == "loha" else "lokr", case != "globals")
+    if case in ("bare", "transformer.", "diffusion_model."):
+        path = _dotted(tmp_path, path, want, "" if case == "bare" else case)
+    ok, why = _loads(path)
+    assert ok[0] == _diffusers_applies(path, model, want), why
+    assert ok[0] == (case in ("lycoris_", "bare")), why
+    # ComfyUI's Flux map (FLUX.2 is a Flux there) lists FLUX.2's block names, not its shared modulations
+    assert ok[1:] == (case not in ("globals", "diffusion_model."), False), why
+    if case == "globals":
+        assert "modulation" in why["ComfyUI"] or "time_guidance" in why["ComfyUI"], why
+    assert any(not torch.equal(w, clean[f"{n}.weight"]) for n, w in want.items())
