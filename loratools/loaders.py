@@ -29,6 +29,7 @@ of their loaders, restated here (not their code):
   and bare names but takes alphas from `.alpha` keys only (a diffusers file's `lora_adapter_metadata` alphas
   are ignored: scale 1).
 - A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file; no Wan (video).
+- LyCORIS files of the DiT families: `loaders_dit`, by the names the file uses (ComfyUI, A1111/Forge, diffusers).
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
   and has no DoRA magnitudes.
@@ -186,8 +187,10 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
             return loaders_dit.comfy(adapter)
         return True, "kohya names"
     if adapter.format == "diffusers" and flux2.is_flux2(adapter):
-        return False, ("its diffusers key map spells Flux.1's names (`ff.net.0.proj`, split single blocks), not "
-                       "FLUX.2's: convert --to comfyui")
+        skipped = [n for n in adapter.modules if not loaders_dit.comfy_maps_flux2(n.partition(".")[2])]
+        return (False, f"its FLUX.2 diffusers names (Flux's map) skip {len(skipped)} module(s) ({skipped[0]} …: the "
+                       "shared modulations, time/guidance embedder, text encoders): convert --to comfyui") if skipped \
+            else (True, "FLUX.2 diffusers names its Flux map lists")
     if adapter.format == "diffusers":
         skipped = sum(1 for n in adapter.modules if _DIFFUSERS_ATTN.match(n))
         if skipped:

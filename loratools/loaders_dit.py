@@ -39,6 +39,11 @@ _FLUX2_LYCORIS = re.compile(r"lycoris_(single_)?transformer_blocks_\d+_(attn_(to
                             r"to_add_out|to_qkv_mlp_proj)|ff(_context)?_linear_(in|out))")
 
 
+def comfy_maps_flux2(local: str) -> bool:
+    """Whether ComfyUI's Flux map (current: it has FLUX.2's block names) lists this FLUX.2 diffusers module."""
+    return bool(_FLUX2_COMFY.fullmatch(local.replace(".", "_")))
+
+
 def layout(adapter: LoraAdapter):
     """The DiT family layout of a LyCORIS file whose names these rules judge, else None."""
     if adapter.format != "lycoris" or "file_modules" not in adapter.config:
@@ -79,7 +84,7 @@ def comfy(adapter: LoraAdapter) -> Tuple[bool, str]:
             return True
         flat = name[len(prefix):].replace(".", "_")
         return "diffusers" in kinds and prefix in _COMFY.get(fam, ()) and (
-            fam != flux2.LAYOUT.family or bool(_FLUX2_COMFY.fullmatch(flat)))
+            fam != flux2.LAYOUT.family or comfy_maps_flux2(flat))
     return _verdict(adapter, _skipped(adapter, keeps), "ComfyUI", f"names its {fam} key map lists", "comfyui")
 
 

@@ -100,3 +100,15 @@ def test_flux2_lycoris_verdicts_are_what_diffusers_and_comfyui_do(tmp_path, case
     if case == "globals":
         assert "modulation" in why["ComfyUI"] or "time_guidance" in why["ComfyUI"], why
     assert any(not torch.equal(w, clean[f"{n}.weight"]) for n, w in want.items())
+
+
+@pytest.mark.parametrize("blocks_only", [True, False])
+def test_flux2_diffusers_file_in_comfyui_follows_its_flux_map(tmp_path, blocks_only):
+    """ComfyUI's flux_to_diffusers lists FLUX.2's block names (`ff.linear_in`, `to_qkv_mlp_proj`) under
+    `transformer.`, not its shared modulations or time/guidance embedder."""
+    from loratools.formats import read_adapter, write_adapter
+    path, *_ = _flux2_file(tmp_path, blocks_only=blocks_only)
+    out = write_adapter(read_adapter(path), str(tmp_path / "d.safetensors"), format="diffusers")
+    ok, why = _loads(out)
+    assert ok[:2] == (True, blocks_only), why
+    assert blocks_only or "modulation" in why["ComfyUI"] or "time_guidance" in why["ComfyUI"], why
