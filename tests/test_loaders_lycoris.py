@@ -1,12 +1,17 @@
 """inspect's "loads in" line for LyCORIS files of the DiT families, judged by the names the file uses. diffusers'
-✓ and ✗ are checked by loading the file into the tiny FLUX.2 pipeline (its LoKr loader; 0.42); ComfyUI's and
+✓ and ✗ are checked by loading the file into the tiny pipeline of its family (0.42: LoKr for FLUX.2 only); ComfyUI's and
 A1111/Forge's follow their key maps as loaders_dit restates them (ComfyUI comfy/lora.py + comfy/utils.py
 flux_to_diffusers, Forge backend/patcher/lora.py, A1111 Lora networks.py): none of them is installed here."""
 from __future__ import annotations
 
+import copy
+import inspect as signature
+
+import diffusers
 import pytest
 import torch
 
+from loratools.formats import read_adapter, write_adapter
 from loratools.inspection import inspect
 from tests import _flux2
 import test_lycoris_dit as T
@@ -75,25 +80,13 @@ def _flux2_file(tmp_path, algo="lokr", blocks_only=True):
     return str(path), model, clean, want
 
 
-def _diffusers_applies(path, model, want) -> bool:
-    """diffusers' own answer: load_lora_weights + fuse_lora give the LyCORIS forward's weights, or not (or raise)."""
-    pipe = _flux2.pipeline(model)
-    try:
-        pipe.load_lora_weights(path)
-        pipe.fuse_lora()
-    except (ValueError, KeyError, RuntimeError):
-        return False
-    mods = dict(pipe.transformer.named_modules())
-    return all(n in mods and torch.allclose(mods[n].weight, w, rtol=1e-5, atol=1e-5) for n, w in want.items())
-
-
 @pytest.mark.parametrize("case", ["lycoris_", "bare", "transformer.", "diffusion_model.", "globals", "loha"])
 def test_flux2_lycoris_verdicts_are_what_diffusers_and_comfyui_do(tmp_path, case):
     path, model, clean, want = _flux2_file(tmp_path, "loha" if case == "loha" else "lokr", case != "globals")
     if case in ("bare", "transformer.", "diffusion_model."):
         path = _dotted(tmp_path, path, want, "" if case == "bare" else case)
     ok, why = _loads(path)
-    assert ok[0] == _diffusers_applies(path, model, want), why
+    assert ok[0] == _pipeline_applies("Flux2Pipeline", model, path, want), why
     assert ok[0] == (case in ("lycoris_", "bare")), why
     # ComfyUI's Flux map (FLUX.2 is a Flux there) lists FLUX.2's block names, not its shared modulations
     assert ok[1:] == (case not in ("globals", "diffusion_model."), False), why
@@ -106,9 +99,34 @@ def test_flux2_lycoris_verdicts_are_what_diffusers_and_comfyui_do(tmp_path, case
 def test_flux2_diffusers_file_in_comfyui_follows_its_flux_map(tmp_path, blocks_only):
     """ComfyUI's flux_to_diffusers lists FLUX.2's block names (`ff.linear_in`, `to_qkv_mlp_proj`) under
     `transformer.`, not its shared modulations or time/guidance embedder."""
-    from loratools.formats import read_adapter, write_adapter
     path, *_ = _flux2_file(tmp_path, blocks_only=blocks_only)
     out = write_adapter(read_adapter(path), str(tmp_path / "d.safetensors"), format="diffusers")
     ok, why = _loads(out)
     assert ok[:2] == (True, blocks_only), why
     assert blocks_only or "modulation" in why["ComfyUI"] or "time_guidance" in why["ComfyUI"], why
+
+
+def _pipeline_applies(cls_name, model, path, want) -> bool:
+    """diffusers' answer for any pipeline class: load_lora_weights + fuse_lora give the LyCORIS forward, or not."""
+    cls = getattr(diffusers, cls_name)
+    others = [p for p in signature.signature(cls.__init__).parameters if p not in ("self", "transformer")]
+    pipe = cls(**{**dict.fromkeys(others), "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(),
+                  "transformer": copy.deepcopy(model)})
+    try:
+        pipe.load_lora_weights(path)
+        pipe.fuse_lora(components=["transformer"])
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError):
+        return False
+    mods = dict(pipe.transformer.named_modules())
+    return all(torch.allclose(mods[n].weight, w, rtol=1e-5, atol=1e-5) for n, w in want.items())
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen", "wan"])
+@pytest.mark.parametrize("naming", ["lycoris_", ""])
+def test_other_families_lokr_does_not_load_in_diffusers(tmp_path, family, naming):
+    path, model, cls, _, want = T._diffusers_file(tmp_path, family, "lokr", dotted=False)
+    if naming != "lycoris_":
+        path = _dotted(tmp_path, path, want, naming)
+    ok, why = _loads(path)
+    assert not ok[0] and "LoKr: FLUX.2 and Z-Image only" in why["diffusers"], why
+    assert not _pipeline_applies(cls, model, path, want)
