@@ -1,6 +1,6 @@
 """inspect's "loads in" line for LyCORIS files of the DiT families, judged by the names the file uses. diffusers'
-✓ and ✗ are checked by loading the file into the tiny pipeline of its family (0.42: LoKr for FLUX.2 only); ComfyUI's and
-A1111/Forge's follow their key maps as loaders_dit restates them (ComfyUI comfy/lora.py + comfy/utils.py
+✓ and ✗ are checked by loading the file into its family's tiny pipeline (0.42: LoKr for FLUX.2 only); ComfyUI's
+and A1111/Forge's follow their key maps as loaders_dit restates them (ComfyUI comfy/lora.py + comfy/utils.py
 flux_to_diffusers, Forge backend/patcher/lora.py, A1111 Lora networks.py): none of them is installed here."""
 from __future__ import annotations
 
