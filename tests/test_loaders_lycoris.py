@@ -11,6 +11,7 @@ import diffusers
 import pytest
 import torch
 
+from loratools.archs import flux2
 from loratools.formats import read_adapter, write_adapter
 from loratools.inspection import inspect
 from tests import _flux2
@@ -130,3 +131,33 @@ def test_other_families_lokr_does_not_load_in_diffusers(tmp_path, family, naming
     ok, why = _loads(path)
     assert not ok[0] and "LoKr: FLUX.2 and Z-Image only" in why["diffusers"], why
     assert not _pipeline_applies(cls, model, path, want)
+
+
+@pytest.mark.parametrize("naming", ["diffusion_model.", "lora_unet_"])
+def test_flux2_lokr_on_bfl_modules_in_diffusers(tmp_path, naming):
+    """ai-toolkit's `diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1` (a Kronecker ΔW on the fused qkv): diffusers
+    fuses the model's q, k, v projections and loads it there; kohya's `lora_unet_` spelling it does not convert."""
+    model = _flux2.tiny()
+    original = _flux2.original_state_dict(model)
+    tree = T._Original(original)
+    names = [n for n in tree.names if "blocks" in n]
+    net = T._wrap(tree, names, "lora_unet", "lokr", seed=5)
+    eff = T._effective(tree, names)
+    path = tmp_path / "kohya.safetensors"
+    net.save_weights(str(path), torch.float32, {"ss_base_model_version": "flux2"})
+    net.restore()
+    path = str(path)
+    if naming == "diffusion_model.":
+        flat = {"lora_unet_" + n.replace(".", "_"): n for n in names}
+        path = T._renamed(path, tmp_path / "dotted.safetensors", lambda ln: naming + flat[ln])
+    ok, why = _loads(path)
+    assert ok == (naming == "diffusion_model.", True, False), why
+
+    def diffusers_name(o):  # after its fusion: the fused projections' names
+        for orig, fused in (("img_attn.qkv", "attn.to_qkv"), ("txt_attn.qkv", "attn.to_added_qkv")):
+            if o.endswith(orig):
+                return o.replace("double_blocks", "transformer_blocks").replace(orig, fused)
+        return flux2.LAYOUT.lookup(o).parts[0]
+    want = {diffusers_name(o): w for o, w in eff.items()}
+    assert _pipeline_applies("Flux2Pipeline", model, path, want) == ok[0]
+    assert any(not torch.equal(w, original[f"{o}.weight"]) for o, w in eff.items() if o.endswith("qkv"))
