@@ -28,7 +28,8 @@ of their loaders, restated here (not their code):
   (its converter prefixes `transformer.` twice); ComfyUI maps `diffusion_model.`, `lora_unet_`, `transformer.`
   and bare names but takes alphas from `.alpha` keys only (a diffusers file's `lora_adapter_metadata` alphas
   are ignored: scale 1).
-- A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file; no Wan (video).
+- A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file; of the DiT families
+  Flux.1 (Forge) and SD3 (A1111 1.10) only: no Wan, Qwen-Image or FLUX.2.
 - LyCORIS files of the DiT families: `loaders_dit`, by the names the file uses (ComfyUI, A1111/Forge, diffusers).
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
@@ -241,6 +242,9 @@ def _a1111(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         return False, "A1111/Forge have no Wan (video) models"
     if loaders_dit.layout(adapter) is not None and algos <= COMFY_ALGOS:
         return loaders_dit.a1111(adapter)
+    family = dit.for_adapter(adapter)
+    if family is not None and family.family not in loaders_dit.WEBUI_FAMILIES:
+        return False, f"A1111/Forge have no {family.family} models"
     if adapter.format in ("kohya", "lycoris") and algos <= COMFY_ALGOS:
         return True, "kohya names"
     return False, "A1111/Forge read kohya names (lora_unet_…, lora_te_…): convert --to kohya"

@@ -26,6 +26,7 @@ from typing import FrozenSet, List, Tuple
 from .adapter import LoraAdapter
 from .archs import dit, flux2
 
+WEBUI_FAMILIES = ("Flux", "SD3")  # the DiT families Forge (Flux.1) or A1111 (SD3, 1.10) runs
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "lycoris_", "lora_unet_")
 # ComfyUI's diffusers-name prefixes per family ("" bare)
 _COMFY = {"Flux": ("transformer.", "lycoris_", ""), "FLUX.2": ("transformer.", "lycoris_", ""),

@@ -11,6 +11,7 @@ import diffusers
 import pytest
 import torch
 
+from loratools import safetensors_io
 from loratools.archs import flux2
 from loratools.formats import read_adapter, write_adapter
 from loratools.inspection import inspect
@@ -161,3 +162,17 @@ def test_flux2_lokr_on_bfl_modules_in_diffusers(tmp_path, naming):
     want = {diffusers_name(o): w for o, w in eff.items()}
     assert _pipeline_applies("Flux2Pipeline", model, path, want) == ok[0]
     assert any(not torch.equal(w, original[f"{o}.weight"]) for o, w in eff.items() if o.endswith("qkv"))
+
+
+def test_webuis_have_no_flux2_or_qwen_image_whatever_the_format(tmp_path):
+    """A1111 and Forge run SD 1.x/2.x/XL, SD3 (A1111 1.10) and Flux.1 (Forge): a kohya FLUX.2 or Qwen-Image LoRA
+    has kohya names but no model to go into there."""
+    sd = _flux2.file_layout(_flux2.original_lora(_flux2.tiny()), "kohya")
+    path = tmp_path / "flux2_kohya.safetensors"
+    safetensors_io.save(str(path), sd, {"ss_base_model_version": "flux2"})
+    ok, why = _loads(path)
+    assert not ok[2] and why["A1111/Forge"] == "A1111/Forge have no FLUX.2 models", why
+    path, *_ = T._diffusers_file(tmp_path, "qwen", "lokr", dotted=False)
+    out = write_adapter(read_adapter(path), str(tmp_path / "qwen_kohya.safetensors"), format="kohya")
+    ok, why = _loads(out)
+    assert not ok[2] and "Qwen-Image" in why["A1111/Forge"], why
