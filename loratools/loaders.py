@@ -247,6 +247,8 @@ def _a1111(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         return False, f"A1111/Forge have no {family.family} models"
     if adapter.format in ("kohya", "lycoris") and algos <= COMFY_ALGOS:
         return True, "kohya names"
+    if family is not None and family.family == "Flux" and adapter.format in ("comfyui", "diffusers"):
+        return loaders_dit.forge_flux(adapter)
     return False, "A1111/Forge read kohya names (lora_unet_…, lora_te_…): convert --to kohya"
 
 

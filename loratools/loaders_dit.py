@@ -103,6 +103,17 @@ def a1111(adapter: LoraAdapter) -> Tuple[bool, str]:
     return False, f"A1111/Forge have no {fam} models"
 
 
+def forge_flux(adapter: LoraAdapter) -> Tuple[bool, str]:
+    """Forge on a Flux.1 LoRA in ComfyUI's or diffusers' names: `diffusion_model.` original and `transformer.`
+    diffusers names, CLIP-L as diffusers' `text_encoder.`; not `text_encoders.…` nor diffusers' T5."""
+    kept = ("transformer.", "text_encoder.") if adapter.format == "diffusers" else ("transformer.",)
+    skipped = [m.name for m in adapter if not m.name.startswith(kept)]
+    if skipped:
+        return False, (f"Forge's Flux map has no name for {len(skipped)} text-encoder module(s) ({skipped[0]} …) in "
+                       f"these names (A1111 has no Flux): convert --to kohya")
+    return True, "Forge (A1111 has no Flux): names its Flux map lists"
+
+
 def diffusers(adapter: LoraAdapter, algos: set) -> Tuple[bool, str]:
     fam = layout(adapter).family
     if fam != flux2.LAYOUT.family:

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import T5Config, T5EncoderModel
 
 from loratools import safetensors_io
-from loratools.formats import detect, read_adapter
+from loratools.formats import detect, read_adapter, write_adapter
 from loratools.inspection import inspect
 from tests import _sd3
 import test_lycoris_dit as T
@@ -77,3 +77,8 @@ def test_text_encoder_lycoris_reads_as_its_forward(tmp_path, family, algo, te_na
     # ComfyUI maps both spellings of the text encoders (its own names, kohya's); Forge kohya's only (Flux)
     assert loads["ComfyUI"]["ok"], loads["ComfyUI"]
     assert loads["A1111/Forge"]["ok"] == (family == "flux" and te_names == "kohya"), loads["A1111/Forge"]
+    if family == "flux" and te_names == "kohya" and transformer == "original" and algo == "lokr":
+        for fmt in ("comfyui", "diffusers"):  # Forge's Flux map: no `text_encoders.…`, no diffusers T5 names
+            out = write_adapter(adapter, str(tmp_path / f"o.{fmt}.safetensors"), format=fmt)
+            why = inspect(out).to_dict()["loads_in"]["A1111/Forge"]
+            assert not why["ok"] and "text-encoder module" in why["why"], why
