@@ -16,6 +16,9 @@ from .archs import dit
 from .archs.fused import COMPONENT, Layout
 
 ORIGINAL_FORMATS = ("kohya", "comfyui")  # the writers that fuse transformer parts onto original names
+# the families with original modules of several diffusers parts (Flux.1, SD3/3.5, FLUX.2: qkv, Flux.1's linear1)
+FUSING_FAMILIES = tuple(lay.family for lay in dit.LAYOUTS
+                        if any(len(p) > 1 for *_, table in lay.blocks for p in table.values()))
 
 Groups = Dict[str, Tuple[LoraModule, List[str]]]
 

@@ -28,7 +28,9 @@ of their loaders, restated here (not their code):
   (its converter prefixes `transformer.` twice); ComfyUI maps `diffusion_model.`, `lora_unet_`, `transformer.`
   and bare names but takes alphas from `.alpha` keys only (a diffusers file's `lora_adapter_metadata` alphas
   are ignored: scale 1).
-- A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file; no Wan (video).
+- A1111/Forge: kohya/LyCORIS names (`lora_unet_…`, `lora_te_…`) in one .safetensors file; of the DiT families
+  Flux.1 (Forge) and SD3 (A1111 1.10) only: no Wan, Qwen-Image or FLUX.2.
+- LyCORIS files of the DiT families: `loaders_dit`, by the names the file uses (ComfyUI, A1111/Forge, diffusers).
 - llama.cpp's convert_lora_to_gguf.py: a PEFT folder of a language model; it writes one global
   alpha (lora_alpha, each module scaled alpha / its rank) and ignores alpha_pattern and rsLoRA,
   and has no DoRA magnitudes.
@@ -40,6 +42,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
+from . import loaders_dit
 from .archs import COMPONENTS, dit, flux2, qwen, sd3, wan
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
@@ -181,10 +184,14 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         bad = algos - COMFY_ALGOS
         if bad:
             return False, f"no key rule for {'/'.join(sorted(bad))} tensors: convert --to kohya --base BASE --rank K"
+        if loaders_dit.layout(adapter) is not None:  # a DiT family's LyCORIS file: which of its names are mapped
+            return loaders_dit.comfy(adapter)
         return True, "kohya names"
     if adapter.format == "diffusers" and flux2.is_flux2(adapter):
-        return False, ("its diffusers key map spells Flux.1's names (`ff.net.0.proj`, split single blocks), not "
-                       "FLUX.2's: convert --to comfyui")
+        skipped = [n for n in adapter.modules if not loaders_dit.comfy_maps_flux2(n.partition(".")[2])]
+        return (False, f"its FLUX.2 diffusers names (Flux's map) skip {len(skipped)} module(s) ({skipped[0]} …: the "
+                       "shared modulations, time/guidance embedder, text encoders): convert --to comfyui") if skipped \
+            else (True, "FLUX.2 diffusers names its Flux map lists")
     if adapter.format == "diffusers":
         skipped = sum(1 for n in adapter.modules if _DIFFUSERS_ATTN.match(n))
         if skipped:
@@ -233,8 +240,15 @@ def _a1111(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         return False, "A1111/Forge load diffusion-model LoRAs"
     if wan.is_wan(adapter):
         return False, "A1111/Forge have no Wan (video) models"
+    if loaders_dit.layout(adapter) is not None and algos <= COMFY_ALGOS:
+        return loaders_dit.a1111(adapter)
+    family = dit.for_adapter(adapter)
+    if family is not None and family.family not in loaders_dit.WEBUI_FAMILIES:
+        return False, f"A1111/Forge have no {family.family} models"
     if adapter.format in ("kohya", "lycoris") and algos <= COMFY_ALGOS:
         return True, "kohya names"
+    if family is not None and family.family == "Flux" and adapter.format in ("comfyui", "diffusers"):
+        return loaders_dit.forge_flux(adapter)
     return False, "A1111/Forge read kohya names (lora_unet_…, lora_te_…): convert --to kohya"
 
 
@@ -256,8 +270,10 @@ def _llama_cpp(adapter: LoraAdapter, diffusion: bool) -> Tuple[bool, str]:
 def compatibility(adapter: LoraAdapter) -> Dict[str, Dict[str, object]]:
     """{loader: {"ok": bool, "why": str}} for the file `adapter` was read from, in LOADERS order."""
     diffusion, algos = _diffusion(adapter), _algorithms(adapter)
-    qwen_image = diffusion and qwen.is_qwen(adapter)  # its loaders take every layout of its names
+    lycodit = diffusion and loaders_dit.layout(adapter) is not None  # judged by the names the file uses
+    qwen_image = diffusion and qwen.is_qwen(adapter) and not lycodit  # its loaders take every layout of its names
     results = (_peft(adapter, diffusion),
+               loaders_dit.diffusers(adapter, algos) if lycodit else
                _qwen_diffusers(adapter, algos) if qwen_image else _diffusers(adapter, diffusion, algos),
                _qwen_comfy(adapter, algos) if qwen_image else _comfy(adapter, diffusion, algos),
                _a1111(adapter, diffusion, algos), _llama_cpp(adapter, diffusion))

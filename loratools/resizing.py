@@ -18,7 +18,7 @@ from . import paths
 from .adapter import LoraAdapter, LoraModule
 from .atomic import atomic_outputs, check_output
 from .errors import IncompatibleError, LoraToolsError, NonFiniteError, UsageError
-from .fusing import fuse_for_format, fused_groups, original_layout, replace_groups
+from .fusing import FUSING_FAMILIES, fuse_for_format, fused_groups, original_layout, replace_groups
 from .formats import (WRITABLE, check_uniform_scale, output_is_folder, read_adapter, uniform, writable_format,
                       write_into)
 from .ops import all_finite
@@ -251,7 +251,7 @@ def resize_fused(adapter: LoraAdapter, fmt: str, rank: int, device: str = "cpu"
     layout = original_layout(adapter, fmt)
     if layout is None:
         raise UsageError(f"--fused-rank: the adapter has no transformer LoRA that {fmt} writes on fused projections "
-                         "(Flux.1, FLUX.2, SD3/3.5)")
+                         f"({', '.join(FUSING_FAMILIES)})")
     chosen, reports = {}, []
     for name, (m, parts) in fused_groups(adapter, layout).items():
         if m.rank <= rank:

@@ -100,3 +100,6 @@ def test_flux_comfyui_file(tmp_path):
     out = write_adapter(read_adapter(src), str(tmp_path / "c.safetensors"), format="comfyui")
     loads = _loads(out)
     assert loads["ComfyUI"] and loads["diffusers"] and not loads["PEFT"] and not loads["llama.cpp converter"]
+    # Forge's Flux map takes `diffusion_model.` original names and diffusers' `transformer.` ones
+    diffusers = write_adapter(read_adapter(src), str(tmp_path / "d.safetensors"), format="diffusers")
+    assert loads["A1111/Forge"] and _loads(diffusers)["A1111/Forge"]

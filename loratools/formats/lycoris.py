@@ -228,7 +228,7 @@ def read(path: str, base: Optional[str] = None, allow_unmatched: bool = False, r
         adapter.add(reader.build(direct[lora_name], lora_name, raw[lora_name]))
     adapter.config = {"retained": reader.kept, "algorithms": reader.algos, "native": reader.native,
                       "flat": reader.flat, **kohya.unresolved_config(unmatched, keep_unmatched),
-                      "names_from": nm.source}
+                      "names_from": nm.source, "file_modules": sorted(raw)}  # as named in the file: loaders read them
     return adapter
 
 

@@ -9,6 +9,7 @@ Flux.1, SD3/3.5, Wan 2.x, Qwen-Image), as the trainers write them:
     diffusion_model.transformer_blocks.0.attn.to_q.lokr_w1   dotted paths (ai-toolkit; also `transformer.` or bare),
     diffusion_model.double_blocks.0.img_attn.qkv.hada_w1_a   in diffusers or original names
 
+Text encoders: kohya's `lora_te1_` … `lora_te3_`, or ComfyUI's `text_encoders.clip_l.transformer.…` (made kohya names).
 kohya names go to `kohya_dit` as they are; dotted original names become kohya names; `lycoris_` and dotted
 diffusers names resolve against the family manifests (or the base) to `transformer.…` modules directly.
 `lycoris` builds each module (a LoHa/LoKr factored exactly into LoRA); one on a fused original module (Flux's
@@ -29,6 +30,9 @@ from ..errors import FormatError
 from .kohya_dit import UNET
 
 PREFIX = "lycoris_"  # LyCORIS' own prefix (LycorisNetwork.LORA_PREFIX) when it wraps a model
+# ComfyUI's text-encoder prefixes -> kohya's: clip_l `lora_te1_`, clip_g `lora_te2_`, t5xxl `lora_te3_` (Flux, SD3)
+TE_KOHYA = {p: k for lay in dit.LAYOUTS for p, comp in lay.text_encoders.items()
+            for k, c in lay.kohya_te.items() if c == comp}
 DOTTED = ("model.diffusion_model.", "diffusion_model.", f"{COMPONENT}.")
 
 Groups = Dict[str, Dict[str, torch.Tensor]]
@@ -81,8 +85,10 @@ def rename(groups: Groups, metadata: Dict[str, str], base: Optional[str]
            ) -> Tuple[Groups, Dict[str, str], List[str], Optional[NameMap]]:
     """(kohya-named groups, {name: diffusers module} of the others, the names neither resolves, the name list used).
     Dotted names are original ones (made kohya names) when some of them is no diffusers module but an original one."""
-    own = [n for n in groups if is_own(n)]
-    kohya = {n: p for n, p in groups.items() if not is_own(n)}
+    te = {n: next((p for p in TE_KOHYA if n.startswith(p)), None) for n in groups}
+    kohya = {TE_KOHYA[p] + n[len(p):].replace(".", "_"): groups[n] for n, p in te.items() if p}  # as kohya names them
+    own = [n for n in groups if is_own(n) and not te[n]]
+    kohya.update({n: p for n, p in groups.items() if not is_own(n)})
     if not own:
         return kohya, {}, [], None
     maps = _maps(base, metadata)
