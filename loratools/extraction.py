@@ -28,13 +28,12 @@ from .errors import IncompatibleError, NonFiniteError, ShapeMismatchError, Usage
 from .formats import check_uniform_scale, check_writable_alone, output_is_folder, uniform, write_adapter
 from .provenance import stamp
 from .report import Report
-from .linalg import exact_svd, randomized_svd, select_rank, split_factors
+from .linalg import OVERSAMPLE, exact_svd, randomized_svd, select_rank, split_factors, uses_exact_svd
 from .ops import all_finite
 from .options import build, resolve_device
 from .resizing import ModuleResize, check_rank_options, summarize
 from .safetensors_io import SafetensorsFile
 
-OVERSAMPLE = 10
 SVD_METHODS = ("auto", "exact", "randomized")
 # input and output embedding tables: large, rarely low-rank, skipped unless asked for
 _EMBEDDING = re.compile(r"(^|\.)(lm_head|embed_out|wte|wpe|shared|[^.]*embed[^.]*)$")
@@ -120,11 +119,6 @@ class ExtractOptions:
 
 def is_embedding(module: str) -> bool:
     return bool(_EMBEDDING.search(module))
-
-
-def uses_exact_svd(n: int, cap: int, dynamic: Optional[str], svd: str) -> bool:
-    """Whether a difference with min(rows, cols) = n is factored by the exact SVD (else randomized)."""
-    return svd == "exact" or (svd == "auto" and (dynamic == "sv_cumulative" or 4 * (cap + OVERSAMPLE) >= n))
 
 
 def factor_difference(diff: torch.Tensor, cap: int, dynamic: Optional[str] = None, param: Optional[float] = None,

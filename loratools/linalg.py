@@ -51,6 +51,17 @@ def randomized_svd(matrix: torch.Tensor, rank: int, oversample: int = 10, n_iter
     return q @ u_small, s, vh
 
 
+# randomized SVD of a dense difference: extra columns drawn, and the cut-over to the exact SVD. At
+# 4·(k + OVERSAMPLE) ≥ min(rows, cols) the sketch's (2·POWER_ITERS + 2) passes over the matrix cost about
+# what a dense SVD does, and its error is no longer small, so the exact SVD runs there.
+OVERSAMPLE, POWER_ITERS = 10, 4
+
+
+def uses_exact_svd(n: int, cap: int, dynamic: Optional[str] = None, svd: str = "auto") -> bool:
+    """Whether a difference with min(rows, cols) = n is factored by the exact SVD (else randomized)."""
+    return svd == "exact" or (svd == "auto" and (dynamic == "sv_cumulative" or 4 * (cap + OVERSAMPLE) >= n))
+
+
 def exact_svd(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _svd(matrix.float())
 

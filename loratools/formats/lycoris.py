@@ -9,7 +9,8 @@ LyCORIS as ComfyUI applies it:
   LoHa: ΔW = (alpha / r) · (w1a @ w1b) ⊙ (w2a @ w2b),  r = w1b.shape[0]
   LoKr: ΔW = (alpha / r) · kron(w1, w2), r = the rank of the factored w1 or w2 (scale 1 if neither is)
 There is no LoRA with the same factors, so each ΔW is built exactly (fp32) and factored by an
-exact SVD at `rank` (default: its numerical rank, which is exact to fp32). The Frobenius
+exact SVD at `rank` (default: its numerical rank, which is exact to fp32; a rank well below ΔW's size takes
+the randomized top-k SVD, bounded in time). The Frobenius
 fraction each module keeps is in `adapter.config["retained"]`. Plain `lora_down/up` modules in
 the same file are kept exactly. DiT families' files (`lycoris_` and dotted names, original fused modules) are
 named by `lycoris_dit` and split onto the diffusers modules by `kohya_dit`.
@@ -26,7 +27,8 @@ from .. import lycoris_algos
 from ..adapter import LoraAdapter, LoraModule, placeholders
 from ..errors import FormatError, IncompatibleError, UsageError
 from ..lycoris_algos import Transform
-from ..linalg import exact_svd, lowrank_svd, retained, split_factors
+from ..linalg import (OVERSAMPLE, POWER_ITERS, exact_svd, gram_dot, lowrank_svd, randomized_svd, retained,
+                      split_factors, uses_exact_svd)
 from ..archs import NameMap
 from . import _single, kohya, kohya_dit, lycoris_dit
 from ._parts import lora_shape
@@ -154,12 +156,20 @@ def _transform(algo: str, p: Dict[str, torch.Tensor], lora_name: str, path: str)
 
 def factor(name: str, delta: Optional[torch.Tensor], shape: tuple, rank: Optional[int], dtype: torch.dtype,
            magnitude: Optional[torch.Tensor], device: Optional[str] = None, pair=None):
-    """Best rank-k LoRA of ΔW (exact SVD, fp32, on `device`): (module, retained Frobenius fraction). With `pair`
-    (up, down), an exact LoRA of ΔW, the SVD is taken from its factors (the QR trick) and ΔW is never built."""
+    """Best rank-k LoRA of ΔW (fp32, on `device`): (module, retained Frobenius fraction). With `pair`
+    (up, down), an exact LoRA of ΔW, the SVD is taken from its factors (the QR trick) and ΔW is never built.
+    A dense ΔW at a rank well below its size gets the randomized top-k SVD (O(rows·cols·k), not a full SVD's
+    O(n³)); its fraction is then measured on the factors written, ||up @ down||_F / ||ΔW||_F."""
+    total = None  # ||ΔW||_F where the SVD was randomized
     if pair is not None:
         u, s, vh = lowrank_svd(pair[0].to(device or "cpu"), pair[1].to(device or "cpu"))
     else:
-        u, s, vh = exact_svd(delta.reshape(shape[0], -1).to(device or "cpu"))
+        matrix = delta.reshape(shape[0], -1).to(device or "cpu")
+        if rank is not None and not uses_exact_svd(min(matrix.shape), rank):
+            u, s, vh = randomized_svd(matrix, rank, oversample=OVERSAMPLE, n_iter=POWER_ITERS)
+            total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
+        else:
+            u, s, vh = exact_svd(matrix)
     if rank is None:  # numerical rank: singular values above fp32 round-off of the largest
         width = max(shape[0], math.prod(shape[1:]))
         tol = float(s[0]) * width * torch.finfo(torch.float32).eps if s.numel() else 0.0
@@ -173,7 +183,11 @@ def factor(name: str, delta: Optional[torch.Tensor], shape: tuple, rank: Optiona
     module = LoraModule(name=name, down=down.to("cpu", dtype).contiguous(), up=up.to("cpu", dtype).contiguous(),
                         alpha=float(k),
                         kind="conv" if conv else "linear", magnitude=magnitude)
-    return module, retained(s, k)[0]
+    if total is None:
+        return module, retained(s, k)[0]
+    # the written product is ΔW projected on k orthonormal directions: its norm over ||ΔW|| is what it keeps
+    kept = gram_dot(*(f.double().flatten(1) for f in (module.up, module.down, module.up, module.down)))
+    return module, math.sqrt(max(kept, 0.0)) / total if total > 0 else 1.0
 
 
 def _base_weight(base_weight: Optional[BaseWeight], base: Optional[str], name: str, what: str) -> torch.Tensor:
@@ -250,7 +264,8 @@ class _Reader:
         self.names[lora_name] = name
         what = f"{self.path}: {lora_name}"
         try:
-            module = _module(algo, name, lora_name, p, self.path, self.nm, self.kept, self.flat, self.device)
+            module = _module(algo, name, lora_name, p, self.path, self.nm, self.kept, self.flat, self.device,
+                             self.rank)
         except KeyError as e:
             raise FormatError(f"{what}: {algo} module without its {e} tensor") from None
         if module.op is not None:
@@ -258,6 +273,8 @@ class _Reader:
         elif algo in ("loha", "lokr"):
             self.native[name] = native_rank_alpha(algo, p, module.rank, f"{what}.alpha")
         if self.rank is None or not (module.op is not None or algo in ("loha", "lokr") or module.mid is not None):
+            return module
+        if algo in ("loha", "lokr") and "dora_scale" not in p:  # _module factored it at the rank already
             return module
         label = module.op.label if module.op is not None else algo
         w = _base_weight(self.base_weight, self.base, name, f"{what} ({label})") if module.op is not None and \
@@ -289,9 +306,10 @@ class _Reader:
 
 
 def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], path: str, nm,
-            retained: Dict[str, float], flat: Dict[str, str], device: Optional[str] = None) -> LoraModule:
-    """One module: a LoRA (LoHa/LoKr factored exactly at their numerical rank, the kept fraction in
-    `retained`) or a transform."""
+            retained: Dict[str, float], flat: Dict[str, str], device: Optional[str] = None,
+            rank: Optional[int] = None) -> LoraModule:
+    """One module: a LoRA (LoHa/LoKr factored exactly at their numerical rank, or at `rank` when given and
+    the module has no DoRA scale, the kept fraction in `retained`) or a transform."""
     if algo == "lora":
         parts = {PLAIN[k]: v for k, v in p.items() if k in PLAIN}
         if "alpha" in p:
@@ -307,7 +325,8 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
         except (KeyError, RuntimeError) as e:  # e.g. an alpha that is not a scalar
             raise FormatError(f"{where}: inconsistent {algo} tensors ({str(e).splitlines()[0]})") from None
         dtype = next(v.dtype for k, v in p.items() if k != "alpha")
-        module, retained[name] = factor(name, delta, shape, None, dtype, None, device, pair)
+        at = None if "dora_scale" in p else rank  # DoRA's norm is of the exact update: factored after it
+        module, retained[name] = factor(name, delta, shape, at, dtype, None, device, pair)
         if "dora_scale" in p:
             d = p["dora_scale"]
             if d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] != 1:
