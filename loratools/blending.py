@@ -19,6 +19,7 @@ import torch
 
 from . import blend_dense, paths
 from .adapter import LoraAdapter, LoraModule
+from .archs.family import shared_family_metadata
 from .atomic import check_output
 from .blend_dense import DENSE_METHODS, SIGN_METHODS
 from .dtypes import parse_dtype
@@ -398,7 +399,8 @@ def blend(adapters: Sequence[AdapterLike], weights: Optional[Sequence[float]] = 
         report.modules.append(mod_report)
         if progress:
             progress(name)
-    metadata = stamp({}, "blend", [a for a in adapters if not isinstance(a, LoraAdapter)], method=opts.method,
+    family = shared_family_metadata([a.metadata or {} for a, _ in loaded])  # so the output's family is not guessed
+    metadata = stamp(family, "blend", [a for a in adapters if not isinstance(a, LoraAdapter)], method=opts.method,
                      weights=weights, rank=opts.rank, density=opts.density, seed=opts.seed,
                      retained=report.totals().get("retained"))
     result = LoraAdapter(modules=modules, extra=extra, base_model=first.base_model, format=fmt,

@@ -108,3 +108,22 @@ def test_flux1_lora_refused_by_a_flux2_pipeline(tmp_path, capsys):
     code, _, err = run(capsys, "merge", root, path, "-o", tmp_path / "never")
     assert code == 1 and err.startswith("loratools: error: Flux LoRA, FLUX.2 pipeline"), err
     assert not (tmp_path / "never").exists()
+
+
+def test_blend_keeps_the_family_its_inputs_agree_on(tmp_path, capsys):
+    """qkv alone does not tell FLUX.2 from Flux.1; the inputs' metadata does, and a blend keeps it (it is
+    written with FLUX.2's sd-scripts module), while inputs that disagree leave the family to the shapes."""
+    model = tiny()
+    paths = []
+    for seed, version in enumerate(("flux2", "flux2", "flux1"), start=1):
+        path = tmp_path / f"{seed}.safetensors"
+        save_file(file_layout(original_lora(model, seed=seed, only=("qkv",)), "kohya"), str(path),
+                  metadata={"ss_base_model_version": version})
+        paths.append(str(path))
+    out = tmp_path / "agree.safetensors"
+    assert run(capsys, "blend", paths[0], paths[1], "-m", "cat", "-o", out, "-q")[0] == 0
+    meta = read_adapter(str(out)).metadata
+    assert meta["ss_base_model_version"] == "flux2" and meta["ss_network_module"] == "networks.lora_flux_2"
+    out = tmp_path / "disagree.safetensors"
+    assert run(capsys, "blend", paths[0], paths[2], "-m", "cat", "-o", out, "-q")[0] == 0
+    assert "ss_base_model_version" not in read_adapter(str(out)).metadata

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from . import load_manifest
 
@@ -60,8 +60,23 @@ def _from_version(text: str) -> Optional[str]:
     return next((fam for word, fam in _VERSION_WORDS if word in text), None)
 
 
+# metadata keys that say an adapter's family (the third: musubi-tuner; ss_v2: kohya's SD 2.x flag)
+FAMILY_KEYS = ("modelspec.architecture", "ss_base_model_version", "ss_architecture", "ss_v2")
+
+
+def shared_family_metadata(metadatas: Sequence[Dict[str, str]]) -> Dict[str, str]:
+    """The family keys every one of `metadatas` holds with the same value: what an adapter made from them
+    (a blend) may still say, so its family is not guessed from shapes alone."""
+    out = {}
+    for key in FAMILY_KEYS:
+        values = {str(m.get(key)) if m.get(key) is not None else None for m in metadatas}
+        if len(values) == 1 and None not in values and metadatas:
+            out[key] = values.pop()
+    return out
+
+
 def from_metadata(metadata: Dict[str, str]) -> Optional[Tuple[str, str]]:
-    for key in ("modelspec.architecture", "ss_base_model_version", "ss_architecture"):  # the last: musubi-tuner
+    for key in FAMILY_KEYS[:3]:
         fam = _from_version(metadata.get(key) or "")
         if fam:
             return fam, f"metadata {key}={metadata[key]}"
