@@ -73,8 +73,10 @@ class QuantizedBase:
     def dtype(self, name: str) -> torch.dtype:
         return self.weights[name].dtype if name in self.weights else self.ckpt.dtype(name)
 
-    def parts(self, qw: quant.QuantWeight) -> Dict[str, torch.Tensor]:
-        return {role: self.ckpt.read(p) for role, p in qw.parts.items()}
+    def parts(self, qw: quant.QuantWeight, f: Optional[SafetensorsFile] = None) -> Dict[str, torch.Tensor]:
+        """The stored parts of `qw`; those in the open shard `f` read from it (no header parse per part)."""
+        return {role: f.read(p) if f is not None and p in f.tensors else self.ckpt.read(p)
+                for role, p in qw.parts.items()}
 
     def read(self, name: str) -> torch.Tensor:
         """The weight as the model computes with it (quantized weights dequantized, fp32)."""
@@ -157,10 +159,11 @@ class QuantizedBase:
                 writer.write(name, merge_tensor(name, f.read(name), terms, repl, dtype, check_finite))
             return
         if not self.requantize:
-            writer.write(name, merge_tensor(name, self.read(name), terms, repl, dtype, check_finite))
+            weight = quant.dequantize(qw, self.parts(qw, f))
+            writer.write(name, merge_tensor(name, weight, terms, repl, dtype, check_finite))
             return
         if name not in pending:  # first part of this weight met: requantize it, keep its parts
-            like = self.parts(qw)
+            like = self.parts(qw, f)
             merged = merge_tensor(qw.name, quant.dequantize(qw, like), terms, repl, torch.float32, check_finite)
             new = quant.quantize(qw, merged, like)
             back = quant.dequantize(qw, new)
