@@ -272,6 +272,16 @@ class _Workers:
         self._check()
         self.jobs.put((job, buf))
 
+    def __enter__(self) -> "_Workers":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """All jobs done (their first error raised) when the block ends; stopped when it raises."""
+        if exc_type is None:
+            self.finish()
+        else:
+            self.stop()
+
     def finish(self) -> None:
         for _ in self.threads:
             self.jobs.put(None)
@@ -306,8 +316,7 @@ def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], to
         names = f.keys()
         entries = [(n, out_dtype(n), f.tensors[n].shape) for n in names]
         writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
-        workers = _Workers(max(1, min(torch.get_num_threads(), MAX_WORKERS)))
-        try:
+        with writer, _Workers(max(1, min(torch.get_num_threads(), MAX_WORKERS))) as workers:
             for name in names:
                 info = f.tensors[name]
                 merge_rows = row_merge(name) if row_merge is not None else None
@@ -328,12 +337,6 @@ def rewrite_file(src: str, dst: str, transform: Callable[[str, torch.Tensor], to
                     workers.submit(functools.partial(_write, writer, pos, out), buf)
                 if on_tensor:
                     on_tensor(name)
-            workers.finish()
-            writer.close()
-        except BaseException:
-            workers.stop()
-            writer.abort()
-            raise
     return writer.data_size
 
 

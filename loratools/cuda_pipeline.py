@@ -178,8 +178,7 @@ class DevicePipeline:
             self._grow(max((info[n].end - info[n].begin for n in on_device), default=0),
                        max((safetensors_io.nbytes(out_dtype(n), info[n].shape) for n in on_device), default=0))
             writer = safetensors_io.StreamingWriter(dst, entries, f.metadata or None)
-            sink = _Writer(writer, self)
-            try:
+            with writer, _Writer(writer, self) as sink:
                 for name, dtype, shape in entries:
                     if name in same:
                         sink.submit(_Job("copy", name, f))
@@ -192,16 +191,6 @@ class DevicePipeline:
                         sink.submit(_Job("host", name, transform(name, f.read(name, slot.scratch)), slot))
                     if on_tensor:
                         on_tensor(name)
-                sink.finish()
-                writer.close()
-            except BaseException:
-                sink.stop()
-                with contextlib.suppress(Exception):  # a failed GPU fails again here: report the first error
-                    self.backend.drain()  # no copy may still target buffers that are about to go
-                for s in self.slots:
-                    s.out = s.flag = None
-                writer.abort()
-                raise
         return writer.data_size
 
     def _issue(self, s: _Slot, f: SafetensorsFile, name: str, transform) -> None:
@@ -313,6 +302,20 @@ class _Writer:
         self._check()
         self.jobs.put(job)
 
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """All written (the writer's error raised) when the block ends; stopped when it raises."""
+        if exc_type is not None:
+            self.stop()
+            return
+        try:
+            self.finish()
+        except BaseException:
+            self.stop()  # a failed write: the device buffers are released as on any error
+            raise
+
     def finish(self) -> None:
         self.jobs.put(None)
         self.thread.join()
@@ -322,4 +325,8 @@ class _Writer:
         self.error = self.error or RuntimeError("stopped")
         self.jobs.put(None)
         self.thread.join()
+        with contextlib.suppress(Exception):  # a failed GPU fails again here: report the first error
+            self.pipe.backend.drain()  # no copy may still target buffers that are about to go
+        for s in self.pipe.slots:
+            s.out = s.flag = None
 

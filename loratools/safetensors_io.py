@@ -322,6 +322,16 @@ class StreamingWriter:
     def abort(self) -> None:
         self._f.close()
 
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """Closed (and checked complete) when the block ends, aborted when it raises."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _FALLOCATE = getattr(_LIBC, "fallocate", None)
@@ -346,11 +356,6 @@ def save(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapp
          order: Optional[List[str]] = None) -> None:
     """Write a whole dict of tensors, in `order` (default: sorted by name, as safetensors does)."""
     names = sorted(tensors) if order is None else list(order)
-    w = StreamingWriter(path, [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names], metadata)
-    try:
+    with StreamingWriter(path, [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names], metadata) as w:
         for n in names:
             w.write(n, tensors[n])
-        w.close()
-    except BaseException:
-        w.abort()
-        raise

@@ -109,15 +109,10 @@ class QuantizedBase:
             for shard in self.ckpt.shards:
                 with SafetensorsFile(os.path.join(self.folder, shard)) as f:
                     entries = self._entries(f, plan, out_dtype)
-                    writer = StreamingWriter(os.path.join(tmp, shard), entries, f.metadata or None)
-                    try:
+                    with StreamingWriter(os.path.join(tmp, shard), entries, f.metadata or None) as writer:
                         for name, dtype, _ in entries:
                             self._write_one(writer, f, name, dtype, plan, check_finite, pending)
                             weight_map[name] = shard
-                        writer.close()
-                    except BaseException:
-                        writer.abort()
-                        raise
                     total += writer.data_size
                 for name in f.keys():
                     if progress:
