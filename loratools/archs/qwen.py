@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .family import QWEN, adapter_family, from_metadata
+from .family import QWEN, from_metadata
 from .fused import Layout
 
 _BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
@@ -27,10 +27,4 @@ LAYOUT = Layout(QWEN, [("transformer_blocks", "transformer_blocks", {k: (k,) for
 
 def says_qwen(metadata: Dict[str, str]) -> bool:
     fam = from_metadata(metadata)
-    return fam is not None and fam[0] == QWEN
-
-
-def is_qwen(adapter) -> bool:
-    """The adapter is a Qwen-Image one (its metadata, names or shapes say so)."""
-    fam = adapter_family(adapter)
     return fam is not None and fam[0] == QWEN
