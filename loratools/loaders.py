@@ -43,7 +43,8 @@ from typing import Dict, List, Tuple
 
 from .adapter import LoraAdapter
 from . import loaders_dit
-from .archs import COMPONENTS, dit, flux2, qwen, sd3, wan
+from .archs import COMPONENTS, dit, flux2, sd3, wan
+from .archs.family import FLUX2, QWEN, is_family
 
 LOADERS = ("PEFT", "diffusers", "ComfyUI", "A1111/Forge", "llama.cpp converter")
 COMFY_ALGOS = {"lora", "loha", "lokr", "glora", "full"}
@@ -187,7 +188,7 @@ def _comfy(adapter: LoraAdapter, diffusion: bool, algos: set) -> Tuple[bool, str
         if loaders_dit.layout(adapter) is not None:  # a DiT family's LyCORIS file: which of its names are mapped
             return loaders_dit.comfy(adapter)
         return True, "kohya names"
-    if adapter.format == "diffusers" and flux2.is_flux2(adapter):
+    if adapter.format == "diffusers" and is_family(adapter, FLUX2):
         skipped = [n for n in adapter.modules if not loaders_dit.comfy_maps_flux2(n.partition(".")[2])]
         return (False, f"its FLUX.2 diffusers names (Flux's map) skip {len(skipped)} module(s) ({skipped[0]} …: the "
                        "shared modulations, time/guidance embedder, text encoders): convert --to comfyui") if skipped \
@@ -271,7 +272,7 @@ def compatibility(adapter: LoraAdapter) -> Dict[str, Dict[str, object]]:
     """{loader: {"ok": bool, "why": str}} for the file `adapter` was read from, in LOADERS order."""
     diffusion, algos = _diffusion(adapter), _algorithms(adapter)
     lycodit = diffusion and loaders_dit.layout(adapter) is not None  # judged by the names the file uses
-    qwen_image = diffusion and qwen.is_qwen(adapter) and not lycodit  # its loaders take every layout of its names
+    qwen_image = diffusion and is_family(adapter, QWEN) and not lycodit  # its loaders take every layout of its names
     results = (_peft(adapter, diffusion),
                loaders_dit.diffusers(adapter, algos) if lycodit else
                _qwen_diffusers(adapter, algos) if qwen_image else _diffusers(adapter, diffusion, algos),

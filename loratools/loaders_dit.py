@@ -31,13 +31,13 @@ _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "lyco
 # ComfyUI's diffusers-name prefixes per family ("" bare)
 _COMFY = {"Flux": ("transformer.", "lycoris_", ""), "FLUX.2": ("transformer.", "lycoris_", ""),
           "SD3": ("transformer.", "lycoris_"), "Qwen-Image": ("transformer.", "lycoris_", "", "diffusion_model.")}
+# FLUX.2's block linears, dots flattened
+_FLUX2_BLOCK = (r"(single_)?transformer_blocks_\d+_(attn_(to_[qkv]|add_[qkv]_proj|to_out(_0)?|to_add_out|"
+                r"to_qkv_mlp_proj)|ff(_context)?_linear_(in|out))")
 # FLUX.2 diffusers modules in ComfyUI's flux_to_diffusers (dots flattened: `lycoris_` names compare alike)
-_FLUX2_COMFY = re.compile(r"(single_)?transformer_blocks_\d+_(attn_(to_[qkv]|add_[qkv]_proj|to_out(_0)?|to_add_out|"
-                          r"to_qkv_mlp_proj)|ff(_context)?_linear_(in|out))|x_embedder|context_embedder|proj_out|"
-                          r"norm_out_linear")
+_FLUX2_COMFY = re.compile(_FLUX2_BLOCK + r"|x_embedder|context_embedder|proj_out|norm_out_linear")
 # diffusers' `_LYCORIS_FLUX2_SUBPATH_MAP`: the block modules its `lycoris_` FLUX.2 conversion decodes
-_FLUX2_LYCORIS = re.compile(r"lycoris_(single_)?transformer_blocks_\d+_(attn_(to_[qkv]|add_[qkv]_proj|to_out(_0)?|"
-                            r"to_add_out|to_qkv_mlp_proj)|ff(_context)?_linear_(in|out))")
+_FLUX2_LYCORIS = re.compile("lycoris_" + _FLUX2_BLOCK)
 
 
 def comfy_maps_flux2(local: str) -> bool:

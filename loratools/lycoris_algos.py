@@ -107,21 +107,24 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     return (eye + q) @ torch.linalg.inv(eye - q)
 
 
-def _oft(w: torch.Tensor, p: Dict[str, torch.Tensor], m: float) -> torch.Tensor:
+def _rotations(w: torch.Tensor, p: Dict[str, torch.Tensor], m: float) -> torch.Tensor:
+    """OFT/BOFT's blocks at multiplier m: m·R + (1−m)·I, R the Cayley rotation (constraint alpha · rows)."""
     blocks = p["oft_blocks"]
-    n, b, _ = blocks.shape
-    eye = torch.eye(b)
-    r = cayley(blocks, float(p["alpha"]) * w.shape[0] if "alpha" in p else 0.0) * m + (1 - m) * eye
+    eye = torch.eye(blocks.shape[-1])
+    return cayley(blocks, float(p["alpha"]) * w.shape[0] if "alpha" in p else 0.0) * m + (1 - m) * eye
+
+
+def _oft(w: torch.Tensor, p: Dict[str, torch.Tensor], m: float) -> torch.Tensor:
+    n, b, _ = p["oft_blocks"].shape
+    r = _rotations(w, p, m)
     rest = w.shape[1:]
     out = torch.einsum("knm,kn...->km...", r, w.reshape(n, b, *rest)).reshape(w.shape)
     return out * p["rescale"].float() if "rescale" in p else out
 
 
 def _boft(w: torch.Tensor, p: Dict[str, torch.Tensor], m: float) -> torch.Tensor:
-    blocks = p["oft_blocks"]
-    stages, _, b, _ = blocks.shape
-    eye = torch.eye(b)
-    r = cayley(blocks, float(p["alpha"]) * w.shape[0] if "alpha" in p else 0.0) * m + (1 - m) * eye
+    stages, _, b, _ = p["oft_blocks"].shape
+    r = _rotations(w, p, m)
     x = w
     for i in range(stages):  # stage i mixes rows 2^i·b/2 apart (the butterfly permutation), then blocks
         k = 2 ** i * (b // 2)

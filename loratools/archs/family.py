@@ -135,6 +135,12 @@ def adapter_family(adapter) -> Optional[Tuple[str, str]]:
             or from_modules({m.name: m.weight_shape for m in adapter}))
 
 
+def is_family(adapter, family: str) -> bool:
+    """The adapter is one of `family` (its metadata, names or shapes say so)."""
+    fam = adapter_family(adapter)
+    return fam is not None and fam[0] == family
+
+
 def pipeline_family(folder: str, components: Iterable[str]) -> Optional[str]:
     """Family of a diffusers pipeline folder from model_index.json and the UNet's config."""
     index = _json(os.path.join(folder, "model_index.json"))

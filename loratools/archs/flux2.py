@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .family import FLUX2, adapter_family
+from .family import FLUX2
 from .fused import Layout
 
 _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -43,9 +43,3 @@ LAYOUT = Layout(FLUX2, [("double_blocks", "transformer_blocks", _DOUBLE),
 KOHYA_DIFFUSERS = re.compile(r"transformer\.(transformer_blocks\.\d+\.(attn|ff|ff_context)\.\w+(\.0)?"
                              r"|single_transformer_blocks\.\d+\.attn\.\w+|x_embedder|context_embedder|proj_out"
                              r"|time_guidance_embed\.timestep_embedder\.linear_[12])")
-
-
-def is_flux2(adapter) -> bool:
-    """The adapter is a FLUX.2 one (its metadata, names or shapes say so)."""
-    fam = adapter_family(adapter)
-    return fam is not None and fam[0] == FLUX2

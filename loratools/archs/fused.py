@@ -75,7 +75,6 @@ class Layout:
         self.implicit_alpha = implicit_alpha
         # leaf -> rows / input width where it tells this family from one with the same names (Flux.1 / FLUX.2)
         self.ratios = dict(ratios or {})
-        self._inverse: Dict[str, Tuple[str, int]] = {}  # diffusers name pattern -> (original, part index)
         self._global_inverse = {v: k for k, v in self.globals.items()}
 
     def _entry(self, original: str, leaf: str, parts: Tuple[str, ...]) -> Fused:
@@ -117,8 +116,10 @@ class Layout:
             m = re.fullmatch(rf"{diff}\.(\d+)\.(.+)", diffusers_name)
             if m:
                 for leaf, parts in table.items():
-                    if m.group(2) in parts:
-                        return self.lookup(f"{orig}.{m.group(1)}.{leaf}"), parts.index(m.group(2))
+                    if m.group(2) in parts:  # the entry lookup() gives its original name, without parsing it again
+                        entry = self._entry(f"{orig}.{m.group(1)}.{leaf}", leaf,
+                                            tuple(f"{diff}.{m.group(1)}.{p}" for p in parts))
+                        return entry, parts.index(m.group(2))
         return None
 
     def original_names(self, diffusers_names: Iterable[str]) -> Dict[str, List[str]]:

@@ -8,6 +8,7 @@ the same row order in B (and in a DoRA magnitude), or llama.cpp adds the update 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -38,6 +39,13 @@ def gguf_package():
     except ImportError:
         raise LoraToolsError(f"GGUF support needs the gguf package: {INSTALL_HINT}") from None
     return gguf
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_map(member, n_layers: int):
+    """llama.cpp's name map, built once per architecture and depth: building it takes milliseconds, and
+    `to_gguf` runs once per module of an adapter (hundreds for one LLM)."""
+    return gguf_package().get_tensor_name_map(member, n_layers)
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ class GgufArch:
 
     def name_map(self) -> Dict[str, str]:
         """HF module name -> GGUF weight name, for every module the families use."""
-        tmap = gguf_package().get_tensor_name_map(self._member(), self.n_layers)
+        tmap = _tensor_map(self._member(), self.n_layers)
         names = list(_GLOBAL) + [f"model.layers.{i}.{p}" for i in range(self.n_layers) for p in _PER_LAYER]
         out = {}
         for n in names:
@@ -133,7 +141,7 @@ class GgufArch:
                 break
         if self.tied and module == "lm_head":
             return None
-        mapped = gguf_package().get_tensor_name_map(self._member(), self.n_layers).get_name(module)
+        mapped = _tensor_map(self._member(), self.n_layers).get_name(module)
         return None if mapped is None else mapped + ".weight"
 
     def heads_of(self, gguf_name: str) -> Optional[int]:

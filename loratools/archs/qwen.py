@@ -9,9 +9,7 @@ names are. No text encoder: diffusers' Qwen-Image loader takes transformer LoRAs
 """
 from __future__ import annotations
 
-from typing import Dict
-
-from .family import QWEN, adapter_family, from_metadata
+from .family import QWEN
 from .fused import Layout
 
 _BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
@@ -23,14 +21,3 @@ _GLOBAL = ("img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.t
 LAYOUT = Layout(QWEN, [("transformer_blocks", "transformer_blocks", {k: (k,) for k in _BLOCK})],
                 {k: k for k in _GLOBAL}, manifest="qwen-image", markers=("transformer_blocks.0.img_mod.1.weight",),
                 kohya_module="networks.lora_qwen_image")
-
-
-def says_qwen(metadata: Dict[str, str]) -> bool:
-    fam = from_metadata(metadata)
-    return fam is not None and fam[0] == QWEN
-
-
-def is_qwen(adapter) -> bool:
-    """The adapter is a Qwen-Image one (its metadata, names or shapes say so)."""
-    fam = adapter_family(adapter)
-    return fam is not None and fam[0] == QWEN

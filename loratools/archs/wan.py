@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .family import WAN, adapter_family
+from .family import WAN, is_family
 from .fused import COMPONENT, Layout
 
 _BLOCK = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
@@ -54,8 +54,7 @@ def is_block_module(original: str) -> bool:
 
 def is_wan(adapter) -> bool:
     """A Wan transformer LoRA: its names or metadata say Wan, and it has transformer modules."""
-    fam = adapter_family(adapter)
-    return fam is not None and fam[0] == WAN and any(m.name.startswith(COMPONENT + ".") for m in adapter)
+    return is_family(adapter, WAN) and any(m.name.startswith(COMPONENT + ".") for m in adapter)
 
 
 def original_name(name: str) -> Optional[str]:

@@ -21,18 +21,21 @@ def build_module(name: str, lora_name: str, parts: Dict[str, torch.Tensor], path
     alpha = _single.scalar(parts["alpha"], f"{path}: {lora_name}.alpha") if "alpha" in parts else None
     if alpha == 0:  # sd-scripts treats alpha 0 (or none) as alpha = rank
         alpha = None
-    magnitude = None
     d = parts.get("dora")
     input_axis = d is not None and d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] == down.shape[1] != 1
-    if d is not None and not input_axis:
-        if d.dim() < 2 or d.shape[0] != up.shape[0] or d[0].numel() != 1:
-            raise ShapeMismatchError(
-                f"{path}: {lora_name}.dora_scale has shape {tuple(d.shape)}; LyCORIS writes [{up.shape[0]}, 1…] "
-                f"(wd_on_output) or [1, {down.shape[1]}, …]")
-        magnitude = d.reshape(-1)
+    magnitude = output_magnitude(d, up.shape[0], down.shape[1], f"{path}: {lora_name}") \
+        if d is not None and not input_axis else None
     kind = "conv" if down.dim() == 4 or mid is not None else "linear"
     module = LoraModule(name=name, down=down, up=up, alpha=alpha, kind=kind, magnitude=magnitude, mid=mid)
     return dora_in(module, d) if input_axis else module
+
+
+def output_magnitude(d: torch.Tensor, rows: int, cols: int, where: str) -> torch.Tensor:
+    """The DoRA magnitude of a `dora_scale` normed per output row ([rows, 1…]), as a vector."""
+    if d.dim() < 2 or d.shape[0] != rows or d[0].numel() != 1:
+        raise ShapeMismatchError(f"{where}.dora_scale has shape {tuple(d.shape)}; LyCORIS writes [{rows}, 1…] "
+                                 f"(wd_on_output) or [1, {cols}, …]")
+    return d.reshape(-1)
 
 
 def lora_shape(parts: Dict[str, torch.Tensor]):

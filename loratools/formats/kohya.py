@@ -22,7 +22,7 @@ from ..adapter import LoraAdapter
 from ..archs import KOHYA_PREFIXES, canonical, resolve_kohya, split_kohya
 from ..errors import FormatError, IncompatibleError, ShapeMismatchError
 from . import _single, kohya_dit
-from ._parts import build_module, dora_in  # noqa: F401  (lycoris reads DoRA through kohya)
+from ._parts import build_module
 from .record import Format
 
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid",

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from .. import safetensors_io
 from ..adapter import LoraAdapter, LoraModule
 from ..archs import NameMap, canonical, dit, qwen
-from ..archs.family import from_metadata
+from ..archs.family import QWEN, from_metadata
 from ..archs.fused import COMPONENT, Layout
 from ..errors import FormatError, IncompatibleError
 from ._parts import build_module, lora_shape
@@ -46,7 +46,7 @@ def layout_of(groups, metadata: Dict[str, str], shape_of=lora_shape) -> Optional
         return best
     # Qwen-Image's original names are diffusers' own: attention alone on the first blocks is also Flux's
     # flattened (older ai-toolkit); the metadata tells, else Flux as before
-    if found is qwen.LAYOUT and flat[best] == count and not qwen.says_qwen(metadata):
+    if found is qwen.LAYOUT and flat[best] == count and not (fam and fam[0] == QWEN):
         return best
     return found
 

@@ -31,7 +31,7 @@ from ..linalg import (OVERSAMPLE, POWER_ITERS, exact_svd, gram_dot, lowrank_svd,
                       split_factors, uses_exact_svd)
 from ..archs import NameMap
 from . import _single, kohya, kohya_dit, lycoris_dit
-from ._parts import lora_shape
+from ._parts import build_module, dora_in, lora_shape, output_magnitude
 from .record import Format
 
 BaseWeight = Callable[[str], Optional[torch.Tensor]]  # a weight of the base by name, None if it has none
@@ -314,7 +314,7 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
         parts = {PLAIN[k]: v for k, v in p.items() if k in PLAIN}
         if "alpha" in p:
             parts["alpha"] = p["alpha"]
-        return kohya.build_module(name, lora_name, parts, path)
+        return build_module(name, lora_name, parts, path)
     where = f"{path}: {lora_name}"
     if algo in ("loha", "lokr"):
         build = lycoris_algos.loha_delta if algo == "loha" else lycoris_algos.lokr_delta
@@ -330,9 +330,8 @@ def _module(algo: str, name: str, lora_name: str, p: Dict[str, torch.Tensor], pa
         if "dora_scale" in p:
             d = p["dora_scale"]
             if d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] != 1:
-                return kohya.dora_in(module, d)
-            mag = kohya.build_module(name, lora_name, {"down": torch.zeros(1, 1), "up": torch.zeros(shape[0], 1),
-                                                       "dora": d}, path).magnitude
+                return dora_in(module, d)
+            mag = output_magnitude(d, shape[0], 1, f"{path}: {lora_name}")
             module = dataclasses.replace(module, magnitude=mag)
         return module
     op = _transform(algo, p, lora_name, path)

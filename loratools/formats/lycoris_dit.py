@@ -94,9 +94,9 @@ def rename(groups: Groups, metadata: Dict[str, str], base: Optional[str]
     maps = _maps(base, metadata)
     scores = [sum(1 for n in own if _diffusers_name(nm, n)) for nm in maps]
     nm = maps[scores.index(max(scores))]
+    hits = {n: _diffusers_name(nm, n) for n in own}
     dotted = [n for n in own if not n.startswith(PREFIX)]
-    originals = [n for n in dotted if not _diffusers_name(nm, n)
-                 and any(lay.lookup(_local(n)) for lay in dit.LAYOUTS)]
+    originals = [n for n in dotted if not hits[n] and any(lay.lookup(_local(n)) for lay in dit.LAYOUTS)]
     direct, unmatched = {}, []
     for n in own:
         if originals and n in dotted:
@@ -106,9 +106,8 @@ def rename(groups: Groups, metadata: Dict[str, str], base: Optional[str]
                                   "the file is inconsistent; keep one of them")
             kohya[ln] = groups[n]
             continue
-        hit = _diffusers_name(nm, n)
-        if hit:
-            direct[n] = hit
+        if hits[n]:
+            direct[n] = hits[n]
         else:
             unmatched.append(n)
     return kohya, direct, unmatched, nm
