@@ -23,6 +23,7 @@ from loratools.archs.family import FLUX, QWEN, adapter_family, pipeline_family
 from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
+from tests._dit import assert_fp8_merge
 from tests._tiny import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -251,16 +252,7 @@ def test_merge_single_file_matches_fuse_lora(tmp_path, capsys, prefix):
     assert set(got) == {prefix + k for k in want}
     for k, v in want.items():
         torch.testing.assert_close(got[prefix + k], v, rtol=1e-5, atol=1e-5, msg=k)
-    fp8 = {prefix + k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in weights.items()}
-    save_file(fp8, str(single))
-    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q", "--overwrite")
-    assert code == 0, err
-    got = load_file(str(out))
-    for k, v in want.items():
-        if v.dim() == 2:  # the fp8 weight plus the fp32 update, rounded once
-            ref = (fp8[prefix + k].float() + (v - weights[k])).to(torch.float8_e4m3fn)
-            assert got[prefix + k].dtype == torch.float8_e4m3fn
-            assert torch.equal(got[prefix + k].float(), ref.float()), k
+    fp8 = assert_fp8_merge(capsys, single, lora, out, weights, want, prefix)
     fp8[prefix + "transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(1)  # ComfyUI's scaled fp8
     save_file(fp8, str(single))
     code, _, err = run_cli(capsys, "merge", single, lora, "-o", tmp_path / "never.safetensors")
