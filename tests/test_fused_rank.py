@@ -50,6 +50,17 @@ def _modules(sd):
     return [k[: -len(".lora_down.weight")] for k in sd if k.endswith(".lora_down.weight")]
 
 
+def _convert_fused(capsys, path, sd, k, out):
+    """`convert --to kohya --fused-rank k` of the kohya file `path` (state dict `sd`) into `out`: it succeeds and
+    writes the same keys. Returns the JSON report's "fused" part and the written state dict."""
+    code, stdout, err = run(capsys, "convert", path, "--to", "kohya", "--fused-rank", k, "-o", out, "--format", "json")
+    assert code == 0, err
+    fused = json.loads(stdout)["fused"]
+    got, _ = safetensors_io.load(str(out))
+    assert set(got) == set(sd)
+    return fused, got
+
+
 def _assert_diffusers_reads(got):
     """diffusers' reading of a written kohya Flux state dict: each part's ΔW is its row slice of the fused one."""
     ref = _flux.diffusers_kohya(dict(got))
@@ -69,12 +80,7 @@ def _assert_diffusers_reads(got):
 
 def test_flux_fused_rank_is_the_best_rank_k_and_diffusers_reads_it(tmp_path, capsys):
     path, sd = _file(tmp_path, "split.safetensors", split_qkv=True, rank=4)  # fused qkv rank 12, linear1 16
-    out = tmp_path / "k6.safetensors"
-    code, stdout, err = run(capsys, "convert", path, "--to", "kohya", "--fused-rank", 6, "-o", out, "--format", "json")
-    assert code == 0, err
-    fused = json.loads(stdout)["fused"]
-    got, _ = safetensors_io.load(str(out))
-    assert set(got) == set(sd)
+    fused, got = _convert_fused(capsys, path, sd, 6, tmp_path / "k6.safetensors")
     refactored = []
     for ln in _modules(sd):
         rank_in = sd[ln + ".lora_down.weight"].shape[0]
