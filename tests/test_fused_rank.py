@@ -61,6 +61,14 @@ def _convert_fused(capsys, path, sd, k, out):
     return fused, got
 
 
+def _blend_svd(capsys, a, b, out):
+    """`blend a:0.7 b:-0.4 -m svd --rank 3` into `out`: it succeeds; returns the written state dict."""
+    code, _, err = run(capsys, "blend", f"{a}:0.7", f"{b}:-0.4", "-m", "svd", "--rank", 3, "-o", out, "-q")
+    assert code == 0, err
+    got, _ = safetensors_io.load(str(out))
+    return got
+
+
 def _assert_diffusers_reads(got):
     """diffusers' reading of a written kohya Flux state dict: each part's ΔW is its row slice of the fused one."""
     ref = _flux.diffusers_kohya(dict(got))
@@ -159,10 +167,7 @@ def test_resize_of_a_kohya_flux_lora_resizes_the_fused_modules(tmp_path, capsys)
 def test_blend_svd_to_kohya_honours_the_rank_on_fused_modules(tmp_path, capsys):
     a, sa = _file(tmp_path, "a.safetensors", split_qkv=True, rank=2, seed=1)
     b, sb = _file(tmp_path, "b.safetensors", rank=3, seed=2)
-    out = tmp_path / "blend.safetensors"
-    code, _, err = run(capsys, "blend", f"{a}:0.7", f"{b}:-0.4", "-m", "svd", "--rank", 3, "-o", out, "-q")
-    assert code == 0, err
-    got, _ = safetensors_io.load(str(out))
+    got = _blend_svd(capsys, a, b, tmp_path / "blend.safetensors")
     for ln in _modules(sa):
         want = 0.7 * _dense(sa, ln) - 0.4 * _dense(sb, ln)
         have = _dense(got, ln)
