@@ -42,6 +42,15 @@ def assert_round_trip(adapter, sd: dict, fmt: str, tmp_path):
     return out
 
 
+def merge_into_single(capsys, weights: dict, prefix: str, single, lora, out) -> dict:
+    """`weights` saved under `prefix` as the single file `single`, `merge single lora -o out` run: it succeeds;
+    returns the merged state dict."""
+    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, str(single))
+    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q")
+    assert code == 0, err
+    return load_file(str(out))
+
+
 def assert_fp8_merge(capsys, single, lora, out, weights: dict, want: dict, prefix: str) -> dict:
     """`weights` (under `prefix`) saved to the single file `single` with its matrices as fp8 e4m3: merging `lora`
     into it gives each fp8 weight plus its fp32 update (`want` - `weights`), rounded once. Returns that fp8 dict."""

@@ -19,7 +19,7 @@ from loratools.archs import dit, flux, flux2, load_manifest
 from loratools.archs.family import FLUX, FLUX2, SD3, adapter_family, mismatch, pipeline_family
 from loratools.checkpoint import Checkpoint
 from loratools.formats import detect, read_adapter, write_adapter
-from tests._dit import assert_fp8_merge, assert_round_trip
+from tests._dit import assert_fp8_merge, assert_round_trip, merge_into_single
 from tests._flux2 import (KOHYA_MAPPED, file_layout, folded, original_lora, original_modules, original_state_dict,
                           pipeline, tiny)
 from tests._tiny import run_cli
@@ -222,12 +222,8 @@ def test_merge_single_file_matches_fuse_lora(tmp_path, capsys, prefix):
     fused = tiny(4)
     fused.load_state_dict(_fused(base, lora))
     want, weights = original_state_dict(fused), original_state_dict(base)
-    single = tmp_path / "flux2.safetensors"
-    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, str(single))
-    out = tmp_path / "merged.safetensors"
-    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q")
-    assert code == 0, err
-    got = load_file(str(out))
+    single, out = tmp_path / "flux2.safetensors", tmp_path / "merged.safetensors"
+    got = merge_into_single(capsys, weights, prefix, single, lora, out)
     assert set(got) == {prefix + k for k in weights}
     conv = convert_flux2_transformer_checkpoint_to_diffusers({k[len(prefix):]: v for k, v in got.items()})
     for k, v in fused.state_dict().items():
