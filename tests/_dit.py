@@ -74,3 +74,18 @@ def save_pipeline_folder(root, class_name: str, comps: dict) -> None:
         model.save_pretrained(root / c)
     with open(root / "model_index.json", "w") as f:
         json.dump({"_class_name": class_name, **{c: ["x", "y"] for c in comps}}, f)
+
+
+def lora_files(tmp_path, kinds, state_dict_of) -> list[str]:
+    """One LoRA file per kind in `kinds` (seeds 1, 2, …) holding `state_dict_of(seed, kind)`; their paths."""
+    out = []
+    for seed, kind in enumerate(kinds, start=1):
+        path = tmp_path / f"{kind}{seed}.safetensors"
+        save_file(state_dict_of(seed, kind), str(path))
+        out.append(str(path))
+    return out
+
+
+def delta(m):
+    """A LoRA module's ΔW in float64, its scale applied."""
+    return m.scale * m.up.double() @ m.down.double()
