@@ -1,10 +1,15 @@
-"""What the Flux and SD3 tests share: random kohya LoRA factors and the bit-exact round trip through a format."""
+"""What the DiT (Flux, FLUX.2, SD3, Qwen-Image) tests share: random kohya LoRA factors, the bit-exact round trip
+through a format, the fp8 single-file merge and a saved pipeline folder."""
 from __future__ import annotations
 
+import json
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from loratools import safetensors_io
 from loratools.formats import read_adapter, write_adapter
+from tests._tiny import run_cli
 
 
 def lora_factors(g, rows, cols, rank, sizes=None):
@@ -35,3 +40,52 @@ def assert_round_trip(adapter, sd: dict, fmt: str, tmp_path):
         else:
             assert back[k].dtype == v.dtype and torch.equal(back[k], v), (fmt, k)
     return out
+
+
+def merge_into_single(capsys, weights: dict, prefix: str, single, lora, out) -> dict:
+    """`weights` saved under `prefix` as the single file `single`, `merge single lora -o out` run: it succeeds;
+    returns the merged state dict."""
+    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, str(single))
+    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q")
+    assert code == 0, err
+    return load_file(str(out))
+
+
+def assert_fp8_merge(capsys, single, lora, out, weights: dict, want: dict, prefix: str) -> dict:
+    """`weights` (under `prefix`) saved to the single file `single` with its matrices as fp8 e4m3: merging `lora`
+    into it gives each fp8 weight plus its fp32 update (`want` - `weights`), rounded once. Returns that fp8 dict."""
+    fp8 = {prefix + k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in weights.items()}
+    save_file(fp8, str(single))
+    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q", "--overwrite")
+    assert code == 0, err
+    got = load_file(str(out))
+    for k, v in want.items():
+        if v.dim() == 2:  # the fp8 weight plus the fp32 update, rounded once
+            ref = (fp8[prefix + k].float() + (v - weights[k])).to(torch.float8_e4m3fn)
+            assert got[prefix + k].dtype == torch.float8_e4m3fn
+            assert torch.equal(got[prefix + k].float(), ref.float()), k
+    return fp8
+
+
+def save_pipeline_folder(root, class_name: str, comps: dict) -> None:
+    """A diffusers pipeline folder in `root`: each of `comps` saved in its subfolder, and a model_index.json naming
+    `class_name` and those components."""
+    for c, model in comps.items():
+        model.save_pretrained(root / c)
+    with open(root / "model_index.json", "w") as f:
+        json.dump({"_class_name": class_name, **{c: ["x", "y"] for c in comps}}, f)
+
+
+def lora_files(tmp_path, kinds, state_dict_of) -> list[str]:
+    """One LoRA file per kind in `kinds` (seeds 1, 2, …) holding `state_dict_of(seed, kind)`; their paths."""
+    out = []
+    for seed, kind in enumerate(kinds, start=1):
+        path = tmp_path / f"{kind}{seed}.safetensors"
+        save_file(state_dict_of(seed, kind), str(path))
+        out.append(str(path))
+    return out
+
+
+def delta(m):
+    """A LoRA module's ΔW in float64, its scale applied."""
+    return m.scale * m.up.double() @ m.down.double()

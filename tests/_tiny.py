@@ -72,6 +72,16 @@ class TinyConvNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+def tiny_project(tmp_path_factory, name: str, adapter: str = "a"):
+    """A fresh temp folder holding a tiny Llama saved as "base" and a PEFT adapter on it (the CLI tests' common
+    start). Returns (folder, model) so a test can add more adapters or tune the model."""
+    root = tmp_path_factory.mktemp(name)
+    model = tiny_llama()
+    save_base(model, str(root / "base"))
+    peft_adapter(model, str(root / adapter))
+    return root, model
+
+
 def save_state_dict_folder(module: nn.Module, folder: str) -> str:
     from safetensors.torch import save_file
 

@@ -8,16 +8,13 @@ import pytest
 import torch
 
 import loratools
-from _tiny import peft_adapter, run_cli as run, save_base, tiny_llama
+from _tiny import peft_adapter, run_cli as run, save_base, tiny_project
 from loratools.report import Report
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    model = tiny_llama()
-    save_base(model, str(root / "base"))
-    peft_adapter(model, str(root / "a"))
+    root, model = tiny_project(tmp_path_factory, "api")
     peft_adapter(model, str(root / "b"), seed=7)
     torch.manual_seed(3)
     with torch.no_grad():

@@ -6,16 +6,13 @@ import os
 import pytest
 import torch
 
-from _tiny import load_folder, peft_adapter, run_cli as run, save_base, tiny_llama
+from _tiny import load_folder, peft_adapter, run_cli as run, tiny_project
 from loratools.cli.main import COMMANDS
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grammar")
-    model = tiny_llama()
-    save_base(model, str(root / "base"))
-    peft_adapter(model, str(root / "a"))
+    root, model = tiny_project(tmp_path_factory, "grammar")
     peft_adapter(model, str(root / "b"), seed=7)
     peft_adapter(model, str(root / "odd:0.5"), seed=3)  # an existing path that looks like ADAPTER:W
     return root

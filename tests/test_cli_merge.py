@@ -7,16 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _tiny import foreign_adapters, load_folder, peft_adapter, run_cli as run, save_base, tiny_llama
+from _tiny import foreign_adapters, load_folder, peft_adapter, run_cli as run, tiny_project
 from loratools.cli.main import main
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    model = tiny_llama()
-    save_base(model, str(root / "base"))
-    peft_adapter(model, str(root / "a"))
+    root, model = tiny_project(tmp_path_factory, "cli")
     peft_adapter(model, str(root / "b"), seed=7, target_modules=["up_proj"])
     foreign_adapters(root)
     return root

@@ -24,6 +24,7 @@ from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
 from tests import _flux
+from tests._dit import save_pipeline_folder
 from tests._tiny import ulp
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -149,10 +150,7 @@ def pipeline_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("fluxpipe")
     clip, t5 = _text_encoders()
     comps = {"transformer": _flux.transformer(), "text_encoder": clip, "text_encoder_2": t5}
-    for c, model in comps.items():
-        model.save_pretrained(root / c)
-    with open(root / "model_index.json", "w") as f:
-        json.dump({"_class_name": "FluxPipeline", **{c: ["x", "y"] for c in comps}}, f)
+    save_pipeline_folder(root, "FluxPipeline", comps)
     return root, comps
 
 

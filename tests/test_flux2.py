@@ -19,7 +19,7 @@ from loratools.archs import dit, flux, flux2, load_manifest
 from loratools.archs.family import FLUX, FLUX2, SD3, adapter_family, mismatch, pipeline_family
 from loratools.checkpoint import Checkpoint
 from loratools.formats import detect, read_adapter, write_adapter
-from tests._dit import assert_round_trip
+from tests._dit import assert_fp8_merge, assert_round_trip, merge_into_single
 from tests._flux2 import (KOHYA_MAPPED, file_layout, folded, original_lora, original_modules, original_state_dict,
                           pipeline, tiny)
 from tests._tiny import run_cli
@@ -222,26 +222,13 @@ def test_merge_single_file_matches_fuse_lora(tmp_path, capsys, prefix):
     fused = tiny(4)
     fused.load_state_dict(_fused(base, lora))
     want, weights = original_state_dict(fused), original_state_dict(base)
-    single = tmp_path / "flux2.safetensors"
-    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, str(single))
-    out = tmp_path / "merged.safetensors"
-    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q")
-    assert code == 0, err
-    got = load_file(str(out))
+    single, out = tmp_path / "flux2.safetensors", tmp_path / "merged.safetensors"
+    got = merge_into_single(capsys, weights, prefix, single, lora, out)
     assert set(got) == {prefix + k for k in weights}
     conv = convert_flux2_transformer_checkpoint_to_diffusers({k[len(prefix):]: v for k, v in got.items()})
     for k, v in fused.state_dict().items():
         torch.testing.assert_close(conv[k], v, rtol=1e-5, atol=1e-5, msg=k)
-    fp8 = {prefix + k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in weights.items()}
-    save_file(fp8, str(single))
-    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q", "--overwrite")
-    assert code == 0, err
-    got = load_file(str(out))
-    for k, v in want.items():
-        if v.dim() == 2:  # the fp8 weight plus the fp32 update, rounded once
-            ref = (fp8[prefix + k].float() + (v - weights[k])).to(torch.float8_e4m3fn)
-            assert got[prefix + k].dtype == torch.float8_e4m3fn
-            assert torch.equal(got[prefix + k].float(), ref.float()), k
+    assert_fp8_merge(capsys, single, lora, out, weights, want, prefix)
 
 
 def test_original_names_lora_merges_into_the_original_file_as_is(tmp_path, capsys):

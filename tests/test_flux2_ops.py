@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from loratools.archs import flux2
 from loratools.archs.family import FLUX2
 from loratools.formats import read_adapter, write_adapter
+from tests._dit import delta, lora_files
 from tests._flux2 import KOHYA_MAPPED, file_layout, folded, original_lora, tiny
 from tests._tiny import run_cli as run
 
@@ -21,16 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::Futur
 
 def _files(tmp_path, kinds=("kohya", "aitoolkit")):
     model = tiny()
-    out = []
-    for seed, kind in enumerate(kinds, start=1):
-        path = tmp_path / f"{kind}{seed}.safetensors"
-        save_file(file_layout(original_lora(model, seed=seed, only=KOHYA_MAPPED), kind), str(path))
-        out.append(str(path))
-    return out
-
-
-def _delta(m):
-    return m.scale * m.up.double() @ m.down.double()
+    return lora_files(tmp_path, kinds,
+                      lambda seed, kind: file_layout(original_lora(model, seed=seed, only=KOHYA_MAPPED), kind))
 
 
 def _reads_back(path, n):
@@ -71,8 +64,8 @@ def test_blend_cat_is_the_exact_weighted_sum(tmp_path, capsys):
     a, b = read_adapter(kohya), read_adapter(aitoolkit)
     got = _reads_back(str(out), len(a))
     for m in got:
-        want = 0.7 * _delta(a.modules[m.name]) - 0.4 * _delta(b.modules[m.name])
-        torch.testing.assert_close(_delta(m), want, rtol=1e-6, atol=1e-6, msg=m.name)  # fp32 factors
+        want = 0.7 * delta(a.modules[m.name]) - 0.4 * delta(b.modules[m.name])
+        torch.testing.assert_close(delta(m), want, rtol=1e-6, atol=1e-6, msg=m.name)  # fp32 factors
 
 
 def test_resize_is_the_best_lower_rank(tmp_path, capsys):
@@ -87,9 +80,9 @@ def test_resize_is_the_best_lower_rank(tmp_path, capsys):
     got, _ = flux2.LAYOUT.to_original(list(read_adapter(str(out))))
     assert set(got) == set(want) and any(n.endswith(".qkv") for n in got)
     for name, m in got.items():
-        u, s, vh = torch.linalg.svd(_delta(want[name]), full_matrices=False)
+        u, s, vh = torch.linalg.svd(delta(want[name]), full_matrices=False)
         assert m.rank == 2 and s[2] > 0.1  # what rank 2 leaves out is far above the fp32 tolerance
-        torch.testing.assert_close(_delta(m), (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(delta(m), (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_flux1_lora_refused_by_a_flux2_pipeline(tmp_path, capsys):

@@ -50,6 +50,25 @@ def _modules(sd):
     return [k[: -len(".lora_down.weight")] for k in sd if k.endswith(".lora_down.weight")]
 
 
+def _convert_fused(capsys, path, sd, k, out):
+    """`convert --to kohya --fused-rank k` of the kohya file `path` (state dict `sd`) into `out`: it succeeds and
+    writes the same keys. Returns the JSON report's "fused" part and the written state dict."""
+    code, stdout, err = run(capsys, "convert", path, "--to", "kohya", "--fused-rank", k, "-o", out, "--format", "json")
+    assert code == 0, err
+    fused = json.loads(stdout)["fused"]
+    got, _ = safetensors_io.load(str(out))
+    assert set(got) == set(sd)
+    return fused, got
+
+
+def _blend_svd(capsys, a, b, out):
+    """`blend a:0.7 b:-0.4 -m svd --rank 3` into `out`: it succeeds; returns the written state dict."""
+    code, _, err = run(capsys, "blend", f"{a}:0.7", f"{b}:-0.4", "-m", "svd", "--rank", 3, "-o", out, "-q")
+    assert code == 0, err
+    got, _ = safetensors_io.load(str(out))
+    return got
+
+
 def _assert_diffusers_reads(got):
     """diffusers' reading of a written kohya Flux state dict: each part's ΔW is its row slice of the fused one."""
     ref = _flux.diffusers_kohya(dict(got))
@@ -69,12 +88,7 @@ def _assert_diffusers_reads(got):
 
 def test_flux_fused_rank_is_the_best_rank_k_and_diffusers_reads_it(tmp_path, capsys):
     path, sd = _file(tmp_path, "split.safetensors", split_qkv=True, rank=4)  # fused qkv rank 12, linear1 16
-    out = tmp_path / "k6.safetensors"
-    code, stdout, err = run(capsys, "convert", path, "--to", "kohya", "--fused-rank", 6, "-o", out, "--format", "json")
-    assert code == 0, err
-    fused = json.loads(stdout)["fused"]
-    got, _ = safetensors_io.load(str(out))
-    assert set(got) == set(sd)
+    fused, got = _convert_fused(capsys, path, sd, 6, tmp_path / "k6.safetensors")
     refactored = []
     for ln in _modules(sd):
         rank_in = sd[ln + ".lora_down.weight"].shape[0]
@@ -153,10 +167,7 @@ def test_resize_of_a_kohya_flux_lora_resizes_the_fused_modules(tmp_path, capsys)
 def test_blend_svd_to_kohya_honours_the_rank_on_fused_modules(tmp_path, capsys):
     a, sa = _file(tmp_path, "a.safetensors", split_qkv=True, rank=2, seed=1)
     b, sb = _file(tmp_path, "b.safetensors", rank=3, seed=2)
-    out = tmp_path / "blend.safetensors"
-    code, _, err = run(capsys, "blend", f"{a}:0.7", f"{b}:-0.4", "-m", "svd", "--rank", 3, "-o", out, "-q")
-    assert code == 0, err
-    got, _ = safetensors_io.load(str(out))
+    got = _blend_svd(capsys, a, b, tmp_path / "blend.safetensors")
     for ln in _modules(sa):
         want = 0.7 * _dense(sa, ln) - 0.4 * _dense(sb, ln)
         have = _dense(got, ln)

@@ -4,7 +4,6 @@ text stream's) into `img_attn.qkv` / `txt_attn.qkv`; a single block's `linear1` 
 dense SVD (torch.linalg.svd: the Eckart–Young error of the best rank-K approximation)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from loratools.archs import flux2
 from loratools.conversion import convert
 from loratools.errors import UsageError
 from tests import _flux2
-from test_fused_rank import UNET, _dense, _eckart_young, _modules, _rel
+from test_fused_rank import UNET, _blend_svd, _convert_fused, _dense, _eckart_young, _modules, _rel
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 
@@ -34,12 +33,7 @@ def _fused(ln) -> bool:
 
 def test_flux2_fused_rank_is_the_best_rank_k(tmp_path, capsys):
     path, sd = _file(tmp_path)
-    out = tmp_path / "k5.safetensors"
-    code, stdout, err = run(capsys, "convert", path, "--to", "kohya", "--fused-rank", 5, "-o", out, "--format", "json")
-    assert code == 0, err
-    fused = json.loads(stdout)["fused"]
-    got, _ = safetensors_io.load(str(out))
-    assert set(got) == set(sd)
+    fused, got = _convert_fused(capsys, path, sd, 5, tmp_path / "k5.safetensors")
     refactored = []
     for ln in _modules(sd):
         if not _fused(ln):  # linear1 (to_qkv_mlp_proj), proj, mlp …: renames, written as they were
@@ -86,10 +80,7 @@ def test_fused_rank_on_renames_only_and_the_error_naming_the_families(tmp_path, 
 
 def test_blend_svd_of_flux2_kohya_files_honours_the_rank_on_fused_modules(tmp_path, capsys):
     (a, sa), (b, sb) = _file(tmp_path, rank=2, seed=1), _file(tmp_path, rank=3, seed=2)
-    out = tmp_path / "blend.safetensors"
-    code, _, err = run(capsys, "blend", f"{a}:0.7", f"{b}:-0.4", "-m", "svd", "--rank", 3, "-o", out, "-q")
-    assert code == 0, err
-    got, _ = safetensors_io.load(str(out))
+    got = _blend_svd(capsys, a, b, tmp_path / "blend.safetensors")
     for ln in _modules(sa):
         want = 0.7 * _dense(sa, ln) - 0.4 * _dense(sb, ln)
         assert got[ln + ".lora_down.weight"].shape[0] == 3, ln

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _tiny import peft_adapter, run_cli as run, save_base, tiny_llama
+from _tiny import peft_adapter, run_cli as run, tiny_llama, tiny_project
 from loratools import refs, share
 from loratools.errors import HubError, UsageError
 
@@ -23,10 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
-    model = tiny_llama()
-    save_base(model, str(root / "base"))
-    peft_adapter(model, str(root / "a"))
+    root, model = tiny_project(tmp_path_factory, "hub")
     peft_adapter(model, str(root / "b"), seed=7, target_modules=["up_proj"])
     peft_adapter(model, str(root / "c"), seed=9)
     return root

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from _tiny import peft_adapter, run_cli, save_base, tiny_llama
+from _tiny import run_cli, save_base, tiny_llama, tiny_project
 from test_blend import make_three
 from loratools import options as options_mod
 from loratools.blending import BlendOptions, blend
@@ -99,10 +99,7 @@ def test_api_results_equal_with_device_cpu_and_with_options():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opts")
-    model = tiny_llama()
-    save_base(model, str(root / "base"))
-    peft_adapter(model, str(root / "a"))
+    root, _ = tiny_project(tmp_path_factory, "opts")
     tuned = tiny_llama(seed=3)
     save_base(tuned, str(root / "tuned"))
     return root

@@ -23,6 +23,7 @@ from loratools.archs.family import FLUX, QWEN, adapter_family, pipeline_family
 from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError
 from loratools.formats import detect, read_adapter, write_adapter
+from tests._dit import assert_fp8_merge, merge_into_single
 from tests._tiny import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -242,25 +243,12 @@ def test_merge_single_file_matches_fuse_lora(tmp_path, capsys, prefix):
     save_file(layout(sd, "musubi"), lora)
     want = _fused(base, lora)
     weights = base.state_dict()
-    single = tmp_path / "qwen.safetensors"
-    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, str(single))
-    out = tmp_path / "merged.safetensors"
-    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q")
-    assert code == 0, err
-    got = load_file(str(out))
+    single, out = tmp_path / "qwen.safetensors", tmp_path / "merged.safetensors"
+    got = merge_into_single(capsys, weights, prefix, single, lora, out)
     assert set(got) == {prefix + k for k in want}
     for k, v in want.items():
         torch.testing.assert_close(got[prefix + k], v, rtol=1e-5, atol=1e-5, msg=k)
-    fp8 = {prefix + k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in weights.items()}
-    save_file(fp8, str(single))
-    code, _, err = run_cli(capsys, "merge", single, lora, "-o", out, "-q", "--overwrite")
-    assert code == 0, err
-    got = load_file(str(out))
-    for k, v in want.items():
-        if v.dim() == 2:  # the fp8 weight plus the fp32 update, rounded once
-            ref = (fp8[prefix + k].float() + (v - weights[k])).to(torch.float8_e4m3fn)
-            assert got[prefix + k].dtype == torch.float8_e4m3fn
-            assert torch.equal(got[prefix + k].float(), ref.float()), k
+    fp8 = assert_fp8_merge(capsys, single, lora, out, weights, want, prefix)
     fp8[prefix + "transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(1)  # ComfyUI's scaled fp8
     save_file(fp8, str(single))
     code, _, err = run_cli(capsys, "merge", single, lora, "-o", tmp_path / "never.safetensors")

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from _tiny import run_cli as run
 from loratools.archs.family import QWEN
 from loratools.formats import read_adapter, write_adapter
+from tests._dit import delta, lora_files
 from test_qwen_image import (TINY, _pipeline_folder, alphas, assert_loads_as_ours, assert_reads_as_diffusers, layout,
                              lora_sd, tiny)
 
@@ -23,16 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::Futur
 
 def _files(tmp_path, kinds=("musubi", "comfy")):
     model = tiny()
-    out = []
-    for seed, kind in enumerate(kinds, start=1):
-        path = tmp_path / f"{kind}{seed}.safetensors"
-        save_file(layout(lora_sd(model, seed=seed), kind), str(path))
-        out.append(str(path))
-    return out
-
-
-def _delta(m):
-    return m.scale * m.up.double() @ m.down.double()
+    return lora_files(tmp_path, kinds, lambda seed, kind: layout(lora_sd(model, seed=seed), kind))
 
 
 def test_inspect_shows_qwen_and_where_it_loads(tmp_path, capsys):
@@ -57,8 +49,8 @@ def test_blend_cat_is_the_exact_weighted_sum(tmp_path, capsys):
     a, b = read_adapter(musubi), read_adapter(comfy)
     got = assert_reads_as_diffusers(str(out), len(a))
     for m in got:
-        want = 0.7 * _delta(a.modules[m.name]) - 0.4 * _delta(b.modules[m.name])
-        torch.testing.assert_close(_delta(m), want, rtol=1e-6, atol=1e-7, msg=m.name)  # fp32 factors
+        want = 0.7 * delta(a.modules[m.name]) - 0.4 * delta(b.modules[m.name])
+        torch.testing.assert_close(delta(m), want, rtol=1e-6, atol=1e-7, msg=m.name)  # fp32 factors
 
 
 def test_resize_is_the_best_lower_rank(tmp_path, capsys):
@@ -69,9 +61,9 @@ def test_resize_is_the_best_lower_rank(tmp_path, capsys):
     src = read_adapter(musubi)
     got = assert_reads_as_diffusers(str(out), len(src))
     for m in got:
-        u, s, vh = torch.linalg.svd(_delta(src.modules[m.name]), full_matrices=False)
+        u, s, vh = torch.linalg.svd(delta(src.modules[m.name]), full_matrices=False)
         assert m.rank == 2
-        torch.testing.assert_close(_delta(m), (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-6, msg=m.name)
+        torch.testing.assert_close(delta(m), (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-6, msg=m.name)
 
 
 def test_validate_against_qwen_and_flux_pipelines(tmp_path, capsys):
@@ -111,7 +103,7 @@ def test_diffusers_names_with_alpha_keys(tmp_path, capsys):
     for m in adapter:
         local = m.name[len("transformer."):]
         want = alphas(sd)[local] / 4 * sd[f"{local}.lora_B.weight"].double() @ sd[f"{local}.lora_A.weight"].double()
-        torch.testing.assert_close(_delta(m), want, rtol=1e-12, atol=0, msg=m.name)
+        torch.testing.assert_close(delta(m), want, rtol=1e-12, atol=0, msg=m.name)
     rep = json.loads(run(capsys, "inspect", path, "--format", "json")[1])["loads_in"]
     assert not rep["diffusers"]["ok"] and "transformer.transformer." in rep["diffusers"]["why"]
     out = tmp_path / "fixed"

@@ -9,15 +9,12 @@ import signal
 import pytest
 
 from _corpus import tree_hash
-from _tiny import peft_adapter, run_cli, save_base, tiny_llama
+from _tiny import run_cli, tiny_project
 
 
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    model = tiny_llama()
-    save_base(model, str(root / "base"))
-    peft_adapter(model, str(root / "lora"))
+    root, _ = tiny_project(tmp_path_factory, "inputs", "lora")
     return root
 
 

@@ -6,7 +6,6 @@ a tiny SD3 pipeline folder (transformer + both CLIP LoRAs) against `load_lora_we
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import pytest
@@ -21,6 +20,7 @@ from loratools.archs.family import FLUX, SD3, adapter_family
 from loratools.checkpoint import Checkpoint
 from loratools.formats import detect, read_adapter, write_adapter
 from tests import _sd3
+from tests._dit import save_pipeline_folder
 from tests._sd3 import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
@@ -112,10 +112,7 @@ def _lora_layers(model, seed, **cfg):
 def sd3_pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3pipe")
     comps = _sd3.components()
-    for c, model in comps.items():
-        model.save_pretrained(root / c)
-    with open(root / "model_index.json", "w") as f:
-        json.dump({"_class_name": "StableDiffusion3Pipeline", **{c: ["x", "y"] for c in comps}}, f)
+    save_pipeline_folder(root, "StableDiffusion3Pipeline", comps)
     return root, comps
 
 
