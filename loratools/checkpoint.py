@@ -225,7 +225,12 @@ class _Workers:
     """
 
     def __init__(self, n: int):
+        # the error of the earliest submitted job that failed: jobs submitted before it still run, so the
+        # error reported does not depend on which thread got there first
         self.error: Optional[BaseException] = None
+        self.error_at = -1
+        self.submitted = 0
+        self.lock = threading.Lock()
         self.jobs: "queue.Queue" = queue.Queue(maxsize=2 * n)
         self.wholes: "queue.Queue" = queue.Queue()  # two grow-only buffers for whole tensors
         for _ in range(2):
@@ -248,18 +253,21 @@ class _Workers:
             item = self.jobs.get()
             if item is None:
                 return
-            job, buf = item
+            job, buf, seq = item
             try:
-                if self.error is None:
+                if self.error is None or seq < self.error_at:
                     job(scratch)
             except BaseException as e:  # reported to the caller on its next call
-                self.error = self.error or e
+                with self.lock:
+                    if self.error is None or seq < self.error_at:
+                        self.error, self.error_at = e, seq
             finally:
                 if buf is not None:
                     self.wholes.put(buf)
 
     def _check(self) -> None:
         if self.error is not None:
+            self.stop()  # the jobs submitted before the failed one end first: the earliest error wins
             raise self.error
 
     def whole_buffer(self) -> safetensors_io.ScratchBuffer:
@@ -270,7 +278,8 @@ class _Workers:
     def submit(self, job: Job, buf: Optional[safetensors_io.ScratchBuffer] = None) -> None:
         """Run `job(scratch)` on a worker; `buf` (if any) is freed after it."""
         self._check()
-        self.jobs.put((job, buf))
+        self.jobs.put((job, buf, self.submitted))
+        self.submitted += 1
 
     def __enter__(self) -> "_Workers":
         return self
@@ -289,7 +298,9 @@ class _Workers:
         self._check()
 
     def stop(self) -> None:
-        self.error = self.error or RuntimeError("stopped")
+        with self.lock:
+            if self.error is None:
+                self.error, self.error_at = RuntimeError("stopped"), -1
         while any(t.is_alive() for t in self.threads):
             try:
                 self.jobs.put(None, timeout=0.1)

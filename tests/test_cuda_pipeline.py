@@ -226,3 +226,15 @@ def test_cli_error_on_the_gpu_path_is_one_line(llama, late, tmp_path, capsys):
     assert code == 1 and late
     assert err.count("\n") == 1 and "NaN or Inf" in err and "Traceback" not in err, err
     assert not os.path.exists(out) and not _left(tmp_path)
+
+
+def test_cpu_merge_reports_the_earliest_overflow_whatever_thread_finds_it(llama, tmp_path):
+    """Every adapted fp16 weight overflows at weight 1e7; the CPU merge's worker threads may meet them in any
+    order, yet the error always names the first one in the file, as the GPU path does."""
+    with pytest.raises(NonFiniteError) as gpu_like:
+        merge(llama / "float16", [llama / "a_float16"], tmp_path / "o", weights=[1e7], device="cpu")
+    assert "model.layers.0.mlp.down_proj.weight" in str(gpu_like.value)  # the first adapted weight in the file
+    for i in range(6):
+        with pytest.raises(NonFiniteError) as again:
+            merge(llama / "float16", [llama / "a_float16"], tmp_path / f"o{i}", weights=[1e7], device="cpu")
+        assert str(again.value) == str(gpu_like.value)
